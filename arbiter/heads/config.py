@@ -1,0 +1,68 @@
+"""Head configuration: the JSON half of a head on disk (``head_config.json``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FORMAT_VERSION = 1
+POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
+PoolerName = Literal["identity", "affine_tanh", "swiglu_tanh"]
+# Layer convention: -1 means "the hidden state the LM head reads" (after the final norm). A value
+# 0 <= l < num_layers means the raw output of block l (captured with a forward hook).
+FINAL_NORM_LAYER = -1
+
+
+class BackboneFingerprint(BaseModel):
+    """Identifies the backbone a head was trained on. Loading onto another backbone is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    vocab_hash: str = Field(min_length=8)
+
+    def mismatches(self, other: "BackboneFingerprint") -> list[str]:
+        """Names of fields that differ, with both values, for a clear error message."""
+        out = []
+        for field in ("model_name", "hidden_size", "num_layers", "vocab_hash"):
+            a, b = getattr(self, field), getattr(other, field)
+            if a != b:
+                out.append(f"{field}: head has {a!r}, backbone has {b!r}")
+        return out
+
+
+class HeadConfig(BaseModel):
+    """Everything needed to rebuild a head's modules and to check it fits a backbone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    backbone: BackboneFingerprint
+    layer: int = FINAL_NORM_LAYER
+    pooler: PoolerName = "identity"
+    hidden_size: int = Field(gt=0)
+    ffn_size: int | None = Field(default=None, gt=0)  # SwiGLU pooler width (the backbone's FFN width)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Free-form record of how the head was made: data, loss, eps, metrics (dev accuracy, margins).
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"unknown head format_version {v}; this Arbiter reads version {FORMAT_VERSION}")
+        return v
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.hidden_size != self.backbone.hidden_size:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} differs from the backbone's {self.backbone.hidden_size}"
+            )
+        if self.pooler == "swiglu_tanh" and self.ffn_size is None:
+            raise ValueError("pooler 'swiglu_tanh' needs ffn_size")
+        if self.layer < FINAL_NORM_LAYER or self.layer >= self.backbone.num_layers:
+            raise ValueError(f"layer {self.layer} is outside [-1, {self.backbone.num_layers - 1}]")

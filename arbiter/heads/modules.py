@@ -1,0 +1,80 @@
+"""Poolers and the reward vector of a Direct Preference Head (DPH paper, section 3; METHODS.md).
+
+r = w_dph . f(h): h is the backbone hidden state at the closing ``<|im_end|>``, f a pooler, w_dph a
+``Linear(d, 1, bias=False)`` initialised N(0, 0.02) as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadConfig
+
+
+class IdentityPooler(nn.Module):
+    """f(h) = dropout(h)."""
+
+    def __init__(self, d: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
+        return self.dropout(h)
+
+
+class AffineTanhPooler(nn.Module):
+    """f(h) = dropout(tanh(W h + b)), BERT's pooler; W: d x d."""
+
+    def __init__(self, d: int, dropout: float = 0.0):
+        super().__init__()
+        self.dense = nn.Linear(d, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
+        return self.dropout(torch.tanh(self.dense(h)))
+
+
+class SwiGLUTanhPooler(nn.Module):
+    """Inverted SwiGLU bottleneck: [x, g] = W_in h; f(h) = dropout(tanh(W_out (x * silu(g))))."""
+
+    def __init__(self, d: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.w_in = nn.Linear(d, 2 * d_ff)
+        self.w_out = nn.Linear(d_ff, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
+        x, g = self.w_in(h).chunk(2, dim=-1)  # [B, d_ff] each
+        return self.dropout(torch.tanh(self.w_out(x * F.silu(g))))
+
+
+class DPHHead(nn.Module):
+    """Pooler + reward vector: features [B, d] -> rewards [B]."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        d = config.hidden_size
+        if config.pooler == "identity":
+            self.pooler: nn.Module = IdentityPooler(d, config.dropout)
+        elif config.pooler == "affine_tanh":
+            self.pooler = AffineTanhPooler(d, config.dropout)
+        elif config.pooler == "swiglu_tanh":
+            assert config.ffn_size is not None
+            self.pooler = SwiGLUTanhPooler(d, config.ffn_size, config.dropout)
+        else:  # pragma: no cover - HeadConfig validates the name
+            raise ValueError(f"unknown pooler {config.pooler!r}")
+        self.reward = nn.Linear(d, 1, bias=False)
+        nn.init.normal_(self.reward.weight, mean=0.0, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B]
+        return self.reward(self.pooler(features.to(self.reward.weight.dtype))).squeeze(-1)
+
+
+def build_head(config: HeadConfig) -> DPHHead:
+    return DPHHead(config)
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,139 @@
+"""Name -> loaded head, with runtime load / swap / unload.
+
+The registry holds an immutable mapping and replaces it with one assignment, so a request that took a
+snapshot keeps scoring with the heads it started with while a swap or unload happens. Every new head is
+fully loaded and validated before the assignment: a failed load leaves the old head serving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+from .config import BackboneFingerprint, HeadConfig
+from .io import CONFIG_FILE, HeadLoadError, load_head
+from .modules import DPHHead
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    name: str
+    module: DPHHead
+    config: HeadConfig
+    path: str
+
+    def describe(self) -> dict:
+        return {
+            "id": self.name,
+            "object": "head",
+            "pooler": self.config.pooler,
+            "layer": self.config.layer,
+            "backbone": self.config.backbone.model_name,
+            "path": self.path,
+            "metrics": self.config.provenance.get("metrics", {}),
+        }
+
+
+class HeadNotFound(KeyError):
+    pass
+
+
+class HeadRegistry:
+    def __init__(self, root: str | os.PathLike | None, backbone: BackboneFingerprint | None, device: str = "cpu"):
+        self.root = Path(root).resolve() if root else None
+        self.backbone = backbone
+        self.device = device
+        self._heads: Mapping[str, LoadedHead] = MappingProxyType({})
+        self._lock = threading.Lock()  # serialises writers; readers never take it
+
+    # -- reading -----------------------------------------------------------------------------------
+    def snapshot(self) -> Mapping[str, LoadedHead]:
+        return self._heads
+
+    def names(self) -> list[str]:
+        return sorted(self._heads)
+
+    def get(self, name: str) -> LoadedHead:
+        try:
+            return self._heads[name]
+        except KeyError:
+            raise HeadNotFound(name) from None
+
+    # -- resolving paths safely --------------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        """A path inside the heads directory; refuses traversal and symlinks that leave it."""
+        if self.root is None:
+            raise HeadLoadError("no heads directory is configured (ARBITER_HEADS_DIR)")
+        if not path or "\x00" in path or os.path.isabs(path):
+            raise HeadLoadError("head path must be a relative path inside the heads directory")
+        candidate = self.root / path
+        if candidate.is_symlink():
+            raise HeadLoadError(f"{path!r} is a symlink; refusing to follow it")
+        real = candidate.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise HeadLoadError(f"{path!r} resolves outside the heads directory")
+        if real == self.root:
+            raise HeadLoadError("head path must name a sub-directory of the heads directory")
+        return real
+
+    # -- writing -----------------------------------------------------------------------------------
+    def _load(self, directory: Path, name: str | None) -> LoadedHead:
+        module, config = load_head(directory, expected_backbone=self.backbone, device=self.device)
+        return LoadedHead(name or config.name, module, config, str(directory))
+
+    def load(self, path: str, name: str | None = None, *, replace: bool = False) -> LoadedHead:
+        """Load a head from ``<root>/<path>``; ``replace`` allows swapping an existing name."""
+        head = self._load(self.resolve(path), name)
+        with self._lock:
+            if head.name in self._heads and not replace:
+                raise HeadLoadError(f"a head named {head.name!r} is already loaded; swap it instead")
+            self._heads = MappingProxyType({**self._heads, head.name: head})
+        return head
+
+    def swap(self, name: str, path: str) -> LoadedHead:
+        if name not in self._heads:
+            raise HeadNotFound(name)
+        return self.load(path, name, replace=True)
+
+    def add(self, module: DPHHead, config: HeadConfig, name: str | None = None) -> LoadedHead:
+        """Register an in-memory head (tests, embedding)."""
+        bad = config.backbone.mismatches(self.backbone) if self.backbone else []
+        if bad:
+            raise HeadLoadError(f"head {config.name!r} was trained on another backbone: " + "; ".join(bad))
+        head = LoadedHead(name or config.name, module.eval().requires_grad_(False).to(self.device), config, "<memory>")
+        with self._lock:
+            self._heads = MappingProxyType({**self._heads, head.name: head})
+        return head
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self._heads:
+                raise HeadNotFound(name)
+            self._heads = MappingProxyType({k: v for k, v in self._heads.items() if k != name})
+
+    def load_all(self) -> tuple[list[str], dict[str, str]]:
+        """Load every head directory under root at start-up; returns (loaded, {dir: error})."""
+        loaded, errors = [], {}
+        if self.root is None or not self.root.is_dir():
+            return loaded, errors
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir() or not (entry / CONFIG_FILE).exists():
+                continue
+            try:
+                loaded.append(self.load(entry.name).name)
+            except (HeadLoadError, OSError) as e:
+                errors[entry.name] = str(e)
+        return loaded, errors
+
+
+def score(features: torch.Tensor, heads: list[LoadedHead]) -> torch.Tensor:
+    """Rewards for every feature row under every head: [B, d] -> [B, H]."""
+    with torch.inference_mode():
+        cols = [h.module(features.to(next(h.module.parameters()).device)).float().cpu() for h in heads]
+    return torch.stack(cols, dim=1) if cols else torch.empty(features.shape[0], 0)
