@@ -73,17 +73,17 @@ def preference_metrics(out: LossOutput, prefix: str = "") -> dict[str, float]:
     ``rewards/accuracies`` is the share of pairs with r_w > r_l (strict, as in TRL); ``loss`` is the mean
     of the per-example losses. Extra ``out.metrics`` entries are averaged under their own names.
     """
-    chosen = out.chosen_rewards.detach().float()
-    rejected = out.rejected_rewards.detach().float()
+    chosen = _up(out.chosen_rewards.detach())
+    rejected = _up(out.rejected_rewards.detach())
     metrics = {
         f"{prefix}rewards/chosen": chosen.mean().item(),
         f"{prefix}rewards/rejected": rejected.mean().item(),
         f"{prefix}rewards/margins": (chosen - rejected).mean().item(),
         f"{prefix}rewards/accuracies": (chosen > rejected).float().mean().item(),
-        f"{prefix}loss": out.losses.detach().float().mean().item(),
+        f"{prefix}loss": _up(out.losses.detach()).mean().item(),
     }
     for name, value in out.metrics.items():
-        metrics[f"{prefix}{name}"] = value.detach().float().mean().item()
+        metrics[f"{prefix}{name}"] = _up(value.detach()).mean().item()
     return metrics
 
 
