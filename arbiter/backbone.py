@@ -223,3 +223,72 @@ def answer_ids(tokenizer: Any, answer: str, end_id: int, *, close: bool = True) 
 def encode_chat(tokenizer: Any, messages: Sequence[dict], answer: str, end_id: int) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids ending in <|im_end|>) for one prompt and one answer."""
     return prompt_ids(tokenizer, messages), answer_ids(tokenizer, answer, end_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Standalone feature forward (training caches, the score endpoint, the naive baseline).
+# --------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: Any):
+    """The list of transformer blocks of a causal LM (Llama-style ``model.model.layers``)."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "layers"):
+        return base.layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def base_model(model: Any):
+    """The decoder stack that returns ``last_hidden_state`` after the final norm."""
+    inner = getattr(model, "get_base_model", None)
+    m = inner() if callable(inner) else model  # PEFT wrapper -> the wrapped causal LM
+    return getattr(m, "model", m)
+
+
+class LayerCapture:
+    """Forward hook that keeps the raw output of block ``layer`` (METHODS.md: FPO / head layer >= 0)."""
+
+    def __init__(self, model: Any, layer: int):
+        self.output = None
+        self._h = decoder_layers(model)[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.output = out[0] if isinstance(out, (tuple, list)) else out
+
+    def remove(self) -> None:
+        self._h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def forward_features(
+    model: Any,
+    input_ids: "torch.Tensor",
+    attention_mask: "torch.Tensor",
+    positions: "torch.Tensor",
+    *,
+    layer: int = -1,
+) -> "torch.Tensor":
+    """Head features for a batch of full sequences: [B, T] -> [B, d] (float32).
+
+    layer -1 reads the decoder's ``last_hidden_state`` (after the final norm: what the LM head reads);
+    layer l >= 0 reads the raw output of block l. Positions index the closing ``<|im_end|>`` per row.
+    No logits are computed (the LM head is skipped).
+    """
+    import torch
+
+    from arbiter.heads import end_features
+
+    dec = base_model(model)
+    with torch.inference_mode():
+        if layer < 0:
+            hidden = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:
+            with LayerCapture(model, layer) as cap:
+                dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = cap.output
+        return end_features(hidden, positions)
