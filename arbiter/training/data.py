@@ -419,11 +419,43 @@ def _builtin_pairs(name: str, seed: int) -> tuple[list[PreferencePair], DataRepo
         if split not in HH_SPLITS:
             raise DataError(f"unknown hh-rlhf split {split!r}; available: {', '.join(HH_SPLITS)}")
         return _load_hh(split)
+    if name == "pandalm":
+        return _load_pandalm()
+    if name in CHOICE_BUILTINS:
+        questions, report = load_choices(name)
+        # load_choices already counted the unusable rows; each usable question makes exactly one pair.
+        return choices_to_pairs(questions, seed=seed), report
     return None
 
 
-# Builtin names accepted by load_pairs (more are registered below this section).
-PAIR_BUILTINS = ["hh-rlhf", *(f"hh-rlhf/{s}" for s in HH_SPLITS)]
+def _pandalm_convert(row: Any):
+    """PandaLM: majority vote of 3 annotators (1: response1 better, 2: response2 better, 0: tie)."""
+    if not isinstance(row, dict):
+        raise _RowError("unparseable", f"row is {type(row).__name__}, not an object")
+    for k in ("instruction", "response1", "response2", "annotator1", "annotator2", "annotator3"):
+        if row.get(k) is None:
+            raise _RowError("missing_field", f"no {k!r} field")
+    votes = [row["annotator1"], row["annotator2"], row["annotator3"]]
+    if any(v not in (0, 1, 2) for v in votes):
+        raise _RowError("unparseable", f"labels {votes} are not all in 0/1/2")
+    winner = next((v for v in (1, 2, 0) if votes.count(v) >= 2), None)
+    if winner in (None, 0):  # a majority for "tie", or a 1/2/0 split: no preference to learn
+        raise _RowError("tie", f"labels {votes}")
+    instruction, inp = str(row["instruction"]).strip(), str(row.get("input") or "").strip()
+    if not instruction:
+        raise _RowError("missing_field", "empty instruction")
+    prompt = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
+    r1, r2 = str(row["response1"]).strip(), str(row["response2"]).strip()
+    chosen, rejected = (r1, r2) if winner == 1 else (r2, r1)
+    extra = {"idx": row.get("idx"), "cmp_key": row.get("cmp_key"), "votes": votes}
+    return prompt, chosen, rejected, extra
+
+
+def _load_pandalm() -> tuple[list[PreferencePair], DataReport]:
+    report = DataReport("pandalm")
+    with open(_data_file("pandalm", "testset-v1.json"), encoding="utf-8") as f:
+        rows = json.load(f)
+    return _rows_to_pairs(enumerate(rows), report, "pandalm", _pandalm_convert), report
 
 
 def load_pairs(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[PreferencePair], DataReport]:
@@ -613,3 +645,406 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, "tor
     """``collate_texts`` over the chosen rows (0..B-1) then the rejected rows (B..2B-1): tensors [2B, T] / [2B]."""
     rows = [(tp.prompt_ids, tp.chosen_ids) for tp in batch] + [(tp.prompt_ids, tp.rejected_ids) for tp in batch]
     return collate_texts(rows, pad_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice (and SST-2) -> pairs
+# --------------------------------------------------------------------------------------------------
+#
+# Lettered tasks show the options in the prompt (as the DPH paper does for ARC / OpenBookQA / CSQA) and each
+# option's answer text is "<letter>. <option text>", e.g. "B. enforce": the letter ties the answer to the
+# listing and the text keeps it meaningful on its own. SST-2 answers are the bare words "negative"/"positive".
+# ``ChoiceQuestion.options`` holds these answer texts exactly, so scoring option i at evaluation scores the
+# same text that training used as chosen / rejected.
+
+LETTERS = "ABCDEFGHIJ"
+CHOICE_BUILTINS = ("commonsense_qa", "arc_challenge", "openbookqa", "sst2", "sst2/dev")
+SST2_LABELS = ("negative", "positive")  # label 0, label 1
+_MC_INSTRUCTION = "Answer with the letter and the text of the correct option."
+_SST2_INSTRUCTION = 'What is the sentiment of the following sentence? Answer with "negative" or "positive".'
+
+
+@dataclass
+class ChoiceQuestion:
+    prompt: list[dict]  # chat messages ending with the user turn that shows the question (and options)
+    options: list[str]  # the answer texts, e.g. ["A. ignore", "B. enforce", ...] or ["negative", "positive"]
+    answer: int  # index of the correct option
+    meta: dict = field(default_factory=dict)
+
+
+def mc_prompt(question: str, choices: Sequence[str]) -> list[dict]:
+    """The user turn for a lettered multiple-choice question."""
+    listing = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return [{"role": "user", "content": f"{question}\n\n{listing}\n\n{_MC_INSTRUCTION}"}]
+
+
+def sst2_prompt(sentence: str) -> list[dict]:
+    return [{"role": "user", "content": f"{_SST2_INSTRUCTION}\n\nSentence: {sentence}"}]
+
+
+def _lettered(question: Any, choices: Any, gold: Any) -> tuple[list[dict], list[str], int, list[str]]:
+    if not isinstance(question, str) or not question.strip():
+        raise _RowError("missing_field", "empty or missing question")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise _RowError("missing_field", f"needs >= 2 choices, got {str(choices)[:60]}")
+    if len(choices) > len(LETTERS):
+        raise _RowError("unparseable", f"{len(choices)} choices: more than {len(LETTERS)} letters")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise _RowError("empty_answer", f"a choice is empty: {choices}")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise _RowError("unparseable", f"gold index {gold!r} out of range for {len(choices)} choices")
+    texts = [c.strip() for c in choices]
+    # Exact (case-sensitive) comparison: ARC lists genotypes 'Rr', 'rr' and 'RR' as different options.
+    if texts.count(texts[gold]) > 1:  # the correct text is also listed as a wrong option: ambiguous question
+        raise _RowError("ambiguous", f"correct option {texts[gold]!r} appears twice in {texts}")
+    options = [f"{LETTERS[i]}. {t}" for i, t in enumerate(texts)]
+    return mc_prompt(question.strip(), texts), options, gold, texts
+
+
+def _mc_rows(name: str, report: DataReport) -> Iterator[tuple[int, ChoiceQuestion]]:
+    if name == "commonsense_qa":
+        for i, row in _iter_jsonl(_data_file("commonsense_qa", "train_rand_split.jsonl.gz"), report):
+            report.total += 1
+            try:
+                q = row.get("question") if isinstance(row, dict) else None
+                if not isinstance(q, dict) or not isinstance(q.get("choices"), list):
+                    raise _RowError("missing_field", "no question.choices")
+                labels = [c.get("label") if isinstance(c, dict) else None for c in q["choices"]]
+                key = row.get("answerKey")
+                if key not in labels:
+                    raise _RowError("missing_field", f"answerKey {key!r} not among labels {labels}")
+                choices = [c.get("text") for c in q["choices"]]
+                prompt, options, gold, texts = _lettered(q.get("stem"), choices, labels.index(key))
+            except _RowError as e:
+                report.drop(e.reason, f"row {i}: {e.detail}")
+                continue
+            yield i, ChoiceQuestion(prompt, options, gold, {"source": name, "row": i, "id": row.get("id"), "choices": texts})
+    elif name in ("arc_challenge", "openbookqa"):
+        path = _data_file("arc_challenge", "arc_challenge.jsonl") if name == "arc_challenge" else _data_file(
+            "openbookqa", "openbook_qa.jsonl"
+        )
+        for i, row in _iter_jsonl(path, report):
+            report.total += 1
+            try:
+                if not isinstance(row, dict):
+                    raise _RowError("unparseable", "row is not an object")
+                query = row.get("query")
+                if isinstance(query, str) and query.startswith("Question: "):  # Eval Gauntlet prefix (ARC)
+                    query = query[len("Question: "):]
+                prompt, options, gold, texts = _lettered(query, row.get("choices"), row.get("gold"))
+            except _RowError as e:
+                report.drop(e.reason, f"row {i}: {e.detail}")
+                continue
+            yield i, ChoiceQuestion(prompt, options, gold, {"source": name, "row": i, "choices": texts})
+    elif name in ("sst2", "sst2/dev"):
+        path = _data_file("sst2", "train.tsv.gz" if name == "sst2" else "dev.tsv")
+        with _open_text(path) as f:
+            header = f.readline().rstrip("\n").split("\t")
+            if header[:2] != ["sentence", "label"]:
+                raise DataError(f"{path}: expected a 'sentence\\tlabel' header, got {header}")
+            for i, line in enumerate(f, start=1):  # row = line number in the file (header is line 0)
+                if not line.strip():
+                    continue
+                report.total += 1
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != 2 or parts[1].strip() not in ("0", "1"):
+                    report.drop("unparseable", f"row {i}: {line}")
+                    continue
+                sentence = parts[0].strip()
+                if not sentence:
+                    report.drop("missing_field", f"row {i}: empty sentence")
+                    continue
+                yield i, ChoiceQuestion(
+                    sst2_prompt(sentence), list(SST2_LABELS), int(parts[1]), {"source": name, "row": i, "sentence": sentence}
+                )
+    else:
+        raise DataError(f"unknown multiple-choice source {name!r}; available: {', '.join(CHOICE_BUILTINS)}")
+
+
+def load_choices(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[ChoiceQuestion], DataReport]:
+    """Multiple-choice questions of a builtin source (commonsense_qa, arc_challenge, openbookqa, sst2, sst2/dev).
+
+    Same ordering / limit / accounting rules as ``load_pairs``. Questions whose correct option text is
+    listed twice are dropped as ``ambiguous``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    report = DataReport(source)
+    questions = []
+    for _, q in _mc_rows(source, report):
+        questions.append(q)
+        report.kept += 1
+    report.raise_if_empty()
+    random.Random(seed).shuffle(questions)
+    if limit is not None and len(questions) > limit:
+        report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + len(questions) - limit
+        report.kept = limit
+        questions = questions[:limit]
+    return questions, report
+
+
+def choices_to_pairs(questions: Sequence[ChoiceQuestion], *, seed: int) -> list[PreferencePair]:
+    """One pair per question: chosen = the correct option, rejected = a wrong option drawn uniformly.
+
+    Each question's draw uses its own RNG seeded by (seed, source, row), so a question's pair does not depend
+    on which other questions are in the list or their order. Wrong options with the same text as the correct
+    one are never drawn.
+    """
+    pairs = []
+    for n, q in enumerate(questions):
+        if not 0 <= q.answer < len(q.options):
+            raise DataError(f"question {n} ({q.meta}): answer index {q.answer} out of range")
+        texts = q.meta.get("choices", q.options)
+        gold_text = str(texts[q.answer]).strip()
+        wrong = [j for j in range(len(q.options)) if j != q.answer and str(texts[j]).strip() != gold_text]
+        if not wrong:
+            raise DataError(f"question {n} ({q.meta.get('source')} row {q.meta.get('row')}) has no wrong option")
+        rng = random.Random(f"{seed}:{q.meta.get('source')}:{q.meta.get('row', n)}")
+        j = rng.choice(wrong)
+        meta = {**q.meta, "answer_index": q.answer, "rejected_index": j}
+        meta.pop("choices", None)
+        meta.pop("sentence", None)
+        pairs.append(PreferencePair(list(q.prompt), q.options[q.answer], q.options[j], meta))
+    return pairs
+
+
+# Builtin names accepted by load_pairs.
+PAIR_BUILTINS = ["hh-rlhf", *(f"hh-rlhf/{s}" for s in HH_SPLITS), "pandalm", *CHOICE_BUILTINS]
+
+
+# --------------------------------------------------------------------------------------------------
+# Math: verifiable problems, answer extraction, pairs from the model's own samples
+# --------------------------------------------------------------------------------------------------
+
+MATH_BUILTINS = ("gsm8k", "svamp")
+_MATH_INSTRUCTION = 'Solve the problem step by step. End with a last line of the form "The answer is N".'
+
+
+@dataclass
+class MathProblem:
+    question: str
+    answer: str  # canonical number string (see canonical_number)
+    meta: dict = field(default_factory=dict)
+
+
+def canonical_number(text: Any) -> str | None:
+    """'42', '42.0', '+42', '$42', '4,2' (no) ... -> '42'; '1,234.50' -> '1234.5'; '-0.0' -> '0'; junk -> None."""
+    from decimal import Decimal, InvalidOperation
+
+    if isinstance(text, bool) or text is None:
+        return None
+    if isinstance(text, float):
+        text = repr(text)
+    s = str(text).strip().replace(",", "").replace("$", "").replace(" ", "")
+    s = s.rstrip("%").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+# A number not glued to a word or another number ("x2", "3.4.5"); thousands separators only in groups of 3.
+_NUMBER = re.compile(r"(?<![\w.])(-?)\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\d])")
+_ANSWER_MARKERS = (
+    re.compile(r"####\s*([^\n]*)"),
+    re.compile(r"\\boxed\{([^{}]*)\}"),
+    re.compile(r"answer(?:\s+is)?\s*[:=]?\s*([^\n]*)", re.IGNORECASE),
+)
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        c = canonical_number(m.group(1) + m.group(2))
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final numeric answer of a solution as a canonical number string, or None.
+
+    Tried in order, each on its last occurrence: "#### N" (GSM8K), "\\boxed{N}", "answer is N" /
+    "answer: N"; the first number after the marker wins. Otherwise the last number in the text.
+    """
+    if not isinstance(text, str):
+        return None
+    for marker in _ANSWER_MARKERS:
+        for m in reversed(list(marker.finditer(text))):
+            nums = _numbers(m.group(1))
+            if nums:
+                return nums[0]
+    nums = _numbers(text)
+    return nums[-1] if nums else None
+
+
+def is_correct(text: str, problem: MathProblem) -> bool:
+    from decimal import Decimal
+
+    got = extract_final_answer(text)
+    return got is not None and Decimal(got) == Decimal(problem.answer)
+
+
+def math_prompt(problem: MathProblem) -> list[dict]:
+    """The chat prompt used for sampling (and as the prompt of the resulting pairs)."""
+    return [{"role": "user", "content": f"{problem.question.strip()}\n\n{_MATH_INSTRUCTION}"}]
+
+
+def _math_rows(name: str, report: DataReport) -> Iterator[MathProblem]:
+    if name == "gsm8k":
+        for i, row in _iter_jsonl(_data_file("gsm8k", "train.jsonl.gz"), report):
+            report.total += 1
+            q = row.get("question") if isinstance(row, dict) else None
+            sol = row.get("answer") if isinstance(row, dict) else None
+            if not isinstance(q, str) or not q.strip() or not isinstance(sol, str):
+                report.drop("missing_field", f"row {i}: no question/answer")
+                continue
+            m = re.search(r"####\s*(.+?)\s*$", sol)
+            ans = canonical_number(m.group(1)) if m else None
+            if ans is None:
+                report.drop("unparseable", f"row {i}: no '#### <number>' in the solution: {sol[-80:]}")
+                continue
+            yield MathProblem(q.strip(), ans, {"source": name, "row": i, "solution": sol})
+    elif name == "svamp":
+        with open(_data_file("svamp", "SVAMP.json"), encoding="utf-8") as f:
+            rows = json.load(f)
+        for i, row in enumerate(rows):
+            report.total += 1
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("Body", "Question")):
+                report.drop("missing_field", f"row {i}: no Body/Question")
+                continue
+            ans = canonical_number(row.get("Answer"))
+            if ans is None:
+                report.drop("unparseable", f"row {i}: Answer {row.get('Answer')!r} is not a number")
+                continue
+            q = f"{row['Body'].strip()} {row['Question'].strip()}".strip()
+            meta = {"source": name, "row": i, "id": row.get("ID"), "equation": row.get("Equation"), "type": row.get("Type")}
+            yield MathProblem(q, ans, meta)
+    else:
+        raise DataError(f"unknown math source {name!r}; available: {', '.join(MATH_BUILTINS)}")
+
+
+def load_math(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[MathProblem], DataReport]:
+    """Math problems of a builtin source ("gsm8k" train, "svamp"); same ordering / limit rules as load_pairs."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    report = DataReport(source)
+    problems = []
+    for p in _math_rows(source, report):
+        problems.append(p)
+        report.kept += 1
+    report.raise_if_empty()
+    random.Random(seed).shuffle(problems)
+    if limit is not None and len(problems) > limit:
+        report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + len(problems) - limit
+        report.kept = limit
+        problems = problems[:limit]
+    return problems, report
+
+
+def sample_math_pairs(
+    backbone: Any,
+    problems: Sequence[MathProblem],
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 8,
+) -> tuple[list[PreferencePair], DataReport]:
+    """Sample k answers per problem from the backbone and pair a correct one with an incorrect one.
+
+    A sample is correct if it finished (emitted <|im_end|> within max_new_tokens) and its extracted final
+    answer equals the problem's. Every other non-empty sample is incorrect (an unfinished sample is
+    incorrect: it gave no answer in the budget; ``meta["rejected_finished"]`` tells them apart). For each
+    problem with at least one correct and one incorrect sample, chosen and rejected are drawn uniformly
+    among each (seeded per problem). Report: total = problems, kept = pairs, dropped "no_correct" /
+    "no_incorrect"; stats count samples, correct, unfinished and empty ones. Never raises on zero pairs.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from arbiter.backbone import prompt_ids
+
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to get both a correct and an incorrect sample, got {k}")
+    if max_new_tokens < 1 or temperature <= 0 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1 and temperature > 0")
+    tok, model, end_id = backbone.tokenizer, backbone.model, backbone.end_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    stop_ids = sorted({end_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    device = next(model.parameters()).device
+    report = DataReport("math-samples")
+    report.stats.update(samples=0, correct=0, unfinished=0, empty=0)
+    pairs: list[PreferencePair] = []
+    sampler = {"k": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+
+    bar = tqdm(total=len(problems), desc="sampling math answers", unit="problem")
+    for b0 in range(0, len(problems), batch_size):
+        chunk = problems[b0 : b0 + batch_size]
+        prompts = [math_prompt(p) for p in chunk]
+        ids = [prompt_ids(tok, m) for m in prompts]
+        width = max(len(x) for x in ids)
+        # Left padding so every prompt ends at the same column and generation continues right after it.
+        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)  # [b, P]
+        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # [b, P]
+        fork = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork), torch.inference_mode():
+            torch.manual_seed(seed * 1_000_003 + b0)  # seeded per batch, global RNG left untouched
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=k,
+                pad_token_id=pad_id,
+                eos_token_id=stop_ids,
+            )  # [b * k, P + new]; rows i*k .. i*k+k-1 belong to prompt i
+        new = out[:, width:].tolist()
+        for i, problem in enumerate(chunk):
+            texts, finished = [], []
+            for row in new[i * k : (i + 1) * k]:
+                stop = next((t for t, x in enumerate(row) if x in stop_ids), None)
+                finished.append(stop is not None)
+                texts.append(tok.decode(row if stop is None else row[:stop], skip_special_tokens=True).strip())
+            correct = [f and is_correct(t, problem) for t, f in zip(texts, finished)]
+            report.total += 1
+            report.stats["samples"] += k
+            report.stats["correct"] += sum(correct)
+            report.stats["unfinished"] += finished.count(False)
+            report.stats["empty"] += sum(1 for t in texts if not t)
+            good = [j for j in range(k) if correct[j] and texts[j]]
+            bad = [j for j in range(k) if not correct[j] and texts[j]]
+            where = f"{problem.meta.get('source', '?')} row {problem.meta.get('row', '?')}"
+            answers = [extract_final_answer(t) for t in texts]
+            if not good:
+                report.drop("no_correct", f"{where}: gold {problem.answer}, sampled {answers}")
+                continue
+            if not bad:
+                report.drop("no_incorrect", f"{where}: all {len(good)} non-empty samples correct ({problem.answer})")
+                continue
+            rng = random.Random(f"{seed}:{problem.meta.get('source')}:{problem.meta.get('row', b0 + i)}")
+            c, r = rng.choice(good), rng.choice(bad)
+            meta = {
+                "source": problem.meta.get("source"),
+                "row": problem.meta.get("row"),
+                "gold": problem.answer,
+                "chosen_answer": answers[c],
+                "rejected_answer": answers[r],
+                "rejected_finished": finished[r],
+                "n_correct": len(good),
+                "sampler": sampler,
+            }
+            pairs.append(PreferencePair(math_prompt(problem), texts[c], texts[r], meta))
+            report.kept += 1
+        bar.update(len(chunk))
+    bar.close()
+    return pairs, report
