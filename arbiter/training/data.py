@@ -445,6 +445,7 @@ def _pandalm_convert(row: Any):
     if not instruction:
         raise _RowError("missing_field", "empty instruction")
     prompt = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
+    # str(): a few responses are JSON booleans (rows 157-164 hold `true` for a model that answered "True").
     r1, r2 = str(row["response1"]).strip(), str(row["response2"]).strip()
     chosen, rejected = (r1, r2) if winner == 1 else (r2, r1)
     extra = {"idx": row.get("idx"), "cmp_key": row.get("cmp_key"), "votes": votes}
@@ -853,7 +854,8 @@ _NUMBER = re.compile(r"(?<![\w.])(-?)\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?
 _ANSWER_MARKERS = (
     re.compile(r"####\s*([^\n]*)"),
     re.compile(r"\\boxed\{([^{}]*)\}"),
-    re.compile(r"answer(?:\s+is)?\s*[:=]?\s*([^\n]*)", re.IGNORECASE),
+    # "answer is N" / "answer: N" / "answer = N", not the word inside "answers" or "answered".
+    re.compile(r"\banswer(?:\s+is\b\s*:?|\s*[:=])\s*([^\n]*)", re.IGNORECASE),
 )
 
 
