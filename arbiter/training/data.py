@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -198,8 +199,11 @@ def _read_table(path: Path, report: DataReport) -> list[tuple[int, Any]]:
         import datasets  # lazy: a [train] extra
 
         datasets.disable_progress_bars()
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        return list(enumerate(ds))
+        # A throwaway cache: datasets keys its cache on path + mtime, which can serve a stale copy of a file
+        # rewritten in place, and training data should not pile up under ~/.cache.
+        with tempfile.TemporaryDirectory(prefix="arbiter-data-") as cache:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True)
+            return list(enumerate(ds))
     except ImportError as e:
         if kind == "parquet":
             raise DataError(f"{path}: reading parquet needs the 'datasets' package (pip install arbiter[train])") from e
