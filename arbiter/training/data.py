@@ -237,7 +237,7 @@ _ROLE = {"Human": "user", "Assistant": "assistant"}
 _PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
-class _RowError(Exception):
+class _RowError(DataError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
