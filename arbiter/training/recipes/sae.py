@@ -1,0 +1,483 @@
+"""``arbiter train sae``: a top-k sparse autoencoder on one layer's residual stream (for FPO).
+
+setup -> train -> save:
+1. Load the backbone and the data: preference pairs through ``arbiter.training.data`` (prompt tokens once,
+   plus both answers), or plain text (``data.format: text``: a .txt file with one document per line, or
+   .jsonl/.json rows with a ``text`` field). A few examples are held out for the final evaluation.
+2. Stream activations: sequences go through the model in small batches; a forward hook takes the RAW
+   output of block ``sae.layer`` and stops the forward there (later blocks and the LM head never run).
+   Activations are gathered per chunk of ``train.chunk_sequences`` sequences, shuffled inside the chunk
+   (seeded per epoch and chunk) and cut into SAE batches of ~``train.batch_tokens`` tokens. Nothing larger
+   than one chunk is held in memory. The position (epoch, chunk, batch) fully determines what comes next,
+   so ``--resume`` recomputes the current chunk and continues exactly.
+3. Train (Gao et al. 2024, arXiv 2406.04093): top-k activation, loss = reconstruction MSE + AuxK/32 on dead
+   latents, Adam, decoder rows renormalised to unit norm after every step with the parallel gradient
+   component removed first. Inputs are scaled by one constant so that their mean norm is sqrt(d_in)
+   (SAELens' "expected_average_only_in"), which makes the learning rate independent of the layer's
+   activation scale; the scale is folded back into the biases when saving (``fold_input_scale``), so the
+   saved SAE takes raw activations and keeps unit-norm decoder rows.
+4. Save ``<output_dir>/sae`` in SAELens layout (cfg.json + sae_weights.safetensors) and
+   ``<output_dir>/metrics.json``: held-out MSE (activation units), fraction of variance explained, L0,
+   dead latents. Checkpoints every ``train.checkpoint_every`` steps under ``<output_dir>/checkpoints``.
+
+Defaults (SmolLM2-135M, d = 576, 30 blocks): layer 24 (0.8 of the depth: late enough for the high-level
+features FPO constrains, the paper read a late Gemma-2-2B layer; the last blocks' raw outputs carry very
+large norms on this model), d_sae = 8 x d_in = 4608, k = 32, batches of 4096 tokens, lr 4e-4
+(Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) rule gives 3.8e-4 at this width). The first token of every
+sequence is skipped: from block ~15 on it is an attention sink with a norm of ~25,000 (vs ~200-600 for
+other tokens) and would dominate the reconstruction loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from arbiter.training.artifacts import atomic_write_json
+from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from arbiter.training.config import ConfigError, to_dict
+from arbiter.training.sae import (
+    SparseAutoencoder,
+    block_output,
+    fold_input_scale,
+    reconstruction_stats,
+    save_sae,
+    train_step,
+)
+
+log = logging.getLogger("arbiter.training.recipes.sae")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SAEDataConfig:
+    source: str = "hh-rlhf"  # load_pairs source (builtin name or file) or, with format=text, a text file
+    format: Literal["pairs", "text"] = "pairs"
+    limit: int | None = None  # first `limit` usable examples after the data API's seeded shuffle
+    seed: int = 0
+    max_length: int = 512  # tokens per sequence (pairs longer than this are dropped; texts truncated)
+    tokens: Literal["all", "answer"] = "all"  # train on prompt + answer tokens, or answer tokens only
+    skip_first: int = 1  # positions < skip_first are never used (position 0 is an attention sink)
+    eval_examples: int = 16  # pairs / texts held out for the final metrics
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 or null, got {self.limit}")
+        if self.max_length < 4:
+            raise ConfigError(f"data.max_length must be >= 4, got {self.max_length}")
+        if self.skip_first < 0:
+            raise ConfigError(f"data.skip_first must be >= 0, got {self.skip_first}")
+        if self.eval_examples < 1:
+            raise ConfigError(f"data.eval_examples must be >= 1, got {self.eval_examples}")
+
+
+@dataclass
+class SAEArchConfig:
+    layer: int = 24  # decoder block whose raw output is encoded (SAELens blocks.{layer}.hook_resid_post)
+    d_sae: int | None = None  # latents; null = expansion x d_in
+    expansion: int = 8
+    k: int = 32  # active latents per token
+
+    def validate(self) -> None:
+        if self.layer < 0:
+            raise ConfigError(f"sae.layer must be >= 0 (a block index), got {self.layer}")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ConfigError(f"sae.d_sae must be >= 1 or null, got {self.d_sae}")
+        if self.expansion < 1:
+            raise ConfigError(f"sae.expansion must be >= 1, got {self.expansion}")
+        if self.k < 1 or (self.d_sae is not None and self.k > self.d_sae):
+            raise ConfigError(f"sae.k must be in [1, d_sae], got k={self.k}, d_sae={self.d_sae}")
+
+
+@dataclass
+class SAETrainConfig:
+    steps: int = 2000  # SAE optimisation steps (epochs over the data repeat as needed)
+    batch_tokens: int = 4096  # tokens per SAE step (approximate: a chunk is split into equal parts)
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    aux_k: int = 256  # AuxK: dead latents used to reconstruct the residual
+    aux_coef: float = 1.0 / 32.0  # 0 disables AuxK
+    dead_tokens: int = 1_000_000  # a latent silent for this many training tokens counts as dead
+    max_grad_norm: float | None = None
+    normalize_input: bool = True  # scale inputs to mean norm sqrt(d_in) while training (folded at save)
+    model_batch_size: int = 8  # sequences per model forward
+    chunk_sequences: int = 64  # sequences whose activations are shuffled together
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_tokens", "aux_k", "dead_tokens", "model_batch_size", "chunk_sequences",
+                     "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.aux_coef < 0:
+            raise ConfigError(f"train.aux_coef must be >= 0, got {self.aux_coef}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class SAERecipeConfig:
+    model: str | None = None  # backbone spec (default: the embedded SmolLM2-135M-Instruct)
+    output_dir: str = "runs/sae"
+    device: str = "cpu"
+    dtype: str = "float32"  # backbone dtype; the SAE itself is always float32
+    threads: int | None = None
+    data: SAEDataConfig = field(default_factory=SAEDataConfig)
+    sae: SAEArchConfig = field(default_factory=SAEArchConfig)
+    train: SAETrainConfig = field(default_factory=SAETrainConfig)
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.output_dir:
+            raise ConfigError("output_dir must be set")
+
+
+CONFIG = SAERecipeConfig
+
+# Settings that may change between a run and its --resume (they do not change what is computed).
+_RESUMABLE = {"train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints", "threads", "device",
+              "output_dir"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_diff(saved: dict, current: dict) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k}: checkpoint has {a.get(k)!r}, now {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if k not in _RESUMABLE and a.get(k) != b.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data -> token sequences
+
+
+@dataclass
+class Sequence_:
+    ids: list[int]
+    start: int  # first position whose activation is used
+
+
+def _pair_sequences(tokenized, data: SAEDataConfig) -> list[Sequence_]:
+    """Prompt + chosen once (prompt tokens included if tokens == 'all'), plus the rejected answer tokens
+    (its prompt would only repeat the chosen sequence's prompt activations exactly)."""
+    out = []
+    for tp in tokenized:
+        p = len(tp.prompt_ids)
+        first = max(data.skip_first, 0 if data.tokens == "all" else p)
+        out.append(Sequence_(list(tp.prompt_ids) + list(tp.chosen_ids), first))
+        out.append(Sequence_(list(tp.prompt_ids) + list(tp.rejected_ids), max(data.skip_first, p)))
+    return out
+
+
+def _read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"data.source {str(path)!r}: no such file (format=text reads .txt, .jsonl or .json)")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix in (".jsonl", ".json"):
+        raw = path.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in raw.splitlines() if line.strip()] if suffix == ".jsonl" else json.loads(raw)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+            raise ConfigError(f"{path}: format=text needs rows with a string 'text' field")
+        return [r["text"].strip() for r in rows if r["text"].strip()]
+    raise ConfigError(f"{path}: format=text reads .txt (one document per line), .jsonl or .json")
+
+
+def load_sequences(cfg: SAERecipeConfig, backbone) -> tuple[list[Sequence_], list[Sequence_], dict]:
+    """(train sequences, eval sequences, data report dict)."""
+    data = cfg.data
+    if data.format == "text":
+        texts = _read_texts(Path(data.source))
+        g = torch.Generator().manual_seed(data.seed)
+        texts = [texts[i] for i in torch.randperm(len(texts), generator=g).tolist()]
+        if data.limit:
+            texts = texts[: data.limit]
+        seqs = []
+        for t in texts:
+            ids = list(backbone.tokenizer(t, add_special_tokens=False)["input_ids"])[: data.max_length]
+            if len(ids) > data.skip_first:
+                seqs.append(Sequence_(ids, data.skip_first))
+        if len(seqs) <= data.eval_examples:
+            raise ConfigError(f"{data.source}: {len(seqs)} usable texts, need more than data.eval_examples={data.eval_examples}")
+        report = {"source": data.source, "kept": len(seqs)}
+        return seqs[data.eval_examples:], seqs[: data.eval_examples], report
+
+    from arbiter.training.data import load_pairs, tokenize_pairs
+
+    pairs, rep = load_pairs(data.source, limit=data.limit, seed=data.seed)
+    rep.raise_if_empty()
+    tokenized, trep = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=data.max_length)
+    if len(tokenized) <= data.eval_examples:
+        raise ConfigError(f"{data.source}: {len(tokenized)} usable pairs, need more than data.eval_examples={data.eval_examples}")
+    # load_pairs already shuffled with the seed: the first pairs are the held-out ones.
+    ev, tr = tokenized[: data.eval_examples], tokenized[data.eval_examples:]
+    report = {"load": rep.to_dict(), "tokenize": trep.to_dict()}
+    return _pair_sequences(tr, data), _pair_sequences(ev, data), report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Activation stream
+
+
+def _pad(seqs: list[Sequence_], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids [B, T], attention_mask [B, T], use_mask [B, T] (positions to train on)."""
+    t = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    att = torch.zeros(len(seqs), t, dtype=torch.long)
+    use = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        att[i, : len(s.ids)] = 1
+        use[i, s.start: len(s.ids)] = True
+    return ids, att, use
+
+
+@torch.inference_mode()
+def sequence_activations(model, seqs: list[Sequence_], layer: int, *, batch_size: int, pad_id: int) -> torch.Tensor:
+    """Block ``layer``'s raw output at every used position of ``seqs``: [n_tokens, d] float32 on CPU."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))  # similar lengths together: less padding
+    out = []
+    for i in range(0, len(order), batch_size):
+        group = [seqs[j] for j in order[i: i + batch_size]]
+        ids, att, use = _pad(group, pad_id)
+        hidden = block_output(model, ids.to(device), att.to(device), layer)  # [b, T, d]
+        out.append(hidden[use.to(device)].float().cpu())  # [n_used, d]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class ActivationStream:
+    """Deterministic stream of SAE batches; a position (epoch, chunk, batch) says exactly what comes next."""
+
+    def __init__(self, model, seqs: list[Sequence_], layer: int, *, chunk_sequences: int, batch_size: int,
+                 batch_tokens: int, seed: int, pad_id: int):
+        if not seqs:
+            raise ConfigError("no training sequences")
+        self.model, self.seqs, self.layer = model, seqs, layer
+        self.chunk_sequences, self.batch_size, self.batch_tokens = chunk_sequences, batch_size, batch_tokens
+        self.seed, self.pad_id = seed, pad_id
+        self.n_chunks = math.ceil(len(seqs) / chunk_sequences)
+        self._cache: tuple[tuple[int, int], list[torch.Tensor]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.seqs), generator=g).tolist()
+
+    def batches(self, epoch: int, chunk: int) -> list[torch.Tensor]:
+        """The SAE batches of one chunk: its activations shuffled (seeded) and split into near-equal parts."""
+        if self._cache is not None and self._cache[0] == (epoch, chunk):
+            return self._cache[1]
+        idx = self._order(epoch)[chunk * self.chunk_sequences: (chunk + 1) * self.chunk_sequences]
+        x = sequence_activations(self.model, [self.seqs[i] for i in idx], self.layer,
+                                 batch_size=self.batch_size, pad_id=self.pad_id)  # [n, d]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + chunk)
+        x = x[torch.randperm(x.shape[0], generator=g)]
+        parts = list(torch.tensor_split(x, max(1, x.shape[0] // self.batch_tokens))) if x.shape[0] else []
+        self._cache = ((epoch, chunk), parts)
+        return parts
+
+    def iterate(self, position: tuple[int, int, int]) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
+        """Yield (batch [n, d], position of the NEXT batch) forever, starting at ``position``."""
+        epoch, chunk, b = position
+        empty_chunks = 0
+        while True:
+            parts = self.batches(epoch, chunk)
+            empty_chunks = 0 if parts else empty_chunks + 1
+            if empty_chunks > self.n_chunks:
+                raise ConfigError("the data yields no usable tokens (every sequence is shorter than data.skip_first?)")
+            while b < len(parts):
+                nxt = (epoch, chunk, b + 1) if b + 1 < len(parts) else (
+                    (epoch, chunk + 1, 0) if chunk + 1 < self.n_chunks else (epoch + 1, 0, 0))
+                yield parts[b], nxt
+                b += 1
+            epoch, chunk, b = (epoch, chunk + 1, 0) if chunk + 1 < self.n_chunks else (epoch + 1, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _sae_for(cfg: SAERecipeConfig, d_in: int, model_name: str) -> SparseAutoencoder:
+    d_sae = cfg.sae.d_sae or cfg.sae.expansion * d_in
+    if cfg.sae.k > d_sae:
+        raise ConfigError(f"sae.k={cfg.sae.k} exceeds d_sae={d_sae}")
+    return SparseAutoencoder(d_in, d_sae, activation="topk", k=cfg.sae.k, hook_layer=cfg.sae.layer, model_name=model_name)
+
+
+def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> dict:
+    """Train (or resume) the SAE, save it in SAELens layout under ``<output_dir>/sae``, return the metrics.
+
+    ``backbone``: an already loaded ``arbiter.backbone.Backbone`` (tests and notebooks); default: load
+    ``cfg.model``.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    ckpt_path = latest_checkpoint(out)
+    if ckpt_path is not None and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints (latest {ckpt_path.name}); pass --resume to continue that run "
+            "or choose another output_dir"
+        )
+    if resume and ckpt_path is None:
+        log.info("--resume: no checkpoint under %s, starting from scratch", out)
+    seed_everything(cfg.train.seed)
+    if backbone is None:
+        from arbiter.backbone import load_backbone
+
+        backbone = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads)
+    if cfg.sae.layer >= backbone.num_layers:
+        raise ConfigError(f"sae.layer={cfg.sae.layer} but {backbone.name} has {backbone.num_layers} blocks (0..{backbone.num_layers - 1})")
+    model = backbone.model
+    model.eval()
+    train_seqs, eval_seqs, data_report = load_sequences(cfg, backbone)
+    t = cfg.train
+    stream = ActivationStream(model, train_seqs, cfg.sae.layer, chunk_sequences=t.chunk_sequences,
+                              batch_size=t.model_batch_size, batch_tokens=t.batch_tokens, seed=t.seed,
+                              pad_id=backbone.end_id)
+    d_in = backbone.hidden_size
+    sae = _sae_for(cfg, d_in, backbone.name)
+    opt = torch.optim.Adam(sae.parameters(), lr=t.lr, betas=tuple(t.betas))
+    config_dict = to_dict(cfg)
+
+    if resume and ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path)
+        diff = _config_diff(ck.state.get("config", {}), config_dict)
+        if diff:
+            raise ConfigError(f"cannot resume {ckpt_path}: the config changed: " + "; ".join(diff))
+        since_fired = ck.tensors.pop("since_fired")
+        sae.load_state_dict(ck.tensors)
+        opt.load_state_dict(ck.optimizer)
+        step, scale = ck.step, float(ck.state["scale"])
+        position = tuple(ck.state["position"])
+        history = list(ck.state.get("history", []))
+        tokens_seen = int(ck.state.get("tokens_seen", 0))
+        log.info("resumed from %s (step %d)", ckpt_path, step)
+    else:
+        # Input scale and b_dec from the first chunk (deterministic, so a resumed run agrees).
+        parts = stream.batches(0, 0)
+        first = torch.cat(parts) if parts else None  # [n, d]
+        if first is None or first.shape[0] == 0:
+            raise ConfigError("the first chunk of data yields no tokens")
+        scale = float(math.sqrt(d_in) / first.norm(dim=1).mean()) if t.normalize_input else 1.0
+        g = torch.Generator().manual_seed(t.seed)
+        sae.init_tied_(g, data_mean=(first * scale).mean(0))
+        since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        step, position, history, tokens_seen = 0, (0, 0, 0), [], 0
+
+    def checkpoint(step: int, position: tuple[int, int, int]) -> Path:
+        tensors = {k: v.detach() for k, v in sae.state_dict().items()}
+        tensors["since_fired"] = since_fired
+        return save_checkpoint(out, step, tensors, opt.state_dict(), {
+            "position": list(position), "scale": scale, "history": history, "tokens_seen": tokens_seen,
+            "config": config_dict,
+        }, keep=t.keep_checkpoints)
+
+    window: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(total=t.steps, initial=min(step, t.steps), desc=f"SAE layer {cfg.sae.layer}", unit="step")
+    try:
+        if step < t.steps:
+            for x, nxt in stream.iterate(position):
+                dead = since_fired >= t.dead_tokens
+                try:
+                    r = train_step(sae, opt, x * scale, dead=dead if t.aux_coef > 0 else None, aux_k=t.aux_k,
+                                   aux_coef=t.aux_coef, max_grad_norm=t.max_grad_norm)
+                except FloatingPointError as e:
+                    last = latest_checkpoint(out)
+                    raise FloatingPointError(
+                        f"SAE training stopped at step {step + 1}: {e}. Last good checkpoint: {last or 'none'} "
+                        "(lower train.lr or set train.max_grad_norm, then --resume)"
+                    ) from None
+                since_fired += r.n_tokens
+                since_fired[r.fired] = 0
+                tokens_seen += r.n_tokens
+                step += 1
+                position = nxt
+                window.append({"mse": r.mse / scale**2, "aux": r.aux, "l0": r.l0})
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    entry = {
+                        "step": step, "tokens": tokens_seen,
+                        **{k: sum(w[k] for w in window) / len(window) for k in ("mse", "aux", "l0")},
+                        "dead": int((since_fired >= t.dead_tokens).sum()),
+                    }
+                    history.append(entry)
+                    window.clear()
+                    bar.set_postfix(mse=f"{entry['mse']:.4g}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
+                    atomic_write_json(out / "metrics_history.json", history)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    checkpoint(step, position)
+                if step >= t.steps:
+                    break
+    finally:
+        bar.close()
+    train_seconds = time.time() - t0
+
+    # Held-out evaluation with the saved (scale-folded) SAE on raw activations.
+    final = fold_input_scale(sae, scale)
+    x_eval = sequence_activations(model, eval_seqs, cfg.sae.layer, batch_size=t.model_batch_size, pad_id=backbone.end_id)
+    stats = reconstruction_stats(final, x_eval)
+    metrics = {
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "layer": cfg.sae.layer,
+        "d_in": d_in,
+        "d_sae": sae.d_sae,
+        "k": cfg.sae.k,
+        "input_scale": scale,
+        "eval_tokens": stats["n_tokens"],
+        "eval_mse": stats["mse"],
+        "eval_fve": stats["fve"],
+        "eval_l0": stats["l0"],
+        "eval_never_fired": int((~stats["fired"]).sum()),
+        "dead_latents": int((since_fired >= t.dead_tokens).sum()),
+        "dead_fraction": float((since_fired >= t.dead_tokens).float().mean()),
+        "train_mse_last": history[-1]["mse"] if history else None,
+        "train_seconds_this_session": train_seconds,
+    }
+    save_sae(final, out / "sae", {
+        "model_name": backbone.name,
+        "hook_layer": cfg.sae.layer,
+        "context_size": cfg.data.max_length,
+        "dataset_path": cfg.data.source,
+        "prepend_bos": False,
+        "arbiter": {"recipe": "sae", "config": config_dict, "metrics": metrics, "data": data_report},
+    })
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("SAE saved to %s: %s", out / "sae", json.dumps({k: metrics[k] for k in ("eval_fve", "eval_l0", "dead_latents")}))
+    return metrics
+
+
+__all__ = ["CONFIG", "SAERecipeConfig", "SAEDataConfig", "SAEArchConfig", "SAETrainConfig", "run",
+           "ActivationStream", "load_sequences", "sequence_activations"]
