@@ -123,13 +123,13 @@ def load_head(
     wpath = d / WEIGHTS_FILE
     if wpath.stat().st_size > MAX_WEIGHTS_BYTES:
         raise HeadLoadError(f"{wpath}: weights file too large")
-    with open(wpath, "rb") as fh:
-        magic = fh.read(2)
-    if magic[:1] == b"\x80" or magic == b"PK":
-        raise HeadLoadError(f"{wpath}: looks like a pickle/zip file; only safetensors is accepted")
     try:
         state = load_file(str(wpath), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(wpath, "rb") as fh:
+            magic = fh.read(4)
+        if magic.startswith(b"PK\x03\x04") or (magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise HeadLoadError(f"{wpath}: looks like a pickle/torch.save file; only safetensors is accepted") from None
         raise HeadLoadError(f"{wpath}: not a valid safetensors file ({e})") from None
     head = DPHHead(config)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}

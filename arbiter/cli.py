@@ -1,0 +1,96 @@
+"""The ``arbiter`` console script: ``arbiter serve``, ``arbiter train ...``, ``arbiter eval ...``.
+
+Sub-commands import their half lazily, so ``arbiter serve`` never loads the training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name}
+        msg = record.getMessage()
+        try:
+            parsed = json.loads(msg) if msg.startswith("{") else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            out.update(parsed)
+        else:
+            out["msg"] = msg
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="arbiter serve", description=(
+        "Start the OpenAI-compatible server. Every setting is an ARBITER_* environment variable "
+        "(see the README); the flags below override the most common ones."))
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model", help="embedded default, a local HF model directory, or a GGUF file")
+    p.add_argument("--heads-dir")
+    p.add_argument("--engine", choices=["hf", "vllm"])
+    args = p.parse_args(argv)
+
+    import uvicorn
+
+    from arbiter.service.app import create_app
+    from arbiter.service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except Exception as e:
+        print(f"arbiter serve: invalid settings: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=30)
+    return int(getattr(app.state, "exit_code", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: arbiter {serve,train,eval} ...\n\n  serve   start the server\n  train   train heads, adapters, SAEs\n  eval    evaluate heads and adapters\n"
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return serve(rest)
+    if cmd in {"train", "eval"}:
+        try:
+            from arbiter.training import cli as tcli
+        except ImportError as e:
+            print(f"arbiter {cmd} needs the training extras: pip install -e '.[train]' ({e})", file=sys.stderr)
+            return 2
+        setup_logging("info")
+        return int((tcli.main if cmd == "train" else tcli.eval_main)(rest) or 0)
+    if cmd == "--version":
+        from arbiter import __version__
+
+        print(__version__)
+        return 0
+    print(f"arbiter: unknown command {cmd!r}\n\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

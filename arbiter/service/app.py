@@ -1,0 +1,193 @@
+"""FastAPI application factory: ``create_app(settings, *, engine=None, heads=None)``.
+
+Without an injected engine the model loads in a background thread at start-up, so the server answers at
+once: ``/health`` says 503 until the model and heads are ready. Tests inject a fake engine and a
+prepared head registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from arbiter import __version__
+from arbiter.heads import HeadRegistry
+
+from .errors import APIError, error_response
+from .metrics import Metrics
+from .routes import router
+from .settings import Settings
+from .state import ServiceState
+from .worker import Worker
+
+log = logging.getLogger("arbiter.service")
+
+
+def _device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(settings: Settings):
+    """Load the backbone and the selected engine. vLLM is imported only when chosen."""
+    device = _device(settings)
+    if settings.engine == "vllm":
+        from .engine.vllm import VLLMEngine  # lazy: never imported by the CPU default
+
+        return VLLMEngine.from_settings(settings)
+    from arbiter.backbone import load_backbone
+
+    from .engine.hf import HFEngine
+
+    dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    bb = load_backbone(settings.model, cache_dir=settings.cache_dir, device=device, dtype=dtype, threads=settings.threads)
+    return HFEngine(bb)
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: refuse bodies over the limit with 413 (by header, or while streaming in)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send):
+        resp = error_response(413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error",
+                              None, "body_too_large")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if e.get("type") == "missing" and not loc:
+        return "the request needs a JSON body", None
+    # pydantic's locations for union members (e.g. 'str', 'list[TextPart]') are noise for a client.
+    param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in {"str", "int", "float"}) or None
+    msg = e.get("msg", "invalid value")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def create_app(settings: Settings | None = None, *, engine: Any = None, heads: HeadRegistry | None = None,
+               exit_on_engine_death: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics(), registry=heads)
+
+    def on_death(exc: BaseException) -> None:
+        app.state.exit_code = 3
+        if exit_on_engine_death:
+            log.critical("engine worker died; asking the server to exit so a supervisor restarts it")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def start(eng) -> None:
+        if state.registry is None:
+            state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint, device=_device(settings) if engine is None else "cpu")
+            loaded, errors = state.registry.load_all()
+            state.head_load_errors = errors
+            for d, err in errors.items():
+                log.error("head %s not loaded: %s", d, err)
+            if loaded:
+                log.info("heads loaded: %s", ", ".join(loaded))
+        state.bind_engine(eng)
+        w = Worker(eng, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                   metrics=state.metrics, on_death=on_death)
+        w.start()
+        state.worker = w
+        log.info("ready: model %s", state.model_id)
+
+    def load_in_background() -> None:
+        try:
+            start(build_engine(settings))
+        except Exception as e:  # surfaced by /health and 503s, and logged
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model load failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None:
+            start(engine)
+        else:
+            threading.Thread(target=load_in_background, name="arbiter-load", daemon=True).start()
+        yield
+        if state.worker is not None:
+            state.worker.stop()  # drains queued work
+
+    app = FastAPI(title="Arbiter", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible chat completions with best-of-N reranking by Direct Preference Heads")
+    app.state.arbiter = state
+    app.state.exit_code = 0
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return error_response(400, msg, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}", "not_found_error", None, "unknown_route")
+        if exc.status_code == 405:
+            return error_response(405, f"method {request.method} is not allowed on {request.url.path}",
+                                  "invalid_request_error", None, "method_not_allowed")
+        t = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), t)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error", "server_error", None, "internal_error")
+
+    return app

@@ -1,0 +1,288 @@
+"""Plain-transformers engine (the CPU default): a batched sampling loop that captures reward features.
+
+Why a custom decode loop instead of ``model.generate``: the loop calls the decoder stack and the LM head
+separately, so the hidden state after the final norm (what the LM head reads, and what a DPH head reads)
+is in hand at every step at no cost: no ``output_hidden_states`` (which costs ~18% here), and heads that
+name an intermediate layer get a forward hook on that block only. When a candidate samples
+``<|im_end|>``, that token has not been fed yet; the row stays in the batch for one more decode step that
+feeds it, and the hidden state of that step is the candidate's feature (DESIGN.md, "One feature path").
+Candidates cut off by ``max_tokens`` are fed ``<|im_end|>`` the same way, as if the answer closed there.
+Finished rows leave the batch (their KV cache rows are dropped), so a long candidate never makes the
+others pay, and a cancelled request frees its rows at the next step.
+
+Prompts are prefilled once per request and the KV cache is then expanded to the request's N rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from arbiter.backbone import Backbone, LayerCapture, base_model
+from arbiter.heads import end_features
+
+from .base import Candidate, GenerationJob, GenerationResult
+
+log = logging.getLogger("arbiter.engine.hf")
+
+FINAL = -1  # the layer id of "after the final norm"
+
+
+@dataclass
+class _Row:
+    job: int
+    index: int  # candidate index within its job
+    gen: torch.Generator
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stops: tuple[str, ...]
+    capture: bool
+    stream: bool
+    tokens: list[int] = field(default_factory=list)
+    state: str = "active"  # active | force_close (feed last token, then <|im_end|>) | closing | done
+    finish: str | None = None
+    text: str = ""
+    emitted: int = 0
+    stop_cut: bool = False  # ended on a stop string: cached tokens run past the answer, rescore
+    features: dict[int, torch.Tensor] | None = None
+
+
+class HFEngine:
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.model = backbone.model
+        self.decoder = base_model(backbone.model)
+        self.lm_head = backbone.model.get_output_embeddings()
+        self.tokenizer = backbone.tokenizer
+        self.fingerprint = backbone.fingerprint
+        self.model_name = backbone.name
+        self.context_length = backbone.context_length
+        self.end_id = backbone.end_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        self.device = next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Per-row temperature / top-p sampling with per-row generators (seed => same output)."""
+        logits = logits.float()  # [R, V]
+        temps = torch.tensor([max(r.temperature, 1e-5) for r in rows], device=logits.device)
+        probs = torch.softmax(logits / temps[:, None], dim=-1)  # [R, V]
+        top_p = torch.tensor([r.top_p for r in rows], device=logits.device)
+        if bool((top_p < 1.0).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)  # [R, V]
+            cum = sorted_p.cumsum(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p[:, None], 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        out = []
+        for i, r in enumerate(rows):
+            if r.temperature <= 1e-5:
+                out.append(int(logits[i].argmax()))
+            else:
+                out.append(int(torch.multinomial(probs[i], 1, generator=r.gen)))
+        return out
+
+    def _check_stop(self, r: _Row) -> bool:
+        """Cut the text at the first stop string; True when one was found."""
+        if not r.stops:
+            return False
+        hits = [i for i in (r.text.find(s) for s in r.stops) if i >= 0]
+        if not hits:
+            return False
+        r.text = r.text[: min(hits)]
+        return True
+
+    def _emit(self, r: _Row, job: GenerationJob, final: bool) -> None:
+        if not r.stream or job.on_delta is None:
+            return
+        if final:
+            safe = len(r.text)
+        else:
+            hold = max((len(s) for s in r.stops), default=1) - 1
+            safe = len(r.text) - hold
+            while safe > r.emitted and r.text[safe - 1] == "\ufffd":  # incomplete UTF-8 sequence
+                safe -= 1
+        if safe > r.emitted:
+            job.on_delta(r.index, r.text[r.emitted : safe])
+            r.emitted = safe
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(jobs)
+        live = [j for j, job in enumerate(jobs) if not job.cancelled.is_set() and job.n > 0]
+        for j, job in enumerate(jobs):
+            if j not in live:
+                results[j] = GenerationResult([], len(job.prompt_ids))
+        if not live:
+            return results  # type: ignore[return-value]
+        hook_layers = sorted({l for j in live for l in jobs[j].feature_layers if l != FINAL})
+        captures = [LayerCapture(self.model, l) for l in hook_layers]
+        try:
+            rows = self._run(jobs, live, captures, hook_layers)
+        finally:
+            for c in captures:
+                c.remove()
+        self._rescore_stop_cut(jobs, rows)
+        by_job: dict[int, list[_Row]] = {}
+        for r in rows:
+            by_job.setdefault(r.job, []).append(r)
+        for j in live:
+            cands = []
+            for r in sorted(by_job.get(j, []), key=lambda r: r.index):
+                if not r.stop_cut:
+                    r.text = self._decode(r.tokens)
+                cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features))
+            results[j] = GenerationResult(cands, len(jobs[j].prompt_ids))
+        return results  # type: ignore[return-value]
+
+    def _run(self, jobs, live, captures, hook_layers) -> list[_Row]:
+        dev = self.device
+        # --- prefill: one row per request, left padded ----------------------------------------------
+        L = max(len(jobs[j].prompt_ids) for j in live)
+        ids = torch.full((len(live), L), self.pad_id, dtype=torch.long, device=dev)  # [P, L]
+        mask = torch.zeros((len(live), L), dtype=torch.long, device=dev)  # [P, L]
+        for p, j in enumerate(live):
+            pid = jobs[j].prompt_ids
+            ids[p, L - len(pid) :] = torch.tensor(pid, device=dev)
+            mask[p, L - len(pid) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, L]
+        cache = DynamicCache(config=self.model.config)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits = self.lm_head(out.last_hidden_state[:, -1])  # [P, V]
+
+        # --- expand to N rows per request -----------------------------------------------------------
+        rows: list[_Row] = []
+        src = []
+        for p, j in enumerate(live):
+            job = jobs[j]
+            sp = job.params
+            base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
+            for i in range(job.n):
+                g = torch.Generator(device="cpu").manual_seed((base_seed * 1_000_003 + i) % (2**63 - 1))
+                rows.append(
+                    _Row(j, i, g, sp.temperature, sp.top_p, sp.max_tokens, tuple(sp.stop), bool(job.feature_layers),
+                         job.on_delta is not None)
+                )
+                src.append(p)
+        sel = torch.tensor(src, device=dev)
+        cache.batch_select_indices(sel)
+        mask = mask[sel]  # [R, L]
+        logits = logits[sel]  # [R, V]
+        next_pos = mask.sum(-1)  # [R] position id of the next fed token
+        active = list(range(len(rows)))  # rows still in the batch, in batch order
+
+        while active:
+            batch_rows = [rows[a] for a in active]
+            # --- choose each row's next input token ------------------------------------------------
+            want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
+            sampled = self._sample(logits[want], [batch_rows[k] for k in want]) if want else []
+            feed: list[int] = [self.end_id] * len(batch_rows)
+            for k, t in zip(want, sampled):
+                r = batch_rows[k]
+                job = jobs[r.job]
+                if job.cancelled.is_set():
+                    r.state, r.finish = "done", "cancelled"
+                    continue
+                if t == self.end_id:
+                    r.finish = "stop"
+                    r.state = "closing" if r.capture else "done"
+                    self._emit(r, job, final=True)
+                    continue
+                r.tokens.append(t)
+                if r.stops or r.stream:
+                    r.text = self._decode(r.tokens)
+                if self._check_stop(r):
+                    r.finish, r.stop_cut, r.state = "stop", True, "done"
+                    self._emit(r, job, final=True)
+                    continue
+                if len(r.tokens) >= r.max_tokens:
+                    r.finish = "length"
+                    r.state = "force_close" if r.capture else "done"
+                    if not (r.stops or r.stream):
+                        r.text = self._decode(r.tokens)
+                    self._emit(r, job, final=True)
+                else:
+                    self._emit(r, job, final=False)
+                feed[k] = t
+            # Rows not sampled this step are "closing": they feed <|im_end|> (the default in ``feed``).
+
+            # --- drop finished rows from the batch -------------------------------------------------
+            keep = [k for k, r in enumerate(batch_rows) if r.state != "done"]
+            if not keep:
+                break
+            if len(keep) < len(batch_rows):
+                ksel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(ksel)
+                mask = mask[ksel]
+                next_pos = next_pos[ksel]
+                active = [active[k] for k in keep]
+                feed = [feed[k] for k in keep]
+                batch_rows = [batch_rows[k] for k in keep]
+
+            # --- one decode step -------------------------------------------------------------------
+            inp = torch.tensor(feed, device=dev)[:, None]  # [K, 1]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # [K, T+1]
+            out = self.decoder(input_ids=inp, attention_mask=mask, position_ids=next_pos[:, None],
+                               past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            h = out.last_hidden_state[:, -1]  # [K, d] after the final norm
+            for k, r in enumerate(batch_rows):
+                if r.state == "closing":
+                    # This step fed the closing <|im_end|>: its hidden state is the reward feature.
+                    feats = {FINAL: h[k].float().clone()}
+                    for layer, cap in zip(hook_layers, captures):
+                        feats[layer] = cap.output[k, -1].float().clone()
+                    r.features, r.state = feats, "done"
+                elif r.state == "force_close":
+                    r.state = "closing"  # fed its last token; <|im_end|> goes in next step
+            logits = self.lm_head(h)  # [K, V]
+        return rows
+
+    def _rescore_stop_cut(self, jobs, rows: list[_Row]) -> None:
+        """Rows cut by a stop string: the cache ran past the answer, so score the kept text afresh."""
+        todo = [r for r in rows if r.capture and r.stop_cut]
+        if not todo:
+            return
+        layers = sorted({l for r in todo for l in jobs[r.job].feature_layers} | {FINAL})
+        answers = [self.tokenizer(r.text, add_special_tokens=False)["input_ids"] for r in todo]
+        feats = self.features([jobs[r.job].prompt_ids for r in todo], answers, layers)
+        for i, r in enumerate(todo):
+            r.features = {l: feats[l][i] for l in layers}
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def features(self, prompt_ids, answer_ids, layers, *, batch_size: int = 16) -> dict[int, torch.Tensor]:
+        """One batched forward per chunk over prompt + answer + <|im_end|>; layer -> [N, d]."""
+        layers = sorted(set(layers) | {FINAL})
+        seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answer_ids)]
+        out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+        hook_layers = [l for l in layers if l != FINAL]
+        captures = [LayerCapture(self.model, l) for l in hook_layers]
+        try:
+            for s in range(0, len(seqs), batch_size):
+                chunk = seqs[s : s + batch_size]
+                T = max(len(x) for x in chunk)
+                ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long, device=self.device)
+                mask = torch.zeros_like(ids)
+                for i, x in enumerate(chunk):
+                    ids[i, : len(x)] = torch.tensor(x, device=self.device)
+                    mask[i, : len(x)] = 1
+                positions = torch.tensor([len(x) - 1 for x in chunk], device=self.device)
+                hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                out[FINAL].append(end_features(hidden, positions).cpu())
+                for l, cap in zip(hook_layers, captures):
+                    out[l].append(end_features(cap.output, positions).cpu())
+        finally:
+            for c in captures:
+                c.remove()
+        return {l: torch.cat(v) if v else torch.empty(0, self.backbone.hidden_size) for l, v in out.items()}

@@ -1,0 +1,182 @@
+"""Wire types: OpenAI's chat-completions shapes plus Arbiter's extensions (grouped and commented).
+
+Requests accept unknown OpenAI fields (``extra="allow"``): they are ignored and logged, never rejected,
+so newer clients keep working. Limits that depend on settings (n, max_tokens, ...) are checked in
+``routes`` where the settings are known; these models check types and value ranges only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class RerankOptions(BaseModel):
+    """Arbiter's extension, passed by the openai client in ``extra_body={"rerank": {...}}``.
+
+    ``candidates`` N are sampled in one batch and scored by the heads; the best ``n`` (OpenAI's meaning:
+    choices returned) come back. The first head named picks; every head scores every candidate.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    candidates: int | None = Field(None, ge=1, description="N candidates to sample (default: ARBITER_DEFAULT_CANDIDATES, at least n)")
+    heads: list[str] | None = Field(None, min_length=1, description="Heads to score with; the first picks")
+    head: str | None = Field(None, description="Shorthand for heads=[head]")
+    return_candidates: bool = Field(False, description="Return every candidate with its rewards in `rerank`")
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    rerank: RerankOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def extra_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class ScoreRequest(BaseModel):
+    """``POST /v1/score``: rewards for given answers to one conversation (no generation)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    candidates: list[str] = Field(min_length=1)
+    heads: list[str] | None = Field(None, min_length=1)
+
+
+class LoadHeadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_HEADS_DIR")
+    name: str | None = Field(None, min_length=1, max_length=64)
+
+
+class SwapHeadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=512)
+
+
+# --- responses (built as dicts in routes; documented here) -------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RerankCandidate(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    rewards: dict[str, float]
+    completion_tokens: int
+
+
+class RerankInfo(BaseModel):
+    """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen."""
+
+    heads: list[str]
+    candidates_scored: int
+    chosen: list[int]
+    rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
+    candidates: list[RerankCandidate] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    rerank: RerankInfo | None = None
+
+
+class ScoreItem(BaseModel):
+    index: int
+    rewards: dict[str, float]
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["score.list"] = "score.list"
+    model: str
+    heads: list[str]
+    data: list[ScoreItem]
+    best: int
+    usage: dict[str, int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+

@@ -1,0 +1,496 @@
+"""HTTP routes. Thin: validate against settings -> submit to the worker -> shape the OpenAI response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from arbiter.backbone import prompt_ids
+from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
+
+from .engine.base import GenerationJob, SamplingParams
+from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
+from .protocol import ChatCompletionRequest, ChatMessage, LoadHeadRequest, ScoreRequest, SwapHeadRequest
+from .rerank import feature_layers, pick
+from .security import require_admin, require_api_key
+from .state import ServiceState
+from .worker import GenerateOutcome, QueueFull, WorkerDead
+
+log = logging.getLogger("arbiter.service")
+access_log = logging.getLogger("arbiter.access")
+
+router = APIRouter()
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.arbiter
+
+
+def ready_state(request: Request) -> ServiceState:
+    st = state_of(request)
+    if st.worker is None or st.engine is None:
+        if st.load_error:
+            raise Unavailable(f"the model failed to load: {st.load_error}", code="model_load_failed")
+        raise Unavailable("the model is still loading", code="model_loading", headers={"Retry-After": "5"})
+    if not st.worker.alive:
+        raise Unavailable("the engine worker is not running", code="engine_dead")
+    return st
+
+
+# --- health, models, metrics --------------------------------------------------------------------------
+
+
+@router.get("/health", tags=["ops"])
+async def health(request: Request):
+    st = state_of(request)
+    if st.worker is None or not st.worker.alive:
+        status = "loading" if st.worker is None and not st.load_error else "unavailable"
+        return JSONResponse(status_code=503, content={"status": status, "error": st.load_error})
+    return {"status": "ok", "model": st.model_id, "heads": st.registry.names(), "queue_depth": st.worker.depth()}
+
+
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+async def metrics(request: Request):
+    st = state_of(request)
+    if st.worker is not None:
+        st.metrics.queue_depth.set(st.worker.depth())
+    st.metrics.heads_loaded.set(len(st.registry.names()) if st.registry else 0)
+    return PlainTextResponse(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", tags=["openai"], dependencies=[Depends(require_api_key)])
+async def list_models(request: Request):
+    st = ready_state(request)
+    return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}]}
+
+
+@router.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=[Depends(require_api_key)])
+async def get_model(model_id: str, request: Request):
+    st = ready_state(request)
+    if model_id != st.model_id:
+        raise NotFound(f"model {model_id!r} does not exist; this server serves {st.model_id!r}", param="model", code="model_not_found")
+    return {"id": st.model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}
+
+
+# --- shared request checks ----------------------------------------------------------------------------
+
+
+def _check_model(st: ServiceState, model: str) -> None:
+    if model != st.model_id and model not in st.model_aliases:
+        raise NotFound(f"model {model!r} does not exist; this server serves {st.model_id!r}",
+                       param="model", code="model_not_found")
+
+
+def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict]:
+    if len(messages) > st.settings.max_messages:
+        raise InvalidRequest(f"at most {st.settings.max_messages} messages are allowed", param="messages")
+    out = []
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": m.text()})
+    if not any(m["content"].strip() for m in out if m["role"] == "user"):
+        raise InvalidRequest("messages must contain at least one non-empty user message", param="messages")
+    return out
+
+
+def _encode_prompt(st: ServiceState, messages: list[dict], budget: int) -> list[int]:
+    try:
+        ids = prompt_ids(st.engine.tokenizer, messages)
+    except Exception as e:  # template errors are the request's fault (e.g. roles out of order)
+        raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
+    limit = st.engine.context_length
+    if len(ids) + budget > limit:
+        raise InvalidRequest(
+            f"this model's context is {limit} tokens; the messages take {len(ids)} and the answer needs "
+            f"{budget} more; shorten the messages or lower max_tokens",
+            param="messages", code="context_length_exceeded")
+    return ids
+
+
+def _resolve_heads(st: ServiceState, names: list[str] | None, param: str) -> list[LoadedHead]:
+    snapshot = st.registry.snapshot()
+    if not snapshot:
+        raise InvalidRequest("reranking needs a reward head, and none is loaded (set ARBITER_HEADS_DIR or load one)",
+                             param=param, code="no_head_loaded")
+    if not names:
+        default = st.settings.default_head if st.settings.default_head in snapshot else sorted(snapshot)[0]
+        names = [default]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"{param} names a head more than once", param=param)
+    out = []
+    for n in names:
+        if n not in snapshot:
+            raise NotFound(f"head {n!r} is not loaded; loaded heads: {sorted(snapshot)}", param=param, code="head_not_found")
+        out.append(snapshot[n])
+    return out
+
+
+async def _wait(request: Request, st: ServiceState, fut: asyncio.Future, cancel=None):
+    """Wait for the worker; drop the work when the client disconnects or the deadline passes."""
+    deadline = time.monotonic() + st.settings.request_timeout_s
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"the request did not finish within {st.settings.request_timeout_s:g} s", code="timeout")
+            done, _ = await asyncio.wait({fut}, timeout=min(0.5, remaining))
+            if done:
+                return fut.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError()
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        fut.cancel()
+        raise
+
+
+def _submit(st: ServiceState, submit, *args):
+    try:
+        return submit(*args)
+    except QueueFull:
+        st.metrics.rejected.labels("queue_full").inc()
+        raise Overloaded("the server is busy; retry after a moment", code="queue_full",
+                         headers={"Retry-After": "1"}) from None
+    except WorkerDead:
+        raise Unavailable("the engine worker is not running", code="engine_dead") from None
+
+
+def _worker_error(e: Exception) -> APIError:
+    if isinstance(e, WorkerDead):
+        return Unavailable(str(e), code="engine_dead")
+    log.error("request failed in the engine: %r", e)
+    return ServerError("the engine failed while serving this request", code="engine_error")
+
+
+# --- chat completions ---------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(require_api_key)])
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    st = ready_state(request)
+    s = st.settings
+    t0 = time.monotonic()
+    _check_model(st, body.model)
+    extra = body.extra_fields()
+    if extra:
+        log.info("ignoring unsupported fields: %s", ", ".join(extra))
+    if body.n > s.max_n:
+        raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
+    max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
+    if max_tokens > s.max_tokens_limit:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}", param=param)
+    stops = list(body.stop or [])
+    if len(stops) > s.max_stop:
+        raise InvalidRequest(f"at most {s.max_stop} stop strings are allowed", param="stop")
+    if any(len(x) > s.max_stop_length for x in stops):
+        raise InvalidRequest(f"stop strings must be at most {s.max_stop_length} characters", param="stop")
+
+    rr = body.rerank
+    heads: list[LoadedHead] = []
+    n_sample = body.n
+    if rr is not None:
+        names = rr.heads or ([rr.head] if rr.head else None)
+        heads = _resolve_heads(st, names, "rerank.heads")
+        n_sample = rr.candidates if rr.candidates is not None else max(s.default_candidates, body.n)
+        if n_sample > s.max_candidates:
+            raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
+        if n_sample < body.n:
+            raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
+    messages = _messages(st, body.messages)
+    ids = _encode_prompt(st, messages, max_tokens + 1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            stop=tuple(stops), seed=body.seed)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    log_fields = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids), "stream": body.stream,
+                  "heads": [h.name for h in heads]}
+    if s.log_prompts:
+        log_fields["messages"] = messages
+
+    if body.stream and not heads:
+        return _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0)
+
+    job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads))
+    fut = _submit(st, st.worker.submit_generate, job, heads)
+    if body.stream:
+        return _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields, t0)
+    try:
+        outcome: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
+    except APIError:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise _worker_error(e) from None
+    resp = _completion_body(st, body, outcome, rid, created, heads)
+    _account(st, "chat", outcome, log_fields, t0)
+    return resp
+
+
+def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads, return_candidates: bool):
+    cands = outcome.result.candidates
+    rerank_info = None
+    if heads:
+        p = pick(outcome.rewards)
+        chosen = p.top(body.n)
+        names = [h.name for h in heads]
+        rerank_info = {
+            "heads": names,
+            "candidates_scored": len(cands),
+            "chosen": chosen,
+            "rewards": [float(outcome.rewards[i, 0]) for i in chosen],
+        }
+        if return_candidates:
+            rerank_info["candidates"] = [
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                 "rewards": {n: float(outcome.rewards[i, k]) for k, n in enumerate(names)},
+                 "completion_tokens": len(c.token_ids)}
+                for i, c in enumerate(cands)
+            ]
+        picked = [cands[i] for i in chosen]
+    else:
+        picked = list(cands)
+    return picked, rerank_info
+
+
+def _usage(outcome: GenerateOutcome) -> dict:
+    # completion_tokens counts every candidate generated (that is the work done), not only the returned ones.
+    c = outcome.result.completion_tokens
+    p = outcome.result.prompt_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _completion_body(st, body, outcome, rid, created, heads) -> dict:
+    picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
+    out = {
+        "id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
+        "system_fingerprint": st.system_fingerprint,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": None}
+            for i, c in enumerate(picked)
+        ],
+        "usage": _usage(outcome),
+    }
+    if info is not None:
+        out["rerank"] = info
+    return out
+
+
+def _account(st: ServiceState, endpoint: str, outcome: GenerateOutcome | None, fields: dict, t0: float) -> None:
+    if outcome is not None:
+        st.metrics.tokens_generated.inc(outcome.result.completion_tokens)
+        st.metrics.prompt_tokens.inc(outcome.result.prompt_tokens)
+        fields.update(completion_tokens=outcome.result.completion_tokens, queue_s=round(outcome.queue_s, 4),
+                      run_s=round(outcome.run_s, 4))
+    fields["latency_s"] = round(time.monotonic() - t0, 4)
+    access_log.info(json.dumps({"endpoint": endpoint, **fields}, default=str))
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _chunk(st, rid, created, choices, usage=None, include_usage=False, extra=None) -> str:
+    obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
+           "system_fingerprint": st.system_fingerprint, "choices": choices}
+    if include_usage:
+        obj["usage"] = usage
+    if extra:
+        obj.update(extra)
+    return _sse(obj)
+
+
+def _error_event(e: Exception) -> str:
+    err = e if isinstance(e, APIError) else _worker_error(e)
+    return _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+
+
+def _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    # Deltas cross from the worker thread in order; the result future's callback ends the stream.
+    job = GenerationJob(ids, body.n, params, on_delta=lambda i, t: loop.call_soon_threadsafe(q.put_nowait, (i, t)))
+    fut = _submit(st, st.worker.submit_generate, job, ())
+    fut.add_done_callback(lambda f: q.put_nowait(None))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        deadline = time.monotonic() + st.settings.request_timeout_s
+        try:
+            yield _chunk(st, rid, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None} for i in range(body.n)],
+                         include_usage=include_usage)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"the request did not finish within {st.settings.request_timeout_s:g} s", code="timeout")
+                try:
+                    item = await asyncio.wait_for(q.get(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    continue
+                if item is None:
+                    break
+                i, text = item
+                yield _chunk(st, rid, created, [{"index": i, "delta": {"content": text}, "finish_reason": None}],
+                             include_usage=include_usage)
+            try:
+                outcome: GenerateOutcome = fut.result()
+            except Exception as e:
+                yield _error_event(e)
+                yield "data: [DONE]\n\n"
+                return
+            yield _chunk(st, rid, created, [{"index": i, "delta": {}, "finish_reason": c.finish_reason}
+                                            for i, c in enumerate(outcome.result.candidates)],
+                         include_usage=include_usage)
+            if include_usage:
+                yield _chunk(st, rid, created, [], usage=_usage(outcome), include_usage=True)
+            yield "data: [DONE]\n\n"
+            _account(st, "chat_stream", outcome, log_fields, t0)
+        except Timeout as e:
+            job.cancelled.set()
+            yield _error_event(e)
+            yield "data: [DONE]\n\n"
+        finally:
+            # A client that went away cancels the generator: free the rows at the next decode step.
+            if not fut.done():
+                job.cancelled.set()
+                fut.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields, t0) -> StreamingResponse:
+    """Rerank + stream: candidates are scored first, then the winner(s) stream out."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield _chunk(st, rid, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None} for i in range(body.n)],
+                         include_usage=include_usage)
+            try:
+                outcome: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                yield _error_event(e)
+                yield "data: [DONE]\n\n"
+                return
+            picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
+            for i, c in enumerate(picked):
+                yield _chunk(st, rid, created, [{"index": i, "delta": {"content": c.text}, "finish_reason": None}],
+                             include_usage=include_usage)
+            yield _chunk(st, rid, created, [{"index": i, "delta": {}, "finish_reason": c.finish_reason}
+                                            for i, c in enumerate(picked)],
+                         include_usage=include_usage, extra={"rerank": info})
+            if include_usage:
+                yield _chunk(st, rid, created, [], usage=_usage(outcome), include_usage=True)
+            yield "data: [DONE]\n\n"
+            _account(st, "chat_stream", outcome, log_fields, t0)
+        finally:
+            if not fut.done():
+                job.cancelled.set()
+                fut.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# --- score ----------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/score", tags=["arbiter"], dependencies=[Depends(require_api_key)])
+async def score(body: ScoreRequest, request: Request):
+    st = ready_state(request)
+    t0 = time.monotonic()
+    _check_model(st, body.model)
+    if len(body.candidates) > st.settings.max_score_candidates:
+        raise InvalidRequest(f"at most {st.settings.max_score_candidates} candidates are allowed", param="candidates")
+    heads = _resolve_heads(st, body.heads, "heads")
+    messages = _messages(st, body.messages)
+    tok = st.engine.tokenizer
+    answers = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
+    longest = max(len(a) for a in answers)
+    ids = _encode_prompt(st, messages, longest + 1)
+    fut = _submit(st, st.worker.submit_score, ids, answers, heads)
+    try:
+        rewards = await _wait(request, st, fut)
+    except (APIError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        raise _worker_error(e) from None
+    names = [h.name for h in heads]
+    p = pick(rewards)
+    total = len(ids) * len(answers) + sum(len(a) + 1 for a in answers)
+    _account(st, "score", None, {"candidates": len(answers), "heads": names}, t0)
+    return {
+        "object": "score.list", "model": st.model_id, "heads": names,
+        "data": [{"index": i, "rewards": {n: float(rewards[i, k]) for k, n in enumerate(names)}} for i in range(len(answers))],
+        "best": p.order[0],
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
+
+
+# --- heads ----------------------------------------------------------------------------------------------
+
+
+@router.get("/v1/heads", tags=["arbiter"], dependencies=[Depends(require_api_key)])
+async def list_heads(request: Request):
+    st = state_of(request)
+    snap = st.registry.snapshot() if st.registry else {}
+    return {"object": "list", "data": [snap[n].describe() for n in sorted(snap)], "default": st.default_head()}
+
+
+def _head_error(e: Exception) -> APIError:
+    return InvalidRequest(str(e), param="path", code="invalid_head")
+
+
+@router.post("/v1/admin/heads", tags=["admin"], dependencies=[Depends(require_admin)])
+async def load_head(body: LoadHeadRequest, request: Request):
+    st = ready_state(request)
+    name = body.name
+    if name is not None and name in st.registry.snapshot():
+        raise Conflict(f"a head named {name!r} is already loaded; swap it with PUT /v1/admin/heads/{name}",
+                       param="name", code="head_exists")
+    try:
+        head = await asyncio.to_thread(st.registry.load, body.path, name)
+    except HeadLoadError as e:
+        if "already loaded" in str(e):
+            raise Conflict(str(e), param="name", code="head_exists") from None
+        raise _head_error(e) from None
+    log.info("loaded head %s from %s", head.name, body.path)
+    return head.describe()
+
+
+@router.put("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)])
+async def swap_head(name: str, body: SwapHeadRequest, request: Request):
+    st = ready_state(request)
+    try:
+        head = await asyncio.to_thread(st.registry.swap, name, body.path)
+    except HeadNotFound:
+        raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
+    except HeadLoadError as e:
+        raise _head_error(e) from None
+    log.info("swapped head %s to %s", name, body.path)
+    return head.describe()
+
+
+@router.delete("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)])
+async def unload_head(name: str, request: Request):
+    st = ready_state(request)
+    try:
+        st.registry.unload(name)
+    except HeadNotFound:
+        raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
+    log.info("unloaded head %s", name)
+    return {"id": name, "object": "head", "deleted": True}

@@ -1,0 +1,59 @@
+"""Service settings: every knob is an ``ARBITER_*`` environment variable (pydantic-settings).
+
+No module-level instance: ``Settings()`` is built by the CLI / tests and passed to ``create_app``.
+The README's settings table is generated from this class (``python -m arbiter.service.settings``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARBITER_", extra="ignore")
+
+    model: str = Field("smollm2-135m-instruct", description="Embedded default, a local HF model directory, or a GGUF file")
+    served_model_name: str | None = Field(None, description="Model id clients send (default: the model's name)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA)")
+    device: str = Field("auto", description="auto, cpu or cuda")
+    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    cache_dir: str | None = Field(None, description="Where the GGUF->safetensors conversion is cached (~/.cache/arbiter)")
+    heads_dir: str | None = Field(None, description="Directory of head sub-directories, all loaded at start-up")
+    default_head: str | None = Field(None, description="Head used when a rerank request names none (default: first loaded)")
+    host: str = Field("127.0.0.1", description="Bind address")
+    port: int = Field(8000, ge=1, le=65535, description="Bind port")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices returned)")
+    max_candidates: int = Field(16, ge=1, description="Largest rerank candidate count N")
+    default_candidates: int = Field(4, ge=1, description="Rerank candidate count when the request gives none")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request")
+    max_stop_length: int = Field(64, ge=1, description="Longest stop string (characters)")
+    max_messages: int = Field(256, ge=1, description="Most messages per request")
+    max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
+    max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
+    max_queue: int = Field(64, ge=1, description="Queued requests beyond which new ones get 429")
+    request_timeout_s: float = Field(300.0, gt=0, description="Per-request deadline; past it the request gets a 504")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (bytes); larger gets 413")
+    api_key: SecretStr | None = Field(None, description="If set, inference endpoints need `Authorization: Bearer <key>`")
+    admin_key: SecretStr | None = Field(None, description="If set, enables /v1/admin/* (head management) with this bearer key")
+    log_prompts: bool = Field(False, description="Log prompt and answer text (off: logs carry sizes and ids only)")
+    log_level: str = Field("info", description="Python log level")
+    vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM: GPU memory share for each of the two vLLM instances")
+
+
+def settings_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `ARBITER_{name.upper()}` | {shown} | {f.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(settings_table())

@@ -1,0 +1,248 @@
+"""The one worker thread that owns the model.
+
+Requests are queued (bounded: a full queue raises ``QueueFull`` -> 429) and the worker merges every
+generation request waiting at the start of a batch into one generation batch, up to
+``max_batch_rows`` sequences (micro-batching). Score requests are batched the same way. Results go back
+to the event loop through futures; a request whose client went away is marked cancelled and dropped
+before it runs, or its rows leave the batch at the next decode step.
+
+If the worker thread itself dies, ``dead`` is set, every waiting request fails with 503, ``/health``
+turns 503, and ``on_death`` asks the server to exit non-zero so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from arbiter.heads import LoadedHead
+
+from .engine.base import Engine, GenerationJob, GenerationResult
+from .rerank import score_candidates, score_features
+
+log = logging.getLogger("arbiter.worker")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class WorkerDead(Exception):
+    pass
+
+
+@dataclass
+class _Item:
+    kind: str  # "generate" | "score"
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    job: GenerationJob | None = None
+    heads: Sequence[LoadedHead] = ()
+    score_args: tuple | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return self.job.n if self.job else 1
+
+    def cancelled(self) -> bool:
+        return self.future.cancelled() or (self.job is not None and self.job.cancelled.is_set())
+
+
+@dataclass
+class GenerateOutcome:
+    result: GenerationResult
+    rewards: Any  # torch.Tensor [N, H] or None
+    queue_s: float
+    run_s: float
+
+
+class Worker:
+    def __init__(self, engine: Engine, *, max_queue: int, max_batch_rows: int, metrics=None,
+                 on_death: Callable[[BaseException], None] | None = None):
+        self.engine = engine
+        self.max_batch_rows = max_batch_rows
+        self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
+        self._pending: deque[_Item] = deque()
+        self._thread = threading.Thread(target=self._main, name="arbiter-worker", daemon=True)
+        self._stop = threading.Event()
+        self.dead: BaseException | None = None
+        self.metrics = metrics
+        self.on_death = on_death
+        self.busy = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued work (graceful drain), then stop."""
+        self._stop.set()
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    def depth(self) -> int:
+        return self._q.qsize() + len(self._pending)
+
+    # -- submitting (event loop side) --------------------------------------------------------------
+    def _submit(self, item: _Item) -> asyncio.Future:
+        if self.dead is not None or self._stop.is_set():
+            raise WorkerDead("the engine worker is not running")
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            raise QueueFull() from None
+        if self.metrics:
+            self.metrics.queue_depth.set(self.depth())
+        return item.future
+
+    def submit_generate(self, job: GenerationJob, heads: Sequence[LoadedHead] = ()) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        return self._submit(_Item("generate", loop.create_future(), loop, job=job, heads=tuple(heads)))
+
+    def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        return self._submit(_Item("score", loop.create_future(), loop, heads=tuple(heads), score_args=(prompt_ids, answers)))
+
+    # -- worker thread -----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve(item: _Item, value: Any = None, exc: BaseException | None = None) -> None:
+        def done():
+            if item.future.done():
+                return
+            if exc is not None:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(value)
+
+        try:
+            item.loop.call_soon_threadsafe(done)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    def _next_batch(self) -> list[_Item]:
+        first = self._pending.popleft() if self._pending else self._q.get()
+        if first is None:
+            return []
+        batch = [first]
+        rows = first.rows
+        while True:
+            try:
+                item = self._pending.popleft() if self._pending else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._stop.set()
+                break
+            if item.kind != first.kind or rows + item.rows > self.max_batch_rows:
+                self._pending.appendleft(item)  # first in line for the next batch (FIFO kept)
+                break
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    def _main(self) -> None:
+        try:
+            while True:
+                if self._stop.is_set() and self._q.empty() and not self._pending:
+                    break
+                batch = self._next_batch()
+                if not batch:
+                    if self._stop.is_set() and self._q.empty() and not self._pending:
+                        break
+                    continue
+                live = [it for it in batch if not it.cancelled()]
+                for it in batch:
+                    if it not in live:
+                        self._resolve(it, exc=asyncio.CancelledError())
+                if self.metrics:
+                    self.metrics.queue_depth.set(self.depth())
+                if not live:
+                    continue
+                self.busy = True
+                try:
+                    if live[0].kind == "generate":
+                        self._run_generate(live)
+                    else:
+                        self._run_score(live)
+                except Exception as e:  # a failed batch fails its requests, the worker goes on
+                    log.exception("batch failed")
+                    for it in live:
+                        self._resolve(it, exc=e)
+                finally:
+                    self.busy = False
+        except BaseException as e:  # the thread itself is dying: fail everything, tell the server
+            self.dead = e
+            log.critical("engine worker died: %r", e)
+            self._fail_all(WorkerDead("the engine worker died"))
+            if self.on_death:
+                self.on_death(e)
+            raise
+        self._fail_all(WorkerDead("the server is shutting down"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self._pending:
+            self._resolve(self._pending.popleft(), exc=exc)
+        while True:
+            try:
+                it = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if it is not None:
+                self._resolve(it, exc=exc)
+
+    def _run_generate(self, items: list[_Item]) -> None:
+        t0 = time.monotonic()
+        jobs = [it.job for it in items]
+        if self.metrics:
+            self.metrics.batch_rows.observe(sum(j.n for j in jobs))
+        results = self.engine.generate(jobs)
+        run_s = time.monotonic() - t0
+        for it, res in zip(items, results):
+            rewards = None
+            try:
+                if it.heads and res.candidates and all(c.features is not None for c in res.candidates):
+                    rewards = score_candidates(res.candidates, it.heads)
+                    if self.metrics:
+                        self.metrics.candidates_scored.inc(len(res.candidates))
+            except Exception as e:
+                self._resolve(it, exc=e)
+                continue
+            self._resolve(it, GenerateOutcome(res, rewards, t0 - it.enqueued, run_s))
+
+    def _run_score(self, items: list[_Item]) -> None:
+        # All score requests of the batch go through one feature pass.
+        prompts, answers, owners = [], [], []
+        layers: set[int] = set()
+        for k, it in enumerate(items):
+            p, ans = it.score_args
+            for a in ans:
+                prompts.append(p)
+                answers.append(a)
+                owners.append(k)
+            layers |= {h.config.layer for h in it.heads}
+        feats = self.engine.features(prompts, answers, sorted(layers))
+        for k, it in enumerate(items):
+            idx = [i for i, o in enumerate(owners) if o == k]
+            sub = {l: v[idx] for l, v in feats.items()}
+            try:
+                rewards = score_features(sub, it.heads)
+            except Exception as e:
+                self._resolve(it, exc=e)
+                continue
+            if self.metrics:
+                self.metrics.candidates_scored.inc(len(idx))
+            self._resolve(it, rewards)
