@@ -1,0 +1,241 @@
+"""``arbiter train joint``: the DPH paper's full recipe, a LoRA adapter and a Direct Preference Head together.
+
+    arbiter train joint data.source=hh-rlhf out_dir=runs/joint head.name=hh-joint
+
+L = alpha1 * L_cDPO + alpha2 * L_DPH (DPH paper Eq. 7; ``LOSSES["joint"]``) with the paper's settings:
+cDPO beta 0.6, eps 0.25; DPH eps 0.1 (separable objective, SwiGLU pooler, pooler dropout 0.1); no weight
+decay, but prior regularisation towards the starting weights after every optimiser step
+(``losses.prior_regularize_``, lambda 0.5, applied to every trained tensor: LoRA and head).
+
+One forward per micro-batch: the decoder's final-norm hidden states give both the log-probs (LM head on the
+answer positions) and the head features (``arbiter.heads.end_features`` at the closing ``<|im_end|>``), so
+L_DPH's gradient reaches the LoRA weights through the same pass (``detach_features=true`` stops it there).
+The reference for cDPO is the adapter-disabled model (no grad) or precomputed ``ref_*`` columns.
+
+Saves ``<out_dir>/adapter`` (PEFT format) and ``<out_dir>/head`` (``arbiter.heads.save_head``; its
+BackboneFingerprint is the backbone's and its provenance names the adapter directory). The head was trained
+on the ADAPTED model's hidden states: serve it with that adapter applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from arbiter.training.artifacts import atomic_write_json
+from arbiter.training.checkpoint import seed_everything
+from arbiter.training.config import ConfigError
+from arbiter.training.logprobs import split_pairs
+from arbiter.training.losses import LOSSES, LossOutput, prior_regularize_
+from arbiter.training.recipes.adapter import (
+    DataConfig,
+    LoopSpec,
+    LoraSection,
+    OptimConfig,
+    PolicyModule,
+    attach_lora,
+    build_optimizer,
+    check_ref_tokens,
+    decide_reference,
+    evaluate,
+    load_preference_data,
+    make_accelerator,
+    precomputed_ref,
+    prepare_out_dir,
+    reference_pass,
+    resolve_backbone,
+    save_adapter,
+    step_metrics,
+    total_optimizer_steps,
+    train_loop,
+    trainable_parameters,
+    validate_common,
+)
+
+log = logging.getLogger("arbiter.training.joint")
+
+
+@dataclass
+class HeadSection:
+    name: str = "joint"
+    pooler: Literal["identity", "affine_tanh", "swiglu_tanh"] = "swiglu_tanh"  # the paper's best
+    dropout: float = 0.1  # on the pooler output, as in the paper's alignment runs
+    lr: float | None = None  # None: optim.lr
+    out: str | None = None  # None: <out_dir>/head
+
+
+@dataclass
+class JointConfig:
+    beta: float = 0.6  # cDPO beta (the paper's)
+    cdpo_eps: float = 0.25
+    dph_eps: float = 0.1
+    dph_loss: Literal["separable", "contrastive"] = "separable"
+    alpha1: float = 1.0  # weight of L_cDPO
+    alpha2: float = 1.0  # weight of L_DPH
+    prior_lambda: float = 0.5  # prior regularisation towards the starting weights (replaces weight decay)
+    detach_features: bool = False  # true: L_DPH trains only the head, not the backbone's LoRA
+    model: str | None = None
+    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"
+    out_dir: str = "runs/joint"
+    overwrite: bool = False
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval_every: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    head: HeadSection = field(default_factory=HeadSection)
+
+    def validate(self) -> None:
+        validate_common(self)
+        if self.optim.weight_decay != 0.0:
+            raise ConfigError(
+                "the joint recipe uses prior regularisation (prior_lambda) instead of weight decay: "
+                "set optim.weight_decay=0"
+            )
+        if not 0.0 <= self.cdpo_eps <= 0.5:
+            raise ConfigError(f"cdpo_eps must lie in [0, 0.5], got {self.cdpo_eps}")
+        if not 0.0 < self.dph_eps <= 0.5:
+            raise ConfigError(f"dph_eps must lie in (0, 0.5], got {self.dph_eps}")
+        if self.alpha1 < 0 or self.alpha2 < 0 or self.alpha1 + self.alpha2 == 0:
+            raise ConfigError("alpha1 and alpha2 must be >= 0 and not both 0")
+        if self.prior_lambda < 0:
+            raise ConfigError(f"prior_lambda must be >= 0, got {self.prior_lambda}")
+        if not 0.0 <= self.head.dropout < 1.0:
+            raise ConfigError(f"head.dropout must lie in [0, 1), got {self.head.dropout}")
+        if self.head.lr is not None and self.head.lr <= 0:
+            raise ConfigError(f"head.lr must be > 0, got {self.head.lr}")
+        # HeadConfig's own rule for names, checked here so that it fails before the model loads.
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.head.name):
+            raise ConfigError(f"head.name {self.head.name!r}: letters, digits, '_', '.', '-' (max 64)")
+
+
+CONFIG = JointConfig
+
+
+def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor]) -> LossOutput:
+    pc, pr = split_pairs(pol["logps"])  # [B], [B]
+    rc, rr = split_pairs(ref["logps"].to(pc.device))
+    hc, hr = split_pairs(pol["head_rewards"])  # [B], [B]
+    return LOSSES["joint"](pc, pr, rc, rr, head_chosen_rewards=hc, head_rejected_rewards=hr, beta=cfg.beta,
+                           cdpo_eps=cfg.cdpo_eps, dph_eps=cfg.dph_eps, dph_loss=cfg.dph_loss,
+                           alpha1=cfg.alpha1, alpha2=cfg.alpha2)
+
+
+def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None) -> dict[str, Any]:
+    """Train LoRA + DPH head jointly; returns final metrics (also ``<out_dir>/final_metrics.json``).
+
+    ``backbone``: an already loaded Backbone (the adapter is removed from it again before returning).
+    """
+    from arbiter.heads import HeadConfig, build_head, save_head
+    from arbiter.training.data import tokenize_pairs
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    train_pairs, dev_pairs, data_report = load_preference_data(cfg.data)
+    ref_mode = decide_reference("cdpo", cfg.reference, train_pairs + dev_pairs, cfg.data.source)
+    out_dir = prepare_out_dir(cfg, resume)
+    head_dir = Path(cfg.head.out) if cfg.head.out else out_dir / "head"
+
+    bb = resolve_backbone(cfg.model, backbone)
+    train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
+                                       truncate_prompt=cfg.data.truncate_prompt)
+    log.info("train pairs: %s", tok_report.summary())
+    dev = []
+    if dev_pairs:
+        dev, _ = tokenize_pairs(dev_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
+                                truncate_prompt=cfg.data.truncate_prompt)
+    if ref_mode == "precomputed":
+        check_ref_tokens(train + dev, bb.fingerprint)
+
+    acc = make_accelerator(cfg.device, cfg.precision)
+    seed_everything(cfg.seed)  # LoRA and head initialisation are reproducible (prior weights, resume)
+    bb.model.to(acc.device)
+    peft_model, restore = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    try:
+        head_cfg = HeadConfig(
+            name=cfg.head.name, backbone=bb.fingerprint, layer=-1, pooler=cfg.head.pooler,
+            hidden_size=bb.hidden_size, ffn_size=bb.ffn_size if cfg.head.pooler == "swiglu_tanh" else None,
+            dropout=cfg.head.dropout,
+        )
+        head = build_head(head_cfg).to(acc.device)
+        policy = PolicyModule(peft_model, head=head, detach_head_features=cfg.detach_features)
+        lora_params = {f"lora.{k}": v for k, v in trainable_parameters(peft_model).items()}
+        head_params = {f"head.{k}": v for k, v in head.named_parameters()}
+        trainables = lora_params | head_params
+        # Prior regularisation pulls towards these starting values; they are checkpointed so that a resumed
+        # run regularises towards exactly the same point.
+        prior = {k: v.detach().clone() for k, v in trainables.items()}
+        total = total_optimizer_steps(len(train), cfg.optim, acc.num_processes)
+        head_lr = cfg.head.lr if cfg.head.lr is not None else cfg.optim.lr
+        groups = [
+            {"params": list(lora_params.values()), "names": list(lora_params)},
+            {"params": list(head_params.values()), "names": list(head_params), "lr": head_lr},
+        ]
+        optimizer, scheduler = build_optimizer(groups, cfg.optim, total)
+        policy, optimizer = acc.prepare(policy, optimizer)
+
+        def after_step() -> None:
+            # theta <- theta - lr * lambda * (theta - theta_ref), with each group's current (scheduled) lr.
+            for group in optimizer.param_groups:
+                prior_regularize_(group["params"], [prior[n] for n in group["names"]], lr=group["lr"],
+                                  lam=cfg.prior_lambda)
+
+        def compute(batch: dict[str, Tensor], chunk: list, training: bool) -> tuple[LossOutput, dict[str, float]]:
+            pol = policy(batch)
+            if ref_mode == "precomputed":
+                ref = precomputed_ref(chunk, pol["logps"].device, layers=False, features=False)
+            else:
+                ref = reference_pass(peft_model, batch)
+            out = joint_loss(cfg, pol, ref)
+            return out, step_metrics(out, pol)
+
+        spec = LoopSpec(cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                        trainables=trainables, train=train, dev=dev, pad_id=bb.end_id, total_steps=total,
+                        compute=compute, after_step=after_step, extra_state={f"prior.{k}": v for k, v in prior.items()})
+        log.info("joint training: %d pairs (%d dev), %d steps, %d LoRA + %d head parameters", len(train), len(dev),
+                 total, sum(p.numel() for p in lora_params.values()), sum(p.numel() for p in head_params.values()))
+        result = train_loop(spec, out_dir, resume=resume)
+        final = dict(result["last"])
+        final.update(evaluate(spec, dev))
+        final["train_seconds"] = time.perf_counter() - t_start
+        final["reference"] = ref_mode
+        adapter_dir = out_dir / "adapter"
+        config_dict = dataclasses.asdict(cfg)
+        if acc.is_main_process:
+            save_adapter(acc.unwrap_model(policy).model, adapter_dir,
+                         {"recipe": "joint", "loss": "joint", "reference": ref_mode,
+                          "backbone": bb.fingerprint.model_dump(), "head_dir": str(head_dir),
+                          "data": {"source": cfg.data.source, "report": data_report}, "config": config_dict,
+                          "metrics": final})
+            head_cfg = head_cfg.model_copy(update={"provenance": {
+                "recipe": "joint", "adapter": str(adapter_dir.resolve()),
+                "data": cfg.data.source, "train_pairs": len(train), "dev_pairs": len(dev),
+                "loss": {"beta": cfg.beta, "cdpo_eps": cfg.cdpo_eps, "dph_eps": cfg.dph_eps, "dph_loss": cfg.dph_loss,
+                         "alpha1": cfg.alpha1, "alpha2": cfg.alpha2, "prior_lambda": cfg.prior_lambda},
+                "metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+            }})
+            save_head(acc.unwrap_model(policy).head, head_cfg, head_dir)
+            atomic_write_json(out_dir / "final_metrics.json", final)
+            log.info("adapter saved to %s, head to %s", adapter_dir, head_dir)
+        acc.wait_for_everyone()
+        final["adapter_dir"] = str(adapter_dir)
+        final["head_dir"] = str(head_dir)
+        return final
+    finally:
+        restore()
