@@ -60,25 +60,37 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _device_desc(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return "CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "rerank_latency"))
     args = ap.parse_args()
 
-    bb = load_backbone()
+    bb = load_backbone(os.environ.get("ARBITER_MODEL"), device=args.device, dtype=args.dtype)
     engine = HFEngine(bb)
     torch.manual_seed(0)
     cfg = HeadConfig(name="bench", backbone=bb.fingerprint, pooler="affine_tanh", hidden_size=bb.hidden_size)
-    head = LoadedHead("bench", build_head(cfg).eval(), cfg, "<memory>")
+    head = LoadedHead("bench", build_head(cfg).eval().to(args.device), cfg, "<memory>")
     prompts = [prompt_ids(bb.tokenizer, [{"role": "user", "content": p}]) for p in _prompts(args.prompts)]
 
     def job(ids, seed, capture):
         return GenerationJob(ids, args.n, SamplingParams(max_tokens=args.max_tokens, temperature=0.8, top_p=0.95, seed=seed),
                              feature_layers=(-1,) if capture else ())
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def plain(ids, seed):
         return engine.generate([job(ids, seed, False)])[0]
@@ -105,6 +117,7 @@ def main() -> None:
             for m, fn in modes.items():
                 t = time.perf_counter()
                 out = fn(ids, seed)
+                sync()
                 times[m].append(time.perf_counter() - t)
                 res = out[0] if isinstance(out, tuple) else out
                 tokens[m] += res.completion_tokens
@@ -118,7 +131,7 @@ def main() -> None:
     ratios = {"rerank/plain": med["rerank"] / med["plain"], "naive/rerank": med["naive"] / med["rerank"]}
     paired = [r / p for r, p in zip(times["rerank"], times["plain"])]
     report = {
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"device": _device_desc(args.device), "cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "config": vars(args) | {"model": bb.name, "runs_per_mode": runs},
         "median_s": med, "ratios": ratios, "median_paired_rerank_over_plain": statistics.median(paired),
@@ -129,7 +142,7 @@ def main() -> None:
     md = [
         "# Rerank latency: plain vs in-loop rerank vs naive rescoring",
         "",
-        f"Model {bb.name} on CPU ({_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Model {bb.name} on {_device_desc(args.device)} ({_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). N = {args.n} candidates, max_tokens = {args.max_tokens}, "
         f"temperature 0.8, top_p 0.95; {len(prompts)} hh-rlhf prompts x {args.repeats} repeats = {runs} runs per mode, "
         "interleaved in one process with the same seeds (every mode generates the same tokens).",
