@@ -306,15 +306,22 @@ def load_preference_data(cfg: DataConfig) -> tuple[list, list, dict]:
     return train, dev, report.to_dict()
 
 
-def has_precomputed_ref(pairs: Sequence[Any]) -> bool:
-    return bool(pairs) and all(REF_CHOSEN in p.meta and REF_REJECTED in p.meta for p in pairs)
+def has_precomputed_ref(pairs: Sequence[Any], keys: Sequence[str] = ()) -> bool:
+    want = (REF_CHOSEN, REF_REJECTED, *keys)
+    return bool(pairs) and all(all(k in p.meta for k in want) for p in pairs)
 
 
 def decide_reference(loss: str, mode: str, pairs: Sequence[Any], source: str) -> str:
-    """'none' (SimPO), 'precomputed' or 'adapter_disabled'; errors clearly when the columns are needed but absent."""
+    """'none' (SimPO), 'precomputed' or 'adapter_disabled'; errors clearly when the columns are needed but absent.
+
+    ``auto`` uses the precomputed columns only when every pair has all that this loss needs (per-layer
+    log-probs for intermediate DPO); otherwise the adapter-disabled model is the reference."""
     if loss in REF_FREE:
         return "none"
     present = has_precomputed_ref(pairs)
+    if mode == "auto" and loss == "intermediate_dpo" and present and not has_precomputed_ref(pairs, (REF_CHOSEN_LAYERS,)):
+        log.warning("%s has reference log-probs but no per-layer ones: using the adapter-disabled reference", source)
+        return "adapter_disabled"
     if mode == "precomputed" or loss in REF_REQUIRED:
         if not present:
             some = sum(REF_CHOSEN in p.meta for p in pairs)
@@ -330,8 +337,10 @@ def decide_reference(loss: str, mode: str, pairs: Sequence[Any], source: str) ->
 
 
 def check_ref_columns(pairs: Sequence[Any], *, layers: Sequence[int] | None, apply_final_norm: bool | None,
-                      sae_digest: str | None, sae_layer: int | None) -> None:
-    """The precomputed columns must match what this run computes (layers, final norm, SAE); fails before training."""
+                      sae_digest: str | None, sae_layer: int | None, need_features: bool = False) -> None:
+    """The precomputed columns must match what this run computes (layers, final norm, SAE); fails before training.
+    ``need_features`` checks that SAE feature columns exist; with ``sae_digest`` also that they come from
+    that SAE and layer."""
     for i, p in enumerate(pairs):
         m = p.meta
         where = f"pair {i} ({m.get('source', '?')})"
@@ -345,12 +354,13 @@ def check_ref_columns(pairs: Sequence[Any], *, layers: Sequence[int] | None, app
                 raise ConfigError(f"{where}: reference layers {m[REF_LAYERS]} differ from intermediate.layers {list(layers)}")
             if bool(m.get(REF_LAYER_NORM, True)) != bool(apply_final_norm):
                 raise ConfigError(f"{where}: reference apply_final_norm={m.get(REF_LAYER_NORM)} differs from this run's")
-        if sae_digest is not None:
-            if REF_CHOSEN_FEATS not in m:
+        if need_features or sae_digest is not None:
+            if REF_CHOSEN_FEATS not in m or REF_REJECTED_FEATS not in m:
                 raise ConfigError(
                     f"{where}: FPO needs reference SAE features ({REF_CHOSEN_FEATS}); precompute them with "
                     "`arbiter train ref sae=<dir>`"
                 )
+        if sae_digest is not None:
             if m.get(REF_SAE) != sae_digest:
                 raise ConfigError(f"{where}: reference features were computed with another SAE ({m.get(REF_SAE)!r})")
             if int(m.get(REF_SAE_LAYER, -1)) != int(sae_layer):
@@ -885,6 +895,13 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
     t_start = time.perf_counter()
     train_pairs, dev_pairs, data_report = load_preference_data(cfg.data)
     ref_mode = decide_reference(cfg.loss, cfg.reference, train_pairs + dev_pairs, cfg.data.source)
+    inter = cfg.loss == "intermediate_dpo"
+    layers = list(cfg.intermediate.layers) if inter else []
+    if ref_mode == "precomputed":
+        # Everything that can be checked without the model fails here, before it loads.
+        check_ref_columns(train_pairs + dev_pairs, layers=layers if inter else None,
+                          apply_final_norm=cfg.intermediate.apply_final_norm if inter else None,
+                          sae_digest=None, sae_layer=None, need_features=cfg.loss == "fpo")
     out_dir = prepare_out_dir(cfg, resume)
     log.info("loss %s (beta %.4g), reference: %s", cfg.loss, loss_beta(cfg.loss, cfg.beta), ref_mode)
 
@@ -894,15 +911,12 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
     sae = sae_layer = digest = None
     if cfg.loss == "fpo":
         sae, sae_layer, digest = _fpo_setup(cfg, bb)
-    inter = cfg.loss == "intermediate_dpo"
-    layers = list(cfg.intermediate.layers) if inter else []
     for layer in layers:
         if layer >= bb.num_layers:
             raise ConfigError(f"intermediate.layers: block {layer} does not exist ({bb.num_layers} blocks)")
-    if ref_mode == "precomputed":
-        check_ref_columns(train_pairs + dev_pairs, layers=layers if inter else None,
-                          apply_final_norm=cfg.intermediate.apply_final_norm if inter else None,
-                          sae_digest=digest, sae_layer=sae_layer)
+    if sae is not None:
+        check_ref_columns(train_pairs + dev_pairs, layers=None, apply_final_norm=None, sae_digest=digest,
+                          sae_layer=sae_layer, need_features=True)
 
     train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
                                        truncate_prompt=cfg.data.truncate_prompt)
