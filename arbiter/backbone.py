@@ -63,7 +63,8 @@ class ModelSource:
 
 
 def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
-    spec = str(spec) if spec else DEFAULT_MODEL
+    """None means ``ARBITER_MODEL`` if set, else the embedded default."""
+    spec = str(spec) if spec else (os.environ.get("ARBITER_MODEL") or DEFAULT_MODEL)
     if spec.lower() in {DEFAULT_MODEL, DEFAULT_MODEL_NAME.lower(), "default"}:
         return ModelSource(DEFAULT_MODEL_NAME, _default_gguf(), "gguf")
     p = Path(spec).expanduser()

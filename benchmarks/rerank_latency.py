@@ -114,7 +114,12 @@ def main() -> None:
         for k, ids in enumerate(prompts):
             seed = 1000 * rep + k
             picks = {}
-            for m, fn in modes.items():
+            # Rotate the order every run: whichever mode goes first in a triple pays for any warm-up
+            # effect (clocks, allocator), so a fixed order would bias the ratios.
+            names = list(modes)
+            names = names[runs % 3:] + names[: runs % 3]
+            for m in names:
+                fn = modes[m]
                 t = time.perf_counter()
                 out = fn(ids, seed)
                 sync()
@@ -125,7 +130,7 @@ def main() -> None:
                     picks[m] = out[1].order[0]
             agree += int(picks["rerank"] == picks["naive"])
             runs += 1
-            print(f"run {runs}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in modes), flush=True)
+            print(f"run {runs}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in names), flush=True)
 
     med = {m: statistics.median(v) for m, v in times.items()}
     ratios = {"rerank/plain": med["rerank"] / med["plain"], "naive/rerank": med["naive"] / med["rerank"]}
@@ -145,7 +150,7 @@ def main() -> None:
         f"Model {bb.name} on {_device_desc(args.device)} ({_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). N = {args.n} candidates, max_tokens = {args.max_tokens}, "
         f"temperature 0.8, top_p 0.95; {len(prompts)} hh-rlhf prompts x {args.repeats} repeats = {runs} runs per mode, "
-        "interleaved in one process with the same seeds (every mode generates the same tokens).",
+        "interleaved in one process (mode order rotated every run) with the same seeds (every mode generates the same tokens).",
         "",
         "| mode | median latency (s) | completion tokens (all runs) |",
         "|---|---|---|",
