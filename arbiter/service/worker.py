@@ -76,6 +76,7 @@ class Worker:
         self.metrics = metrics
         self.on_death = on_death
         self.busy = False
+        self._running: list[_Item] = []  # the batch in the engine now (failed too if the thread dies)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,6 +174,7 @@ class Worker:
                 if not live:
                     continue
                 self.busy = True
+                self._running = live
                 try:
                     if live[0].kind == "generate":
                         self._run_generate(live)
@@ -184,9 +186,13 @@ class Worker:
                         self._resolve(it, exc=e)
                 finally:
                     self.busy = False
+                self._running = []  # not in the finally: a dying thread still needs the list below
         except BaseException as e:  # the thread itself is dying: fail everything, tell the server
             self.dead = e
             log.critical("engine worker died: %r", e)
+            # The batch that was in the engine fails too; its requests must not wait for their deadline.
+            for it in self._running:
+                self._resolve(it, exc=WorkerDead("the engine worker died"))
             self._fail_all(WorkerDead("the engine worker died"))
             if self.on_death:
                 self.on_death(e)
