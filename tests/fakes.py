@@ -1,0 +1,263 @@
+"""Test doubles for the service: a scripted ``FakeEngine`` (the Engine protocol of
+``arbiter/service/engine/base.py``), heads with known weights, and a uvicorn server in a background thread.
+
+With the fake engine every candidate's text and feature vector are known in advance, so a head with known
+weights gives known rewards and the tests can check the exact argmax, tie-breaking, batching, back-pressure
+and cancellation without a model. The fake tokenizer is character level (id = code point), so prompt and
+answer token ids decode back exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from arbiter.heads import BackboneFingerprint, HeadConfig, HeadRegistry, build_head, save_head
+from arbiter.service.engine.base import Candidate, GenerationJob, GenerationResult
+
+LOOPBACK = "127.0.0.1"
+FAKE_D = 4
+FAKE_FINGERPRINT = BackboneFingerprint(model_name="fake-backbone", hidden_size=FAKE_D, num_layers=3,
+                                       vocab_hash="fake-vocab-0001")
+
+
+class EngineCrash(BaseException):
+    """Not an ``Exception``: the worker's per-batch handler lets it through, so the worker thread dies."""
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    """Character-level tokenizer with a ChatML template (enough for ``arbiter.backbone.prompt_ids``)."""
+
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+_USER_RE = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
+
+
+def last_user_message(prompt_text: str) -> str:
+    found = _USER_RE.findall(prompt_text)
+    return found[-1] if found else ""
+
+
+# --- engine ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scripted:
+    text: str
+    features: tuple[float, ...]  # the layer -1 feature, [d]
+
+
+DEFAULT_SCRIPT = (
+    Scripted("alpha", (0.1, 0.0, 0.0, 0.0)),
+    Scripted("bravo", (0.5, 0.2, 0.0, 0.0)),
+    Scripted("charlie", (0.3, 0.9, 0.0, 0.0)),
+    Scripted("delta", (0.5, -0.4, 0.0, 0.0)),
+)
+
+
+class FakeEngine:
+    """Scripted engine: job row ``i`` gets ``script[i % len(script)]`` (or, with ``echo``, the text
+    ``"<last user message>#<i>"``); its features are known (``feature(text, layer)``).
+
+    Records every generation batch (``batches``: one list of jobs per ``generate`` call) and every feature
+    pass (``feature_calls``). With ``gate`` set, ``generate`` emits the first half of each streaming row's
+    text, then blocks until the gate opens, polling the jobs' ``cancelled`` flags (``cancel_seen`` is set
+    when one is seen; a batch whose jobs are all cancelled returns at once). ``die`` raises ``EngineCrash``
+    (worker death), ``fail`` raises ``RuntimeError`` (one failed batch).
+    """
+
+    def __init__(self, script: Sequence[Scripted] = DEFAULT_SCRIPT, *, fingerprint: BackboneFingerprint = FAKE_FINGERPRINT,
+                 model_name: str = "fake-backbone", context_length: int = 4096, echo: bool = False,
+                 gate: threading.Event | None = None, die: bool = False, fail: bool = False):
+        self.script = list(script)
+        self.fingerprint = fingerprint
+        self.model_name = model_name
+        self.context_length = context_length
+        self.end_id = 2
+        self.tokenizer = FakeTokenizer()
+        self.echo = echo
+        self.gate = gate
+        self.die = die
+        self.fail = fail
+        self.batches: list[list[GenerationJob]] = []
+        self.feature_calls: list[tuple[int, tuple[int, ...]]] = []  # (rows, layers)
+        self.started = threading.Event()  # set when a generate call begins
+        self.cancel_seen = threading.Event()
+        self._by_text = {s.text: torch.tensor(s.features, dtype=torch.float32) for s in self.script}
+
+    # -- known features ------------------------------------------------------------------------------
+    def feature(self, text: str, layer: int = -1) -> torch.Tensor:
+        """The feature of an answer: the scripted vector, or a fixed hash of the text; [d].
+
+        Block ``l >= 0`` reads ``(l + 2) *`` the layer -1 vector, so heads on different layers score differently.
+        """
+        d = self.fingerprint.hidden_size
+        v = self._by_text.get(text)
+        if v is None:
+            raw = hashlib.sha256(text.encode("utf-8")).digest()
+            v = torch.tensor([raw[k % len(raw)] / 127.5 - 1.0 for k in range(d)], dtype=torch.float32)  # [d]
+        return v.clone() if layer < 0 else v * float(layer + 2)
+
+    # -- Engine protocol -------------------------------------------------------------------------------
+    def _row(self, job: GenerationJob, i: int) -> tuple[str, str]:
+        if self.echo:
+            text = f"{last_user_message(self.tokenizer.decode(job.prompt_ids))}#{i}"
+        else:
+            text = self.script[i % len(self.script)].text
+        finish = "stop"
+        cuts = [text.find(s) for s in job.params.stop if s in text]
+        if cuts:
+            text = text[: min(cuts)]
+        elif len(text) > job.params.max_tokens:
+            text, finish = text[: job.params.max_tokens], "length"
+        return text, finish
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+        self.batches.append(list(jobs))
+        self.started.set()
+        if self.die:
+            raise EngineCrash("the fake engine's worker thread dies here")
+        if self.fail:
+            raise RuntimeError("the fake engine failed this batch")
+        rows = {id(job): [self._row(job, i) for i in range(job.n)] for job in jobs}
+        emitted = {id(job): [0] * job.n for job in jobs}
+        if self.gate is not None:
+            for job in jobs:  # streaming rows show progress before the engine blocks
+                if job.on_delta is not None:
+                    for i, (text, _) in enumerate(rows[id(job)]):
+                        half = len(text) // 2
+                        if half:
+                            job.on_delta(i, text[:half])
+                            emitted[id(job)][i] = half
+            while not self.gate.wait(0.01):
+                cancelled = [job.cancelled.is_set() for job in jobs]
+                if any(cancelled):
+                    self.cancel_seen.set()
+                if all(cancelled):  # like the HF engine: cancelled rows leave, nothing left to wait for
+                    break
+        results = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                self.cancel_seen.set()
+                results.append(GenerationResult([Candidate([], "", "cancelled") for _ in range(job.n)], len(job.prompt_ids)))
+                continue
+            cands = []
+            for i, (text, finish) in enumerate(rows[id(job)]):
+                if job.on_delta is not None and len(text) > emitted[id(job)][i]:
+                    job.on_delta(i, text[emitted[id(job)][i]:])
+                feats = {l: self.feature(text, l) for l in job.feature_layers} if job.feature_layers else None
+                cands.append(Candidate(self.tokenizer(text)["input_ids"], text, finish, feats))
+            results.append(GenerationResult(cands, len(job.prompt_ids)))
+        return results
+
+    def features(self, prompt_ids, answer_ids, layers) -> dict[int, torch.Tensor]:
+        layers = sorted(set(layers) | {-1})
+        self.feature_calls.append((len(answer_ids), tuple(layers)))
+        texts = [self.tokenizer.decode(a) for a in answer_ids]
+        return {l: torch.stack([self.feature(t, l) for t in texts]) if texts else torch.empty(0, FAKE_D)
+                for l in layers}  # layer -> [N, d]
+
+
+# --- heads -----------------------------------------------------------------------------------------------
+
+
+def linear_head(name: str, weights: Sequence[float], *, fp: BackboneFingerprint = FAKE_FINGERPRINT, layer: int = -1):
+    """An identity-pooler head whose reward is exactly ``weights . feature``; returns (module, config)."""
+    cfg = HeadConfig(name=name, backbone=fp, hidden_size=fp.hidden_size, layer=layer, pooler="identity")
+    head = build_head(cfg)
+    with torch.no_grad():
+        head.reward.weight.copy_(torch.tensor([list(weights)], dtype=torch.float32))  # [1, d]
+    return head, cfg
+
+
+def registry_with(*heads, fp: BackboneFingerprint = FAKE_FINGERPRINT, root: str | Path | None = None) -> HeadRegistry:
+    """A registry holding the given (module, config) pairs in memory."""
+    reg = HeadRegistry(root, fp)
+    for module, cfg in heads:
+        reg.add(module, cfg)
+    return reg
+
+
+def save_random_head(fp: BackboneFingerprint, directory: str | Path, *, name: str, pooler: str = "identity",
+                     layer: int = -1, ffn_size: int | None = None, seed: int = 0, scale: float = 1.0):
+    """Save a head with seeded random weights (reward weights scaled up so rewards spread); returns its module."""
+    cfg = HeadConfig(name=name, backbone=fp, hidden_size=fp.hidden_size, pooler=pooler, layer=layer,
+                     ffn_size=ffn_size, provenance={"made_by": "tests/fakes.py", "seed": seed})
+    g = torch.Generator().manual_seed(seed)
+    head = build_head(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.01))
+        head.reward.weight.mul_(scale)
+    save_head(head, cfg, directory)
+    return head.eval()
+
+
+# --- a live server in a thread ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 in a daemon thread; ``url`` is its base URL."""
+
+    def __init__(self, app, *, start_timeout_s: float = 30.0):
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+        self.start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the test server thread exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        if self.thread.is_alive():  # a request that never finishes must not hang the test session
+            self.server.force_exit = True
+            self.thread.join(5)
+
+    @property
+    def state(self):
+        return self.app.state.arbiter
