@@ -1,0 +1,144 @@
+"""Package boundaries (DESIGN.md): ``arbiter.heads`` imports neither the service, the training code nor
+transformers; ``arbiter.service`` never imports ``arbiter.training``; vLLM is imported only when the vLLM
+engine is chosen. Checked twice: in fresh interpreters (what actually gets imported) and statically (every
+import statement, so a lazy import inside a function that is not exercised here is caught too).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import arbiter
+
+PKG = Path(arbiter.__file__).resolve().parent
+SERVICE = PKG / "service"
+HEADS = PKG / "heads"
+
+
+def _run(code: str) -> None:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, f"boundary violated:\n{r.stdout}\n{r.stderr[-3000:]}"
+
+
+def test_heads_imports_no_transformers_service_or_training():
+    _run(
+        "import arbiter.heads, sys\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('transformers', 'arbiter.service', 'arbiter.training', 'vllm')))\n"
+        "assert not bad, bad\n"
+    )
+
+
+def test_service_app_imports_no_training_and_no_vllm():
+    _run(
+        "import sys\n"
+        "import arbiter.service.app as app\n"
+        "from arbiter.service.settings import Settings\n"
+        "app.create_app(Settings(_env_file=None))\n"
+        "import arbiter.service.engine.hf, arbiter.cli\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('arbiter.training', 'vllm')) or m == 'arbiter.service.engine.vllm')\n"
+        "assert not bad, bad\n"
+    )
+
+
+# --- static: every import statement --------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, source: str | None = None) -> list[tuple[str, bool, int]]:
+    """(absolute module name, at module level?, line) for every import in the file."""
+    tree = ast.parse(source if source is not None else path.read_text(encoding="utf-8"), filename=str(path))
+    mod = _module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out: list[tuple[str, bool, int]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child, False)  # runs only when called: a lazy import
+                continue
+            if isinstance(child, ast.Import):
+                out.extend((a.name, top, child.lineno) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (child.level - 1)]
+                    name = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    name = child.module or ""
+                out.append((name, top, child.lineno))
+                # `from . import vllm` imports a submodule named by the alias
+                out.extend((f"{name}.{a.name}", top, child.lineno) for a in child.names if a.name != "*")
+            visit(child, top)
+
+    visit(tree, True)
+    return out
+
+
+def _is(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _files(root: Path) -> list[Path]:
+    files = sorted(root.rglob("*.py"))
+    assert files, root
+    return files
+
+
+def test_static_service_never_imports_training_and_vllm_only_lazily():
+    vllm_engine = SERVICE / "engine" / "vllm.py"
+    problems = []
+    for f in _files(SERVICE):
+        for name, top, line in _imports(f):
+            where = f"{f.relative_to(PKG.parent)}:{line} imports {name}"
+            if _is(name, "arbiter.training"):
+                problems.append(where + " (the service never imports training)")
+            if _is(name, "vllm"):
+                if f != vllm_engine:
+                    problems.append(where + " (only engine/vllm.py may import vllm)")
+                elif top:
+                    problems.append(where + " at module level (must be lazy)")
+            if _is(name, "arbiter.service.engine.vllm") and top:
+                problems.append(where + " at module level (the vLLM engine is imported only when chosen)")
+    assert not problems, "\n".join(problems)
+
+
+def test_static_heads_imports_only_torch_safetensors_pydantic():
+    problems = []
+    for f in _files(HEADS):
+        for name, _top, line in _imports(f):
+            for banned in ("transformers", "arbiter.service", "arbiter.training", "arbiter.backbone", "vllm",
+                           "fastapi", "peft", "datasets"):
+                if _is(name, banned):
+                    problems.append(f"{f.relative_to(PKG.parent)}:{line} imports {name}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("source,expect", [
+    ("from vllm import LLM\n", [("vllm", True)]),
+    ("def f():\n    from vllm import LLM\n", [("vllm", False)]),
+    ("try:\n    import vllm\nexcept ImportError:\n    pass\n", [("vllm", True)]),
+    ("class A:\n    import vllm\n", [("vllm", True)]),
+])
+def test_the_static_checker_sees_top_level_and_lazy_imports(source, expect):
+    # Guard against a checker that silently finds nothing: feed it known cases.
+    got = [(n, top) for n, top, _ in _imports(SERVICE / "probe.py", source) if n == "vllm"]
+    assert got == expect
+    # Relative imports resolve to absolute names (app.py's lazy `from .engine.vllm import VLLMEngine`).
+    rel = [(n, t) for n, t, _ in _imports(SERVICE / "engine" / "hf.py")]
+    assert ("arbiter.service.engine.base", True) in rel
+    app = [(n, t) for n, t, _ in _imports(SERVICE / "app.py")]
+    assert ("arbiter.service.engine.vllm", False) in app and ("arbiter.service.routes", True) in app
