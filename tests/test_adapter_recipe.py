@@ -52,7 +52,7 @@ def tiny(tmp_path_factory, backbone):
 def _cfg(tmp_path, data, *overrides):
     return load_config(adapter.CONFIG, None, [
         f"data.source={data}", f"data.max_length={MAX_LEN}", "lora.r=4", "lora.alpha=8", "optim.batch_size=2",
-        "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=0", f"out_dir={tmp_path}",
+        "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=0", f"out={tmp_path}",
         "progress=false", *overrides,
     ])
 
@@ -262,12 +262,12 @@ def test_config_errors_fail_before_the_model_loads(tmp_path, tiny):
         load_config(adapter.CONFIG, None, ["loss=mipo", "reference=adapter_disabled"])
     # MIPO on data without reference columns: refused with the command to run, and no model is loaded
     # (model= names a directory that does not exist, which would fail differently).
-    cfg = load_config(adapter.CONFIG, None, ["loss=mipo", f"data.source={tiny[0]}", f"out_dir={tmp_path}",
+    cfg = load_config(adapter.CONFIG, None, ["loss=mipo", f"data.source={tiny[0]}", f"out={tmp_path}",
                                              "model=/nonexistent"])
     with pytest.raises(ConfigError, match="arbiter train ref"):
         adapter.run(cfg)
     cfg = load_config(adapter.CONFIG, None, ["loss=intermediate_dpo", "reference=precomputed", "intermediate.layers=[5]",
-                                             f"data.source={tiny[1]}", f"out_dir={tmp_path}", "model=/nonexistent"])
+                                             f"data.source={tiny[1]}", f"out={tmp_path}", "model=/nonexistent"])
     with pytest.raises(ConfigError, match="reference layers"):
         adapter.run(cfg)
 
@@ -297,3 +297,13 @@ def test_intermediate_dpo_with_a_trained_linear_projection(tmp_path, backbone, t
     proj = load_file(str(tmp_path / "adapter" / "inter_projection.safetensors"))["weight"]
     assert proj.shape == backbone.model.lm_head.weight.shape
     assert not torch.equal(proj, backbone.model.lm_head.weight.detach())
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter_smoke", "adapter_ref"])
+def test_packaged_configs_load(name):
+    from pathlib import Path
+
+    path = Path(adapter.__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    module = ref if name == "adapter_ref" else adapter
+    cfg = load_config(module.CONFIG, path, ["out=/tmp/never-written.parquet"] if module is ref else [])
+    assert cfg.data.source == "hh-rlhf"

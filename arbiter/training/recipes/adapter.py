@@ -1,15 +1,15 @@
 """``arbiter train adapter``: align a LoRA adapter with DPO, cDPO, IPO, SimPO, MIPO, FPO or intermediate DPO.
 
-    arbiter train adapter --loss dpo data.source=hh-rlhf data.limit=2000 out_dir=runs/dpo
+    arbiter train adapter --loss dpo data.source=hh-rlhf data.limit=2000 --out runs/dpo
 
 setup -> train -> save:
   1. config validated (before any model loads), data loaded and split, precomputed reference columns checked;
   2. backbone loaded, pairs tokenised with the shared chat encoding, LoRA (PEFT) attached to
      q/k/v/o/gate/up/down projections;
   3. AdamW + warmup and linear/cosine decay, gradient accumulation, clipping, bf16 autocast on CUDA,
-     TRL-named metrics to ``<out_dir>/metrics.jsonl`` (+ tqdm), a checkpoint every ``save_every`` steps
+     TRL-named metrics to ``<out>/metrics.jsonl`` (+ tqdm), a checkpoint every ``save_every`` steps
      (``--resume`` continues exactly), a non-finite loss stops the run and keeps the last good checkpoint;
-  4. the adapter is written atomically in PEFT format to ``<out_dir>/adapter``
+  4. the adapter is written atomically in PEFT format to ``<out>/adapter``
      (adapter_config.json + adapter_model.safetensors, plus arbiter_adapter.json with provenance).
 
 Reference model: the same network with the adapter disabled (``model.disable_adapter()`` under no_grad),
@@ -202,8 +202,8 @@ class AdapterConfig:
     beta: float | None = None  # None: the loss function's own default (dpo 0.1, simpo 2.0, mipo 20, ...)
     model: str | None = None  # None: the embedded default (or ARBITER_MODEL)
     reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"  # auto: precomputed if present
-    out_dir: str = "runs/adapter"
-    overwrite: bool = False  # allow replacing a finished/old run in out_dir (without --resume)
+    out: str = "runs/adapter"  # the run directory (CLI: --out)
+    overwrite: bool = False  # allow replacing a finished/old run in out (without --resume)
     seed: int = 0
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
     keep_checkpoints: int = 2
@@ -255,8 +255,8 @@ def validate_common(cfg: Any) -> None:
         getattr(cfg, section).validate()
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError(f"beta must be > 0, got {cfg.beta}")
-    if not cfg.out_dir:
-        raise ConfigError("out_dir must be set")
+    if not cfg.out:
+        raise ConfigError("out (the run directory) must be set")
     for name in ("save_every", "log_every", "eval_every", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -269,6 +269,12 @@ def validate_common(cfg: Any) -> None:
 
 
 CONFIG = AdapterConfig
+DESCRIPTION = "align a LoRA adapter with DPO, cDPO, IPO, SimPO, MIPO, FPO or intermediate DPO"
+
+
+def add_arguments(parser: Any) -> None:
+    """``--loss NAME``: the CLI's shortcut for the config key ``loss``."""
+    parser.add_argument("--loss", choices=ADAPTER_LOSSES, default=None, help="preference loss (config key 'loss')")
 
 
 def loss_beta(loss: str, beta: float | None) -> float:
@@ -653,7 +659,7 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def prepare_out_dir(cfg: Any, resume: bool) -> Path:
     """Refuse to silently mix runs: a new run needs an empty out_dir (or overwrite=true)."""
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         return out
@@ -662,7 +668,7 @@ def prepare_out_dir(cfg: Any, resume: bool) -> Path:
         if not cfg.overwrite:
             raise ConfigError(
                 f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                "overwrite=true to replace it, or choose another out_dir"
+                "overwrite=true to replace it, or choose another out directory"
             )
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -886,7 +892,7 @@ def _fpo_setup(cfg: AdapterConfig, bb: Any) -> tuple[Any, int, str]:
 
 
 def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None) -> dict[str, Any]:
-    """Train a LoRA adapter; returns the final metrics (also written to ``<out_dir>/final_metrics.json``).
+    """Train a LoRA adapter; returns the final metrics (also written to ``<out>/final_metrics.json``).
 
     ``backbone``: an already loaded :class:`arbiter.backbone.Backbone` to train on (tests, notebooks); the
     adapter is removed from it again before returning, leaving the base model as it was.
@@ -931,8 +937,14 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
 
     acc = make_accelerator(cfg.device, cfg.precision)
     seed_everything(cfg.seed)  # the LoRA init (and so a resumed run's structure) is reproducible
+    home = next(bb.model.parameters()).device  # a caller's backbone goes back where it was
     bb.model.to(acc.device)
-    peft_model, restore = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_model, detach = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    def restore() -> None:
+        detach()
+        if backbone is not None:
+            bb.model.to(home)
     try:
         projection = None
         if inter and cfg.intermediate.projection == "linear":

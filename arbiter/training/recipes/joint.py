@@ -1,6 +1,6 @@
 """``arbiter train joint``: the DPH paper's full recipe, a LoRA adapter and a Direct Preference Head together.
 
-    arbiter train joint data.source=hh-rlhf out_dir=runs/joint head.name=hh-joint
+    arbiter train joint data.source=hh-rlhf --out runs/joint head.name=hh-joint
 
 L = alpha1 * L_cDPO + alpha2 * L_DPH (DPH paper Eq. 7; ``LOSSES["joint"]``) with the paper's settings:
 cDPO beta 0.6, eps 0.25; DPH eps 0.1 (separable objective, SwiGLU pooler, pooler dropout 0.1); no weight
@@ -12,7 +12,7 @@ answer positions) and the head features (``arbiter.heads.end_features`` at the c
 L_DPH's gradient reaches the LoRA weights through the same pass (``detach_features=true`` stops it there).
 The reference for cDPO is the adapter-disabled model (no grad) or precomputed ``ref_*`` columns.
 
-Saves ``<out_dir>/adapter`` (PEFT format) and ``<out_dir>/head`` (``arbiter.heads.save_head``; its
+Saves ``<out>/adapter`` (PEFT format) and ``<out>/head`` (``arbiter.heads.save_head``; its
 BackboneFingerprint is the backbone's and its provenance names the adapter directory). The head was trained
 on the ADAPTED model's hidden states: serve it with that adapter applied.
 """
@@ -68,7 +68,7 @@ class HeadSection:
     pooler: Literal["identity", "affine_tanh", "swiglu_tanh"] = "swiglu_tanh"  # the paper's best
     dropout: float = 0.1  # on the pooler output, as in the paper's alignment runs
     lr: float | None = None  # None: optim.lr
-    out: str | None = None  # None: <out_dir>/head
+    out: str | None = None  # None: <out>/head
 
 
 @dataclass
@@ -83,7 +83,7 @@ class JointConfig:
     detach_features: bool = False  # true: L_DPH trains only the head, not the backbone's LoRA
     model: str | None = None
     reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"
-    out_dir: str = "runs/joint"
+    out: str = "runs/joint"  # the run directory (CLI: --out)
     overwrite: bool = False
     seed: int = 0
     save_every: int = 0
@@ -96,7 +96,7 @@ class JointConfig:
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = field(default_factory=OptimConfig)
     head: HeadSection = field(default_factory=HeadSection)
 
     def validate(self) -> None:
@@ -126,6 +126,7 @@ class JointConfig:
 
 
 CONFIG = JointConfig
+DESCRIPTION = "joint cDPO + DPH training (DPH paper recipe): a LoRA adapter and a reward head together"
 
 
 def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor]) -> LossOutput:
@@ -138,7 +139,7 @@ def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor])
 
 
 def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None) -> dict[str, Any]:
-    """Train LoRA + DPH head jointly; returns final metrics (also ``<out_dir>/final_metrics.json``).
+    """Train LoRA + DPH head jointly; returns final metrics (also ``<out>/final_metrics.json``).
 
     ``backbone``: an already loaded Backbone (the adapter is removed from it again before returning).
     """
@@ -165,8 +166,14 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None) 
 
     acc = make_accelerator(cfg.device, cfg.precision)
     seed_everything(cfg.seed)  # LoRA and head initialisation are reproducible (prior weights, resume)
+    home = next(bb.model.parameters()).device  # a caller's backbone goes back where it was
     bb.model.to(acc.device)
-    peft_model, restore = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_model, detach = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    def restore() -> None:
+        detach()
+        if backbone is not None:
+            bb.model.to(home)
     try:
         head_cfg = HeadConfig(
             name=cfg.head.name, backbone=bb.fingerprint, layer=-1, pooler=cfg.head.pooler,

@@ -96,6 +96,7 @@ class RefConfig:
 
 
 CONFIG = RefConfig
+DESCRIPTION = "precompute the base model's reference log-probs (and FPO's SAE features) into the data file"
 
 
 def _row(pair: Any) -> dict[str, Any]:
@@ -236,12 +237,17 @@ def run(cfg: RefConfig, *, resume: bool = False, backbone: Any | None = None) ->
         tp.meta.pop("_ref_index", None)
 
     acc = make_accelerator(cfg.device, cfg.precision)
+    home = next(bb.model.parameters()).device  # a caller's backbone goes back where it was
     bb.model.to(acc.device)
     if sae is not None:
         sae.to(acc.device)
-    rows = reference_rows(bb, tokenized, kept_pairs, batch_size=cfg.data.batch_size, layers=cfg.layers,
-                          apply_final_norm=cfg.apply_final_norm, sae=sae, sae_layer=sae_layer, sae_digest=digest,
-                          autocast=acc.autocast, progress=cfg.progress)
+    try:
+        rows = reference_rows(bb, tokenized, kept_pairs, batch_size=cfg.data.batch_size, layers=cfg.layers,
+                              apply_final_norm=cfg.apply_final_norm, sae=sae, sae_layer=sae_layer,
+                              sae_digest=digest, autocast=acc.autocast, progress=cfg.progress)
+    finally:
+        if backbone is not None:
+            bb.model.to(home)
     path = write_rows(rows, Path(cfg.out))
     seconds = time.perf_counter() - t0
     tokens = sum(len(tp.prompt_ids) * 2 + len(tp.chosen_ids) + len(tp.rejected_ids) for tp in tokenized)
