@@ -1,0 +1,179 @@
+"""The HF engine on the real SmolLM2-135M: the feature it captures inside its decode loop (one extra step
+feeding ``<|im_end|>``) equals a standalone forward over the same tokens (DESIGN.md "One feature path"),
+for candidates that sampled ``<|im_end|>``, were cut by ``max_tokens``, or were cut by a stop string; and
+sampling is seed-deterministic.
+
+One mixed generation batch (prompts of different lengths, so left padding is exercised; features on the
+final norm and on block 12) is shared by most tests to keep the file fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arbiter.backbone import forward_features, prompt_ids
+from arbiter.service.engine.base import GenerationJob, SamplingParams
+from arbiter.service.engine.hf import HFEngine
+
+BLOCK = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared 2-core machine a single intra-op thread is several times faster than two that spin-wait.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(backbone):
+    return HFEngine(backbone)
+
+
+def P(engine, text: str) -> list[int]:
+    return prompt_ids(engine.tokenizer, [{"role": "user", "content": text}])
+
+
+def standalone(engine, prompt: list[int], answer: list[int], layer: int) -> torch.Tensor:
+    """Reference feature: one plain forward over prompt + answer + <|im_end|>, read at the last position; [d]."""
+    seq = torch.tensor([prompt + answer + [engine.end_id]])  # [1, T]
+    return forward_features(engine.model, seq, torch.ones_like(seq), torch.tensor([seq.shape[1] - 1]), layer=layer)[0]
+
+
+def assert_same_feature(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    cos = F.cosine_similarity(got.float(), want.float(), dim=0).item()
+    ratio = (got.norm() / want.norm()).item()
+    assert cos > 0.9999 and abs(ratio - 1) < 1e-3, f"{what}: cos {cos:.6f}, norm ratio {ratio:.6f}"
+
+
+@pytest.fixture(scope="module")
+def mixed(engine):
+    """One generate call over four jobs; returns (jobs, results, streamed deltas per job)."""
+    deltas: dict[int, dict[int, list[str]]] = {3: {}}
+    jobs = [
+        # greedy, short answer: ends by sampling <|im_end|>
+        GenerationJob(P(engine, "What is 2+2? Answer with just the number."), 1,
+                      SamplingParams(max_tokens=16, temperature=0.0), feature_layers=(-1,)),
+        # cut by max_tokens
+        GenerationJob(P(engine, "Write a long story about a dragon who loves tea and lives in the mountains."), 2,
+                      SamplingParams(max_tokens=6, seed=3), feature_layers=(-1, BLOCK)),
+        # three rows of one prompt
+        GenerationJob(P(engine, "Hi"), 3, SamplingParams(max_tokens=12, seed=5, temperature=0.8),
+                      feature_layers=(-1, BLOCK)),
+        # cut by a stop string, streamed
+        GenerationJob(P(engine, "Describe the sea in one sentence."), 2,
+                      SamplingParams(max_tokens=12, seed=7, stop=("e",)), feature_layers=(-1, BLOCK),
+                      on_delta=lambda i, t: deltas[3].setdefault(i, []).append(t)),
+    ]
+    results = engine.generate(jobs)
+    return jobs, results, deltas
+
+
+def test_results_line_up_with_jobs(mixed):
+    jobs, results, _ = mixed
+    assert len(results) == len(jobs)
+    for job, res in zip(jobs, results):
+        assert len(res.candidates) == job.n and res.prompt_tokens == len(job.prompt_ids)
+        assert res.completion_tokens == sum(len(c.token_ids) for c in res.candidates)
+        for c in res.candidates:
+            assert c.finish_reason in {"stop", "length"}
+            assert set(c.features) >= set(job.feature_layers)
+            assert all(v.shape == (576,) and torch.isfinite(v).all() for v in c.features.values())
+
+
+def test_feature_at_sampled_im_end_equals_standalone_forward(engine, mixed):
+    jobs, results, _ = mixed
+    checked = 0
+    for job, res in list(zip(jobs, results))[:3]:
+        for c in res.candidates:
+            if c.finish_reason != "stop":
+                continue
+            assert engine.end_id not in c.token_ids  # the closing token is not part of the answer
+            for layer in job.feature_layers:
+                assert_same_feature(c.features[layer], standalone(engine, job.prompt_ids, c.token_ids, layer),
+                                    f"stop candidate {c.text!r} layer {layer}")
+            checked += 1
+    assert checked >= 2, "expected answers that end by sampling <|im_end|> (greedy 2+2, 'Hi')"
+
+
+def test_feature_of_max_tokens_cut_equals_forward_over_answer_plus_im_end(engine, mixed):
+    jobs, results, _ = mixed
+    checked = 0
+    for job, res in list(zip(jobs, results))[:3]:
+        for c in res.candidates:
+            if c.finish_reason != "length":
+                continue
+            assert len(c.token_ids) == job.params.max_tokens
+            for layer in job.feature_layers:
+                assert_same_feature(c.features[layer], standalone(engine, job.prompt_ids, c.token_ids, layer),
+                                    f"length candidate {c.text!r} layer {layer}")
+            checked += 1
+    assert [c.finish_reason for c in results[1].candidates] == ["length", "length"]
+    assert checked >= 2
+
+
+def test_stop_string_cut_features_equal_forward_over_the_truncated_text(engine, mixed):
+    jobs, results, deltas = mixed
+    job, res = jobs[3], results[3]
+    for i, c in enumerate(res.candidates):
+        assert c.finish_reason == "stop" and "e" not in c.text
+        # The decoded tokens ran past the cut: the kept text is a strict prefix of them.
+        full = engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert full.startswith(c.text) and "e" in full[len(c.text):]
+        answer = engine.tokenizer(c.text, add_special_tokens=False)["input_ids"]
+        for layer in (-1, BLOCK):
+            assert_same_feature(c.features[layer], standalone(engine, job.prompt_ids, answer, layer),
+                                f"stop-string candidate {c.text!r} layer {layer}")
+        # Streaming never leaks the stop string: the deltas add up to the final text exactly.
+        assert "".join(deltas[3].get(i, [])) == c.text
+
+
+def test_engine_features_pass_equals_standalone_forward(engine, mixed):
+    jobs, results, _ = mixed
+    prompts, answers = [], []
+    for job, res in zip(jobs[:3], results[:3]):
+        for c in res.candidates:
+            prompts.append(job.prompt_ids)
+            answers.append(c.token_ids)
+    feats = engine.features(prompts, answers, [BLOCK])  # right-padded batch of different lengths
+    assert set(feats) == {-1, BLOCK} and feats[-1].shape == (len(answers), 576)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        for layer in (-1, BLOCK):
+            assert_same_feature(feats[layer][i], standalone(engine, p, a, layer), f"features() row {i} layer {layer}")
+
+
+def test_rows_of_one_prompt_differ_and_the_same_seed_repeats(engine, mixed):
+    jobs, results, _ = mixed
+    texts = [c.token_ids for c in results[2].candidates]
+    assert len({tuple(t) for t in texts}) == 3, "three rows of one prompt sampled the same answer"
+    # The same job again (same seed, same batch shape) gives the same tokens, row by row.
+    again = engine.generate([GenerationJob(jobs[2].prompt_ids, 3, jobs[2].params)])[0]
+    assert [c.token_ids for c in again.candidates] == texts
+    assert again.candidates[0].features is None  # plain sampling computes no features
+    other = engine.generate([GenerationJob(jobs[2].prompt_ids, 3, SamplingParams(max_tokens=12, seed=6, temperature=0.8))])[0]
+    assert [c.token_ids for c in other.candidates] != texts
+
+
+def test_streaming_and_cancellation_inside_a_batch(engine):
+    streamed: dict[int, list[str]] = {}
+    cancelled_job = GenerationJob(P(engine, "Count from one to twenty."), 2, SamplingParams(max_tokens=12, seed=1))
+
+    def cancel_after_first(i, text):
+        cancelled_job.cancelled.set()  # as the route does when the client goes away
+
+    cancelled_job.on_delta = cancel_after_first
+    kept = GenerationJob(P(engine, "Name a fruit."), 1, SamplingParams(max_tokens=10, seed=2),
+                         on_delta=lambda i, t: streamed.setdefault(i, []).append(t))
+    skipped = GenerationJob(P(engine, "Never run."), 1, SamplingParams(max_tokens=4))
+    skipped.cancelled.set()
+    res = engine.generate([cancelled_job, kept, skipped])
+    assert res[2].candidates == []  # cancelled before it started: not run at all
+    assert [c.finish_reason for c in res[0].candidates] == ["cancelled", "cancelled"]
+    assert all(len(c.token_ids) <= 2 for c in res[0].candidates)  # its rows left the batch at once
+    c = res[1].candidates[0]
+    assert c.finish_reason in {"stop", "length"} and c.text
+    assert "".join(streamed[0]) == c.text
