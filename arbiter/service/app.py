@@ -7,11 +7,13 @@ prepared head registry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,6 +101,40 @@ class _TooLarge(Exception):
     pass
 
 
+class RequestMetrics:
+    """Pure ASGI middleware: count every HTTP request by route and status, and time it to its last byte.
+
+    The label is the route's path template (unknown paths share ``unmatched``, so clients cannot grow the
+    label set). A request that ends without a response is 499 when cancelled (client gone), else 500.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.monotonic()
+        status: list[int] = []
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            await send(msg)
+
+        failed = "500"
+        try:
+            await self.app(scope, receive, send_status)
+        except BaseException as e:
+            failed = "499" if isinstance(e, asyncio.CancelledError) else "500"
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, str(status[0]) if status else failed).inc()
+            self.metrics.latency.labels(route).observe(time.monotonic() - t0)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
@@ -165,6 +201,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
     app.state.exit_code = 0
     app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost of ours: counts 413s too
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
