@@ -433,3 +433,38 @@ def test_body_over_the_limit_is_413():
         big = [{"role": "user", "content": "x" * 4096}]
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": big})
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_count_requests_by_route_and_status_and_scored_candidates():
+    with served() as srv:
+        c = client(srv)
+        rerank_call(c, candidates=4, heads=["A", "B"])
+        c.chat.completions.create(model=MODEL, messages=USER, max_tokens=8)
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=MODEL, messages=USER, n=99)
+        httpx.post(f"{srv.url}/v1/score", json={"model": MODEL, "messages": USER, "candidates": ["a", "b", "c"]})
+        httpx.get(f"{srv.url}/no/such/route")
+        m = metric_samples(srv.url)
+        chat = "/v1/chat/completions"
+        assert m[("arbiter_requests_total", (("endpoint", chat), ("status", "200")))] == 2
+        assert m[("arbiter_requests_total", (("endpoint", chat), ("status", "400")))] == 1
+        assert m[("arbiter_requests_total", (("endpoint", "/v1/score"), ("status", "200")))] == 1
+        assert m[("arbiter_requests_total", (("endpoint", "unmatched"), ("status", "404")))] == 1
+        assert m[("arbiter_request_latency_seconds_count", (("endpoint", chat),))] == 3
+        assert m[("arbiter_candidates_scored_total", ())] == 4 + 3
+        assert m[("arbiter_completion_tokens_total", ())] == sum(len(t) for t in TEXTS) + len("alpha")
+        assert m[("arbiter_heads_loaded", ())] == 2
+        assert m[("arbiter_batch_rows_count", ())] == 2  # two generation batches
