@@ -151,6 +151,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _openapi_with_400(app: FastAPI):
+    """FastAPI documents request validation failures as 422; this service answers them 400 (OpenAI's
+    status), documented per route. Drop the 422 entries so the schema states what the server does."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = base()  # caches app.openapi_schema; edited in place
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            comps = schema.get("components", {}).get("schemas", {})
+            comps.pop("HTTPValidationError", None)
+            comps.pop("ValidationError", None)
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(settings: Settings | None = None, *, engine: Any = None, heads: HeadRegistry | None = None,
                exit_on_engine_death: bool = True) -> FastAPI:
     settings = settings or Settings()
@@ -200,6 +219,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
     app.state.arbiter = state
     app.state.exit_code = 0
     app.include_router(router)
+    app.openapi = _openapi_with_400(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost of ours: counts 413s too
 

@@ -169,6 +169,52 @@ class ScoreResponse(BaseModel):
     usage: dict[str, int]
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HeadCard(BaseModel):
+    """A loaded head as ``/v1/heads`` and the admin endpoints describe it."""
+
+    id: str
+    object: Literal["head"] = "head"
+    pooler: str
+    layer: int
+    backbone: str
+    path: str
+    metrics: dict[str, Any]
+
+
+class HeadList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[HeadCard]
+    default: str | None
+
+
+class HeadDeleted(BaseModel):
+    id: str
+    object: Literal["head"] = "head"
+    deleted: bool
+
+
+class HealthStatus(BaseModel):
+    """``/health``: 200 with model, heads and queue depth when ready; 503 with ``status`` and ``error`` otherwise."""
+
+    status: Literal["ok", "loading", "unavailable"]
+    model: str | None = None
+    heads: list[str] | None = None
+    queue_depth: int | None = None
+    error: str | None = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

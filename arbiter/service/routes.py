@@ -18,7 +18,9 @@ from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
 
 from .engine.base import GenerationJob, SamplingParams
 from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
-from .protocol import ChatCompletionRequest, ChatMessage, LoadHeadRequest, ScoreRequest, SwapHeadRequest
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ErrorResponse, HeadCard,
+                       HeadDeleted, HeadList, HealthStatus, LoadHeadRequest, ModelCard, ModelList, ScoreRequest,
+                       ScoreResponse, SwapHeadRequest)
 from .rerank import feature_layers, pick
 from .security import require_admin, require_api_key
 from .state import ServiceState
@@ -28,6 +30,33 @@ log = logging.getLogger("arbiter.service")
 access_log = logging.getLogger("arbiter.access")
 
 router = APIRouter()
+
+# OpenAPI documentation of every status a route can answer with. Only documentation: handlers still
+# return plain dicts, and the fuzz tests (tests/test_fuzz.py) check real responses against these schemas.
+_ERROR_TEXT = {
+    400: "Invalid request (bad JSON, wrong types, values out of range, context too long, invalid head file)",
+    401: "Missing or wrong API key",
+    403: "An inference key was used on an admin endpoint",
+    404: "Unknown model, head or route; admin endpoints when ARBITER_ADMIN_KEY is unset",
+    409: "A head with this name is already loaded",
+    413: "Request body larger than ARBITER_MAX_BODY_BYTES",
+    429: "Queue full (ARBITER_MAX_QUEUE); retry after the Retry-After header",
+    500: "The engine failed while serving the request",
+    503: "Model still loading, or the engine worker is not running",
+    504: "The request did not finish within ARBITER_REQUEST_TIMEOUT_S",
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
+
+
+def _ok(model) -> dict:
+    return {200: {"model": model, "description": "Success"}}
+
+
+_INFERENCE = (400, 401, 404, 413, 429, 500, 503, 504)
+_ADMIN = (400, 401, 403, 404, 409, 413, 503)
 
 
 def state_of(request: Request) -> ServiceState:
@@ -48,7 +77,7 @@ def ready_state(request: Request) -> ServiceState:
 # --- health, models, metrics --------------------------------------------------------------------------
 
 
-@router.get("/health", tags=["ops"])
+@router.get("/health", tags=["ops"], responses={**_ok(HealthStatus), 503: {"model": HealthStatus, "description": "Not ready"}})
 async def health(request: Request):
     st = state_of(request)
     if st.worker is None or not st.worker.alive:
@@ -66,13 +95,15 @@ async def metrics(request: Request):
     return PlainTextResponse(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", tags=["openai"], dependencies=[Depends(require_api_key)])
+@router.get("/v1/models", tags=["openai"], dependencies=[Depends(require_api_key)],
+            responses={**_ok(ModelList), **_errors(401, 503)})
 async def list_models(request: Request):
     st = ready_state(request)
     return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}]}
 
 
-@router.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=[Depends(require_api_key)])
+@router.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=[Depends(require_api_key)],
+            responses={**_ok(ModelCard), **_errors(401, 404, 503)})
 async def get_model(model_id: str, request: Request):
     st = ready_state(request)
     if model_id != st.model_id:
@@ -174,7 +205,11 @@ def _worker_error(e: Exception) -> APIError:
 # --- chat completions ---------------------------------------------------------------------------------
 
 
-@router.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(require_api_key)])
+@router.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(require_api_key)],
+             responses={200: {"model": ChatCompletionResponse,
+                              "description": "A completion; with stream=true, server-sent events of chunks",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        **_errors(*_INFERENCE)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = ready_state(request)
     s = st.settings
@@ -409,7 +444,8 @@ def _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields,
 # --- score ----------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/score", tags=["arbiter"], dependencies=[Depends(require_api_key)])
+@router.post("/v1/score", tags=["arbiter"], dependencies=[Depends(require_api_key)],
+             responses={**_ok(ScoreResponse), **_errors(*_INFERENCE)})
 async def score(body: ScoreRequest, request: Request):
     st = ready_state(request)
     t0 = time.monotonic()
@@ -444,7 +480,8 @@ async def score(body: ScoreRequest, request: Request):
 # --- heads ----------------------------------------------------------------------------------------------
 
 
-@router.get("/v1/heads", tags=["arbiter"], dependencies=[Depends(require_api_key)])
+@router.get("/v1/heads", tags=["arbiter"], dependencies=[Depends(require_api_key)],
+            responses={**_ok(HeadList), **_errors(401)})
 async def list_heads(request: Request):
     st = state_of(request)
     snap = st.registry.snapshot() if st.registry else {}
@@ -455,7 +492,8 @@ def _head_error(e: Exception) -> APIError:
     return InvalidRequest(str(e), param="path", code="invalid_head")
 
 
-@router.post("/v1/admin/heads", tags=["admin"], dependencies=[Depends(require_admin)])
+@router.post("/v1/admin/heads", tags=["admin"], dependencies=[Depends(require_admin)],
+             responses={**_ok(HeadCard), **_errors(*_ADMIN)})
 async def load_head(body: LoadHeadRequest, request: Request):
     st = ready_state(request)
     name = body.name
@@ -472,7 +510,8 @@ async def load_head(body: LoadHeadRequest, request: Request):
     return head.describe()
 
 
-@router.put("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)])
+@router.put("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+            responses={**_ok(HeadCard), **_errors(*_ADMIN)})
 async def swap_head(name: str, body: SwapHeadRequest, request: Request):
     st = ready_state(request)
     try:
@@ -485,7 +524,8 @@ async def swap_head(name: str, body: SwapHeadRequest, request: Request):
     return head.describe()
 
 
-@router.delete("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)])
+@router.delete("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+               responses={**_ok(HeadDeleted), **_errors(401, 403, 404, 503)})
 async def unload_head(name: str, request: Request):
     st = ready_state(request)
     try:
