@@ -176,7 +176,9 @@ async def _wait(request: Request, st: ServiceState, fut: asyncio.Future, cancel=
             if done:
                 return fut.result()
             if await request.is_disconnected():
-                raise asyncio.CancelledError()
+                # An ordinary answer (uvicorn drops it): raising CancelledError here made uvicorn log
+                # "Exception in ASGI application" with a traceback for every client that went away.
+                raise APIError("the client closed the connection", code="client_closed_request", status=499)
     except BaseException:
         if cancel is not None:
             cancel.set()
