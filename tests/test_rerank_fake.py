@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -264,6 +265,20 @@ def test_queue_overflow_gets_429_with_retry_after():
         assert _ask(srv.url, "later") == "later#0"
 
 
+@contextlib.contextmanager
+def server_errors():
+    """ERROR records uvicorn logs (e.g. 'Exception in ASGI application' with a traceback) while inside."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def _post_and_give_up(url: str, text: str, timeout: float) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 64}
     with pytest.raises(httpx.ReadTimeout):
@@ -273,7 +288,7 @@ def _post_and_give_up(url: str, text: str, timeout: float) -> None:
 def test_client_disconnect_cancels_the_running_job():
     gate = threading.Event()
     eng = FakeEngine(echo=True, gate=gate)
-    with served(eng) as srv:
+    with served(eng) as srv, server_errors() as errors:
         _post_and_give_up(srv.url, "abandoned", timeout=0.5)
         # The route polls for the disconnect and sets the job's cancelled flag, which the engine sees.
         assert eng.cancel_seen.wait(10), "the engine never saw the job cancelled"
@@ -281,12 +296,15 @@ def test_client_disconnect_cancels_the_running_job():
         gate.set()
         wait_until(lambda: srv.state.worker.depth() == 0 and not srv.state.worker.busy, what="an idle worker")
         assert _ask(srv.url, "next") == "next#0"  # the worker carries on
+        # A client going away is routine: no error with a traceback in the server log, counted as 499.
+        assert not errors, [r.getMessage() for r in errors]
+        assert metric_samples(srv.url)[("arbiter_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "499")))] == 1
 
 
 def test_client_disconnect_drops_queued_work_before_it_runs():
     gate = threading.Event()
     eng = FakeEngine(echo=True, gate=gate)
-    with served(eng) as srv, cf.ThreadPoolExecutor(2) as pool:
+    with served(eng) as srv, cf.ThreadPoolExecutor(2) as pool, server_errors() as errors:
         running = pool.submit(_ask, srv.url, "running")
         wait_until(eng.started.is_set, what="the engine to be busy")
         _post_and_give_up(srv.url, "queued-and-abandoned", timeout=0.5)
@@ -298,12 +316,13 @@ def test_client_disconnect_drops_queued_work_before_it_runs():
         ran = [eng.tokenizer.decode(j.prompt_ids) for b in eng.batches for j in b]
         assert not any("queued-and-abandoned" in p for p in ran), "abandoned work reached the engine"
         assert len(eng.batches) == 2
+        assert not errors, [r.getMessage() for r in errors]
 
 
 def test_stream_disconnect_cancels_the_job():
     gate = threading.Event()
     eng = FakeEngine(echo=True, gate=gate)
-    with served(eng) as srv:
+    with served(eng) as srv, server_errors() as errors:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "stream me please"}], "max_tokens": 64,
                 "stream": True}
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=10) as resp:
@@ -319,6 +338,23 @@ def test_stream_disconnect_cancels_the_job():
         # Leaving the block closed the connection mid-stream.
         assert eng.cancel_seen.wait(10), "the engine never saw the streaming job cancelled"
         gate.set()
+        wait_until(lambda: not srv.state.worker.busy, what="an idle worker")
+        assert not errors, [r.getMessage() for r in errors]
+
+
+def test_rerank_stream_disconnect_cancels_the_job():
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    with served(eng) as srv, server_errors() as errors:
+        body = {"model": MODEL, "messages": USER, "max_tokens": 16, "stream": True, "rerank": {"candidates": 4}}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=10) as resp:
+            assert resp.status_code == 200
+            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert eng.cancel_seen.wait(10), "the engine never saw the rerank job cancelled"
+        gate.set()
+        wait_until(lambda: not srv.state.worker.busy, what="an idle worker")
+        assert not errors, [r.getMessage() for r in errors]
 
 
 # --- failures ----------------------------------------------------------------------------------------------
