@@ -736,6 +736,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
     cfg_dict = dataclasses.asdict(cfg)
     step = 0
     history: list[dict[str, Any]] = []
+    resumed_metrics: dict[str, Any] = {}
 
     ckpt_path = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt_path is None:
@@ -757,6 +758,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
         spec.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         spec.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
         step = ckpt.step
+        resumed_metrics = dict(ckpt.state.get("metrics") or {})
         if main:
             _truncate_metrics(metrics_path, step)
         log.info("resumed from %s (step %d of %d)", ckpt_path, step, spec.total_steps)
@@ -783,7 +785,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
     spec.policy.train()
     bar = tqdm(total=spec.total_steps, initial=step, desc=f"train {getattr(cfg, 'loss', 'joint')}",
                unit="step", disable=not (main and cfg.progress))
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = resumed_metrics  # a resumed, already finished run reports its last step
     try:
         while step < spec.total_steps:
             t0 = time.perf_counter()
@@ -821,11 +823,12 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
                     f"{last_good if last_good else 'none (set save_every to keep checkpoints)'}. "
                     "Lower optim.lr / beta or check the data, then continue with --resume."
                 )
+            lr_used = spec.scheduler.get_last_lr()[0]  # the lr of this step (logged; the scheduler moves on)
             spec.optimizer.step()
+            if spec.after_step is not None:
+                spec.after_step()  # before the scheduler moves: it sees this step's lr (decoupled, like AdamW's decay)
             spec.scheduler.step()
             spec.optimizer.zero_grad(set_to_none=True)
-            if spec.after_step is not None:
-                spec.after_step()
             step += 1
             metrics = _mean_metrics(micro_metrics)
             if acc.num_processes > 1:
@@ -833,7 +836,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
                 t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
                 metrics = dict(zip(keys, t.tolist()))
             record = {"step": step, "epoch": round(step * optim.grad_accum / per_epoch, 4),
-                      "lr": spec.scheduler.get_last_lr()[0], "grad_norm": grad_norm, **metrics,
+                      "lr": lr_used, "grad_norm": grad_norm, **metrics,
                       "time/step_s": time.perf_counter() - t0}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < spec.total_steps:
                 record.update(evaluate(spec, spec.dev))
