@@ -96,7 +96,7 @@ def child(args) -> dict:
 
     torch.manual_seed(0)
     v = args.variant
-    bb = load_backbone(device=args.device, threads=args.threads)
+    bb = load_backbone(args.model, device=args.device, threads=args.threads)
     model = bb.model
     tok, batch = _batch(bb, args.pairs, args.max_length)
     batch = {k: t.to(args.device) for k, t in batch.items()}
@@ -195,6 +195,8 @@ def _run_child(args, variant: str, workdir: str) -> dict:
            "--device", args.device]
     if args.sae:
         cmd += ["--sae", args.sae]
+    if args.model:
+        cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"[fpo_memory] {variant} ...", file=sys.stderr, flush=True)
@@ -204,10 +206,23 @@ def _run_child(args, variant: str, workdir: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _report(results: dict, args, path: Path) -> None:
+def _env(args) -> dict:
+    dev = args.device
+    if dev.startswith("cuda"):
+        dev = f"{dev} ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else dev
+    return {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "device": dev}
+
+
+def _section(run: dict) -> list[str]:
+    """Markdown for one measured run (one device)."""
+    results, a, env = run["results"], run["args"], run["env"]
+
     def f(x, nd=0):
         return "-" if x is None else f"{x:,.{nd}f}"
 
+    cuda = any("cuda_max_allocated_mib" in r for r in results.values())
     rows = []
     for v in VARIANTS:
         r = results.get(v)
@@ -215,69 +230,88 @@ def _report(results: dict, args, path: Path) -> None:
             continue
         st = r.get("step_seconds") or []
         rows.append(
-            f"| {v} | {f(r['peak_rss_mib'])} | {f(r.get('trainable_mib'), 1)} | {f(r.get('grad_mib'), 1)} | "
-            f"{f(r.get('optimizer_state_mib'), 1)} | {f(r.get('reference_copy_mib'))} | {f(r.get('sae_mib'), 1)} | "
-            f"{f(r.get('ref_cache_in_memory_mib'), 3)} | {f(r.get('tensor_total_mib'))} | {f(st[-1], 2) if st else '-'} |"
-            + (f" {f(r.get('cuda_max_allocated_mib'))} |" if "cuda_max_allocated_mib" in r else "")
+            f"| {v} | {f(r['peak_rss_mib'])} |" + (f" {f(r.get('cuda_max_allocated_mib'))} |" if cuda else "")
+            + f" {f(r.get('trainable_mib'), 1)} | {f(r.get('grad_mib'), 1)} | {f(r.get('optimizer_state_mib'), 1)} |"
+            f" {f(r.get('reference_copy_mib'))} | {f(r.get('sae_mib'), 1)} | {f(r.get('ref_cache_in_memory_mib'), 3)} |"
+            f" {f(r.get('tensor_total_mib'))} | {f(st[-1], 3 if cuda else 2) if st else '-'} |"
         )
-    base = results["load"]["peak_rss_mib"]
+    any_r = next(iter(results.values()))
     d, fp = results.get("dpo_full"), results.get("fpo_full")
     dl, fl = results.get("dpo_lora"), results.get("fpo_lora")
-    any_r = next(iter(results.values()))
-    cuda_col = " cuda max allocated MiB |" if any("cuda_max_allocated_mib" in r for r in results.values()) else ""
+    pre, base = results.get("precompute"), results.get("load")
     lines = [
-        "# FPO memory: training step without a reference model vs DPO with one",
+        f"## {env['device']}",
         "",
-        f"Measured by `benchmarks/fpo_memory.py` on {time.strftime('%Y-%m-%d')}: {platform.platform()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        f"device `{args.device}`. Model: the embedded SmolLM2-135M-Instruct in float32 "
-        f"({f(any_r['model_param_mib'])} MiB of parameters). Batch: {any_r['pairs']} hh-rlhf pairs "
-        f"({2 * any_r['pairs']} sequences, padded length {any_r['seq_len']}, {any_r['tokens']} real tokens). "
-        f"SAE: layer {args.layer}, {'from ' + args.sae if args.sae else 'random top-k, d_sae = 4608, k = 32'}. "
-        f"AdamW, {args.steps} steps per variant, each variant in a fresh process.",
+        f"Measured on {env['date']}: {env['platform']}, {env['cpu']}, {env['cpus']} CPUs visible, torch {env['torch']}, "
+        f"device `{env['device']}`. Model: SmolLM2-135M-Instruct in float32 ({f(any_r['model_param_mib'])} MiB of "
+        f"parameters). Batch: {any_r['pairs']} hh-rlhf pairs ({2 * any_r['pairs']} sequences, padded length "
+        f"{any_r['seq_len']}, {any_r['tokens']} real tokens). SAE: layer {a['layer']}, "
+        f"{'from ' + a['sae'] if a.get('sae') else 'random top-k, d_sae = 4608, k = 32'}. AdamW, {a['steps']} steps "
+        "per variant, each variant in a fresh process.",
         "",
-        "| variant | peak RSS MiB | trainable MiB | grads MiB | AdamW state MiB | reference copy MiB | SAE MiB | "
-        "cached ref feats MiB | all tensors MiB | step s (last) |" + cuda_col,
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda_col else ""),
+        "| variant | peak RSS MiB |" + (" CUDA max allocated MiB |" if cuda else "")
+        + " trainable MiB | grads MiB | AdamW state MiB | reference copy MiB | SAE MiB | cached ref feats MiB |"
+        " all tensors MiB | step s (last) |",
+        "|---|---|" + ("---|" if cuda else "") + "---|---|---|---|---|---|---|---|",
         *rows,
-        "",
-        "## What the numbers say",
         "",
     ]
     if d and fp:
-        lines += [
-            f"- Full-parameter training: DPO's step peaked at {f(d['peak_rss_mib'])} MiB RSS, FPO's at "
-            f"{f(fp['peak_rss_mib'])} MiB: {f(d['peak_rss_mib'] - fp['peak_rss_mib'])} MiB less for FPO. The "
-            f"reference copy alone is {f(d['reference_copy_mib'])} MiB of tensors; FPO replaces it with the SAE "
-            f"({f(fp['sae_mib'], 1)} MiB, frozen, no gradients or optimiser state) and the cached reference numbers "
-            f"of the batch ({f(fp['ref_cache_in_memory_mib'], 3)} MiB: one log-prob per answer and one "
-            f"{fp['d_sae']}-wide pooled feature vector per answer).",
-        ]
+        key, what = ("cuda_max_allocated_mib", "CUDA max allocated") if cuda else ("peak_rss_mib", "RSS")
+        lines.append(
+            f"- Full-parameter training: DPO's step peaked at {f(d[key])} MiB {what}, FPO's at {f(fp[key])} MiB: "
+            f"{f(d[key] - fp[key])} MiB less for FPO (the tensor counts predict "
+            f"{f(d['reference_copy_mib'] - fp['sae_mib'] - fp['ref_cache_in_memory_mib'])} MiB: reference copy minus "
+            "SAE and cached batch). The reference copy alone is "
+            f"{f(d['reference_copy_mib'])} MiB of "
+            f"tensors; FPO replaces it with the SAE ({f(fp['sae_mib'], 1)} MiB, frozen: no gradients, no optimiser "
+            f"state) and the cached reference numbers of the batch ({f(fp['ref_cache_in_memory_mib'], 3)} MiB: one "
+            f"log-prob and one {fp['d_sae']}-wide pooled feature vector per answer)."
+        )
     if dl and fl:
-        lines += [
-            f"- LoRA: the reference is the same weights with the adapter switched off, so DPO keeps no copy "
-            f"either; DPO-LoRA peaked at {f(dl['peak_rss_mib'])} MiB and FPO-LoRA at {f(fl['peak_rss_mib'])} MiB. "
-            f"FPO's saving here is compute, not memory: DPO-LoRA runs a second (no-grad) forward every step "
-            f"(last step {f(dl['step_seconds'][-1], 2)} s vs FPO-LoRA {f(fl['step_seconds'][-1], 2)} s), and FPO "
-            f"carries the SAE ({f(fl['sae_mib'], 1)} MiB).",
-        ]
-    pre = results.get("precompute")
+        key = "cuda_max_allocated_mib" if cuda else "peak_rss_mib"
+        lines.append(
+            f"- LoRA: the reference is the same weights with the adapter switched off, so DPO keeps no copy either: "
+            f"DPO-LoRA peaked at {f(dl[key])} MiB and FPO-LoRA at {f(fl[key])} MiB ({'CUDA' if cuda else 'RSS'}). "
+            f"What FPO saves there is the reference forward DPO-LoRA runs every step (last step "
+            f"{f(dl['step_seconds'][-1], 3)} s vs {f(fl['step_seconds'][-1], 3)} s); FPO carries the SAE instead "
+            f"({f(fl['sae_mib'], 1)} MiB)."
+        )
     if pre:
-        lines += [
+        lines.append(
             f"- The offline pass FPO needs once (reference log-probs + pooled SAE features of the batch) took "
-            f"{f(pre['seconds'], 1)} s and peaked at {f(pre['peak_rss_mib'])} MiB; its file holds "
-            f"{f(pre['ref_cache_mib'], 3)} MiB for {pre['pairs']} pairs (float32 features: "
-            f"2 x 4608 x 4 B = 36 KiB per pair, ~360 MiB per 10k pairs).",
-        ]
+            f"{f(pre['seconds'], 1)} s (model load excluded) and peaked at {f(pre['peak_rss_mib'])} MiB RSS; its file "
+            f"holds {f(pre['ref_cache_mib'], 3)} MiB for {pre['pairs']} pairs (float32: 2 x 4608 x 4 B = 36 KiB per "
+            "pair, about 360 MiB per 10k pairs)."
+        )
+    if base:
+        lines.append(f"- Floor: loading the model and one no-grad forward peaked at {f(base['peak_rss_mib'])} MiB RSS"
+                     + (f", {f(base['cuda_max_allocated_mib'])} MiB CUDA." if cuda else "."))
+    lines.append("")
+    return lines
+
+
+def _report(runs: dict, path: Path) -> None:
+    lines = [
+        "# FPO memory: a training step without a reference model vs DPO with one",
+        "",
+        "Written by `benchmarks/fpo_memory.py` (each variant in a fresh process; see its docstring). FPO reads",
+        "the reference log-probs and pooled SAE features from an offline cache; DPO-full keeps a frozen deep copy",
+        "of the model; the LoRA variants use the adapter-disabled model as DPO's reference.",
+        "",
+    ]
+    for label in sorted(runs, key=lambda k: (k != "cpu", k)):
+        lines += _section(runs[label])
     lines += [
-        f"- Floor: loading the model and one no-grad forward peaked at {f(base)} MiB RSS.",
-        "- Peak RSS includes the Python/torch runtime, the tokenizer, the data and allocator caches, so it is not "
-        "the sum of the tensor columns; the tensor columns are exact byte counts. Small batches keep activations "
-        "small, so the difference between variants is dominated by the resident tensors. With larger batches "
-        "DPO-full also pays the reference forward's activations (no-grad, freed per layer) while FPO pays the "
-        "SAE encoding of the answer tokens ([answer tokens, 4608] floats, kept for backward).",
-        "- Step times are the wall clock of each variant's last step. On a CPU shared with other jobs they are "
-        "indicative only (the order of magnitude, not the ratio); peak RSS and tensor bytes do not depend on load.",
+        "## Reading the numbers",
+        "",
+        "- Peak RSS includes the Python/torch runtime, the tokenizer, the data and allocator caches, so it is not the",
+        "  sum of the tensor columns; the tensor columns are exact byte counts. Batches here are small, so the",
+        "  differences between variants come from resident tensors. With larger batches DPO-full also pays the",
+        "  reference forward's (no-grad, short-lived) activations, while FPO keeps the SAE encoding of the answer",
+        "  tokens ([answer tokens, 4608] floats) for backward.",
+        "- Step times are the wall clock of each variant's last step. On the CPU machine (2 cores shared with other",
+        "  jobs) they are indicative only; peak RSS and tensor bytes do not depend on load.",
         "",
         "Raw figures: `fpo_memory.json` beside this file.",
     ]
@@ -291,6 +325,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=24)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--sae", default=None)
+    ap.add_argument("--model", default=None, help="backbone spec (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -318,8 +353,12 @@ def main() -> None:
             print(f"[fpo_memory] {v}: peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-    _report(results, args, out)
+    js = out.with_suffix(".json")
+    runs = json.loads(js.read_text()).get("runs", {}) if js.is_file() else {}
+    keep = {k: v for k, v in vars(args).items() if k not in ("child", "variant", "workdir", "out")}
+    runs[args.device.split(":")[0]] = {"args": keep, "env": _env(args), "results": results}
+    js.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    _report(runs, out)
     print(out.read_text())
 
 

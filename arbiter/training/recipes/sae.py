@@ -366,7 +366,9 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
                               batch_size=t.model_batch_size, batch_tokens=t.batch_tokens, seed=t.seed,
                               pad_id=backbone.end_id)
     d_in = backbone.hidden_size
-    sae = _sae_for(cfg, d_in, backbone.name)
+    # The SAE trains where the model runs; chunks of activations wait on the CPU, one batch at a time moves.
+    device = next(model.parameters()).device
+    sae = _sae_for(cfg, d_in, backbone.name).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=t.lr, betas=tuple(t.betas))
     config_dict = to_dict(cfg)
 
@@ -375,7 +377,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
         diff = _config_diff(ck.state.get("config", {}), config_dict)
         if diff:
             raise ConfigError(f"cannot resume {ckpt_path}: the config changed: " + "; ".join(diff))
-        since_fired = ck.tensors.pop("since_fired")
+        since_fired = ck.tensors.pop("since_fired").to(device)
         sae.load_state_dict(ck.tensors)
         opt.load_state_dict(ck.optimizer)
         step, scale = ck.step, float(ck.state["scale"])
@@ -392,7 +394,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
         scale = float(math.sqrt(d_in) / first.norm(dim=1).mean()) if t.normalize_input else 1.0
         g = torch.Generator().manual_seed(t.seed)
         sae.init_tied_(g, data_mean=(first * scale).mean(0))
-        since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
         step, position, history, tokens_seen = 0, (0, 0, 0), [], 0
 
     def checkpoint(step: int, position: tuple[int, int, int]) -> Path:
@@ -411,7 +413,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
             for x, nxt in stream.iterate(position):
                 dead = since_fired >= t.dead_tokens
                 try:
-                    r = train_step(sae, opt, x * scale, dead=dead if t.aux_coef > 0 else None, aux_k=t.aux_k,
+                    r = train_step(sae, opt, x.to(device) * scale, dead=dead if t.aux_coef > 0 else None, aux_k=t.aux_k,
                                    aux_coef=t.aux_coef, max_grad_norm=t.max_grad_norm)
                 except FloatingPointError as e:
                     last = latest_checkpoint(out)
