@@ -396,7 +396,7 @@ def _text_cfg(tmp_path: Path, out: str, steps: int, **over):
                             "clocks", "ships"])]
         src.write_text("\n".join(lines) + "\n")
     ov = {
-        "output_dir": str(tmp_path / out), "data.source": str(src), "data.format": "text", "data.eval_examples": 2,
+        "out": str(tmp_path / out), "data.source": str(src), "data.format": "text", "data.eval_examples": 2,
         "sae.layer": 1, "sae.d_sae": 128, "sae.k": 4, "train.steps": steps, "train.batch_tokens": 20,
         "train.chunk_sequences": 4, "train.model_batch_size": 4, "train.checkpoint_every": 3,
         "train.log_every": 2, "train.dead_tokens": 60, "train.lr": 2e-3, **over,
@@ -411,7 +411,7 @@ def test_recipe_resume_equals_uninterrupted_run(backbone, tmp_path):
     full = R.run(_text_cfg(tmp_path, "full", 7), backbone=backbone)
     R.run(_text_cfg(tmp_path, "split", 4), backbone=backbone)  # stops mid-way (checkpoint at step 4)
     resumed = R.run(_text_cfg(tmp_path, "split", 7), resume=True, backbone=backbone)
-    a, b = load_sae(tmp_path / "full" / "sae"), load_sae(tmp_path / "split" / "sae")
+    a, b = load_sae(tmp_path / "full" / "sae"), load_sae(tmp_path / "split")  # a run directory also loads
     for name, t in a.state_dict().items():
         assert torch.equal(t, b.state_dict()[name]), name
     assert resumed["eval_mse"] == full["eval_mse"] and resumed["steps"] == full["steps"] == 7

@@ -295,9 +295,17 @@ def save_sae(sae: SparseAutoencoder, directory: str | os.PathLike, cfg_dict: dic
     return Path(directory)
 
 
+def resolve_sae_dir(directory: str | os.PathLike) -> Path:
+    """The SAE directory itself, or the ``sae/`` inside an ``arbiter train sae`` run directory."""
+    d = Path(directory)
+    if not (d / CFG_FILE).is_file() and (d / "sae" / CFG_FILE).is_file():
+        return d / "sae"
+    return d
+
+
 def read_sae_config(directory: str | os.PathLike) -> dict:
     """``cfg.json`` of an SAE directory as a dict (no weights read)."""
-    d = Path(directory)
+    d = resolve_sae_dir(directory)
     if not d.is_dir():
         raise SAELoadError(f"SAE directory {d} does not exist")
     path = d / CFG_FILE
@@ -340,12 +348,13 @@ def load_sae(
 ) -> SparseAutoencoder:
     """Load an SAE in SAELens' layout (ours, or one written by SAELens 5.x / 6.x), refusing anything else.
 
+    ``directory`` may also be an ``arbiter train sae`` run directory (its ``sae/`` is used).
     Reads ``cfg.json`` (d_in, d_sae, architecture, k / activation_fn_kwargs, apply_b_dec_to_input,
     hook_name / hook_layer, model_name; extra keys are ignored) and ``sae_weights.safetensors``
     (W_enc, b_enc, W_dec, b_dec, and threshold or log_threshold for JumpReLU). Never unpickles anything.
     ``expect_d_in``: the backbone's hidden size; a mismatch is a clear error.
     """
-    d = Path(directory)
+    d = resolve_sae_dir(directory)
     cfg = read_sae_config(d)
     cfg_path = d / CFG_FILE
     wpath = d / WEIGHTS_FILE
@@ -847,7 +856,7 @@ def default_d_sae(d_in: int, expansion: int = 8) -> int:
 
 
 __all__ = [
-    "SAELoadError", "SparseAutoencoder", "save_sae", "load_sae", "read_sae_config", "hook_name_for_layer",
+    "SAELoadError", "SparseAutoencoder", "save_sae", "load_sae", "read_sae_config", "resolve_sae_dir", "hook_name_for_layer",
     "layer_from_hook_name", "block_output", "pool_answer_features", "pooled_sae_features",
     "precompute_ref_features", "ref_cache_key", "sae_digest", "train_step", "auxk_loss", "StepResult",
     "reconstruction_stats", "fold_input_scale", "default_d_sae",

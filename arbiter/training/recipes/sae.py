@@ -16,9 +16,9 @@ setup -> train -> save:
    (SAELens' "expected_average_only_in"), which makes the learning rate independent of the layer's
    activation scale; the scale is folded back into the biases when saving (``fold_input_scale``), so the
    saved SAE takes raw activations and keeps unit-norm decoder rows.
-4. Save ``<output_dir>/sae`` in SAELens layout (cfg.json + sae_weights.safetensors) and
-   ``<output_dir>/metrics.json``: held-out MSE (activation units), fraction of variance explained, L0,
-   dead latents. Checkpoints every ``train.checkpoint_every`` steps under ``<output_dir>/checkpoints``.
+4. Save ``<out>/sae`` in SAELens layout (cfg.json + sae_weights.safetensors) and
+   ``<out>/metrics.json``: held-out MSE (activation units), fraction of variance explained, L0,
+   dead latents. Checkpoints every ``train.checkpoint_every`` steps under ``<out>/checkpoints``.
 
 Defaults (SmolLM2-135M, d = 576, 30 blocks): layer 24 (0.8 of the depth: late enough for the high-level
 features FPO constrains, the paper read a late Gemma-2-2B layer; the last blocks' raw outputs carry very
@@ -137,7 +137,7 @@ class SAETrainConfig:
 @dataclass
 class SAERecipeConfig:
     model: str | None = None  # backbone spec (default: the embedded SmolLM2-135M-Instruct)
-    output_dir: str = "runs/sae"
+    out: str = "runs/sae"  # the run directory (CLI: --out): sae/, checkpoints/, metrics.json
     device: str = "cpu"
     dtype: str = "float32"  # backbone dtype; the SAE itself is always float32
     threads: int | None = None
@@ -148,15 +148,26 @@ class SAERecipeConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if not self.output_dir:
-            raise ConfigError("output_dir must be set")
+        if not self.out:
+            raise ConfigError("out (the run directory) must be set")
 
 
 CONFIG = SAERecipeConfig
+DESCRIPTION = "train a top-k sparse autoencoder on one layer's residual stream (for FPO)"
+
+
+def add_arguments(parser) -> None:
+    """Shortcuts for the most used config keys (``arbiter train sae --layer 20 --k 64``)."""
+    parser.add_argument("--layer", dest="sae.layer", type=int, metavar="L", help="decoder block whose raw output is encoded")
+    parser.add_argument("--k", dest="sae.k", type=int, metavar="K", help="active latents per token")
+    parser.add_argument("--d-sae", dest="sae.d_sae", type=int, metavar="N", help="number of latents (default 8 x d_in)")
+    parser.add_argument("--steps", dest="train.steps", type=int, metavar="N", help="SAE optimisation steps")
+    parser.add_argument("--data", dest="data.source", metavar="SRC", help="load_pairs source, or a text file with data.format=text")
+    parser.add_argument("--device", dest="device", metavar="DEV", help="cpu, cuda, cuda:1, ...")
 
 # Settings that may change between a run and its --resume (they do not change what is computed).
 _RESUMABLE = {"train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints", "threads", "device",
-              "output_dir"}
+              "out"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -335,19 +346,19 @@ def _sae_for(cfg: SAERecipeConfig, d_in: int, model_name: str) -> SparseAutoenco
 
 
 def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> dict:
-    """Train (or resume) the SAE, save it in SAELens layout under ``<output_dir>/sae``, return the metrics.
+    """Train (or resume) the SAE, save it in SAELens layout under ``<out>/sae``, return the metrics.
 
     ``backbone``: an already loaded ``arbiter.backbone.Backbone`` (tests and notebooks); default: load
     ``cfg.model``.
     """
     from tqdm.auto import tqdm
 
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out)
     ckpt_path = latest_checkpoint(out)
     if ckpt_path is not None and not resume:
         raise ConfigError(
             f"{out} already holds checkpoints (latest {ckpt_path.name}); pass --resume to continue that run "
-            "or choose another output_dir"
+            "or choose another --out"
         )
     if resume and ckpt_path is None:
         log.info("--resume: no checkpoint under %s, starting from scratch", out)
