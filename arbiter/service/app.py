@@ -83,7 +83,7 @@ class BodySizeLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
+                    raise _TooLarge(self.max_bytes)
             return msg
 
         try:
@@ -92,13 +92,19 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope, receive, send):
-        resp = error_response(413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error",
-                              None, "body_too_large")
-        await resp(scope, receive, send)
+        await _TooLarge(self.max_bytes).response()(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised from ``receive`` when a body without Content-Length (chunked) runs over the limit. An
+    HTTPException because FastAPI turns any other exception raised while it reads the body into
+    "400 There was an error parsing the body"; HTTPExceptions pass through to the app's handler."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body larger than {max_bytes} bytes")
+
+    def response(self):
+        return error_response(413, self.detail, "invalid_request_error", None, "body_too_large")
 
 
 class RequestMetrics:
@@ -234,6 +240,8 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, _TooLarge):
+            return exc.response()
         if exc.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}", "not_found_error", None, "unknown_route")
         if exc.status_code == 405:
