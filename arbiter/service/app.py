@@ -145,7 +145,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
-    e = errs[0]
+    # A value that fails every member of a union (str | list[...]) yields one error per member; the one a
+    # validator raised on purpose (value_error) says what is wrong, "Input should be a valid list" does not.
+    e = next((x for x in errs if x.get("type") == "value_error"), errs[0])
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None

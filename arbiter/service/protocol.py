@@ -7,9 +7,23 @@ so newer clients keep working. Limits that depend on settings (n, max_tokens, ..
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _valid_unicode(v: str) -> str:
+    # JSON may carry lone UTF-16 surrogates ("\ud800"); Python keeps them, but the tokenizer cannot encode
+    # them and would fail deep inside a request. Refuse them here, as a 400 naming the field.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone UTF-16 surrogate)") from None
+    return v
+
+
+# Text that reaches the tokenizer.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 # --- requests --------------------------------------------------------------------------------------
@@ -18,13 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -63,7 +77,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,7 +104,7 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    candidates: list[str] = Field(min_length=1)
+    candidates: list[Text] = Field(min_length=1)
     heads: list[str] | None = Field(None, min_length=1)
 
 
