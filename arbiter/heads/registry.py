@@ -89,7 +89,10 @@ class HeadRegistry:
 
     def load(self, path: str, name: str | None = None, *, replace: bool = False) -> LoadedHead:
         """Load a head from ``<root>/<path>``; ``replace`` allows swapping an existing name."""
-        head = self._load(self.resolve(path), name)
+        try:
+            head = self._load(self.resolve(path), name)
+        except OSError as e:  # e.g. a name too long for the file system: the request's fault, not a crash
+            raise HeadLoadError(f"{path[:80]!r}: cannot read this head path ({e.strerror or type(e).__name__})") from None
         with self._lock:
             if head.name in self._heads and not replace:
                 raise HeadLoadError(f"a head named {head.name!r} is already loaded; swap it instead")
