@@ -222,7 +222,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         log.info("ignoring unsupported fields: %s", ", ".join(extra))
     if body.n > s.max_n:
         raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
-    max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
+    # Defaults never exceed the limits: a request that sends no max_tokens must not be refused for it.
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
     if max_tokens > s.max_tokens_limit:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}", param=param)
@@ -238,7 +239,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
         heads = _resolve_heads(st, names, "rerank.heads")
-        n_sample = rr.candidates if rr.candidates is not None else max(s.default_candidates, body.n)
+        n_sample = rr.candidates if rr.candidates is not None else max(min(s.default_candidates, s.max_candidates), body.n)
         if n_sample > s.max_candidates:
             raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
         if n_sample < body.n:
