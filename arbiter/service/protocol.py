@@ -111,7 +111,8 @@ class ScoreRequest(BaseModel):
 class LoadHeadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_HEADS_DIR")
-    name: str | None = Field(None, min_length=1, max_length=64)
+    # The same rule as a head config's name: it must be usable as one URL path segment (PUT/DELETE /v1/admin/heads/{name}).
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SwapHeadRequest(BaseModel):
