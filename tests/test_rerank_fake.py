@@ -504,3 +504,21 @@ def test_metrics_count_requests_by_route_and_status_and_scored_candidates():
         assert m[("arbiter_completion_tokens_total", ())] == sum(len(t) for t in TEXTS) + len("alpha")
         assert m[("arbiter_heads_loaded", ())] == 2
         assert m[("arbiter_batch_rows_count", ())] == 2  # two generation batches
+
+
+def test_admin_refuses_head_names_it_could_not_address_later(tmp_path):
+    from fakes import save_random_head
+
+    save_random_head(FAKE_FINGERPRINT, tmp_path / "h", name="h")
+    app_heads = HeadRegistry(tmp_path, FAKE_FINGERPRINT)
+    auth = {"Authorization": "Bearer k"}
+    with served(heads=app_heads, heads_dir=str(tmp_path), admin_key="k") as srv:
+        # A name with '/' (or '..', or spaces) could be loaded but never swapped or deleted by URL.
+        for bad in ["a/b", "..", "has space", "-x"]:
+            r = httpx.post(f"{srv.url}/v1/admin/heads", json={"path": "h", "name": bad}, headers=auth)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "name", (bad, r.text)
+        assert httpx.get(f"{srv.url}/v1/heads").json()["data"] == []
+        r = httpx.post(f"{srv.url}/v1/admin/heads", json={"path": "h", "name": "ok.name-1"}, headers=auth)
+        assert r.status_code == 200 and r.json()["id"] == "ok.name-1"
+        assert rerank_call(client(srv), candidates=2, head="ok.name-1").rerank["heads"] == ["ok.name-1"]
+        assert httpx.delete(f"{srv.url}/v1/admin/heads/ok.name-1", headers=auth).status_code == 200
