@@ -177,3 +177,14 @@ def test_streaming_and_cancellation_inside_a_batch(engine):
     c = res[1].candidates[0]
     assert c.finish_reason in {"stop", "length"} and c.text
     assert "".join(streamed[0]) == c.text
+
+
+def test_tiny_top_p_keeps_only_the_top_token_so_it_equals_greedy(engine):
+    p = P(engine, "Name a colour.")
+    greedy, nucleus = engine.generate([
+        GenerationJob(p, 1, SamplingParams(max_tokens=6, temperature=0.0)),
+        GenerationJob(p, 2, SamplingParams(max_tokens=6, temperature=1.5, top_p=1e-6, seed=9)),
+    ])
+    want = greedy.candidates[0].token_ids
+    assert len(want) >= 2
+    assert [c.token_ids for c in nucleus.candidates] == [want, want]
