@@ -257,8 +257,13 @@ def test_block_output_is_the_raw_block_output_not_the_final_norm(backbone):
     ids = torch.tensor([backbone.tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]])
     att = torch.ones_like(ids)
     with torch.no_grad():
-        hs = backbone.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+        dec = S._decoder_stack(backbone.model)[0]  # the decoder stack: no LM head needed here
+        hs = dec(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
         assert torch.equal(S.block_output(backbone.model, ids, att, 1), hs[2])  # hidden_states[l + 1] for l < L - 1
+        last = S.block_output(backbone.model, ids, att, backbone.num_layers - 1)
+        # hidden_states[L] is after the final norm, not block L-1's raw output (METHODS.md).
+        assert not torch.allclose(last, hs[backbone.num_layers])
+        torch.testing.assert_close(dec.norm(last), hs[backbone.num_layers])
 
 
 def test_pooled_features_divide_by_the_real_answer_length(backbone):
