@@ -522,3 +522,16 @@ def test_admin_refuses_head_names_it_could_not_address_later(tmp_path):
         assert r.status_code == 200 and r.json()["id"] == "ok.name-1"
         assert rerank_call(client(srv), candidates=2, head="ok.name-1").rerank["heads"] == ["ok.name-1"]
         assert httpx.delete(f"{srv.url}/v1/admin/heads/ok.name-1", headers=auth).status_code == 200
+
+
+def test_a_model_that_fails_to_load_gives_503_with_the_reason(tmp_path):
+    # No injected engine: the real background load path, pointed at a model that does not exist.
+    app = create_app(Settings(model=str(tmp_path / "no-such-model"), device="cpu"), exit_on_engine_death=False)
+    with ServerThread(app) as srv:
+        wait_until(lambda: srv.state.load_error is not None, timeout=60, what="the load to fail")
+        h = httpx.get(f"{srv.url}/health")
+        assert h.status_code == 503 and h.json()["status"] == "unavailable" and "no-such-model" in h.json()["error"]
+        with pytest.raises(openai.InternalServerError) as ei:
+            client(srv).chat.completions.create(model=MODEL, messages=USER, max_tokens=4)
+        assert ei.value.status_code == 503 and ei.value.body["code"] == "model_load_failed"
+        assert "no-such-model" in ei.value.body["message"]
