@@ -535,3 +535,18 @@ def test_a_model_that_fails_to_load_gives_503_with_the_reason(tmp_path):
             client(srv).chat.completions.create(model=MODEL, messages=USER, max_tokens=4)
         assert ei.value.status_code == 503 and ei.value.body["code"] == "model_load_failed"
         assert "no-such-model" in ei.value.body["message"]
+
+
+def test_an_engine_failure_inside_a_stream_arrives_as_an_error_event():
+    eng = FakeEngine(fail=True)
+    with served(eng) as srv:
+        body = {"model": MODEL, "messages": USER, "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=10) as resp:
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert resp.status_code == 200 and events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err == {"message": "the engine failed while serving this request", "type": "server_error",
+                       "param": None, "code": "engine_error"}
+        # The official client turns that event into an exception rather than a silently short answer.
+        with pytest.raises(openai.APIError, match="engine failed"):
+            list(client(srv).chat.completions.create(model=MODEL, messages=USER, max_tokens=8, stream=True))
