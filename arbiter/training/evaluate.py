@@ -1,0 +1,455 @@
+"""``arbiter eval``: how good is a reward head? Three tasks, each writing ``<out>/<task>_<data>.json`` + ``.md``.
+
+- :func:`eval_pairs`: reward accuracy on preference pairs: share of pairs with r(chosen) > r(rejected)
+  (strict, ties count as wrong, as TRL's ``rewards/accuracies``), mean margin r_w - r_l. Features come from
+  the same cached feature path as training (``feature_cache.pair_features``).
+- :func:`eval_choice`: multiple-choice accuracy. Every option is scored as an answer to the question; the
+  head picks the option with the highest reward, the baseline the option with the highest average answer
+  log-prob under the LM (the DPH paper's comparison). One decoder pass gives both
+  (``logprobs.forward_logps``: log-probs and the final-norm hidden state at the closing ``<|im_end|>``).
+- :func:`eval_bestofn`: best-of-N on verifiable math (gsm8k / svamp). N samples per question from the
+  backbone itself (``model.generate``), each scored by the head at its closing ``<|im_end|>`` (the token ids
+  as generated, closed by ``<|im_end|>`` as the service does). Reports pass@1 (the first sample), the mean
+  sample accuracy, the head's pick (argmax reward), a reward-weighted vote over extracted final answers
+  (weights softmax(r) over a question's samples: invariant to the reward offset a contrastive head leaves
+  free), a majority vote and the oracle pass@N (any sample correct). A sample counts as correct only if it
+  finished (emitted ``<|im_end|>``) and its extracted answer equals the reference.
+
+Numbers that are shares are in [0, 1]; ``*_se`` is the binomial standard error sqrt(p (1 - p) / n).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .artifacts import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("arbiter.training.evaluate")
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(s).name if Path(s).suffix else s).strip("-") or "data"
+
+
+def _setup(head: str, model: str | None, backbone: Any):
+    """(backbone, head module, head config); the head is checked against the backbone's fingerprint."""
+    from arbiter.heads import load_head
+
+    if backbone is None:
+        from arbiter.backbone import load_backbone
+
+        backbone = load_backbone(model)
+    module, config = load_head(head, expected_backbone=backbone.fingerprint)
+    return backbone, module, config
+
+
+def _write(report: dict, out: str | None, head_name: str, task: str, data: str) -> dict:
+    out_dir = Path(out) if out else Path("runs") / "eval" / head_name
+    stem = f"{task}_{_slug(data)}"
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    report["paths"] = {"json": str(jpath), "markdown": str(mpath)}
+    atomic_write_json(jpath, report)
+    atomic_write_text(mpath, markdown(report))
+    return report
+
+
+def _base(task: str, head: str, config: Any, data: str, backbone: Any) -> dict:
+    return {
+        "task": task,
+        "head": str(head),
+        "head_name": config.name,
+        "head_pooler": config.pooler,
+        "head_layer": config.layer,
+        "data": data,
+        "backbone": backbone.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _rewards(module: Any, features: "torch.Tensor", batch: int = 4096) -> "torch.Tensor":
+    """Head rewards of feature rows, [N, d] -> [N] float32, eval mode, no grad."""
+    import torch
+
+    module.eval()
+    with torch.inference_mode():
+        return torch.cat([module(features[i : i + batch]).float() for i in range(0, len(features), batch)]) if len(
+            features) else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# pairs
+# --------------------------------------------------------------------------------------------------
+
+
+def eval_pairs(
+    *,
+    head: str,
+    data: str,
+    limit: int | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    model: str | None = None,
+    batch_tokens: int = 4096,
+    max_length: int = 1024,
+    truncate_prompt: bool = False,
+    cache_dir: str | None = None,
+    backbone: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Reward accuracy and mean margin of a head on preference pairs (file or builtin source)."""
+    from .data import load_pairs, tokenize_pairs
+    from .feature_cache import pair_features
+
+    t0 = time.perf_counter()
+    backbone, module, config = _setup(head, model, backbone)
+    pairs, report = load_pairs(data, limit=limit, seed=seed)
+    tok, trep = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=max_length,
+                               truncate_prompt=truncate_prompt)
+    feats = pair_features(backbone, tok, layer=config.layer, max_length=max_length, cache_dir=cache_dir,
+                          batch_tokens=batch_tokens, progress=progress)
+    r_w, r_l = _rewards(module, feats.chosen), _rewards(module, feats.rejected)  # [N], [N]
+    margin = r_w - r_l  # [N]
+    n = len(tok)
+    acc = float((margin > 0).float().mean())
+    res = _base("pairs", head, config, data, backbone)
+    res.update(
+        n=n,
+        accuracy=acc,
+        accuracy_se=_se(acc, n),
+        ties=int((margin == 0).sum()),
+        mean_margin=float(margin.mean()),
+        mean_reward_chosen=float(r_w.mean()),
+        mean_reward_rejected=float(r_l.mean()),
+        report={"source": report.source, "read": report.total, "loaded": report.kept, "dropped": dict(report.dropped),
+                "tokenize_dropped": dict(trep.dropped), "evaluated": n, "max_length": max_length},
+        features={"status": feats.status, "seconds": round(feats.seconds, 2), "tokens": feats.tokens},
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return _write(res, out, config.name, "pairs", data)
+
+
+# --------------------------------------------------------------------------------------------------
+# multiple choice
+# --------------------------------------------------------------------------------------------------
+
+
+def _batches_by_length(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    from .feature_cache import _batches
+
+    return _batches(lengths, batch_tokens, 64)
+
+
+def score_answers(
+    backbone: Any,
+    module: Any,
+    layer: int,
+    rows: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+    desc: str = "scoring answers",
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(head rewards [N], summed answer log-probs [N], answer lengths [N]) of (prompt ids, answer ids) rows.
+
+    One decoder pass per batch (``logprobs.forward_logps``) gives the log-probs and the head features:
+    the final-norm hidden state at the closing ``<|im_end|>`` (layer -1) or block ``layer``'s raw output there.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from arbiter.heads import end_features
+
+    from .data import collate_texts
+    from .logprobs import forward_logps
+
+    pad = backbone.tokenizer.pad_token_id
+    pad = backbone.end_id if pad is None else pad
+    n = len(rows)
+    rewards = torch.zeros(n)
+    logps = torch.zeros(n)
+    lengths = torch.zeros(n, dtype=torch.long)
+    seq_len = [len(p) + len(a) for p, a in rows]
+    bar = tqdm(total=sum(seq_len), desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    with torch.inference_mode():
+        for idx in _batches_by_length(seq_len, batch_tokens):
+            batch = collate_texts([rows[i] for i in idx], pad)
+            out = forward_logps(backbone.model, batch, end_features=layer < 0,
+                                capture_layers=[layer] if layer >= 0 else ())
+            if layer < 0:
+                feats = out.end_hidden  # [b, d]
+            else:
+                feats = end_features(out.captured[layer], batch["end_positions"].to(out.captured[layer].device))
+            ix = torch.tensor(idx)
+            rewards[ix] = _rewards(module, feats).cpu()
+            logps[ix] = out.logps.float().cpu()
+            lengths[ix] = out.lengths.cpu()
+            bar.update(sum(seq_len[i] for i in idx))
+    bar.close()
+    return rewards, logps, lengths
+
+
+def eval_choice(
+    *,
+    head: str,
+    data: str,
+    limit: int | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    model: str | None = None,
+    batch_tokens: int = 4096,
+    backbone: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Multiple-choice accuracy: option picked by head reward vs by average (and summed) answer log-prob."""
+    import torch
+
+    from arbiter.backbone import answer_ids, prompt_ids
+
+    from .data import load_choices
+
+    t0 = time.perf_counter()
+    backbone, module, config = _setup(head, model, backbone)
+    questions, report = load_choices(data, limit=limit, seed=seed)
+    rows, owner = [], []
+    for qi, q in enumerate(questions):
+        pids = prompt_ids(backbone.tokenizer, q.prompt)
+        for opt in q.options:
+            rows.append((pids, answer_ids(backbone.tokenizer, opt, backbone.end_id)))
+            owner.append(qi)
+    rewards, logps, lengths = score_answers(backbone, module, config.layer, rows, batch_tokens=batch_tokens,
+                                            progress=progress, desc=f"scoring {len(rows)} options")
+    avg = logps / lengths.clamp(min=1).float()  # [N] average answer log-prob
+    per_q = defaultdict(list)
+    for i, qi in enumerate(owner):
+        per_q[qi].append(i)
+    head_ok = avg_ok = sum_ok = agree = 0
+    examples = []
+    for qi, q in enumerate(questions):
+        ix = torch.tensor(per_q[qi])
+        h, a, s = int(rewards[ix].argmax()), int(avg[ix].argmax()), int(logps[ix].argmax())
+        head_ok += h == q.answer
+        avg_ok += a == q.answer
+        sum_ok += s == q.answer
+        agree += h == a
+        if len(examples) < 5:
+            examples.append({"meta": {k: v for k, v in q.meta.items() if k in ("source", "row", "id")},
+                             "answer": q.answer, "head_pick": h, "logprob_pick": a,
+                             "rewards": [round(float(x), 4) for x in rewards[ix]],
+                             "avg_logps": [round(float(x), 4) for x in avg[ix]]})
+    n = len(questions)
+    res = _base("choice", head, config, data, backbone)
+    res.update(
+        n=n,
+        head_accuracy=head_ok / n,
+        head_accuracy_se=_se(head_ok / n, n),
+        logprob_accuracy=avg_ok / n,
+        logprob_accuracy_se=_se(avg_ok / n, n),
+        logprob_sum_accuracy=sum_ok / n,
+        agreement=agree / n,
+        chance=sum(1 / len(q.options) for q in questions) / n,
+        report={"source": report.source, "read": report.total, "evaluated": n, "dropped": dict(report.dropped)},
+        examples=examples,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return _write(res, out, config.name, "choice", data)
+
+
+# --------------------------------------------------------------------------------------------------
+# best-of-N on math
+# --------------------------------------------------------------------------------------------------
+
+
+def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> str | None:
+    """The answer with the largest total weight (None answers ignored); ties go to the earliest answer."""
+    from decimal import Decimal, InvalidOperation
+
+    total: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, (a, w) in enumerate(zip(answers, weights)):
+        if a is None:
+            continue
+        try:
+            key = str(Decimal(a).normalize())  # "12" and "12.0" vote together
+        except InvalidOperation:
+            key = a
+        total[key] = total.get(key, 0.0) + float(w)
+        first.setdefault(key, i)
+        first[key] = min(first[key], i)
+    if not total:
+        return None
+    best = max(total, key=lambda k: (total[k], -first[k]))
+    return answers[first[best]]
+
+
+def eval_bestofn(
+    *,
+    head: str,
+    data: str,
+    n: int = 8,
+    limit: int | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    model: str | None = None,
+    batch_tokens: int = 4096,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    gen_batch: int = 4,
+    backbone: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Sample ``n`` answers per math problem, score them with the head, compare selection rules."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from arbiter.backbone import prompt_ids
+
+    from .data import extract_final_answer, is_correct, load_math, math_prompt
+    from .feature_cache import compute_features
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    t0 = time.perf_counter()
+    backbone, module, config = _setup(head, model, backbone)
+    problems, report = load_math(data, limit=limit, seed=seed)
+    tok, lm, end_id = backbone.tokenizer, backbone.model, backbone.end_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    stop_ids = sorted({end_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    device = next(lm.parameters()).device
+
+    samples: list[list[dict]] = []  # per problem: n dicts {text, ids, finished, answer, correct}
+    bar = tqdm(total=len(problems), desc=f"sampling {n} per problem", unit="problem", disable=not progress)
+    t_gen = time.perf_counter()
+    for b0 in range(0, len(problems), gen_batch):
+        chunk = problems[b0 : b0 + gen_batch]
+        ids = [prompt_ids(tok, math_prompt(p)) for p in chunk]
+        width = max(len(x) for x in ids)
+        # Left padding: every prompt ends at the same column, generation continues right after it.
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # [b, P]
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # [b, P]
+        fork = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork), torch.inference_mode():
+            torch.manual_seed(seed * 1_000_003 + b0)  # seeded per batch; the global RNG is left alone
+            gen = lm.generate(input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature,
+                              top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                              pad_token_id=pad, eos_token_id=stop_ids)  # [b * n, P + new]
+        new = gen[:, width:].tolist()
+        for i, problem in enumerate(chunk):
+            group = []
+            for row in new[i * n : (i + 1) * n]:
+                stop = next((t for t, x in enumerate(row) if x in stop_ids), None)
+                body = row if stop is None else row[:stop]
+                text = tok.decode(body, skip_special_tokens=True).strip()
+                finished = stop is not None
+                group.append({"prompt": ids[i], "ids": body + [end_id], "text": text, "finished": finished,
+                              "answer": extract_final_answer(text), "correct": finished and is_correct(text, problem)})
+            samples.append(group)
+        bar.update(len(chunk))
+    bar.close()
+    gen_seconds = time.perf_counter() - t_gen
+
+    flat = [s for g in samples for s in g]
+    feats = compute_features(backbone, [s["prompt"] + s["ids"] for s in flat], layer=config.layer,
+                             batch_tokens=batch_tokens, progress=progress, desc=f"scoring {len(flat)} samples")
+    rewards = _rewards(module, feats)  # [P * n]
+    k = 0
+    hits = Counter()
+    examples = []
+    for problem, group in zip(problems, samples):
+        r = rewards[k : k + len(group)]  # [n]
+        k += len(group)
+        w = torch.softmax(r.double(), dim=0).tolist()
+        answers = [s["answer"] if s["finished"] else None for s in group]
+        correct = [s["correct"] for s in group]
+        pick = int(r.argmax())
+        weighted = _vote(answers, w)
+        majority = _vote(answers, [1.0] * len(group))
+
+        def ok(a: str | None) -> bool:
+            from decimal import Decimal
+
+            return a is not None and Decimal(a) == Decimal(problem.answer)
+
+        hits["pass@1"] += correct[0]
+        hits["sample_accuracy"] += sum(correct) / len(group)
+        hits["head_pick"] += correct[pick]
+        hits["weighted_vote"] += ok(weighted)
+        hits["majority_vote"] += ok(majority)
+        hits["oracle"] += any(correct)
+        hits["finished"] += sum(s["finished"] for s in group) / len(group)
+        hits["answered"] += sum(a is not None for a in answers) / len(group)
+        if len(examples) < 3:
+            examples.append({"question": problem.question[:200], "gold": problem.answer, "answers": answers,
+                             "rewards": [round(float(x), 4) for x in r], "head_pick": pick,
+                             "weighted_vote": weighted, "majority_vote": majority})
+    m = len(problems)
+    res = _base("bestofn", head, config, data, backbone)
+    res.update(n=m, n_samples=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    for key in ("pass@1", "sample_accuracy", "head_pick", "weighted_vote", "majority_vote", "oracle"):
+        res[key] = hits[key] / m
+        res[f"{key}_se"] = _se(hits[key] / m, m)
+    res.update(
+        finished_rate=hits["finished"] / m,
+        answered_rate=hits["answered"] / m,
+        report={"source": report.source, "read": report.total, "evaluated": m, "dropped": dict(report.dropped)},
+        examples=examples,
+        generate_seconds=round(gen_seconds, 2),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return _write(res, out, config.name, "bestofn", data)
+
+
+# --------------------------------------------------------------------------------------------------
+# markdown
+# --------------------------------------------------------------------------------------------------
+
+_METRICS = {
+    "pairs": [("accuracy", "reward accuracy (r_w > r_l)"), ("mean_margin", "mean margin r_w - r_l"),
+              ("mean_reward_chosen", "mean reward, chosen"), ("mean_reward_rejected", "mean reward, rejected")],
+    "choice": [("head_accuracy", "accuracy, pick by head reward"), ("logprob_accuracy", "accuracy, pick by avg log-prob"),
+               ("logprob_sum_accuracy", "accuracy, pick by summed log-prob"), ("agreement", "head and avg log-prob agree"),
+               ("chance", "chance")],
+    "bestofn": [("pass@1", "pass@1 (first sample)"), ("sample_accuracy", "mean sample accuracy"),
+                ("head_pick", "head pick (argmax reward)"), ("weighted_vote", "reward-weighted vote"),
+                ("majority_vote", "majority vote"), ("oracle", "oracle pass@N"), ("finished_rate", "samples finished"),
+                ("answered_rate", "samples with an extractable answer")],
+}
+
+
+def markdown(report: dict) -> str:
+    """A short human summary of one eval report."""
+    task = report.get("task", "?")
+    lines = [
+        f"# arbiter eval {task}: head `{report.get('head_name')}` on `{report.get('data')}`",
+        "",
+        f"- head: `{report.get('head')}` (pooler {report.get('head_pooler')}, layer {report.get('head_layer')}); "
+        f"backbone {report.get('backbone')}",
+        f"- items evaluated: {report.get('n')}" + (f", {report.get('n_samples')} samples each "
+                                                   f"(temperature {report.get('temperature')}, max_new_tokens "
+                                                   f"{report.get('max_new_tokens')})" if task == "bestofn" else ""),
+        f"- time: {report.get('seconds')} s; created {report.get('created')}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key, label in _METRICS.get(task, []):
+        v = report.get(key)
+        if v is None:
+            continue
+        se = report.get(f"{key}_se")
+        lines.append(f"| {label} | {v:.4f}" + (f" ± {se:.4f}" if se is not None and se == se else "") + " |")
+    rep = report.get("report") or {}
+    if rep:
+        lines += ["", f"Data: {json.dumps(rep, sort_keys=True)}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,320 @@
+"""Head features of tokenized preference pairs through the frozen backbone, cached on disk.
+
+With a frozen backbone the feature of every (prompt, answer) is fixed, so a task-specific head trains on a
+cache instead of re-running the model every step (METHODS.md "Task-specific heads"). Features come from
+``arbiter.backbone.forward_features``: the hidden state the service's heads read (after the final norm by
+default, or block ``layer``'s raw output) at the closing ``<|im_end|>``.
+
+Cache entry (one per shard of consecutive pairs): ``<cache_dir>/<key>/features.safetensors`` (``chosen`` [N, d], ``rejected`` [N, d], float32)
+plus ``meta.json`` (the key's parts and the sha256 of the safetensors file). The key is a sha256 over
+(backbone fingerprint, layer, max_length, data hash), the data hash a sha256 over every token id of every
+pair, so any change of model, tokenisation, truncation or data gives a new entry. Entries are written with
+``atomic_dir`` (whole or absent). On load the file's sha256 is checked against the sidecar; a mismatch, an
+unreadable file or wrong shapes log a warning and the entry is rebuilt: a corrupted cache is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .artifacts import atomic_dir, file_sha256
+
+log = logging.getLogger("arbiter.training.feature_cache")
+
+FEATURES_FILE = "features.safetensors"
+META_FILE = "meta.json"
+CACHE_VERSION = 1
+DEFAULT_BATCH_TOKENS = 4096  # padded tokens per forward (B * T_max); bounds activation memory
+DEFAULT_MAX_BATCH = 32
+DEFAULT_SHARD_SIZE = 128  # pairs per cache entry
+
+
+def default_feature_dir() -> Path:
+    from arbiter.backbone import default_cache_dir
+
+    return default_cache_dir() / "features"
+
+
+def data_hash(pairs: Sequence[Any]) -> str:
+    """sha256 over the token ids of every pair (prompt, chosen, rejected), order-sensitive."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for part in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(array("q", part).tobytes())  # int64: any vocabulary size fits
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str) -> tuple[str, dict]:
+    """(hex key, the parts it hashes). ``fingerprint`` is a heads.BackboneFingerprint (or a plain dict)."""
+    fp = fingerprint.model_dump() if hasattr(fingerprint, "model_dump") else dict(fingerprint)
+    parts = {"version": CACHE_VERSION, "backbone": fp, "layer": int(layer), "max_length": int(max_length),
+             "data_sha256": data_sha}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return key, parts
+
+
+@dataclass
+class PairFeatures:
+    chosen: torch.Tensor  # [N, d] float32
+    rejected: torch.Tensor  # [N, d] float32
+    key: str
+    path: Path  # the cache directory holding the shard entries
+    status: str  # "hit" | "miss" | "partial (k/n shards cached)" | "rebuilt (<why>)" | "uncached"
+    seconds: float  # time spent computing (0 on a hit)
+    tokens: int  # tokens fed forward (0 on a hit)
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped by similar length (sorted, longest first) so padding stays small; B * T_max <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        t_max = lengths[cur[0]] if cur else lengths[i]  # sorted descending: the first is the longest
+        if cur and ((len(cur) + 1) * t_max > batch_tokens or len(cur) >= max_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def compute_features(
+    backbone: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    layer: int = -1,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    desc: str = "head features",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Features of full sequences (prompt + answer ending in <|im_end|>) -> [N, d] float32, input order.
+
+    The feature is read at each sequence's last token (its closing ``<|im_end|>``); batches are right-padded,
+    so causal attention keeps every real position independent of the padding.
+    """
+    from tqdm.auto import tqdm
+
+    from arbiter.backbone import forward_features
+
+    if not sequences:
+        return torch.zeros(0, backbone.hidden_size)
+    lengths = [len(s) for s in sequences]
+    if min(lengths) < 1:
+        raise ValueError("cannot compute features of an empty sequence")
+    device = next(backbone.model.parameters()).device
+    pad = backbone.tokenizer.pad_token_id
+    pad = backbone.end_id if pad is None else pad
+    out = torch.empty(len(sequences), backbone.hidden_size, dtype=torch.float32)  # [N, d]
+    bar = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
+    for idx in _batches(lengths, batch_tokens, max_batch):
+        t = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), t), pad, dtype=torch.long)  # [b, T]
+        mask = torch.zeros((len(idx), t), dtype=torch.long)  # [b, T]
+        for r, i in enumerate(idx):
+            ids[r, : lengths[i]] = torch.tensor(list(sequences[i]), dtype=torch.long)
+            mask[r, : lengths[i]] = 1
+        pos = torch.tensor([lengths[i] - 1 for i in idx], dtype=torch.long)  # [b] closing <|im_end|>
+        feats = forward_features(backbone.model, ids.to(device), mask.to(device), pos.to(device), layer=layer)
+        out[torch.tensor(idx)] = feats.float().cpu()  # [b, d]
+        bar.update(sum(lengths[i] for i in idx))
+    bar.close()
+    return out
+
+
+def shared_prompt_features(
+    backbone: Any,
+    pairs: Sequence[Any],
+    *,
+    layer: int = -1,
+    desc: str = "head features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N, d], rejected [N, d]) features, running each pair's shared prompt through the model once.
+
+    The prompt is fed forward once (KV cache kept), then each answer continues from a copy of that cache:
+    ~prompt + |chosen| + |rejected| tokens per pair instead of 2 * prompt + both answers (hh-rlhf prompts
+    are ~2/3 of a sequence, so this cuts the forward work by ~1.4x). The result equals
+    ``forward_features`` over the full sequences up to float rounding (a test checks it); batch size 1,
+    so there is no padding at all.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from arbiter.backbone import LayerCapture, base_model
+    from arbiter.heads import end_features
+
+    device = next(backbone.model.parameters()).device
+    dec = base_model(backbone.model)  # the decoder stack: last_hidden_state is after the final norm
+    d = int(backbone.hidden_size)
+    chosen = torch.empty(len(pairs), d, dtype=torch.float32)  # [N, d]
+    rejected = torch.empty(len(pairs), d, dtype=torch.float32)  # [N, d]
+    total = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
+    with torch.inference_mode():
+        for i, p in enumerate(pairs):
+            n_prompt = len(p.prompt_ids)
+            prompt = torch.tensor([list(p.prompt_ids)], dtype=torch.long, device=device)  # [1, P]
+            cache = dec(input_ids=prompt, use_cache=True).past_key_values
+            for j, (ans, dest) in enumerate(((p.chosen_ids, chosen), (p.rejected_ids, rejected))):
+                past = copy.deepcopy(cache) if j == 0 else cache  # the second answer may consume the original
+                ids = torch.tensor([list(ans)], dtype=torch.long, device=device)  # [1, A]
+                mask = torch.ones(1, n_prompt + ids.shape[1], dtype=torch.long, device=device)  # [1, P + A]
+                last = torch.tensor([ids.shape[1] - 1], device=device)  # the closing <|im_end|> within the answer
+                if layer < 0:
+                    hidden = dec(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
+                else:
+                    with LayerCapture(backbone.model, layer) as cap:
+                        dec(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+                    hidden = cap.output  # [1, A, d] raw output of block `layer` for the answer tokens
+                dest[i] = end_features(hidden, last)[0].cpu()  # [d]
+            bar.update(n_prompt + len(p.chosen_ids) + len(p.rejected_ids))
+    bar.close()
+    return chosen, rejected
+
+
+def _read_entry(entry: Path, key: str, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load and verify one cache entry; raises ValueError with the reason if anything is off."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path, feat_path = entry / META_FILE, entry / FEATURES_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable sidecar {meta_path.name} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        raise ValueError("sidecar key does not match")
+    try:
+        digest = file_sha256(feat_path)
+    except OSError as e:
+        raise ValueError(f"unreadable {feat_path.name} ({e})") from None
+    if digest != meta.get("sha256"):
+        raise ValueError(f"sha256 mismatch ({digest[:12]} != {str(meta.get('sha256'))[:12]})")
+    try:
+        t = load_file(str(feat_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"unreadable safetensors ({e})") from None
+    c, r = t.get("chosen"), t.get("rejected")
+    if c is None or r is None or tuple(c.shape) != (n, d) or tuple(r.shape) != (n, d):
+        raise ValueError(f"wrong tensors: expected chosen/rejected of shape [{n}, {d}]")
+    if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
+        raise ValueError("features contain NaN/Inf")
+    return c.float(), r.float()
+
+
+def _shard_features(backbone, shard, *, layer, max_length, root, batch_tokens, share_prompt, use_cache, progress, desc):
+    """(chosen [n, d], rejected [n, d], key, entry, status, seconds, tokens) of one shard of pairs."""
+    from safetensors.torch import save_file
+
+    d = int(backbone.hidden_size)
+    key, parts = cache_key(backbone.fingerprint, layer=layer, max_length=max_length, data_sha=data_hash(shard))
+    entry = root / key[:32]
+    status = "miss"
+    if use_cache and entry.exists():
+        try:
+            c, r = _read_entry(entry, key, len(shard), d)
+            return c, r, key, entry, "hit", 0.0, 0
+        except ValueError as e:
+            log.warning("feature cache entry %s is corrupted or stale: %s; rebuilding it", entry, e)
+            status = f"rebuilt ({e})"
+            shutil.rmtree(entry, ignore_errors=True)
+    t0 = time.perf_counter()
+    if share_prompt:
+        chosen, rejected = shared_prompt_features(backbone, shard, layer=layer, desc=desc, progress=progress)
+        tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in shard)
+    else:
+        seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in shard]
+        seqs += [list(p.prompt_ids) + list(p.rejected_ids) for p in shard]
+        feats = compute_features(backbone, seqs, layer=layer, batch_tokens=batch_tokens, progress=progress, desc=desc)
+        tokens = sum(len(x) for x in seqs)
+        chosen, rejected = feats[: len(shard)].contiguous(), feats[len(shard):].contiguous()  # [n, d] each
+    seconds = time.perf_counter() - t0
+    if not use_cache:
+        return chosen, rejected, key, entry, "uncached", seconds, tokens
+    with atomic_dir(entry) as tmp:
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp / FEATURES_FILE))
+        meta = {"key": key, **parts, "sha256": file_sha256(tmp / FEATURES_FILE), "n_pairs": len(shard),
+                "hidden_size": d, "tokens": tokens, "seconds": round(seconds, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return chosen, rejected, key, entry, status, seconds, tokens
+
+
+def pair_features(
+    backbone: Any,
+    pairs: Sequence[Any],
+    *,
+    layer: int = -1,
+    max_length: int,
+    cache_dir: str | os.PathLike | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    share_prompt: bool = True,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> PairFeatures:
+    """Chosen/rejected head features of tokenized pairs ([N, d] each), from the cache or computed and cached.
+
+    ``pairs``: ``arbiter.training.data.TokenizedPair`` (prompt_ids, chosen_ids, rejected_ids ending in
+    <|im_end|>). ``max_length`` is part of the key (it decided which pairs were kept or truncated).
+    ``share_prompt`` (default): run each prompt once and continue both answers from its KV cache
+    (:func:`shared_prompt_features`); otherwise full sequences in length-sorted batches
+    (:func:`compute_features`, ``batch_tokens``). Both read the same features (equal up to float rounding),
+    so the cache key does not depend on the choice.
+    The pairs are cached in shards of ``shard_size`` consecutive pairs, each its own entry: an interrupted
+    extraction keeps its finished shards, and a larger ``limit`` later reuses all but the last shard.
+    """
+    import torch
+
+    if not pairs:
+        raise ValueError("no pairs to compute features for")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    root = Path(cache_dir) if cache_dir else default_feature_dir()
+    shards = [pairs[i : i + shard_size] for i in range(0, len(pairs), shard_size)]
+    chosen, rejected, keys, statuses = [], [], [], []
+    seconds = 0.0
+    tokens = 0
+    for j, shard in enumerate(shards):
+        desc = f"features of {len(pairs)} pairs" + (f" (shard {j + 1}/{len(shards)})" if len(shards) > 1 else "")
+        c, r, key, entry, status, sec, tok = _shard_features(
+            backbone, shard, layer=layer, max_length=max_length, root=root, batch_tokens=batch_tokens,
+            share_prompt=share_prompt, use_cache=use_cache, progress=progress, desc=desc)
+        chosen.append(c)
+        rejected.append(r)
+        keys.append(key)
+        statuses.append(status)
+        seconds += sec
+        tokens += tok
+    key = keys[0] if len(keys) == 1 else hashlib.sha256("".join(keys).encode()).hexdigest()
+    hits = statuses.count("hit")
+    rebuilt = [s for s in statuses if s.startswith("rebuilt")]
+    if rebuilt:
+        status = rebuilt[0] if len(shards) == 1 else f"rebuilt {len(rebuilt)}/{len(shards)} shards: {rebuilt[0]}"
+    elif hits == len(shards):
+        status = "hit"
+    elif statuses[0] == "uncached":
+        status = "uncached"
+    elif hits == 0:
+        status = "miss"
+    else:
+        status = f"partial ({hits}/{len(shards)} shards cached)"
+    log.info("features of %d pairs: %s (%d tokens computed in %.1f s) under %s", len(pairs), status, tokens, seconds, root)
+    return PairFeatures(torch.cat(chosen), torch.cat(rejected), key, root, status, seconds, tokens)

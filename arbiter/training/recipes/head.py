@@ -1,0 +1,556 @@
+"""``arbiter train head``: a task-specific DPH reward head on a frozen backbone (METHODS.md "Task-specific heads").
+
+setup -> features -> train -> save:
+1. Load pairs (``data`` sources), tokenize them with THE chat encoding, keep the first ``limit`` usable pairs
+   per source (seeded shuffle), split train / dev / test by prompt (``split_pairs``: no prompt in two splits).
+2. Features of every chosen/rejected answer through the frozen backbone, once, from the on-disk cache
+   (``feature_cache.pair_features``: the service's feature path, keyed by backbone, layer, max_length, data).
+3. Train pooler + reward vector with a DPH loss (separable or contrastive, ``LOSSES``) with AdamW on the
+   cached features; evaluate on dev after every epoch; keep the best-on-dev weights (dev accuracy, ties
+   broken by dev loss; or dev loss alone) and stop after ``patience`` epochs without improvement.
+   Checkpoints every ``checkpoint_every`` steps hold weights, best weights, optimizer, RNG and loop position,
+   so ``--resume`` continues exactly (same final weights as an uninterrupted run). A NaN/Inf loss stops the
+   run with a clear message before the bad step is applied; the last checkpoint stays the last good one.
+   ``sweep``: train several variants (pooler / loss / eps / lr / dropout / weight_decay) on the same cached
+   features and keep the best by dev accuracy (cheap: the backbone runs once).
+4. Save the head atomically (``arbiter.heads.save_head``) with its provenance (data, counts, loss, metrics);
+   ``<out>/result.json`` holds every variant's metrics, ``<out>/.../log.jsonl`` the TRL-named training log.
+
+If ``test_fraction > 0`` the chosen head is also scored on a test split that neither training, early stopping
+nor the sweep's selection saw: the dev accuracy of a selected variant is optimistic, the test accuracy is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from arbiter.training.config import ConfigError
+
+log = logging.getLogger("arbiter.training.recipes.head")
+
+DESCRIPTION = "train a DPH reward head (pooler + reward vector) on cached features of a frozen backbone"
+HEAD_LOSSES = ("dph_separable", "dph_contrastive")
+_POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (NaN/Inf loss, ...); the message says what to do."""
+
+
+@dataclass
+class Variant:
+    """One sweep entry: fields left unset keep the base config's value."""
+
+    pooler: str | None = None
+    loss: str | None = None
+    eps: float | None = None
+    lr: float | None = None
+    dropout: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class HeadRecipeConfig:
+    """Config of ``arbiter train head`` (YAML + key=value overrides)."""
+
+    name: str = "head"  # the head's name (HeadConfig.name; the service serves it under this name)
+    data: list[str] = field(default_factory=lambda: ["hh-rlhf"])  # sources: builtin names or TRL-format files
+    limit: int | None = None  # usable (tokenized, kept) pairs per source, after the seeded shuffle
+    max_length: int = 512  # prompt + longer answer, in tokens; longer pairs are dropped (and counted)
+    truncate_prompt: bool = False  # left-truncate long prompts instead of dropping the pair
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.0  # held out from training AND selection; reported as test_accuracy
+    seed: int = 0
+    model: str | None = None  # backbone (None: the embedded SmolLM2-135M-Instruct; or a local dir / GGUF)
+    layer: int = -1  # -1: after the final norm (what the LM head reads); l >= 0: raw output of block l
+    pooler: str = "identity"  # identity | affine_tanh | swiglu_tanh
+    loss: str = "dph_contrastive"  # dph_separable | dph_contrastive
+    eps: float = 0.1  # DPH label smoothing, in (0, 0.5]
+    dropout: float = 0.0  # on the pooler output
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 30
+    max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
+    batch_size: int = 64  # pairs per step
+    patience: int = 5  # epochs without dev improvement before stopping (0: never stop early)
+    select_metric: str = "accuracy"  # accuracy (ties -> lower loss) | loss
+    checkpoint_every: int = 0  # steps between checkpoints (0: none; needed for --resume)
+    keep_checkpoints: int = 2
+    sweep: list[Variant] = field(default_factory=list)  # variants trained on the same features; best by dev
+    out: str = "runs/head"  # run directory: logs, checkpoints, result.json
+    head_dir: str | None = None  # where the head is written (default <out>/head)
+    overwrite: bool = False  # allow starting fresh in an out dir that already holds checkpoints
+    cache_dir: str | None = None  # feature cache (default ~/.cache/arbiter/features)
+    share_prompt: bool = True  # features: run each prompt once and continue both answers from its KV cache
+    feature_batch_tokens: int = 4096  # padded tokens per forward pass when share_prompt is false
+    threads: int | None = None  # torch CPU threads (None: torch's default; 1 is faster on a busy shared CPU)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.name or self.name[0] in "_.-" or not set(self.name) <= _NAME_CHARS or len(self.name) > 64:
+            raise ConfigError(f"name: {self.name!r} must be 1-64 chars of letters, digits, '_', '.', '-' "
+                              "starting with a letter or digit")
+        if not self.data:
+            raise ConfigError("data: give at least one source")
+        from arbiter.training.data import PAIR_BUILTINS
+
+        for src in self.data:
+            if src not in PAIR_BUILTINS and not Path(src).expanduser().is_file():
+                raise ConfigError(f"data: {src!r} is neither an existing file nor a builtin ({', '.join(PAIR_BUILTINS)})")
+        if self.limit is not None and self.limit < 2:
+            raise ConfigError(f"limit: must be >= 2 or null, got {self.limit}")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
+        if not 0 <= self.dev_fraction < 1 or not 0 <= self.test_fraction < 1 or self.dev_fraction + self.test_fraction >= 0.9:
+            raise ConfigError("dev_fraction / test_fraction: each in [0, 1) and together < 0.9")
+        if self.layer < -1:
+            raise ConfigError(f"layer: must be -1 (final norm) or a block index >= 0, got {self.layer}")
+        _check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
+        for i, v in enumerate(self.sweep):
+            _check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
+        if self.sweep and self.dev_fraction <= 0:
+            raise ConfigError("sweep: selecting a variant needs a dev set (dev_fraction > 0)")
+        for k in ("epochs", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps: must be >= 1 or null, got {self.max_steps}")
+        for k in ("patience", "checkpoint_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k}: must be >= 0, got {getattr(self, k)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        if self.select_metric not in ("accuracy", "loss"):
+            raise ConfigError(f"select_metric: {self.select_metric!r} is not one of ['accuracy', 'loss']")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: must be >= 1 or null, got {self.threads}")
+        if self.feature_batch_tokens < 16:
+            raise ConfigError(f"feature_batch_tokens: must be >= 16, got {self.feature_batch_tokens}")
+        if not self.out:
+            raise ConfigError("out: give a run directory")
+
+
+def _check_variant_fields(pooler, loss, eps, lr, dropout, weight_decay, where: str) -> None:
+    if pooler is not None and pooler not in _POOLERS:
+        raise ConfigError(f"{where}pooler: {pooler!r} is not one of {list(_POOLERS)}")
+    if loss is not None and loss not in HEAD_LOSSES:
+        raise ConfigError(f"{where}loss: {loss!r} is not one of {list(HEAD_LOSSES)} (head recipes train DPH losses)")
+    if eps is not None and not 0 < eps <= 0.5:
+        raise ConfigError(f"{where}eps: must lie in (0, 0.5], got {eps}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"{where}lr: must be > 0, got {lr}")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ConfigError(f"{where}dropout: must lie in [0, 1), got {dropout}")
+    if weight_decay is not None and weight_decay < 0:
+        raise ConfigError(f"{where}weight_decay: must be >= 0, got {weight_decay}")
+
+
+CONFIG = HeadRecipeConfig
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--data", action="append", metavar="SRC", help="data source (repeatable; replaces 'data')")
+    parser.add_argument("--limit", type=int, help="usable pairs per source")
+    parser.add_argument("--name", help="head name")
+    parser.add_argument("--head-dir", dest="head_dir", metavar="DIR", help="where to write the head")
+    parser.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N optimizer steps")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenized(cfg: HeadRecipeConfig, tokenizer: Any, end_id: int, *, chunk: int = 256):
+    """(tokenized pairs of all sources, merged DataReport). Tokenizes in chunks until ``limit`` are kept."""
+    from arbiter.training.data import load_pairs, tokenize_pairs
+
+    all_tok, merged = [], None
+    for src in cfg.data:
+        pairs, report = load_pairs(src, seed=cfg.seed)
+        kept: list = []
+        visited = 0
+        while visited < len(pairs) and (cfg.limit is None or len(kept) < cfg.limit):
+            part = pairs[visited : visited + chunk]
+            visited += len(part)
+            tok, trep = tokenize_pairs(part, tokenizer, end_id, max_length=cfg.max_length,
+                                       truncate_prompt=cfg.truncate_prompt) if part else ([], None)
+            kept += tok
+            for reason, n in (trep.dropped if trep else {}).items():
+                report.dropped[reason] = report.dropped.get(reason, 0) + n
+            for reason, exs in (trep.examples if trep else {}).items():
+                mine = report.examples.setdefault(reason, [])
+                mine += exs[: max(0, 3 - len(mine))]
+        beyond = len(pairs) - visited
+        if cfg.limit is not None and len(kept) > cfg.limit:
+            beyond += len(kept) - cfg.limit
+            kept = kept[: cfg.limit]
+        if beyond:
+            report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + beyond
+        report.kept = len(kept)
+        report.raise_if_empty()
+        log.info("%s", report.summary())
+        all_tok += kept
+        merged = report if merged is None else merged.merge(report)
+    return all_tok, merged
+
+
+def split_indices(tokenized: Sequence[Any], cfg: HeadRecipeConfig) -> dict[str, list[int]]:
+    """train / dev / test index lists (by prompt, deterministic for the seed)."""
+    from arbiter.training.data import DataError, split_pairs
+
+    held_fraction = cfg.dev_fraction + cfg.test_fraction
+    train, held = split_pairs(tokenized, dev_fraction=held_fraction, seed=cfg.seed)
+    if cfg.test_fraction > 0 and held:
+        dev, test = split_pairs(held, dev_fraction=cfg.test_fraction / held_fraction, seed=cfg.seed + 1)
+    else:
+        dev, test = held, []
+    pos = {id(p): i for i, p in enumerate(tokenized)}
+    out = {k: [pos[id(p)] for p in v] for k, v in (("train", train), ("dev", dev), ("test", test))}
+    if not out["train"]:
+        raise DataError("no training pairs left after the dev/test split")
+    if cfg.dev_fraction > 0 and not out["dev"]:
+        raise DataError(f"dev_fraction {cfg.dev_fraction} of {len(tokenized)} pairs leaves an empty dev set")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# training on cached features
+# --------------------------------------------------------------------------------------------------
+
+# Fields whose change alters the training trajectory: a checkpoint is only resumed under the same values.
+_TRAJECTORY_FIELDS = ("data", "limit", "max_length", "truncate_prompt", "dev_fraction", "test_fraction", "seed",
+                      "layer", "pooler", "loss", "eps", "dropout", "lr", "weight_decay", "batch_size",
+                      "select_metric", "patience")
+
+
+def _signature(cfg: HeadRecipeConfig, features_key: str) -> dict:
+    return {**{k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS}, "features": features_key}
+
+
+@dataclass
+class TrainResult:
+    head: Any  # DPHHead with the selected (best-on-dev) weights, eval mode
+    head_config: Any  # HeadConfig
+    metrics: dict
+    run_dir: Path
+
+
+def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
+    """Loss and TRL metrics of ``head`` on pairs ``idx`` (eval mode, no grad). fw, fl: [N, d]."""
+    import torch
+
+    from arbiter.training.losses import preference_metrics
+
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        r_w, r_l = head(fw[idx]), head(fl[idx])  # [n], [n]
+        m = preference_metrics(loss_fn(r_w, r_l, eps=eps), prefix=prefix)
+    head.train(was_training)
+    return m
+
+
+def _better(metric: str, cand: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    if metric == "loss":
+        return cand["eval_loss"] < best["eval_loss"]
+    acc_c, acc_b = cand["eval_rewards/accuracies"], best["eval_rewards/accuracies"]
+    return acc_c > acc_b + 1e-12 or (abs(acc_c - acc_b) <= 1e-12 and cand["eval_loss"] < best["eval_loss"])
+
+
+def train_on_features(
+    cfg: HeadRecipeConfig,
+    fw: "torch.Tensor",
+    fl: "torch.Tensor",
+    splits: dict[str, list[int]],
+    *,
+    fingerprint: Any,
+    ffn_size: int | None,
+    run_dir: str | Path,
+    resume: bool = False,
+    features_key: str = "",
+) -> TrainResult:
+    """Train one head on cached features fw/fl ([N, d] chosen/rejected) and return the best-on-dev head."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from arbiter.heads import HeadConfig, build_head
+    from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+    from arbiter.training.losses import LOSSES, preference_metrics
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    d = int(fw.shape[1])
+    loss_fn = LOSSES[cfg.loss]
+    head_config = HeadConfig(
+        name=cfg.name, backbone=fingerprint, layer=cfg.layer, pooler=cfg.pooler, hidden_size=d,
+        ffn_size=ffn_size if cfg.pooler == "swiglu_tanh" else None, dropout=cfg.dropout,
+    )
+    seed_everything(cfg.seed)
+    head = build_head(head_config)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_idx = torch.tensor(splits["train"], dtype=torch.long)  # [n_train]
+    dev_idx = torch.tensor(splits["dev"], dtype=torch.long)  # [n_dev]
+    n, bs = len(train_idx), cfg.batch_size
+    nb = math.ceil(n / bs)  # steps per epoch
+    signature = _signature(cfg, features_key)
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": 0, "bad_epochs": 0,
+                          "stopped": None, "signature": signature}
+    step = 0
+    best_state = None
+
+    if resume:
+        ck = latest_checkpoint(run_dir)
+        if ck is None:
+            log.warning("--resume: no checkpoint under %s; starting from scratch", run_dir)
+        else:
+            c = load_checkpoint(ck)  # restores python / numpy / torch RNG
+            if c.state.get("signature") != json.loads(json.dumps(signature)):
+                old, new = c.state.get("signature") or {}, json.loads(json.dumps(signature))
+                diff = [f"{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+                raise ConfigError(f"cannot resume from {ck}: the config changed ({'; '.join(diff)})")
+            head.load_state_dict({k[5:]: v for k, v in c.tensors.items() if k.startswith("head.")})
+            best_state = {k[5:]: v for k, v in c.tensors.items() if k.startswith("best.")} or None
+            opt.load_state_dict(c.optimizer)
+            step = c.step
+            st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
+            log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
+
+    def checkpoint() -> Path:
+        tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+        if best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        return save_checkpoint(run_dir, step, tensors, opt.state_dict(), st, keep=cfg.keep_checkpoints)
+
+    def perm_for(epoch: int) -> torch.Tensor:
+        # Its own generator per epoch: the data order depends only on (seed, epoch), never on the global RNG.
+        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+
+    total = nb * cfg.epochs if cfg.max_steps is None else min(nb * cfg.epochs, cfg.max_steps)
+    log_f = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+    bar = tqdm(total=total, initial=min(step, total), desc=f"train head {cfg.pooler}/{cfg.loss}", unit="step",
+               disable=not cfg.progress)
+    last_ckpt_step = step if resume and step else -1
+    t0 = time.perf_counter()
+    perm = perm_for(st["epoch"])
+    try:
+        while True:
+            if st["stopped"]:
+                break
+            if st["epoch"] >= cfg.epochs:
+                st["stopped"] = "epochs"
+                break
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break  # not recorded as stopped: a resume with a larger max_steps continues
+            b = st["batch"]
+            idx = train_idx[perm[b * bs : (b + 1) * bs]]  # [b]
+            r_w, r_l = head(fw[idx]), head(fl[idx])  # [b], [b]
+            out = loss_fn(r_w, r_l, eps=cfg.eps)
+            loss = out.losses.mean()
+            if not torch.isfinite(loss):
+                last = latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step + 1} (epoch {st['epoch']}): stopping before the update. "
+                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written. ")
+                    + f"Try a lower lr (now {cfg.lr}) or check the features for extreme values."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None))
+            opt.step()
+            step += 1
+            st["batch"] += 1
+            record = {"step": step, "epoch": round(st["epoch"] + st["batch"] / nb, 4), **preference_metrics(out),
+                      "grad_norm": grad_norm.item(), "learning_rate": cfg.lr}
+            if st["batch"] == nb:  # end of epoch: dev evaluation, best weights, early stopping
+                st["epoch"] += 1
+                st["batch"] = 0
+                perm = perm_for(st["epoch"])
+                if len(dev_idx):
+                    ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_")
+                    record.update(ev)
+                    if _better(cfg.select_metric, ev, st["best"]):
+                        st.update(best=ev, best_step=step, bad_epochs=0)
+                        best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                    else:
+                        st["bad_epochs"] += 1
+                        if cfg.patience and st["bad_epochs"] >= cfg.patience:
+                            st["stopped"] = "early_stopping"
+            log_f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", dev_acc=f"{(st['best'] or {}).get('eval_rewards/accuracies', float('nan')):.3f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint()
+                last_ckpt_step = step
+        # A final checkpoint (when checkpointing) so a finished variant resumes as finished.
+        if cfg.checkpoint_every and step != last_ckpt_step and step > 0:
+            checkpoint()
+    finally:
+        bar.close()
+        log_f.close()
+    seconds = time.perf_counter() - t0
+
+    # The final weights compete with the best epoch (a max_steps stop may end between evaluations).
+    final_ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_") if len(dev_idx) else None
+    if final_ev is not None and _better(cfg.select_metric, final_ev, st["best"]):
+        best_state, best_step, best_ev = {k: v.detach().clone() for k, v in head.state_dict().items()}, step, final_ev
+    else:
+        best_step, best_ev = st["best_step"], st["best"]
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval().requires_grad_(False)
+    tr = _evaluate(head, fw, fl, train_idx, loss_fn, cfg.eps, "train_")
+    metrics = {
+        "train_accuracy": tr["train_rewards/accuracies"], "train_margin": tr["train_rewards/margins"],
+        "train_loss": tr["train_loss"], "n_train": n, "n_dev": len(dev_idx), "steps": step, "best_step": best_step,
+        "stop_reason": st["stopped"] or ("max_steps" if cfg.max_steps is not None and step >= cfg.max_steps else "done"),
+        "train_seconds": round(seconds, 2),
+    }
+    if best_ev is not None:
+        acc = best_ev["eval_rewards/accuracies"]
+        metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
+                       dev_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / max(len(dev_idx), 1)))
+    with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"final": metrics}) + "\n")
+    return TrainResult(head, head_config, metrics, run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def _variants(cfg: HeadRecipeConfig) -> list[HeadRecipeConfig]:
+    if not cfg.sweep:
+        return [cfg]
+    out = []
+    for v in cfg.sweep:
+        changes = {k: val for k, val in dataclasses.asdict(v).items() if val is not None}
+        out.append(dataclasses.replace(cfg, sweep=[], **changes))
+    return out
+
+
+def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:
+    out = Path(cfg.out)
+    stale = [p for p in (out / "checkpoints", out / "sweep", out / "log.jsonl") if p.exists()]
+    if stale and not resume:
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"out: {out} already holds a run ({', '.join(p.name for p in stale)}); "
+                "pass --resume to continue it, overwrite=true to start over, or choose another --out"
+            )
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) -> dict:
+    """Train (or resume) the head described by ``cfg``; returns the chosen head's metrics.
+
+    ``backbone``: an already loaded ``arbiter.backbone.Backbone`` (tests, notebooks); else ``cfg.model`` is loaded.
+    """
+    import torch
+
+    from arbiter.heads import HeadConfig, num_parameters, save_head
+    from arbiter.training.artifacts import atomic_write_json
+    from arbiter.training.feature_cache import pair_features
+    from arbiter.training.losses import LOSSES
+
+    t_start = time.perf_counter()
+    out = _prepare_out(cfg, resume)
+    if backbone is None:
+        from arbiter.backbone import load_backbone
+
+        backbone = load_backbone(cfg.model, threads=cfg.threads)
+    if cfg.layer >= backbone.num_layers:
+        raise ConfigError(f"layer: {cfg.layer} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
+    if any(v.pooler == "swiglu_tanh" for v in _variants(cfg)) and not backbone.ffn_size:
+        raise ConfigError("pooler swiglu_tanh needs the backbone's FFN width (config.intermediate_size)")
+
+    t0 = time.perf_counter()
+    tokenized, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id)
+    splits = split_indices(tokenized, cfg)
+    tok_seconds = time.perf_counter() - t0
+    log.info("pairs: %d (train %d, dev %d, test %d)", len(tokenized), *(len(splits[k]) for k in ("train", "dev", "test")))
+    feats = pair_features(backbone, tokenized, layer=cfg.layer, max_length=cfg.max_length, cache_dir=cfg.cache_dir,
+                          batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress)
+    log.info("features: %s (%s, %.1f s, %d tokens)", feats.path, feats.status, feats.seconds, feats.tokens)
+    fw, fl = feats.chosen, feats.rejected  # [N, d] each
+
+    variants = _variants(cfg)
+    results: list[TrainResult] = []
+    for i, vcfg in enumerate(variants):
+        run_dir = out if len(variants) == 1 else out / "sweep" / f"{i:02d}-{vcfg.pooler}-{vcfg.loss}"
+        res = train_on_features(vcfg, fw, fl, splits, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
+                                run_dir=run_dir, resume=resume, features_key=feats.key)
+        log.info("variant %d %s/%s eps=%s lr=%s: dev_accuracy=%s", i, vcfg.pooler, vcfg.loss, vcfg.eps, vcfg.lr,
+                 res.metrics.get("dev_accuracy"))
+        results.append(res)
+
+    def rank(r: TrainResult):
+        m = r.metrics
+        if "dev_accuracy" not in m:
+            return (0.0, 0.0)
+        return (m["dev_loss"] * -1.0, 0.0) if cfg.select_metric == "loss" else (m["dev_accuracy"], -m["dev_loss"])
+
+    best_i = max(range(len(results)), key=lambda i: rank(results[i]))
+    best, bcfg = results[best_i], variants[best_i]
+    metrics = dict(best.metrics)
+    if splits["test"]:
+        te = _evaluate(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
+        acc = te["test_rewards/accuracies"]
+        metrics.update(test_accuracy=acc, test_margin=te["test_rewards/margins"], n_test=len(splits["test"]),
+                       test_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / len(splits["test"])))
+    metrics.update(feature_seconds=round(feats.seconds, 2), feature_tokens=feats.tokens, feature_cache=feats.status,
+                   tokenize_seconds=round(tok_seconds, 2), parameters=num_parameters(best.head))
+
+    sweep_table = [
+        {"pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr, "dropout": v.dropout,
+         "weight_decay": v.weight_decay, **{k: r.metrics.get(k) for k in ("dev_accuracy", "dev_loss", "train_accuracy",
+                                                                            "best_step", "stop_reason")}}
+        for v, r in zip(variants, results)
+    ]
+    provenance = {
+        "recipe": "head",
+        "data": list(cfg.data),
+        "limit": cfg.limit,
+        "max_length": cfg.max_length,
+        "truncate_prompt": cfg.truncate_prompt,
+        "seed": cfg.seed,
+        "splits": {"dev_fraction": cfg.dev_fraction, "test_fraction": cfg.test_fraction, "by": "prompt"},
+        "report": {"source": report.source, "total": report.total, "kept": report.kept, "dropped": dict(report.dropped)},
+        "loss": bcfg.loss,
+        "eps": bcfg.eps,
+        "pooler": bcfg.pooler,
+        "dropout": bcfg.dropout,
+        "optimizer": {"name": "AdamW", "lr": bcfg.lr, "weight_decay": bcfg.weight_decay, "batch_size": cfg.batch_size},
+        "select_metric": cfg.select_metric,
+        "features_key": feats.key,
+        "metrics": {k: metrics[k] for k in ("dev_accuracy", "dev_margin", "train_accuracy", "n_train", "n_dev",
+                                             "test_accuracy", "test_margin", "n_test") if k in metrics},
+        "sweep": sweep_table if len(variants) > 1 else [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    head_config = HeadConfig(**{**best.head_config.model_dump(), "provenance": json.loads(json.dumps(provenance, default=str))})
+    head_dir = Path(cfg.head_dir) if cfg.head_dir else out / "head"
+    save_head(best.head, head_config, head_dir)
+    metrics["head_dir"] = str(head_dir)
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_json(out / "result.json", {"metrics": metrics, "chosen": sweep_table[best_i] if len(variants) > 1 else
+                                            None, "variants": sweep_table, "report": report.to_dict(),
+                                            "config": dataclasses.asdict(cfg)})
+    log.info("head %r written to %s: %s", cfg.name, head_dir, {k: metrics.get(k) for k in ("dev_accuracy", "test_accuracy")})
+    return metrics
