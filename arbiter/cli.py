@@ -61,8 +61,12 @@ def serve(argv: list[str]) -> int:
         return 2
     setup_logging(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=30))
+    # The engine worker's death handler stops this server (in-flight requests get 503s), and the process
+    # then exits non-zero so a supervisor (systemd Restart=on-failure, Docker, k8s) restarts it.
+    app.state.server = server
+    server.run()
     return int(getattr(app.state, "exit_code", 0))
 
 

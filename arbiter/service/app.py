@@ -187,7 +187,11 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
         app.state.exit_code = 3
         if exit_on_engine_death:
             log.critical("engine worker died; asking the server to exit so a supervisor restarts it")
-            os.kill(os.getpid(), signal.SIGTERM)
+            server = getattr(app.state, "server", None)
+            if server is not None:  # set by `arbiter serve`: a clean stop, then exit code 3
+                server.should_exit = True
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def start(eng) -> None:
         if state.registry is None:
