@@ -33,6 +33,12 @@ class HeadLoadError(ValueError):
     """A head directory that cannot be loaded; the message says why."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike) -> Path:
     """Write the head atomically: temp dir beside the target, fsync, then rename over it."""
     target = Path(directory)
@@ -43,8 +49,10 @@ def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike) -
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arbiter_head": str(config.format_version)})
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         for f in _ALLOWED:
+            os.chmod(tmp / f, 0o644 & ~_umask())  # readable by a service running as another user
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700
         if target.exists():
             # Rename the old one away first so the swap is two renames, never a partial directory.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

@@ -32,6 +32,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o755 & ~mask)  # mkdtemp makes 0700; artifacts are read by other users (the service)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
