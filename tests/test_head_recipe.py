@@ -228,3 +228,18 @@ def test_sweep_keeps_best_variant_and_records_all(tiny_pairs_file, cache_dir, ba
     _, config = load_head(tmp_path / "heads" / "h", expected_backbone=backbone.fingerprint)
     assert (config.pooler, config.provenance["loss"]) == (best["pooler"], best["loss"])
     assert len(config.provenance["sweep"]) == 2
+
+
+def test_unusable_data_is_counted_and_refused_with_reasons(tiny_pairs_file, cache_dir, backbone, tmp_path):
+    from arbiter.training.data import DataError
+    from arbiter.training.recipes.head import load_tokenized
+
+    # Every pair is longer than 40 tokens (the chat template alone is ~30): zero usable, reasons counted.
+    cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path, max_length=40)
+    with pytest.raises(DataError, match=r"zero usable rows out of 16.*over_length: 16"):
+        load_tokenized(cfg, backbone.tokenizer, backbone.end_id, chunk=5)
+    # A limit stops tokenizing early; the rest is counted as beyond_limit.
+    cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path, limit=5)
+    tok, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id, chunk=4)
+    assert len(tok) == 5 and report.kept == 5 and report.dropped["beyond_limit"] == 11
+    assert report.total == report.kept + sum(report.dropped.values())
