@@ -25,6 +25,7 @@ from arbiter.heads import HeadRegistry
 
 from .errors import APIError, error_response
 from .metrics import Metrics
+from .protocol import DOC_ONLY_MODELS
 from .routes import router
 from .settings import Settings
 from .state import ServiceState
@@ -161,7 +162,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _openapi_with_400(app: FastAPI):
     """FastAPI documents request validation failures as 422; this service answers them 400 (OpenAI's
-    status), documented per route. Drop the 422 entries so the schema states what the server does."""
+    status), documented per route. Drop the 422 entries so the schema states what the server does, and add
+    the schemas of models only the document refers to."""
     base = app.openapi
 
     def openapi() -> dict:
@@ -170,9 +172,14 @@ def _openapi_with_400(app: FastAPI):
             for ops in schema.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
-            comps = schema.get("components", {}).get("schemas", {})
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
             comps.pop("HTTPValidationError", None)
             comps.pop("ValidationError", None)
+            for model in DOC_ONLY_MODELS:  # e.g. the streamed chunk, referenced from text/event-stream
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in js.pop("$defs", {}).items():
+                    comps.setdefault(name, sub)
+                comps.setdefault(model.__name__, js)
         return app.openapi_schema
 
     return openapi

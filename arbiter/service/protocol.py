@@ -170,6 +170,31 @@ class ChatCompletionResponse(BaseModel):
     rerank: RerankInfo | None = None
 
 
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (the ``data:`` payload); ``[DONE]`` ends the stream,
+    and a failure after the stream started arrives as an ``ErrorResponse`` payload."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    rerank: RerankInfo | None = None
+
+
 class ScoreItem(BaseModel):
     index: int
     rewards: dict[str, float]
@@ -241,3 +266,5 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# Models only the OpenAPI document references (no route returns them as a body): app.py adds their schemas.
+DOC_ONLY_MODELS = (ChatCompletionChunk,)

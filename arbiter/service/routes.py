@@ -55,6 +55,17 @@ def _ok(model) -> dict:
     return {200: {"model": model, "description": "Success"}}
 
 
+# One server-sent event of a streamed completion: a ChatCompletionChunk, an error, or the final [DONE].
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": "#/components/schemas/ChatCompletionChunk"}, {"$ref": "#/components/schemas/ErrorResponse"}]}},
+    ]}},
+}
+
 _INFERENCE = (400, 401, 404, 413, 429, 500, 503, 504)
 _ADMIN = (400, 401, 403, 404, 409, 413, 503)
 
@@ -210,7 +221,7 @@ def _worker_error(e: Exception) -> APIError:
 @router.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(require_api_key)],
              responses={200: {"model": ChatCompletionResponse,
                               "description": "A completion; with stream=true, server-sent events of chunks",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                              "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
                         **_errors(*_INFERENCE)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = ready_state(request)
