@@ -1,0 +1,47 @@
+"""Short schemathesis run (the full >= 1000-case run is ``benchmarks/fuzz_api.py``): a live server on the real
+embedded model and a real head, every operation of the service's own /openapi.json fuzzed in positive and
+negative mode; no response may be a 5xx, violate its documented schema, use an undocumented status or content
+type, or accept schema-violating data. Derandomized, so CI sees the same cases every run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("schemathesis")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fuzz_api import fuzz, live_app  # noqa: E402
+
+from fakes import ServerThread  # noqa: E402
+
+EXAMPLES = 10  # per (operation, mode): ~100 cases
+
+
+@pytest.fixture
+def one_thread():
+    # On a shared 2-core machine one intra-op thread is several times faster than two that spin-wait.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_schemathesis_short_run_finds_no_5xx_and_no_schema_violation(backbone, tmp_path, one_thread):
+    app = live_app(backbone, str(tmp_path))
+    with ServerThread(app, start_timeout_s=60) as srv:
+        res = fuzz(srv.url, model_id=app.state.arbiter.model_id, examples=EXAMPLES, derandomize=True, deadline_s=90)
+    ops = res.per_operation()
+    assert len(ops) == 10, sorted(ops)  # every operation of the schema was exercised
+    assert res.cases >= 50, res.counts
+    # The steered positive cases reached the model: real completions and scores came back.
+    assert ops["POST /v1/chat/completions"][("positive", 200)] > 0, ops["POST /v1/chat/completions"]
+    assert ops["POST /v1/score"][("positive", 200)] > 0, ops["POST /v1/score"]
+    assert res.server_errors == 0, res.failures
+    assert res.schema_violations == 0, res.failures
+    assert res.failures == [], res.failures
