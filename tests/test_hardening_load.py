@@ -1,0 +1,311 @@
+"""Hardening under load and faults: overload gives 429 with Retry-After and nothing else fails; the per-request
+deadline gives a 504 instead of a hang; heads swapped or unloaded during traffic fail no request; a client
+that disconnects frees the real engine's batch slot; a dead engine worker makes ``arbiter serve`` exit
+non-zero; SIGTERM drains in-flight requests.
+
+The scale version of the overload test is ``benchmarks/overload.py`` (64 clients, real model). Every loop
+here is bounded in count and time, and everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from arbiter.heads import HeadRegistry
+from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, free_port, save_random_head
+from hardening_server import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
+
+TESTS = Path(__file__).resolve().parent
+CHAT = "/v1/chat/completions"
+
+
+def ask(client: httpx.Client, url: str, text: str, **kw) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 64, **kw}
+    return client.post(url + CHAT, json=body)
+
+
+# --- 5. overload ------------------------------------------------------------------------------------------
+
+
+def test_overload_gives_429_with_retry_after_and_nothing_else_fails():
+    clients, per_client = 16, 4
+    eng = SlowEngine(0.05)  # each batch takes 50 ms: 16 concurrent clients overrun a queue of 4
+    results: list[tuple[str, int, str | None, dict | None]] = []
+    lock = threading.Lock()
+    with served(eng, max_queue=4, max_batch_rows=4, request_timeout_s=30) as srv:
+
+        def client_loop(k: int) -> None:
+            with httpx.Client(timeout=30) as c:
+                for i in range(per_client):
+                    text = f"c{k}-r{i}"
+                    r = ask(c, srv.url, text)
+                    body = r.json()
+                    with lock:
+                        results.append((text, r.status_code, r.headers.get("retry-after"), body))
+
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client_loop, range(clients)))
+        elapsed = time.monotonic() - t0
+        assert len(results) == clients * per_client  # every request got an answer (none hung)
+        ok = [r for r in results if r[1] == 200]
+        rejected = [r for r in results if r[1] == 429]
+        other = [r for r in results if r[1] not in (200, 429)]
+        assert other == [], other[:3]
+        assert ok and rejected, (len(ok), len(rejected))  # the queue really overflowed, and work still got done
+        for text, _, _, body in ok:  # every accepted request completed with its own answer
+            assert body["choices"][0]["message"]["content"] == f"{text}#0"
+        for _, _, retry_after, body in rejected:
+            assert retry_after is not None and int(retry_after) >= 1
+            assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+        wait_until(lambda: srv.state.worker.depth() == 0 and not srv.state.worker.busy, what="an idle worker")
+        h = httpx.get(srv.url + "/health").json()
+        assert h["status"] == "ok" and h["queue_depth"] == 0
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert f'arbiter_rejected_total{{reason="queue_full"}} {float(len(rejected))}' in metrics
+        assert elapsed < 45
+
+
+def test_request_deadline_is_a_504_not_a_hang_and_the_server_recovers():
+    eng = SlowEngine(3.0)
+    with served(eng, request_timeout_s=0.5) as srv, httpx.Client(timeout=20) as c:
+        t0 = time.monotonic()
+        r = ask(c, srv.url, "slow")
+        assert time.monotonic() - t0 < 2.5  # the deadline (0.5 s) plus one poll, not the engine's 3 s
+        assert_error(r, 504, type_="timeout_error", code="timeout", in_message="0.5 s")
+        # A streamed request past the deadline ends with an error event, then [DONE]: no hang either.
+        t0 = time.monotonic()
+        with c.stream("POST", srv.url + CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "s"}],
+                                                    "max_tokens": 8, "stream": True}) as resp:
+            assert resp.status_code == 200
+            lines = [l for l in resp.iter_lines() if l.startswith("data: ")]
+        assert time.monotonic() - t0 < 2.5
+        assert lines[-1] == "data: [DONE]" and '"timeout_error"' in lines[-2], lines
+        eng.delay_s = 0.0
+        wait_until(lambda: not srv.state.worker.busy and srv.state.worker.depth() == 0, timeout=15, what="idle")
+        r = ask(c, srv.url, "fast now")
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fast now#0"
+
+
+# --- 6. heads swapped / unloaded under traffic ------------------------------------------------------------
+
+
+def test_swapping_a_head_under_traffic_fails_no_request(tmp_path):
+    reg = heads_dir(tmp_path, "h1")
+    save_random_head(FAKE_FINGERPRINT, tmp_path / "h1_v2", name="h1", seed=7, scale=20.0)
+    cands = ["alpha", "bravo", "charlie"]
+    eng = SlowEngine(0.01)
+    with served(eng, reg, heads_dir=str(tmp_path), admin_key="adm", max_queue=256) as srv, \
+            httpx.Client(timeout=30) as c:
+        adm = {"Authorization": "Bearer adm"}
+        score_body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "candidates": cands, "heads": ["h1"]}
+
+        def rewards() -> tuple[float, ...]:
+            r = c.post(srv.url + "/v1/score", json=score_body)
+            assert r.status_code == 200, r.text
+            return tuple(d["rewards"]["h1"] for d in r.json()["data"])
+
+        v1 = rewards()
+        assert c.put(srv.url + "/v1/admin/heads/h1", json={"path": "h1_v2"}, headers=adm).status_code == 200
+        v2 = rewards()
+        assert v1 != v2
+        assert c.put(srv.url + "/v1/admin/heads/h1", json={"path": "h1"}, headers=adm).status_code == 200
+
+        stop = threading.Event()
+        seen: list[tuple[str, int, object]] = []
+        lock = threading.Lock()
+
+        def traffic(k: int) -> None:
+            with httpx.Client(timeout=30) as tc:
+                for i in range(15):
+                    if i % 2:
+                        r = tc.post(srv.url + "/v1/score", json=score_body)
+                        got = tuple(d["rewards"]["h1"] for d in r.json()["data"]) if r.status_code == 200 else r.text
+                        kind = "score"
+                    else:
+                        r = ask(tc, srv.url, f"t{k}-{i}", rerank={"heads": ["h1"], "candidates": 3})
+                        got = r.json().get("rerank", {}).get("heads") if r.status_code == 200 else r.text
+                        kind = "rerank"
+                    with lock:
+                        seen.append((kind, r.status_code, got))
+
+        def swapper() -> int:
+            n = 0
+            with httpx.Client(timeout=30) as sc:
+                while not stop.is_set() and n < 60:
+                    path = "h1_v2" if n % 2 == 0 else "h1"
+                    r = sc.put(srv.url + "/v1/admin/heads/h1", json={"path": path}, headers=adm)
+                    assert r.status_code == 200, r.text
+                    n += 1
+                    time.sleep(0.005)
+            return n
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            swaps = pool.submit(swapper)
+            list(pool.map(traffic, range(4)))
+            stop.set()
+            n_swaps = swaps.result(timeout=60)
+        failures = [s for s in seen if s[1] != 200]
+        assert len(seen) == 60 and failures == [], failures[:3]
+        assert n_swaps >= 5, n_swaps  # swaps really interleaved with the traffic
+        # Every score came from one whole head version: never a mix of old and new weights.
+        scores = [got for kind, _, got in seen if kind == "score"]
+        assert all(s in (v1, v2) for s in scores), scores
+        assert all(got == ["h1"] for kind, _, got in seen if kind == "rerank")
+
+
+def test_unloading_a_head_lets_in_flight_requests_finish_and_later_ones_get_404(tmp_path):
+    reg = heads_dir(tmp_path, "h1", "h2")
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    with served(eng, reg, admin_key="adm") as srv, cf.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=30) as c:
+        in_flight = pool.submit(ask, httpx.Client(timeout=30), srv.url, "x", rerank={"heads": ["h2"], "candidates": 2})
+        wait_until(eng.started.is_set, what="the rerank request to be in the engine")
+        r = c.delete(srv.url + "/v1/admin/heads/h2", headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200 and r.json()["deleted"] is True
+        assert_error(ask(c, srv.url, "y", rerank={"heads": ["h2"]}), 404, code="head_not_found")
+        gate.set()
+        done = in_flight.result(timeout=20)
+        assert done.status_code == 200, done.text  # accepted before the unload: scored with the head it named
+        assert done.json()["rerank"]["heads"] == ["h2"] and len(done.json()["rerank"]["rewards"]) == 1
+        assert ask(c, srv.url, "z", rerank={"heads": ["h1"]}).status_code == 200
+
+
+# --- 6. a disconnect frees the real engine's batch slot ---------------------------------------------------
+
+
+def test_client_disconnect_stops_a_long_real_generation_early(backbone):
+    from arbiter.service.app import create_app
+    from arbiter.service.engine.hf import HFEngine
+    from arbiter.service.settings import Settings
+
+    engine = HFEngine(backbone)
+    calls: list[tuple[float, float, list]] = []  # (start, end, finish reasons and lengths)
+    real_generate = engine.generate
+
+    def recording_generate(jobs):
+        t0 = time.monotonic()
+        res = real_generate(jobs)
+        calls.append((t0, time.monotonic(), [(c.finish_reason, len(c.token_ids)) for r in res for c in r.candidates]))
+        return res
+
+    engine.generate = recording_generate
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        app = create_app(Settings(max_tokens_limit=400), engine=engine, heads=HeadRegistry(None, backbone.fingerprint),
+                         exit_on_engine_death=False)
+        with ServerThread(app, start_timeout_s=60) as srv:
+            model = app.state.arbiter.model_id
+            body = {"model": model, "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+                    "max_tokens": 400, "temperature": 0, "n": 2}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + CHAT, json=body, timeout=1.5)  # gives up and closes the connection
+            gone = time.monotonic()
+            wait_until(lambda: calls, timeout=60, what="the generation to return")
+            start, end, rows = calls[0]
+            assert [f for f, _ in rows] == ["cancelled", "cancelled"], rows
+            assert all(n < 400 for _, n in rows), rows
+            assert end - gone < 5, f"the engine ran {end - gone:.1f} s after the client left"
+            wait_until(lambda: not srv.state.worker.busy and srv.state.worker.depth() == 0, what="an idle worker")
+            r = httpx.post(srv.url + CHAT, json={**body, "max_tokens": 4, "n": 1}, timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- 6. worker death and graceful shutdown, as a real `arbiter serve` process ----------------------------
+
+
+class Launched:
+    """``tests/hardening_server.py`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log = tmp_path / f"serve-{self.port}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._fh = open(self.log, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "hardening_server.py"), "--port", str(self.port), *args],
+                                     stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=str(TESTS.parent))
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._fh.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_worker_death_turns_health_503_then_the_process_exits_nonzero(tmp_path):
+    # In-process: /health says 503 once the worker is dead (the process would exit right after).
+    with served(FakeEngine(die=True)) as srv:
+        r = httpx.post(srv.url + CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, timeout=20)
+        assert_error(r, 503, type_="service_unavailable", code="engine_dead")
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "unavailable"
+        assert srv.app.state.exit_code == 3
+    # As a process: `arbiter serve` exits non-zero on its own, so a supervisor restarts it.
+    s = Launched(tmp_path, "--mode", "die")
+    try:
+        s.wait_ready()
+        try:
+            r = httpx.post(s.url + CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, timeout=20)
+            assert_error(r, 503, code="engine_dead")
+        except httpx.TransportError:
+            pass  # the process may already be closing the connection
+        try:
+            h = httpx.get(s.url + "/health", timeout=2)
+            assert h.status_code == 503, h.text  # if it still answers, it must not claim to be healthy
+        except httpx.TransportError:
+            pass  # already stopped listening
+        code = s.proc.wait(timeout=45)
+        assert code == 3, f"exit code {code}:\n{s.log.read_text()[-3000:]}"
+    finally:
+        s.close()
+
+
+def test_sigterm_drains_the_in_flight_request_then_exits(tmp_path):
+    s = Launched(tmp_path, "--mode", "slow", "--delay-s", "3")
+    try:
+        s.wait_ready()
+        with cf.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(ask, httpx.Client(timeout=30), s.url, "in flight")
+            time.sleep(1.0)  # the request is inside the 3 s generation
+            assert not fut.done()
+            t_term = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            r = fut.result(timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "in flight#0"
+        code = s.proc.wait(timeout=30)
+        # A clean stop: uvicorn re-raises the SIGTERM it handled once it has drained, so the status is
+        # "terminated by SIGTERM" (143 in a shell), which supervisors treat as the requested stop.
+        assert code in (0, -signal.SIGTERM), f"exit code {code}:\n{s.log.read_text()[-3000:]}"
+        assert "Traceback" not in s.log.read_text()
+        assert time.monotonic() - t_term >= 1.0  # it waited for the request instead of dropping it
+    finally:
+        s.close()
