@@ -82,7 +82,7 @@ class HeadRecipeConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
     batch_size: int = 64  # pairs per step
     patience: int = 5  # epochs without dev improvement before stopping (0: never stop early)
-    select_metric: str = "accuracy"  # accuracy (ties -> lower loss) | loss
+    select_metric: str = "accuracy"  # best epoch of a run by dev accuracy (ties -> lower loss) | dev loss
     checkpoint_every: int = 0  # steps between checkpoints (0: none; needed for --resume)
     keep_checkpoints: int = 2
     sweep: list[Variant] = field(default_factory=list)  # variants trained on the same features; best by dev
@@ -521,10 +521,10 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         results.append(res)
 
     def rank(r: TrainResult):
+        # Across variants always dev accuracy (ties -> lower dev loss): separable and contrastive losses live
+        # on different scales, so their dev losses are not comparable; select_metric is the per-run criterion.
         m = r.metrics
-        if "dev_accuracy" not in m:
-            return (0.0, 0.0)
-        return (m["dev_loss"] * -1.0, 0.0) if cfg.select_metric == "loss" else (m["dev_accuracy"], -m["dev_loss"])
+        return (m["dev_accuracy"], -m["dev_loss"]) if "dev_accuracy" in m else (0.0, 0.0)
 
     best_i = max(range(len(results)), key=lambda i: rank(results[i]))
     best, bcfg = results[best_i], variants[best_i]
