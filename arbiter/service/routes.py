@@ -256,7 +256,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if n_sample < body.n:
             raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
     messages = _messages(st, body.messages)
-    ids = _encode_prompt(st, messages, max_tokens + 1)
+    # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
+    # the GIL), and every other request, health probes included, would wait for it.
+    ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
     params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                             stop=tuple(stops), seed=body.seed)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -469,9 +471,12 @@ async def score(body: ScoreRequest, request: Request):
     heads = _resolve_heads(st, body.heads, "heads")
     messages = _messages(st, body.messages)
     tok = st.engine.tokenizer
-    answers = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
-    longest = max(len(a) for a in answers)
-    ids = _encode_prompt(st, messages, longest + 1)
+
+    def encode() -> tuple[list[int], list[list[int]]]:  # off the event loop, as in chat_completions
+        answers = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
+        return _encode_prompt(st, messages, max(len(a) for a in answers) + 1), answers
+
+    ids, answers = await asyncio.to_thread(encode)
     fut = _submit(st, st.worker.submit_score, ids, answers, heads)
     try:
         rewards = await _wait(request, st, fut)
