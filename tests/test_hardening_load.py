@@ -309,3 +309,29 @@ def test_sigterm_drains_the_in_flight_request_then_exits(tmp_path):
         assert time.monotonic() - t_term >= 1.0  # it waited for the request instead of dropping it
     finally:
         s.close()
+
+
+# --- tokenizing a huge prompt must not stall the event loop ----------------------------------------------
+
+
+def test_a_huge_prompt_does_not_stall_other_requests(backbone):
+    # The real tokenizer (which releases the GIL) on a ~1.6 MB prompt takes seconds on this CPU. Done on the
+    # event loop, every other request (health probes included) would wait that long.
+    eng = FakeEngine(context_length=backbone.context_length)
+    eng.tokenizer = backbone.tokenizer
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "hello world " * 140_000}], "max_tokens": 4}
+    with served(eng, max_body_bytes=4 << 20) as srv, cf.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=30) as c:
+        assert c.get(srv.url + "/health").status_code == 200
+        t0 = time.monotonic()
+        fut = pool.submit(httpx.post, srv.url + CHAT, json=big, timeout=120)
+        lags = []
+        while not fut.done() and time.monotonic() - t0 < 60:
+            t1 = time.monotonic()
+            assert c.get(srv.url + "/health").status_code == 200
+            lags.append(time.monotonic() - t1)
+            time.sleep(0.05)
+        r = fut.result(timeout=60)
+        took = time.monotonic() - t0
+    assert_error(r, 400, code="context_length_exceeded")
+    assert took > 0.5 and len(lags) >= 3, (took, lags)  # the probes really overlapped the tokenization
+    assert max(lags) < 0.4, f"/health waited {max(lags):.2f} s while a {took:.1f} s request was tokenized"
