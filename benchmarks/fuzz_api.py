@@ -5,9 +5,9 @@ SmolLM2-135M and one head saved to a temporary ARBITER_HEADS_DIR. Schemathesis r
 ``/openapi.json`` and generates requests for every operation, in two modes:
 
   positive  bodies/parameters valid under the schema. Random model names and head names almost never match,
-            so a share of positive cases (``--repair``) is steered to the served model, the real head and the
-            limits (n, candidates, max_tokens, stop) to reach generation, reranking and scoring; the rest stay
-            raw.
+            so a share of positive cases (``--repair``) is steered to what exists: the served model, the real
+            head, heads that earlier admin cases loaded, and the limits (n, candidates, max_tokens, stop), to
+            reach generation, reranking, scoring and head load/swap/unload; the rest stay raw.
   negative  bodies/parameters that violate the schema (wrong types, missing fields, invalid JSON...).
 
 Every response is checked with schemathesis' checks: no 5xx (``not_a_server_error``), the status code is
@@ -77,8 +77,25 @@ class FuzzResult:
         return out
 
 
+def steer(case, op: str, rng: random.Random, model_id: str, limits: dict, created: list[str]) -> None:
+    """Steer a schema-valid case towards things that exist (the served model, the real head, heads loaded by
+    earlier cases) and within the limits, so positive cases reach the model and the admin code paths."""
+    body = case.body if isinstance(case.body, dict) else None
+    if op == "GET /v1/models/{model_id}":
+        case.path_parameters["model_id"] = model_id
+    elif op == "POST /v1/admin/heads" and body is not None:
+        body["path"] = HEAD  # a valid head directory; loaded under the generated name (or h1: a 409)
+    elif op == "PUT /v1/admin/heads/{name}" and body is not None:
+        case.path_parameters["name"] = rng.choice([HEAD, *created])
+        body["path"] = HEAD
+    elif op == "DELETE /v1/admin/heads/{name}" and created:
+        case.path_parameters["name"] = created.pop(rng.randrange(len(created)))  # never h1 itself
+    elif body is not None and "model" in body:
+        repair(body, rng, model_id, HEAD, limits)
+
+
 def repair(body: dict, rng: random.Random, model_id: str, head: str, limits: dict) -> None:
-    """Steer a schema-valid body towards the served model, the real head and the limits (in place)."""
+    """Steer a schema-valid request body towards the served model, the real head and the limits (in place)."""
     body["model"] = model_id
     if isinstance(body.get("heads"), list):
         body["heads"] = [head]
@@ -122,6 +139,7 @@ def fuzz(base_url: str, *, model_id: str, examples: int, repair_fraction: float 
               negative_data_rejection]
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     rng = random.Random(seed)
+    created: list[str] = []  # heads loaded by fuzzed admin calls (DELETE cases may remove them)
     res = FuzzResult()
     t_start = time.monotonic()
     headers = {"Authorization": f"Bearer {AUTH}"}
@@ -140,13 +158,14 @@ def fuzz(base_url: str, *, model_id: str, examples: int, repair_fraction: float 
             def one(case):
                 if time.monotonic() - t_start > deadline_s:
                     raise _OutOfTime()
-                if (mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body
-                        and rng.random() < repair_fraction):
-                    repair(case.body, rng, model_id, HEAD, limits)
+                if mode == GenerationMode.POSITIVE and rng.random() < repair_fraction:
+                    steer(case, op.label, rng, model_id, limits, created)
                 t0 = time.monotonic()
                 resp = case.call(base_url=base_url, headers=headers, timeout=limits["request_timeout_s"] + 30)
                 dt = time.monotonic() - t0
                 res.counts[(op.label, mode.value, resp.status_code)] += 1
+                if op.label == "POST /v1/admin/heads" and resp.status_code == 200:
+                    created.append(resp.json()["id"])
                 res.slowest = sorted(res.slowest + [(round(dt, 2), op.label, resp.status_code)], reverse=True)[:5]
                 try:
                     case.validate_response(resp, checks=checks)
@@ -211,9 +230,9 @@ def report_md(res: FuzzResult, args, wall_s: float) -> str:
         + f", and a context window of {args.context} tokens (prompt + answer; the model's own is 8192) enforced by the"
         " server's context check, which bounds the cost of any one request.",
         "",
-        f"Schema: the service's own `/openapi.json`. Modes: positive (schema-valid; {args.repair:.0%} of bodies steered",
-        "to the served model, the real head and the limits so generation and scoring run) and negative",
-        "(schema-violating). Checks on every response: not_a_server_error, status_code_conformance,",
+        f"Schema: the service's own `/openapi.json`. Modes: positive (schema-valid; {args.repair:.0%} of cases steered to",
+        "what exists: the served model, the real head, heads loaded by earlier admin cases, and the limits, so",
+        "generation, scoring and head load/swap/unload run) and negative (schema-violating). Checks on every response: not_a_server_error, status_code_conformance,",
         "content_type_conformance, response_schema_conformance, negative_data_rejection.",
         "",
         f"Machine: {platform.machine()}, {_cpu()}; schemathesis {_version('schemathesis')}, hypothesis {_version('hypothesis')}.",

@@ -39,9 +39,9 @@ def test_schemathesis_short_run_finds_no_5xx_and_no_schema_violation(backbone, t
     ops = res.per_operation()
     assert len(ops) == 10, sorted(ops)  # every operation of the schema was exercised
     assert res.cases >= 50, res.counts
-    # The steered positive cases reached the model: real completions and scores came back.
-    assert ops["POST /v1/chat/completions"][("positive", 200)] > 0, ops["POST /v1/chat/completions"]
-    assert ops["POST /v1/score"][("positive", 200)] > 0, ops["POST /v1/score"]
+    # The steered positive cases reached the model and the admin paths: real completions, scores and swaps.
+    for op in ("POST /v1/chat/completions", "POST /v1/score", "GET /v1/models/{model_id}", "PUT /v1/admin/heads/{name}"):
+        assert ops[op][("positive", 200)] > 0, (op, ops[op])
     assert res.server_errors == 0, res.failures
     assert res.schema_violations == 0, res.failures
     assert res.failures == [], res.failures
