@@ -230,7 +230,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_model(st, body.model)
     extra = body.extra_fields()
     if extra:
-        log.info("ignoring unsupported fields: %s", ", ".join(extra))
+        # Field names are client-chosen: log a bounded, escaped sample, never a megabyte of keys.
+        shown = ", ".join(repr(k[:40]) for k in extra[:10]) + (f" (+{len(extra) - 10} more)" if len(extra) > 10 else "")
+        log.info("ignoring unsupported fields: %s", shown)
     if body.n > s.max_n:
         raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
     # Defaults never exceed the limits: a request that sends no max_tokens must not be refused for it.
