@@ -514,3 +514,11 @@ def test_log_prompts_opt_in_logs_them(caplog):
     with served(FakeEngine(), log_prompts=True) as s, caplog.at_level(logging.INFO):
         assert post(s, CHAT, chat(messages=[{"role": "user", "content": "opt-in-text-77"}])).status_code == 200
     assert any("opt-in-text-77" in r.getMessage() for r in caplog.records if r.name == "arbiter.access")
+
+
+def test_unknown_field_names_are_logged_bounded(srv, caplog):
+    extra = {f"field_{k}_" + "x" * 100: 1 for k in range(25)}  # under the 4096-byte body limit
+    with caplog.at_level(logging.INFO):
+        assert post(srv, CHAT, chat(**extra)).status_code == 200  # unknown OpenAI fields are ignored, not refused
+    lines = [r.getMessage() for r in caplog.records if "ignoring unsupported fields" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 1000 and "+15 more" in lines[0], lines
