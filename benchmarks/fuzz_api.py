@@ -27,6 +27,7 @@ import collections
 import json
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -236,6 +237,7 @@ def report_md(res: FuzzResult, args, wall_s: float) -> str:
         "content_type_conformance, response_schema_conformance, negative_data_rejection.",
         "",
         f"Machine: {platform.machine()}, {_cpu()}; schemathesis {_version('schemathesis')}, hypothesis {_version('hypothesis')}.",
+        f"Code: commit `{git_commit()}`.",
         "",
         "## Result",
         "",
@@ -323,6 +325,19 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=2) + "\n")
     print(md)
     return 0 if res.server_errors == 0 and not res.failures else 1
+
+
+def git_commit() -> str:
+    """The commit the benchmark ran on, marked dirty when tracked arbiter/ files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "arbiter"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout
+        files = sorted(line[3:] for line in dirty.splitlines() if line.strip())
+        return head + (f"` plus uncommitted changes in `{', '.join(files)}" if files else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
