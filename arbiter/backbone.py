@@ -161,6 +161,7 @@ class Backbone:
     fingerprint: Any  # BackboneFingerprint
     path: Path
     end_id: int  # id of <|im_end|>
+    adapter: dict | None = None  # set by merge_lora when an aligned adapter is served
 
     @property
     def hidden_size(self) -> int:
@@ -293,3 +294,67 @@ def forward_features(
                 dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             hidden = cap.output
         return end_features(hidden, positions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving an aligned LoRA adapter: merge it into the weights once at load (no PEFT needed at serve time).
+# --------------------------------------------------------------------------------------------------
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def merge_lora(model: Any, adapter_dir: str | os.PathLike) -> dict:
+    """Merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into ``model`` in place.
+
+    W <- W + (alpha / r) * B @ A for every adapted linear layer (alpha / sqrt(r) with rsLoRA), which is what
+    PEFT's ``merge_and_unload`` computes. Only safetensors weights are read; DoRA, ``modules_to_save`` and
+    other variants are refused with a clear error rather than served wrong.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{d}: an adapter needs adapter_config.json and adapter_model.safetensors (PEFT format)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise AdapterError(f"{d}: {key}=true adapters are not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{d}: adapters with modules_to_save are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{d}: adapters with trained biases are not supported")
+    r_default, alpha_default = int(cfg["r"]), float(cfg["lora_alpha"])
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    state = load_file(str(w_path))
+    modules = dict(model.named_modules())
+    merged = 0
+    with torch.no_grad():
+        for key, a in state.items():
+            if not key.endswith("lora_A.weight"):
+                continue
+            prefix = key[: -len(".lora_A.weight")]
+            b = state.get(prefix + ".lora_B.weight")
+            if b is None:
+                raise AdapterError(f"{d}: {key} has no matching lora_B")
+            name = prefix.removeprefix("base_model.model.")
+            target = modules.get(name)
+            if target is None or not hasattr(target, "weight"):
+                raise AdapterError(f"{d}: adapter targets {name!r}, which this model does not have")
+            short = name.split(".")[-1]
+            r = int(next((v for k, v in rank_pattern.items() if name.endswith(k) or short == k), r_default))
+            alpha = float(next((v for k, v in alpha_pattern.items() if name.endswith(k) or short == k), alpha_default))
+            scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+            delta = (b.float() @ a.float()) * scale  # [out, r] @ [r, in] -> [out, in]
+            if delta.shape != target.weight.shape:
+                raise AdapterError(f"{d}: {name}: LoRA delta {list(delta.shape)} does not fit weight {list(target.weight.shape)}")
+            target.weight.add_(delta.to(device=target.weight.device, dtype=target.weight.dtype))
+            merged += 1
+    if merged == 0:
+        raise AdapterError(f"{d}: no LoRA weights found")
+    return {"name": d.name, "path": str(d.resolve()), "merged_modules": merged, "r": r_default, "alpha": alpha_default}

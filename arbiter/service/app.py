@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 import time
 from typing import Any
 
@@ -55,6 +56,12 @@ def build_engine(settings: Settings):
 
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     bb = load_backbone(settings.model, cache_dir=settings.cache_dir, device=device, dtype=dtype, threads=settings.threads)
+    if settings.adapter:
+        from arbiter.backbone import merge_lora
+
+        info = merge_lora(bb.model, settings.adapter)
+        log.info("merged adapter %s (%d modules)", info["name"], info["merged_modules"])
+        bb.adapter = info
     return HFEngine(bb)
 
 
@@ -209,6 +216,12 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
                 log.error("head %s not loaded: %s", d, err)
             if loaded:
                 log.info("heads loaded: %s", ", ".join(loaded))
+            served = getattr(getattr(eng, "backbone", None), "adapter", None)
+            for name in loaded:
+                trained_with = state.registry.get(name).config.provenance.get("adapter")
+                if trained_with and (served is None or Path(trained_with).name != served["name"]):
+                    log.warning("head %s was trained jointly with adapter %s, which is not the one served (%s): "
+                                "its rewards assume that adapter", name, trained_with, served and served["name"])
         state.bind_engine(eng)
         w = Worker(eng, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
                    metrics=state.metrics, on_death=on_death)

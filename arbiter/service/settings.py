@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ARBITER_", extra="ignore")
 
     model: str = Field("smollm2-135m-instruct", description="Embedded default, a local HF model directory, or a GGUF file")
+    adapter: str | None = Field(None, description="A PEFT LoRA adapter directory merged into the model at start-up (served as its own model id)")
     served_model_name: str | None = Field(None, description="Model id clients send (default: the model's name)")
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA)")
     device: str = Field("auto", description="auto, cpu or cuda")

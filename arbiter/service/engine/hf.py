@@ -61,7 +61,8 @@ class HFEngine:
         self.lm_head = backbone.model.get_output_embeddings()
         self.tokenizer = backbone.tokenizer
         self.fingerprint = backbone.fingerprint
-        self.model_name = backbone.name
+        # A merged adapter is served under its own id: the weights are no longer the base model's.
+        self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
         self.context_length = backbone.context_length
         self.end_id = backbone.end_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
