@@ -304,8 +304,15 @@ def test_pooled_features_are_differentiable_wrt_the_model(backbone):
     sae.requires_grad_(False)
     batch = collate_pairs(tp, pad_id=backbone.end_id)
     w = S._decoder_stack(backbone.model)[1][0].mlp.down_proj.weight
-    pooled = S.pooled_sae_features(backbone.model, batch, sae, layer)
-    (grad,) = torch.autograd.grad(pooled.sum(), [w])  # no .grad buffers left on the shared model
+    # The backbone is shared by the whole session: earlier tests may have frozen it. Ask for the gradient
+    # explicitly and put the flag back.
+    was = w.requires_grad
+    w.requires_grad_(True)
+    try:
+        pooled = S.pooled_sae_features(backbone.model, batch, sae, layer)
+        (grad,) = torch.autograd.grad(pooled.sum(), [w])  # no .grad buffers left on the shared model
+    finally:
+        w.requires_grad_(was)
     assert grad.abs().sum() > 0
 
 
