@@ -139,6 +139,10 @@ def fuzz(base_url: str, *, model_id: str, examples: int, repair_fraction: float 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
               negative_data_rejection]
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    # A body over the size limit is refused with 413 before it is parsed: that is a rejection too (the
+    # check's default list of rejecting statuses has 400/422/... but not 413).
+    ndr = schema.config.checks.negative_data_rejection
+    ndr.expected_statuses = [*ndr.expected_statuses, "413"]
     rng = random.Random(seed)
     created: list[str] = []  # heads loaded by fuzzed admin calls (DELETE cases may remove them)
     res = FuzzResult()
@@ -233,8 +237,10 @@ def report_md(res: FuzzResult, args, wall_s: float) -> str:
         "",
         f"Schema: the service's own `/openapi.json`. Modes: positive (schema-valid; {args.repair:.0%} of cases steered to",
         "what exists: the served model, the real head, heads loaded by earlier admin cases, and the limits, so",
-        "generation, scoring and head load/swap/unload run) and negative (schema-violating). Checks on every response: not_a_server_error, status_code_conformance,",
-        "content_type_conformance, response_schema_conformance, negative_data_rejection.",
+        "generation, scoring and head load/swap/unload run) and negative (schema-violating). Checks on every",
+        "response: not_a_server_error, status_code_conformance, content_type_conformance,",
+        "response_schema_conformance (JSON bodies and every server-sent event of a stream), negative_data_rejection",
+        "(413 counted as a rejection, as 400 is).",
         "",
         f"Machine: {platform.machine()}, {_cpu()}; schemathesis {_version('schemathesis')}, hypothesis {_version('hypothesis')}.",
         f"Code: commit `{git_commit()}`.",

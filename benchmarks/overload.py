@@ -310,9 +310,9 @@ def report(s: dict, passed: bool, args) -> str:
         f"{s['head_swaps']['ok_200']} ok, {s['head_swaps']['failed']} failed |",
         f"| server exit after SIGTERM | {s['server_exit_code']} (-15 = terminated by the SIGTERM it was sent, after draining) |",
         "",
-        "Rejections are immediate (the queue is full when the request arrives), so the 429 latency is the cost of",
-        "refusing; accepted requests wait for the single engine worker, which merges queued requests into",
-        "batches of up to ARBITER_MAX_BATCH_ROWS rows.",
+        "A rejection does no model work (the queue is full when the request arrives); its latency here is mostly",
+        f"CPU contention between {args.clients} client threads and the server on the same cores. Accepted requests wait",
+        "for the single engine worker, which merges queued requests into batches of up to ARBITER_MAX_BATCH_ROWS rows.",
         "",
     ] + ([] if not s["failures"] else ["## Failures", ""] + [f"- `{json.dumps(f)}`" for f in s["failures"]] + [""]))
 

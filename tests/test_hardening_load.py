@@ -334,4 +334,5 @@ def test_a_huge_prompt_does_not_stall_other_requests(backbone):
         took = time.monotonic() - t0
     assert_error(r, 400, code="context_length_exceeded")
     assert took > 0.5 and len(lags) >= 3, (took, lags)  # the probes really overlapped the tokenization
-    assert max(lags) < 0.4, f"/health waited {max(lags):.2f} s while a {took:.1f} s request was tokenized"
+    # Before the fix /health waited for the whole tokenization (3.5 s of a 3.7 s request on a loaded 2-core box).
+    assert max(lags) < min(1.0, took / 3), f"/health waited {max(lags):.2f} s while a {took:.1f} s request was tokenized"
