@@ -22,6 +22,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.kill()
                 server.wait(10)
         log.close()
+        shutil.rmtree(heads, ignore_errors=True)
 
     ok = [r for r in results if r.get("status") == 200]
     rejected = [r for r in results if r.get("status") == 429]
@@ -266,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(md)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(md)
+    if passed:
+        log_path.unlink(missing_ok=True)
+    else:
+        print(f"server log kept at {log_path}")
     return 0 if passed else 1
 
 
