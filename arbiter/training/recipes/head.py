@@ -280,6 +280,22 @@ def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
     return m
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
+    from arbiter.training.artifacts import atomic_write_text
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line torn by the kill
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
 def _better(metric: str, cand: dict, best: dict | None) -> bool:
     if best is None:
         return True
@@ -347,8 +363,10 @@ def train_on_features(
             step = c.step
             st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
             log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
+            _truncate_log(run_dir / "log.jsonl", step)  # lines a killed run wrote after this checkpoint
 
     def checkpoint() -> Path:
+        log_f.flush()  # the log holds every step up to the checkpoint (a kill -9 loses only later lines)
         tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
