@@ -27,7 +27,6 @@ import collections
 import json
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: ServerThread, save_random_head
+
+from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
 
 AUTH = "fuzz-admin-key"
 HEAD = "h1"
@@ -331,19 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=2) + "\n")
     print(md)
     return 0 if res.server_errors == 0 and not res.failures else 1
-
-
-def git_commit() -> str:
-    """The commit the benchmark ran on, marked dirty when tracked arbiter/ files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "arbiter"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout
-        files = sorted(line[3:] for line in dirty.splitlines() if line.strip())
-        return head + (f"` plus uncommitted changes in `{', '.join(files)}" if files else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

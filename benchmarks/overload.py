@@ -37,6 +37,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: free_port, save_random_head
 
+from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
+
 LOOPBACK = "127.0.0.1"
 ADMIN_KEY = "overload-admin-key"
 PROMPTS = ["Say hi.", "What is 2+2?", "Name a colour.", "Give me a word that rhymes with cat.",
@@ -321,19 +323,6 @@ def report(s: dict, passed: bool, args) -> str:
         "for the single engine worker, which merges queued requests into batches of up to ARBITER_MAX_BATCH_ROWS rows.",
         "",
     ] + ([] if not s["failures"] else ["## Failures", ""] + [f"- `{json.dumps(f)}`" for f in s["failures"]] + [""]))
-
-
-def git_commit() -> str:
-    """The commit the benchmark ran on, marked dirty when tracked arbiter/ files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "arbiter"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout
-        files = sorted(line[3:] for line in dirty.splitlines() if line.strip())
-        return head + (f"` plus uncommitted changes in `{', '.join(files)}" if files else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
