@@ -8,3 +8,25 @@ def backbone():
     from arbiter.backbone import load_backbone
 
     return load_backbone()
+
+
+@pytest.fixture(scope="session")
+def short_hh_pairs(backbone):
+    """``short_hh_pairs(n, max_len, seed=0)``: the first ``n`` pairs (fewer if the data runs out) of the seeded
+    hh-rlhf order whose prompt plus longer answer fit in ``max_len`` tokens and whose answers differ."""
+    from arbiter.backbone import encode_chat
+    from arbiter.training.data import load_pairs
+
+    def pick(n: int, max_len: int, seed: int = 0) -> list:
+        pairs, _ = load_pairs("hh-rlhf", seed=seed)
+        keep = []
+        for p in pairs:
+            pids, cids = encode_chat(backbone.tokenizer, p.prompt, p.chosen, backbone.end_id)
+            _, rids = encode_chat(backbone.tokenizer, p.prompt, p.rejected, backbone.end_id)
+            if len(pids) + max(len(cids), len(rids)) <= max_len and p.chosen.strip() != p.rejected.strip():
+                keep.append(p)
+            if len(keep) == n:
+                break
+        return keep
+
+    return pick

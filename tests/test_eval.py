@@ -23,19 +23,10 @@ def head_dir(tmp_path_factory, backbone):
 
 
 @pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory, backbone):
-    from arbiter.backbone import encode_chat
-    from arbiter.training.data import load_pairs, save_pairs
+def pairs_file(tmp_path_factory, short_hh_pairs):
+    from arbiter.training.data import save_pairs
 
-    pairs, _ = load_pairs("hh-rlhf", seed=1)
-    keep = []
-    for p in pairs:
-        pids, cids = encode_chat(backbone.tokenizer, p.prompt, p.chosen, backbone.end_id)
-        _, rids = encode_chat(backbone.tokenizer, p.prompt, p.rejected, backbone.end_id)
-        if len(pids) + max(len(cids), len(rids)) <= MAX_LEN and p.chosen.strip() != p.rejected.strip():
-            keep.append(p)
-        if len(keep) == 4:
-            break
+    keep = short_hh_pairs(4, MAX_LEN, seed=1)
     return save_pairs(keep, tmp_path_factory.mktemp("data") / "pairs.jsonl")
 
 

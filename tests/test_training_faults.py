@@ -40,20 +40,11 @@ N_PAIRS = 16
 
 
 @pytest.fixture(scope="module")
-def tiny_pairs_file(tmp_path_factory, backbone):
+def tiny_pairs_file(tmp_path_factory, short_hh_pairs):
     """TRL-format JSONL of the first 16 pairs of the seeded hh-rlhf order that fit in MAX_LEN tokens."""
-    from arbiter.backbone import encode_chat
-    from arbiter.training.data import load_pairs, save_pairs
+    from arbiter.training.data import save_pairs
 
-    pairs, _ = load_pairs("hh-rlhf", seed=0)
-    keep = []
-    for p in pairs:
-        pids, cids = encode_chat(backbone.tokenizer, p.prompt, p.chosen, backbone.end_id)
-        _, rids = encode_chat(backbone.tokenizer, p.prompt, p.rejected, backbone.end_id)
-        if len(pids) + max(len(cids), len(rids)) <= MAX_LEN and p.chosen.strip() != p.rejected.strip():
-            keep.append(p)
-        if len(keep) == N_PAIRS:
-            break
+    keep = short_hh_pairs(N_PAIRS, MAX_LEN, seed=0)
     assert len(keep) == N_PAIRS
     return save_pairs(keep, tmp_path_factory.mktemp("faults_data") / "tiny_hh.jsonl")
 
