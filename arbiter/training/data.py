@@ -560,13 +560,15 @@ def tokenize_pairs(
     *,
     max_length: int,
     truncate_prompt: bool = False,
+    raise_if_empty: bool = True,
 ) -> tuple[list[TokenizedPair], DataReport]:
     """Token ids of each pair through ``arbiter.backbone.encode_chat`` (answers end with ``<|im_end|>``).
 
     Drops and counts: empty answers, chosen == rejected, and pairs whose prompt + longer answer exceeds
     ``max_length`` tokens. With ``truncate_prompt=True`` an over-long prompt is left-truncated instead (the
     most recent turns are kept); a pair is still dropped if its longer answer alone leaves no room.
-    Raises DataError if pairs were given but none is usable.
+    Raises DataError if pairs were given but none is usable, unless ``raise_if_empty=False`` (callers that
+    tokenize in chunks and judge emptiness on the whole source), which returns ``([], report)`` instead.
     """
     from arbiter.backbone import answer_ids, prompt_ids
 
@@ -604,7 +606,7 @@ def tokenize_pairs(
             pids = pids[-room:]  # keep the end: the latest turns and the assistant generation prompt
         out.append(TokenizedPair(list(pids), cids, rids, dict(p.meta)))
         report.kept += 1
-    if report.total:
+    if report.total and raise_if_empty:
         report.raise_if_empty()
     return out, report
 

@@ -170,27 +170,6 @@ def add_arguments(parser: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tokenize_chunk(part: Sequence[Any], tokenizer: Any, end_id: int, cfg: HeadRecipeConfig):
-    """tokenize_pairs on one chunk; a chunk with no usable pair is not an error here (later chunks may have some)."""
-    import re
-
-    from arbiter.training.data import DataError, DataReport, tokenize_pairs
-
-    kw = dict(max_length=cfg.max_length, truncate_prompt=cfg.truncate_prompt)
-    try:
-        return tokenize_pairs(part, tokenizer, end_id, **kw)
-    except DataError:
-        # tokenize_pairs refuses an all-unusable input; count each pair's reason one by one instead.
-        report = DataReport("tokenize", total=len(part))
-        for i, p in enumerate(part):
-            try:
-                tokenize_pairs([p], tokenizer, end_id, **kw)
-            except DataError as e:
-                m = re.search(r"dropped per reason: (\w+): 1", str(e))
-                report.drop(m.group(1) if m else "unusable", f"{p.meta.get('source', '?')} row {p.meta.get('row', i)}")
-        return [], report
-
-
 def load_tokenized(cfg: HeadRecipeConfig, tokenizer: Any, end_id: int, *, chunk: int = 256):
     """(tokenized pairs of all sources, merged DataReport). Tokenizes in chunks until ``limit`` are kept."""
     from arbiter.training.data import load_pairs, tokenize_pairs
@@ -203,7 +182,10 @@ def load_tokenized(cfg: HeadRecipeConfig, tokenizer: Any, end_id: int, *, chunk:
         while visited < len(pairs) and (cfg.limit is None or len(kept) < cfg.limit):
             part = pairs[visited : visited + chunk]
             visited += len(part)
-            tok, trep = _tokenize_chunk(part, tokenizer, end_id, cfg)
+            # A chunk with no usable pair is not an error here: later chunks may have some; the source as a
+            # whole is checked below.
+            tok, trep = tokenize_pairs(part, tokenizer, end_id, max_length=cfg.max_length,
+                                       truncate_prompt=cfg.truncate_prompt, raise_if_empty=False)
             kept += tok
             for reason, n in (trep.dropped if trep else {}).items():
                 report.dropped[reason] = report.dropped.get(reason, 0) + n
