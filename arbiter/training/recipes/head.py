@@ -170,13 +170,24 @@ def add_arguments(parser: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tokenized(cfg: HeadRecipeConfig, tokenizer: Any, end_id: int, *, chunk: int = 256):
-    """(tokenized pairs of all sources, merged DataReport). Tokenizes in chunks until ``limit`` are kept."""
-    from arbiter.training.data import load_pairs, tokenize_pairs
+def load_sources(cfg: HeadRecipeConfig) -> list[tuple[list, Any]]:
+    """[(text-level pairs, DataReport)] per source of ``cfg.data``; needs no tokenizer, so it runs before the model
+    loads. Raises DataError for a source with zero usable rows."""
+    from arbiter.training.data import load_pairs
+
+    return [load_pairs(src, seed=cfg.seed) for src in cfg.data]
+
+
+def load_tokenized(cfg: HeadRecipeConfig, tokenizer: Any, end_id: int, *, chunk: int = 256,
+                   sources: list[tuple[list, Any]] | None = None):
+    """(tokenized pairs of all sources, merged DataReport). Tokenizes in chunks until ``limit`` are kept.
+
+    ``sources``: ``load_sources(cfg)``'s result when already loaded (its reports are updated in place).
+    """
+    from arbiter.training.data import tokenize_pairs
 
     all_tok, merged = [], None
-    for src in cfg.data:
-        pairs, report = load_pairs(src, seed=cfg.seed)
+    for pairs, report in load_sources(cfg) if sources is None else sources:
         kept: list = []
         visited = 0
         while visited < len(pairs) and (cfg.limit is None or len(kept) < cfg.limit):
@@ -491,6 +502,10 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
 
     t_start = time.perf_counter()
     out = _prepare_out(cfg, resume)
+    # The text-level data first: a source with zero usable rows exits before the (slow) model load.
+    t0 = time.perf_counter()
+    sources = load_sources(cfg)
+    load_seconds = time.perf_counter() - t0
     if backbone is None:
         from arbiter.backbone import load_backbone
 
@@ -501,9 +516,9 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         raise ConfigError("pooler swiglu_tanh needs the backbone's FFN width (config.intermediate_size)")
 
     t0 = time.perf_counter()
-    tokenized, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id)
+    tokenized, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id, sources=sources)
     splits = split_indices(tokenized, cfg)
-    tok_seconds = time.perf_counter() - t0
+    tok_seconds = load_seconds + time.perf_counter() - t0
     log.info("pairs: %d (train %d, dev %d, test %d)", len(tokenized), *(len(splits[k]) for k in ("train", "dev", "test")))
     feats = pair_features(backbone, tokenized, layer=cfg.layer, max_length=cfg.max_length, cache_dir=cfg.cache_dir,
                           batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress)
