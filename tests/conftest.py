@@ -30,3 +30,15 @@ def short_hh_pairs(backbone):
         return keep
 
     return pick
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: on a shared 2-core machine two threads spin-waiting against
+    other processes are several times slower than one. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,13 +20,8 @@ from arbiter.training.recipes import adapter, ref
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's 2 cores are shared: one intra-op thread is several times faster than two fighting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op torch thread for the whole module (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

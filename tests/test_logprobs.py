@@ -13,14 +13,8 @@ from arbiter.training.logprobs import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The test machine's 2 cores are shared: two intra-op threads fighting other processes are several
-    # times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op torch thread for the whole module (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,13 +48,8 @@ class Live:
         return httpx.request(method, f"{self.url}/v1/admin/heads{path}", headers=headers, timeout=60, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The reference forwards in this process: one intra-op thread is much faster on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op torch thread for the whole module (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -62,14 +62,8 @@ def cache_dir(tiny_pairs_file, backbone, tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The 2 shared cores: one intra-op thread is far faster than two fighting other jobs (the feature pass
-    # below took 130 s with torch's default 2 threads under load and 8 s with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op torch thread for the whole module (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env() -> dict:
