@@ -75,7 +75,7 @@ def test_ref_columns_equal_base_model_logps(backbone, tiny):
         logps, lengths = sequence_logps(backbone.model, batch)
     b = len(tokenized)
     stored = torch.tensor([tp.meta[adapter.REF_CHOSEN] for tp in tokenized] + [tp.meta[adapter.REF_REJECTED] for tp in tokenized])
-    torch.testing.assert_close(stored, logps, atol=2e-3, rtol=0)
+    torch.testing.assert_close(stored, logps, atol=1e-3, rtol=2e-5)
     assert [tp.meta[adapter.REF_CHOSEN_LEN] for tp in tokenized] == lengths[:b].tolist()
     assert all(len(tp.meta[adapter.REF_CHOSEN_LAYERS]) == 2 for tp in tokenized)
     # The reference saw exactly these token ids, on this model.
@@ -203,8 +203,8 @@ def test_precomputed_reference_matches_adapter_disabled(tmp_path, backbone, tiny
     offline = _history(ref_dir)[:2]
     assert len(online) == 2
     for a, b in zip(online, offline):
-        assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
-        assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], abs=5e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=2e-4)
+        assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], rel=1e-4, abs=5e-4)
     assert online[1]["rewards/margins"] != 0  # step 2 really compares two non-trivial rewards
 
 

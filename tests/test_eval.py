@@ -56,7 +56,7 @@ def test_eval_pairs_writes_json_and_markdown(head_dir, pairs_file, backbone, tmp
     with torch.no_grad():
         margin = head(f.chosen) - head(f.rejected)
     assert saved["accuracy"] == pytest.approx((margin > 0).float().mean().item())
-    assert saved["mean_margin"] == pytest.approx(margin.mean().item(), abs=1e-5)
+    assert saved["mean_margin"] == pytest.approx(margin.mean().item(), rel=1e-5, abs=1e-5)
 
 
 def test_eval_choice_head_vs_logprob(head_dir, backbone, tmp_path):
