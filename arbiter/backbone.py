@@ -17,7 +17,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+# The one chat encoding (re-exported: callers use arbiter.backbone.prompt_ids / answer_ids / encode_chat).
+from arbiter.chat import ChatTemplateError, answer_ids, encode_chat, prompt_ids, template_messages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -202,29 +205,6 @@ def load_backbone(
     if end_id is None or end_id == tokenizer.unk_token_id:
         raise ValueError(f"model {source.name} has no {END_OF_TURN} token; Arbiter needs a ChatML model")
     return Backbone(source.name, model, tokenizer, fingerprint(source.name, model.config, tokenizer), path, end_id)
-
-
-# --------------------------------------------------------------------------------------------------
-# The one chat encoding. The service's prompts, the training data and the score endpoint all go
-# through these two functions, so a head is trained on exactly the tokens it is served on.
-# --------------------------------------------------------------------------------------------------
-
-
-def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
-    """Token ids of the conversation followed by the assistant generation prompt."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def answer_ids(tokenizer: Any, answer: str, end_id: int, *, close: bool = True) -> list[int]:
-    """Token ids of an assistant answer, closed by ``<|im_end|>`` (the position the head reads)."""
-    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    return ids + [end_id] if close else ids
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[dict], answer: str, end_id: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids ending in <|im_end|>) for one prompt and one answer."""
-    return prompt_ids(tokenizer, messages), answer_ids(tokenizer, answer, end_id)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from arbiter.chat import template_messages
+
 MAX_EXAMPLES = 3  # examples kept per drop reason
 _EXAMPLE_CHARS = 160
 
@@ -256,16 +258,21 @@ def parse_hh_dialogue(text: str) -> list[dict]:
     return msgs
 
 
+# Every role of OpenAI's chat format; how each is rendered: arbiter.chat.template_messages.
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def _check_prompt(prompt: list[dict]) -> list[dict]:
     if not prompt:
         raise _RowError("missing_field", "empty prompt")
-    if prompt[-1]["role"] != "user":
-        raise _RowError("unparseable", f"prompt ends with a {prompt[-1]['role']!r} turn, not a user turn")
+    if prompt[-1]["role"] not in ("user", "tool", "function"):
+        raise _RowError("unparseable", f"prompt ends with a {prompt[-1]['role']!r} turn, not a user or tool turn")
     prev = None
     for m in prompt:
-        if m["role"] not in ("system", "user", "assistant"):
+        if m["role"] not in _ROLES:
             raise _RowError("unparseable", f"unknown role {m['role']!r}")
-        if m["role"] == prev and m["role"] != "system":
+        # Consecutive tool results are normal (one per call); other roles alternate.
+        if m["role"] == prev and m["role"] not in ("system", "developer", "tool", "function"):
             raise _RowError("unparseable", f"two consecutive {m['role']!r} turns")
         if m["role"] == "user" and not m["content"].strip():
             raise _RowError("empty_prompt_turn", "a user turn is empty")
@@ -292,9 +299,25 @@ def _messages(value: Any, what: str) -> list[dict]:
         raise _RowError("unparseable", f"{what} is {type(value).__name__}, expected text or a message list")
     out = []
     for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise _RowError("unparseable", f"{what} holds a message without string role/content: {str(m)[:80]}")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _RowError("unparseable", f"{what} holds a message without a string role: {str(m)[:80]}")
+        content = m.get("content")
+        calls = m.get("tool_calls") or m.get("function_call")
+        if content is None and m["role"] == "assistant" and calls:
+            content = ""  # an assistant turn that only calls tools
+        if isinstance(content, list):  # OpenAI content parts: text (and refusal) parts only
+            if not all(isinstance(p, dict) and p.get("type") in ("text", "refusal") for p in content):
+                raise _RowError("unparseable", f"{what} holds a content part that is not text: {str(m)[:80]}")
+            content = "".join(str(p.get(p["type"]) or "") for p in content)
+        if not isinstance(content, str):
+            raise _RowError("unparseable", f"{what} holds a message without string content: {str(m)[:80]}")
+        msg = {"role": m["role"], "content": content}
+        # What the shared chat encoder (arbiter.chat) renders besides role and content; arrow fills absent
+        # keys with None, so only present values are kept.
+        for key in ("tool_calls", "function_call", "tool_call_id", "name", "refusal"):
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -307,7 +330,8 @@ def _answer(value: Any, what: str) -> str:
     msgs = _messages(value, what)
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise _RowError("unparseable", f"{what} must be one assistant message, got roles {[m['role'] for m in msgs]}")
-    return msgs[0]["content"].strip()
+    # Tool calls and refusals render into the answer text exactly as the service renders them.
+    return template_messages(msgs)[0]["content"].strip()
 
 
 def _common_prefix(a: list[dict], b: list[dict]) -> int:
