@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 
@@ -66,7 +67,14 @@ def serve(argv: list[str]) -> int:
     # The engine worker's death handler stops this server (in-flight requests get 503s), and the process
     # then exits non-zero so a supervisor (systemd Restart=on-failure, Docker, k8s) restarts it.
     app.state.server = server
-    server.run()
+    # uvicorn handles SIGTERM by draining, then re-raises the signal once it has stopped, so a drained stop
+    # would end "terminated by SIGTERM". A drained stop is a clean exit: take the re-raised signal here and
+    # return 0 (or 3 after an engine death).
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return int(getattr(app.state, "exit_code", 0))
 
 

@@ -85,7 +85,9 @@ class HeadRegistry:
     # -- writing -----------------------------------------------------------------------------------
     def _load(self, directory: Path, name: str | None) -> LoadedHead:
         module, config = load_head(directory, expected_backbone=self.backbone, device=self.device)
-        return LoadedHead(name or config.name, module, config, str(directory))
+        # Shown to clients (/v1/heads, admin answers): relative to the heads directory, never the server's layout.
+        shown = directory.relative_to(self.root).as_posix() if self.root is not None else directory.name
+        return LoadedHead(name or config.name, module, config, shown)
 
     def load(self, path: str, name: str | None = None, *, replace: bool = False) -> LoadedHead:
         """Load a head from ``<root>/<path>``; ``replace`` allows swapping an existing name."""
