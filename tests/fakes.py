@@ -46,7 +46,7 @@ class FakeTokenizer:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
 
     def decode(self, ids, skip_special_tokens=True):
@@ -97,6 +97,7 @@ class FakeEngine:
         self.model_name = model_name
         self.context_length = context_length
         self.end_id = 2
+        self.vocab_size = 0x110000  # one token per Unicode code point
         self.tokenizer = FakeTokenizer()
         self.echo = echo
         self.gate = gate
@@ -173,7 +174,7 @@ class FakeEngine:
             results.append(GenerationResult(cands, len(job.prompt_ids)))
         return results
 
-    def features(self, prompt_ids, answer_ids, layers) -> dict[int, torch.Tensor]:
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers) | {-1})
         self.feature_calls.append((len(answer_ids), tuple(layers)))
         texts = [self.tokenizer.decode(a) for a in answer_ids]
@@ -261,3 +262,73 @@ class ServerThread:
     @property
     def state(self):
         return self.app.state.arbiter
+
+
+# --- a live `arbiter serve` process on the real model ------------------------------------------------------
+
+
+class ArbiterProcess:
+    """The real ``arbiter serve`` CLI as a subprocess on 127.0.0.1 (settings from ARBITER_* variables; the
+    caller's ARBITER_* variables other than the model and cache are dropped). ``with`` starts it and waits
+    for /health 200 (checking that it answers 503 "loading" meanwhile); leaving stops it."""
+
+    def __init__(self, heads_dir: str | Path, log: str | Path, *, env: dict[str, str] | None = None,
+                 start_timeout_s: float = 240.0):
+        import os
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.heads_dir = Path(heads_dir)
+        self.log = Path(log)
+        self.start_timeout_s = start_timeout_s
+        keep = {"ARBITER_MODEL", "ARBITER_CACHE_DIR"}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_") or k in keep}
+        self.env.update(ARBITER_THREADS="1", ARBITER_DEVICE="cpu", ARBITER_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+        self.env.update(env or {})
+        self.cmd = [sys.executable, "-m", "arbiter.cli", "serve", "--host", LOOPBACK, "--port", str(self.port),
+                    "--heads-dir", str(self.heads_dir)]
+        self.proc = None
+        self.seen: list = []
+
+    def __enter__(self) -> "ArbiterProcess":
+        import subprocess
+
+        import httpx
+
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"arbiter serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"arbiter serve never became healthy; saw {self.seen[-3:]}:\n{self.log.read_text()[-4000:]}")
+                try:
+                    r = httpx.get(f"{self.url}/health", timeout=5)
+                except httpx.TransportError:
+                    time.sleep(0.3)
+                    continue
+                self.seen.append((r.status_code, r.json()))
+                if r.status_code == 200:
+                    return self
+                # While the model loads in the background the server already answers, with 503.
+                if not (r.status_code == 503 and r.json()["status"] == "loading"):
+                    raise AssertionError(f"unexpected /health answer while loading: {r.status_code} {r.text}")
+                time.sleep(0.3)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -62,7 +62,7 @@ def mixed(engine):
         # cut by a stop string, streamed
         GenerationJob(P(engine, "Describe the sea in one sentence."), 2,
                       SamplingParams(max_tokens=12, seed=7, stop=("e",)), feature_layers=(-1, BLOCK),
-                      on_delta=lambda i, t: deltas[3].setdefault(i, []).append(t)),
+                      on_delta=lambda i, t, lps=None: deltas[3].setdefault(i, []).append(t)),
     ]
     results = engine.generate(jobs)
     return jobs, results, deltas
@@ -157,12 +157,12 @@ def test_streaming_and_cancellation_inside_a_batch(engine):
     streamed: dict[int, list[str]] = {}
     cancelled_job = GenerationJob(P(engine, "Count from one to twenty."), 2, SamplingParams(max_tokens=12, seed=1))
 
-    def cancel_after_first(i, text):
+    def cancel_after_first(i, text, lps=None):
         cancelled_job.cancelled.set()  # as the route does when the client goes away
 
     cancelled_job.on_delta = cancel_after_first
     kept = GenerationJob(P(engine, "Name a fruit."), 1, SamplingParams(max_tokens=10, seed=2),
-                         on_delta=lambda i, t: streamed.setdefault(i, []).append(t))
+                         on_delta=lambda i, t, lps=None: streamed.setdefault(i, []).append(t))
     skipped = GenerationJob(P(engine, "Never run."), 1, SamplingParams(max_tokens=4))
     skipped.cancelled.set()
     res = engine.generate([cancelled_job, kept, skipped])
@@ -183,3 +183,96 @@ def test_tiny_top_p_keeps_only_the_top_token_so_it_equals_greedy(engine):
     want = greedy.candidates[0].token_ids
     assert len(want) >= 2
     assert [c.token_ids for c in nucleus.candidates] == [want, want]
+
+
+# --- OpenAI's sampler options: logprobs, logit_bias, frequency / presence penalties ------------------------
+
+
+def test_logprobs_are_the_models_own_log_softmax_at_each_generated_token(engine):
+    """Each generated token's log-prob (and its top-k) equals a standalone forward's log-softmax over the
+    same prefix; top-k is sorted and contains the greedy token."""
+    p = P(engine, "Name three colours.")
+    (res,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=6, seed=4, logprobs=3))])
+    c = res.candidates[0]
+    assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids) >= 2
+    seq = torch.tensor([p + c.token_ids])  # [1, T]
+    with torch.inference_mode():
+        logits = engine.model(input_ids=seq).logits[0].float()  # [T, V]
+    ref = torch.log_softmax(logits, dim=-1)
+    for k, lp in enumerate(c.logprobs):
+        row = ref[len(p) - 1 + k]  # the position that predicts answer token k
+        assert lp.token_id == c.token_ids[k]
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), rel=1e-4, abs=1e-4)
+        assert len(lp.top) == 3
+        assert [t for t, _ in lp.top][0] == int(row.argmax())
+        assert [v for _, v in lp.top] == sorted([v for _, v in lp.top], reverse=True)
+        for t, v in lp.top:
+            assert v == pytest.approx(row[t].item(), rel=1e-4, abs=1e-4)
+    # Not asked for: none computed.
+    (plain,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=3, seed=4))])
+    assert plain.candidates[0].logprobs is None
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    p = P(engine, "Say anything.")
+    forced = engine.tokenizer(" banana", add_special_tokens=False)["input_ids"][0]
+    (res,) = engine.generate([GenerationJob(p, 2, SamplingParams(max_tokens=4, seed=1, logit_bias=((forced, 100.0),)))])
+    assert all(c.token_ids == [forced] * 4 for c in res.candidates)
+    # -100 on the greedy first token: greedy decoding takes another one.
+    (greedy,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=1, temperature=0.0))])
+    first = greedy.candidates[0].token_ids[0]
+    (banned,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=1, temperature=0.0,
+                                                                      logit_bias=((first, -100.0),)))])
+    assert banned.candidates[0].token_ids[0] != first
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula(engine):
+    """logits[j] -= count[j] * frequency + (count[j] > 0) * presence (OpenAI's documented formula), checked
+    against the adjusted distribution the sampler reports (log-probs are taken after the adjustments)."""
+    p = P(engine, "Repeat the word 'cat' many times.")
+    sp = SamplingParams(max_tokens=8, temperature=0.0, frequency_penalty=0.7, presence_penalty=0.4, logprobs=0)
+    (res,) = engine.generate([GenerationJob(p, 1, sp)])
+    c = res.candidates[0]
+    seq = torch.tensor([p + c.token_ids])
+    with torch.inference_mode():
+        logits = engine.model(input_ids=seq).logits[0].float()  # [T, V]
+    for k, lp in enumerate(c.logprobs):
+        row = logits[len(p) - 1 + k].clone()
+        count = torch.bincount(torch.tensor(c.token_ids[:k], dtype=torch.long), minlength=row.shape[0]).float()
+        row -= count * 0.7 + (count > 0).float() * 0.4
+        assert lp.token_id == int(row.argmax())  # greedy under the penalised logits
+        assert lp.logprob == pytest.approx(torch.log_softmax(row, -1)[lp.token_id].item(), rel=1e-4, abs=1e-4)
+    # With a strong frequency penalty the greedy answer repeats no token more than it would unpenalised.
+    (free,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=8, temperature=0.0))])
+    (strong,) = engine.generate([GenerationJob(p, 1, SamplingParams(max_tokens=8, temperature=0.0, frequency_penalty=2.0))])
+    rep = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+    assert rep(strong.candidates[0].token_ids) <= rep(free.candidates[0].token_ids)
+
+
+def test_streamed_logprobs_cover_every_token_once(engine):
+    p = P(engine, "Name a fruit.")
+    got: list = []
+    job = GenerationJob(p, 1, SamplingParams(max_tokens=8, seed=3, logprobs=2),
+                        on_delta=lambda i, t, lps=None: got.extend(lps or []))
+    (res,) = engine.generate([job])
+    assert [x.token_id for x in got] == res.candidates[0].token_ids
+
+
+def test_a_score_pass_nobody_waits_for_is_abandoned_within_a_block(engine):
+    """The worker's ``cancelled`` poll stops the feature pass at the next block, not at the end of the pass."""
+    from arbiter.backbone import decoder_layers
+    from arbiter.service.engine.base import Abandoned
+
+    calls = []
+    hook = decoder_layers(engine.model)[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        prompts = [P(engine, "Hello")] * 40
+        answers = [engine.tokenizer("a fine answer", add_special_tokens=False)["input_ids"]] * 40
+        with pytest.raises(Abandoned):
+            engine.features(prompts, answers, [-1], cancelled=lambda: len(calls) >= 1)
+        assert len(calls) == 1  # block 3 ran once (first chunk); block 4 saw the flag; chunks 2 and 3 never ran
+        calls.clear()
+        out = engine.features(prompts[:2], answers[:2], [-1], cancelled=lambda: False)
+        assert out[-1].shape[0] == 2 and len(calls) == 1
+    finally:
+        hook.remove()

@@ -134,7 +134,7 @@ def test_wrong_types_are_400_naming_the_field(srv, body, param):
     ([{"role": "assistant", "content": "no user at all"}], "messages"),
     ([{"role": "user"}], "messages"),  # content missing: empty
     ([{"content": "no role"}], "messages.0.role"),
-    ([{"role": "tool", "content": "x"}], "messages.0.role"),
+    ([{"role": "tool", "content": "x", "tool_call_id": "c"}], "messages"),  # a tool result, but no user turn
     ([{"role": "wizard", "content": "x"}], "messages.0.role"),
     ([{"role": "USER", "content": "x"}], "messages.0.role"),
     ([{"role": "user", "content": "x"}] * 5, "messages"),  # over max_messages (4)
@@ -170,7 +170,7 @@ def test_prompt_beyond_the_context_window_is_400(srv):
     (chat(max_completion_tokens=9), "max_completion_tokens"),
     (chat(temperature=-0.01), "temperature"),
     (chat(temperature=2.01), "temperature"),
-    (chat(top_p=0), "top_p"),
+    (chat(top_p=-0.1), "top_p"),
     (chat(top_p=1.01), "top_p"),
     (chat(stop=["a", "b", "c"]), "stop"),  # max_stop 2
     (chat(stop=["x" * 9]), "stop"),  # max_stop_length 8

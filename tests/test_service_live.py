@@ -9,11 +9,7 @@ Generations are kept to 8 tokens so the file stays fast on two CPU cores.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +20,7 @@ import torch
 
 from arbiter.backbone import forward_features, prompt_ids
 from arbiter.heads import load_head
-from fakes import free_port, save_random_head
+from fakes import ArbiterProcess, save_random_head
 
 BLOCK = 12
 ADMIN = "admin-secret"
@@ -65,42 +61,8 @@ def live(backbone, tmp_path_factory):
     save_random_head(fp, broken, name="broken", seed=5)
     (broken / "head.safetensors").write_bytes(b"not safetensors")
 
-    port = free_port()
-    log = root.parent / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_") or k in {"ARBITER_MODEL", "ARBITER_CACHE_DIR"}}
-    env.update(ARBITER_ADMIN_KEY=ADMIN, ARBITER_THREADS="1", ARBITER_DEVICE="cpu", ARBITER_LOG_LEVEL="warning",
-               PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "arbiter.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--heads-dir", str(root)]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    seen = []
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"arbiter serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"arbiter serve never became healthy; saw {seen[-3:]}:\n{log.read_text()[-4000:]}")
-            try:
-                r = httpx.get(f"{url}/health", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.3)
-                continue
-            seen.append((r.status_code, r.json()))
-            if r.status_code == 200:
-                break
-            # While the model loads in the background the server already answers, with 503.
-            assert r.status_code == 503 and r.json()["status"] == "loading", r.text
-            time.sleep(0.3)
-        yield Live(url, backbone.name, root, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with ArbiterProcess(root, root.parent / "server.log", env={"ARBITER_ADMIN_KEY": ADMIN}) as srv:
+        yield Live(srv.url, backbone.name, root, srv.proc, srv.log)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +194,7 @@ def test_rerank_rewards_equal_the_heads_on_a_standalone_forward(reranked, backbo
             continue  # the text re-tokenises differently: a standalone forward would see other tokens
         want = reference_rewards(backbone, local_heads, MSGS, c["text"], HEADS)
         for n in HEADS:
-            assert c["rewards"][n] == pytest.approx(want[n], abs=2e-4), (n, c["text"])  # measured: ~5e-6
+            assert c["rewards"][n] == pytest.approx(want[n], rel=1e-4, abs=2e-4), (n, c["text"])  # measured: ~5e-6
         checked += 1
     assert checked >= 2, "too few candidates whose text re-tokenises to the sampled tokens"
 
@@ -257,17 +219,17 @@ def test_score_endpoint(live, reranked, backbone, local_heads):
     assert out["object"] == "score.list" and out["heads"] == HEADS and len(out["data"]) == 5
     rewards = [d["rewards"] for d in out["data"]]
     # The same text scored twice gets the same rewards.
-    assert rewards[4] == pytest.approx(rewards[0], abs=1e-5)
+    assert rewards[4] == pytest.approx(rewards[0], rel=1e-5, abs=1e-5)
     first = [x["h1"] for x in rewards]
     assert out["best"] == max(range(5), key=lambda i: (first[i], -i))
     for text, got in zip(texts, rewards):
         want = reference_rewards(backbone, local_heads, MSGS, text, HEADS)
-        assert got == pytest.approx(want, abs=1e-4), text  # measured: ~1e-5
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4), text  # measured: ~1e-5
     # Score and rerank agree wherever the text re-tokenises to the sampled tokens.
     agree = 0
     for c, got in zip(reranked.rerank["candidates"], rewards):
         if faithful(backbone, c["text"], c["completion_tokens"]):
-            assert got == pytest.approx(c["rewards"], abs=2e-4)
+            assert got == pytest.approx(c["rewards"], rel=1e-4, abs=2e-4)
             agree += 1
     assert agree >= 2
     p = len(prompt_ids(backbone.tokenizer, MSGS))
@@ -390,7 +352,7 @@ def test_admin_load_swap_unload(live, backbone, local_heads):
     assert r.json()["id"] == "alt" and r.json()["pooler"] == "identity"
     assert [d["id"] for d in httpx.get(f"{live.url}/v1/heads").json()["data"]] == ["alt", *HEADS]
     alt = _score(live, "alt")
-    assert alt == pytest.approx(reference_rewards(backbone, local_heads, MSGS, "Taste as you go.", ["alt"])["alt"], abs=1e-4)
+    assert alt == pytest.approx(reference_rewards(backbone, local_heads, MSGS, "Taste as you go.", ["alt"])["alt"], rel=1e-4, abs=1e-4)
     r = live.admin("POST", "", json={"path": "staging/alt"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "head_exists"
 
@@ -403,7 +365,8 @@ def test_admin_load_swap_unload(live, backbone, local_heads):
     r = live.admin("PUT", "/alt", json={"path": "staging/broken"})
     assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
     heads = {d["id"]: d for d in httpx.get(f"{live.url}/v1/heads").json()["data"]}
-    assert heads["alt"]["path"].endswith("staging/alt")
+    assert heads["alt"]["path"] == "staging/alt"  # relative to ARBITER_HEADS_DIR, never an absolute server path
+    assert heads["h1"]["path"] == "h1"
     assert _score(live, "alt") == pytest.approx(alt, abs=1e-6)
 
     # A good swap: the name now scores with h2's weights.
@@ -421,11 +384,10 @@ def test_admin_load_swap_unload(live, backbone, local_heads):
 
 
 def test_server_shuts_down_cleanly(live):
-    # Last test: SIGTERM shuts down gracefully and promptly. uvicorn re-raises the captured SIGTERM after its
-    # graceful shutdown, so the process ends by that signal (143 in a shell), or 0.
+    # Last test: SIGTERM shuts down gracefully and promptly, and a drained stop exits 0.
     live.proc.terminate()
     rc = live.proc.wait(60)
     log = live.log.read_text()
-    assert rc in (0, -signal.SIGTERM), log[-3000:]
+    assert rc == 0, log[-3000:]
     # Every request in this module was answered without a server-side error or traceback.
     assert "Traceback" not in log and '"level": "error"' not in log and '"level": "critical"' not in log, log[-3000:]

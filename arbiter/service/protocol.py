@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _valid_unicode(v: str) -> str:
@@ -29,28 +29,96 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 # --- requests --------------------------------------------------------------------------------------
 
 
-class TextPart(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content. Text and refusal parts are read; other types (image_url,
+    input_audio, file) are well-formed OpenAI parts that a text model cannot take: the route answers 400
+    ``unsupported_parameter`` naming the part."""
+
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: Text
+    type: str = Field(min_length=1)
+    text: Text | None = None
+    refusal: Text | None = None
+
+    @model_validator(mode="after")
+    def _has_its_field(self):
+        if self.type in ("text", "refusal") and getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type!r} content part needs a {self.type!r} string")
+        return self
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Text
+    arguments: Text = ""
+
+
+class CustomCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Text
+    input: Text = ""
+
+
+class ToolCall(BaseModel):
+    """An assistant turn's tool call, as a client sends it back in the next request."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCall | None = None
+    custom: CustomCall | None = None
+
+    @model_validator(mode="after")
+    def _has_its_body(self):
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type!r} tool call needs a {self.type!r} object")
+        return self
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart] | None = None
+    """Every message form of OpenAI's spec: system, developer, user, assistant (text, refusal, tool calls,
+    the deprecated function_call), tool and the deprecated function results. How each is rendered through
+    the model's chat template: ``arbiter.chat``."""
+
+    model_config = ConfigDict(extra="allow")  # audio, ... are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Text | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: Text | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join((p.text if p.type == "text" else p.refusal) or "" for p in self.content)
+
+    def unsupported_part(self) -> int | None:
+        """Index of the first content part that is neither text nor refusal (None when all are)."""
+        if isinstance(self.content, list):
+            for i, p in enumerate(self.content):
+                if p.type not in ("text", "refusal"):
+                    return i
+        return None
+
+    def encoder_dict(self) -> dict:
+        """The message as ``arbiter.chat`` takes it (plain JSON types)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "refusal", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.function_call is not None:
+            out["function_call"] = self.function_call.model_dump()
+        return out
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class RerankOptions(BaseModel):
@@ -67,6 +135,10 @@ class RerankOptions(BaseModel):
     return_candidates: bool = Field(False, description="Return every candidate with its rewards in `rerank`")
 
 
+# Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
+_NULL_IS_DEFAULT = ("n", "temperature", "top_p", "stream", "logprobs", "frequency_penalty", "presence_penalty")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -76,13 +148,41 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # Accepted so that their values can be checked; what is not implemented is refused by the route
+    # with 400 unsupported_parameter, never silently ignored.
+    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
     user: str | None = None
     rerank: RerankOptions | None = None
+
+    @field_validator(*_NULL_IS_DEFAULT, mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        for k, b in (v or {}).items():
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100 (token {k[:20]!r}: {b})")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -95,7 +195,9 @@ class ChatCompletionRequest(BaseModel):
         return v
 
     def extra_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
+        """Fields accepted but not acted on: unknown ones, and declared no-ops that were sent (tools, user)."""
+        sent = [k for k in ("tools", "functions", "user") if getattr(self, k) is not None]
+        return sorted([*(self.model_extra or {}).keys(), *sent])
 
 
 class ScoreRequest(BaseModel):
@@ -147,16 +249,36 @@ class RerankInfo(BaseModel):
     candidates: list[RerankCandidate] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # required by the spec (null: this server never refuses)
+
+
+# What a client sees; the engine's internal "cancelled" never reaches a response (nobody is waiting).
+FinishReason = Literal["stop", "length"]
 
 
 class Choice(BaseModel):
     index: int
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -166,7 +288,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     rerank: RerankInfo | None = None
 
 
@@ -178,7 +300,8 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -189,7 +312,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
     rerank: RerankInfo | None = None

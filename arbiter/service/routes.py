@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from arbiter.backbone import prompt_ids
+from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
 
 from .engine.base import GenerationJob, SamplingParams
@@ -132,15 +132,62 @@ def _check_model(st: ServiceState, model: str) -> None:
 
 
 def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the shared chat encoder takes them (``arbiter.chat``: roles, tool calls and results)."""
     if len(messages) > st.settings.max_messages:
         raise InvalidRequest(f"at most {st.settings.max_messages} messages are allowed", param="messages")
     out = []
-    for m in messages:
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": m.text()})
+    for i, m in enumerate(messages):
+        part = m.unsupported_part()
+        if part is not None:
+            kind = m.content[part].type  # type: ignore[index]
+            raise InvalidRequest(f"content parts of type {kind!r} are not supported: this model reads text only",
+                                 param=f"messages.{i}.content.{part}", code="unsupported_parameter")
+        out.append(m.encoder_dict())
     if not any(m["content"].strip() for m in out if m["role"] == "user"):
         raise InvalidRequest("messages must contain at least one non-empty user message", param="messages")
     return out
+
+
+def _unsupported(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"{param}: {what} is not supported by this server", param=param, code="unsupported_parameter")
+
+
+def _check_output_options(body: ChatCompletionRequest) -> None:
+    """Fields that change what the output must be: honoured, or refused by name (never silently ignored)."""
+    rf = body.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise _unsupported("response_format", f"type {str(rf.get('type'))[:40]!r} (only 'text')")
+    tc = body.tool_choice
+    if tc is not None and not (isinstance(tc, str) and tc in ("none", "auto")):
+        shown = repr(tc[:40]) if isinstance(tc, str) else f"a {str(tc.get('type', 'named'))[:40]!r} choice"
+        raise _unsupported("tool_choice", f"{shown} (this model never emits tool calls; 'none' and 'auto' are accepted)")
+    fc = body.function_call
+    if fc is not None and not (isinstance(fc, str) and fc in ("none", "auto")):
+        raise _unsupported("function_call", "forcing a function call")
+    if body.modalities is not None and any(m != "text" for m in body.modalities):
+        raise _unsupported("modalities", "an output modality other than 'text'")
+    if body.audio is not None:
+        raise _unsupported("audio", "audio output")
+    if body.web_search_options is not None:
+        raise _unsupported("web_search_options", "web search")
+    if (body.model_extra or {}).get("moderation") is not None:
+        raise _unsupported("moderation", "output moderation")
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+
+
+def _logit_bias(st: ServiceState, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            tid = int(key)
+        except ValueError:
+            tid = -1
+        if not 0 <= tid < st.vocab_size:
+            raise InvalidRequest(f"logit_bias keys must be token ids between 0 and {st.vocab_size - 1}, got {key[:20]!r}",
+                                 param="logit_bias")
+        out.append((tid, float(value)))
+    return tuple(out)
 
 
 def _encode_prompt(st: ServiceState, messages: list[dict], budget: int) -> list[int]:
@@ -240,6 +287,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if max_tokens > s.max_tokens_limit:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}", param=param)
+    _check_output_options(body)
     stops = list(body.stop or [])
     if len(stops) > s.max_stop:
         raise InvalidRequest(f"at most {s.max_stop} stop strings are allowed", param="stop")
@@ -262,7 +310,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # the GIL), and every other request, health probes included, would wait for it.
     ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
     params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            stop=tuple(stops), seed=body.seed)
+                            stop=tuple(stops), seed=body.seed, logit_bias=_logit_bias(st, body.logit_bias),
+                            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     log_fields = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids), "stream": body.stream,
@@ -329,8 +379,8 @@ def _completion_body(st, body, outcome, rid, created, heads) -> dict:
         "id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.system_fingerprint,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": None}
+            {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+             "finish_reason": c.finish_reason, "logprobs": st.token_text.logprobs(c.logprobs)}
             for i, c in enumerate(picked)
         ],
         "usage": _usage(outcome),
@@ -373,7 +423,8 @@ def _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0) 
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     # Deltas cross from the worker thread in order; the result future's callback ends the stream.
-    job = GenerationJob(ids, body.n, params, on_delta=lambda i, t: loop.call_soon_threadsafe(q.put_nowait, (i, t)))
+    job = GenerationJob(ids, body.n, params,
+                        on_delta=lambda i, t, lps=None: loop.call_soon_threadsafe(q.put_nowait, (i, t, lps)))
     fut = _submit(st, st.worker.submit_generate, job, ())
     fut.add_done_callback(lambda f: q.put_nowait(None))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -394,9 +445,11 @@ def _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0) 
                     continue
                 if item is None:
                     break
-                i, text = item
-                yield _chunk(st, rid, created, [{"index": i, "delta": {"content": text}, "finish_reason": None}],
-                             include_usage=include_usage)
+                i, text, lps = item
+                choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
+                if body.logprobs:
+                    choice["logprobs"] = st.token_text.logprobs(lps or [])
+                yield _chunk(st, rid, created, [choice], include_usage=include_usage)
             try:
                 outcome: GenerateOutcome = fut.result()
             except Exception as e:
@@ -442,8 +495,10 @@ def _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields,
                 return
             picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
             for i, c in enumerate(picked):
-                yield _chunk(st, rid, created, [{"index": i, "delta": {"content": c.text}, "finish_reason": None}],
-                             include_usage=include_usage)
+                choice = {"index": i, "delta": {"content": c.text}, "finish_reason": None}
+                if body.logprobs:
+                    choice["logprobs"] = st.token_text.logprobs(c.logprobs or [])
+                yield _chunk(st, rid, created, [choice], include_usage=include_usage)
             yield _chunk(st, rid, created, [{"index": i, "delta": {}, "finish_reason": c.finish_reason}
                                             for i, c in enumerate(picked)],
                          include_usage=include_usage, extra={"rerank": info})
@@ -475,7 +530,7 @@ async def score(body: ScoreRequest, request: Request):
     tok = st.engine.tokenizer
 
     def encode() -> tuple[list[int], list[list[int]]]:  # off the event loop, as in chat_completions
-        answers = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
+        answers = [answer_ids(tok, c, st.engine.end_id, close=False) for c in body.candidates]
         return _encode_prompt(st, messages, max(len(a) for a in answers) + 1), answers
 
     ids, answers = await asyncio.to_thread(encode)

@@ -10,6 +10,7 @@ from arbiter.heads import HeadRegistry
 
 from .metrics import Metrics
 from .settings import Settings
+from .tokens import TokenText
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ServiceState:
     system_fingerprint: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     head_load_errors: dict[str, str] = field(default_factory=dict)
+    token_text: TokenText | None = None
+    vocab_size: int = 0  # logits per position: the range logit_bias keys must fall in
 
     def default_head(self) -> str | None:
         if self.registry is None:
@@ -39,3 +42,5 @@ class ServiceState:
         self.model_id = self.settings.served_model_name or engine.model_name
         self.model_aliases = frozenset({engine.model_name, self.model_id})
         self.system_fingerprint = f"arbiter-{__version__}-{engine.fingerprint.vocab_hash[:8]}"
+        self.token_text = TokenText(engine.tokenizer)
+        self.vocab_size = int(engine.vocab_size)

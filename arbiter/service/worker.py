@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from arbiter.heads import LoadedHead
 
-from .engine.base import Engine, GenerationJob, GenerationResult
+from .engine.base import Abandoned, Engine, GenerationJob, GenerationResult
 from .rerank import score_candidates, score_features
 
 log = logging.getLogger("arbiter.worker")
@@ -240,7 +240,16 @@ class Worker:
                 answers.append(a)
                 owners.append(k)
             layers |= {h.config.layer for h in it.heads}
-        feats = self.engine.features(prompts, answers, sorted(layers))
+        try:
+            # Polled inside the pass: once every request of the batch is gone (deadline or disconnect: the
+            # route cancels its future), the worker stops computing instead of finishing a pass for nobody.
+            feats = self.engine.features(prompts, answers, sorted(layers),
+                                         cancelled=lambda: all(it.cancelled() for it in items))
+        except Abandoned:
+            log.info("score pass abandoned: its %d request(s) are gone", len(items))
+            for it in items:
+                self._resolve(it, exc=asyncio.CancelledError())
+            return
         for k, it in enumerate(items):
             idx = [i for i, o in enumerate(owners) if o == k]
             sub = {l: v[idx] for l, v in feats.items()}

@@ -21,10 +21,27 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # OpenAI's sampler adjustments, applied to the logits before temperature / top-p:
+    # logits[j] += bias[j]; logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty,
+    # count = how often token j was already generated in this candidate.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # None: no log-probs. k >= 0: each generated token's log-prob and the k most likely alternatives,
+    # under the adjusted logits (bias and penalties applied, before temperature and top-p).
+    logprobs: int | None = None
 
 
-# Streaming callback: (candidate index, text delta) called from the worker thread as text becomes final.
-DeltaCallback = Callable[[int, str], None]
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), most likely first
+
+
+# Streaming callback, called from the worker thread as text becomes final:
+# (candidate index, text delta, log-probs of the tokens generated since the last call or None).
+DeltaCallback = Callable[[int, str, "list[TokenLogprob] | None"], None]
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Candidate:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     features: dict[int, torch.Tensor] | None = None  # layer -> [d] at the closing <|im_end|>
+    logprobs: list[TokenLogprob] | None = None  # one per answer token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -63,9 +81,18 @@ class Engine(Protocol):
     fingerprint: object  # arbiter.heads.BackboneFingerprint
     context_length: int
     end_id: int
+    vocab_size: int  # logits per position (token ids 0 .. vocab_size - 1)
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
         """Sample every job's n candidates in one batch; features for jobs that ask for them."""
 
-    def features(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Head features of complete answers (closed by <|im_end|> here): layer -> [N, d], one batched pass."""
+    def features(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], layers: Sequence[int], *,
+                 cancelled: Callable[[], bool] | None = None) -> dict[int, torch.Tensor]:
+        """Head features of complete answers (closed by <|im_end|> here): layer -> [N, d], one batched pass.
+
+        ``cancelled`` is polled while the pass runs; once it returns True the pass stops and raises
+        ``Abandoned`` (the requests it served are gone: a deadline passed or the clients left)."""
+
+
+class Abandoned(Exception):
+    """A feature pass stopped because nobody waits for its result any more."""

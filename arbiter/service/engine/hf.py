@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from arbiter.backbone import Backbone, LayerCapture, base_model
+from arbiter.backbone import Backbone, LayerCapture, answer_ids, base_model, decoder_layers
 from arbiter.heads import end_features
 
-from .base import Candidate, GenerationJob, GenerationResult
+from .base import Abandoned, Candidate, GenerationJob, GenerationResult, SamplingParams, TokenLogprob
 
 log = logging.getLogger("arbiter.engine.hf")
 
@@ -38,19 +38,25 @@ class _Row:
     job: int
     index: int  # candidate index within its job
     gen: torch.Generator
-    temperature: float
-    top_p: float
-    max_tokens: int
-    stops: tuple[str, ...]
+    params: SamplingParams
     capture: bool
     stream: bool
     tokens: list[int] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)  # one per token, when params.logprobs is set
+    lp_sent: int = 0  # log-prob entries already streamed
     state: str = "active"  # active | force_close (feed last token, then <|im_end|>) | closing | done
     finish: str | None = None
     text: str = ""
     emitted: int = 0
     stop_cut: bool = False  # ended on a stop string: cached tokens run past the answer, rescore
     features: dict[int, torch.Tensor] | None = None
+
+
+class _Hook:
+    """A registered hook, removable like a LayerCapture."""
+
+    def __init__(self, handle):
+        self.remove = handle.remove
 
 
 class HFEngine:
@@ -65,6 +71,7 @@ class HFEngine:
         self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
         self.context_length = backbone.context_length
         self.end_id = backbone.end_id
+        self.vocab_size = int(self.lm_head.out_features)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         self.device = next(self.model.parameters()).device
 
@@ -72,12 +79,27 @@ class HFEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Per-row temperature / top-p sampling with per-row generators (seed => same output)."""
-        logits = logits.float()  # [R, V]
-        temps = torch.tensor([max(r.temperature, 1e-5) for r in rows], device=logits.device)
+    @staticmethod
+    def _adjust(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """OpenAI's logit_bias, frequency_penalty and presence_penalty, per row (SamplingParams); [R, V]."""
+        for k, r in enumerate(rows):
+            sp = r.params
+            if sp.logit_bias:
+                ids = torch.tensor([i for i, _ in sp.logit_bias], device=logits.device)
+                logits[k, ids] += torch.tensor([b for _, b in sp.logit_bias], device=logits.device, dtype=logits.dtype)
+            if (sp.frequency_penalty or sp.presence_penalty) and r.tokens:
+                count = torch.bincount(torch.tensor(r.tokens, device=logits.device), minlength=logits.shape[1])
+                count = count[: logits.shape[1]].to(logits.dtype)  # [V]
+                logits[k] -= count * sp.frequency_penalty + (count > 0).to(logits.dtype) * sp.presence_penalty
+        return logits
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Per-row temperature / top-p sampling with per-row generators (seed => same output); also the
+        sampled tokens' log-probs for rows that asked for them."""
+        logits = self._adjust(logits.float().clone(), rows)  # [R, V]
+        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)  # [R, V]
-        top_p = torch.tensor([r.top_p for r in rows], device=logits.device)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
         if bool((top_p < 1.0).any()):
             sorted_p, order = probs.sort(dim=-1, descending=True)  # [R, V]
             cum = sorted_p.cumsum(dim=-1)
@@ -88,17 +110,37 @@ class HFEngine:
         # from each row's own generator. Vectorised, one host sync per step, works on CPU and CUDA alike.
         u = torch.stack([torch.rand(probs.shape[1], generator=r.gen, device=probs.device) for r in rows])  # [R, V]
         race = (probs / (-torch.log(u.clamp_min(1e-30)))).argmax(dim=-1)  # [R]
-        greedy = torch.tensor([r.temperature <= 1e-5 for r in rows], device=probs.device)
-        return torch.where(greedy, logits.argmax(dim=-1), race).tolist()
+        greedy = torch.tensor([r.params.temperature <= 1e-5 for r in rows], device=probs.device)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), race)  # [R]
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        want = [k for k, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            logp = torch.log_softmax(logits[idx], dim=-1)  # [W, V]
+            chosen = logp.gather(1, tokens[idx][:, None])[:, 0].tolist()  # [W]
+            k_max = max(rows[k].params.logprobs or 0 for k in want)
+            top_v, top_i = logp.topk(k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            toks = tokens.tolist()
+            for w, k in enumerate(want):
+                kk = rows[k].params.logprobs or 0
+                lps[k] = TokenLogprob(toks[k], chosen[w], tuple(zip(top_i[w][:kk], top_v[w][:kk])))
+            return toks, lps
+        return tokens.tolist(), lps
 
     def _check_stop(self, r: _Row) -> bool:
         """Cut the text at the first stop string; True when one was found."""
-        if not r.stops:
+        if not r.params.stop:
             return False
-        hits = [i for i in (r.text.find(s) for s in r.stops) if i >= 0]
+        hits = [i for i in (r.text.find(s) for s in r.params.stop) if i >= 0]
         if not hits:
             return False
         r.text = r.text[: min(hits)]
+        if r.lps:
+            # Keep the log-probs of the tokens that make up the kept text (the first k whose decoded text
+            # covers it), not of the tokens past the stop string.
+            k = next((k for k in range(len(r.tokens) + 1) if len(self._decode(r.tokens[:k])) >= len(r.text)), len(r.tokens))
+            del r.lps[k:]
         return True
 
     def _emit(self, r: _Row, job: GenerationJob, final: bool) -> None:
@@ -107,13 +149,15 @@ class HFEngine:
         if final:
             safe = len(r.text)
         else:
-            hold = max((len(s) for s in r.stops), default=1) - 1
+            hold = max((len(s) for s in r.params.stop), default=1) - 1
             safe = len(r.text) - hold
             while safe > r.emitted and r.text[safe - 1] == "\ufffd":  # incomplete UTF-8 sequence
                 safe -= 1
-        if safe > r.emitted:
-            job.on_delta(r.index, r.text[r.emitted : safe])
-            r.emitted = safe
+        new_lps = r.lps[r.lp_sent :] if r.params.logprobs is not None else None
+        if safe > r.emitted or new_lps:
+            job.on_delta(r.index, r.text[r.emitted : max(safe, r.emitted)], new_lps)
+            r.emitted = max(safe, r.emitted)
+            r.lp_sent = len(r.lps)
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -141,7 +185,8 @@ class HFEngine:
             for r in sorted(by_job.get(j, []), key=lambda r: r.index):
                 if not r.stop_cut:
                     r.text = self._decode(r.tokens)
-                cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features))
+                lps = list(r.lps) if jobs[j].params.logprobs is not None else None
+                cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps))
             results[j] = GenerationResult(cands, len(jobs[j].prompt_ids))
         return results  # type: ignore[return-value]
 
@@ -169,10 +214,7 @@ class HFEngine:
             base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
             for i in range(job.n):
                 g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + i) % (2**63 - 1))
-                rows.append(
-                    _Row(j, i, g, sp.temperature, sp.top_p, sp.max_tokens, tuple(sp.stop), bool(job.feature_layers),
-                         job.on_delta is not None)
-                )
+                rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
                 src.append(p)
         sel = torch.tensor(src, device=dev)
         cache.batch_select_indices(sel)
@@ -185,9 +227,9 @@ class HFEngine:
             batch_rows = [rows[a] for a in active]
             # --- choose each row's next input token ------------------------------------------------
             want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
-            sampled = self._sample(logits[want], [batch_rows[k] for k in want]) if want else []
+            sampled, sampled_lps = self._sample(logits[want], [batch_rows[k] for k in want]) if want else ([], [])
             feed: list[int] = [self.end_id] * len(batch_rows)
-            for k, t in zip(want, sampled):
+            for k, t, lp in zip(want, sampled, sampled_lps):
                 r = batch_rows[k]
                 job = jobs[r.job]
                 if job.cancelled.is_set():
@@ -199,16 +241,18 @@ class HFEngine:
                     self._emit(r, job, final=True)
                     continue
                 r.tokens.append(t)
-                if r.stops or r.stream:
+                if lp is not None:
+                    r.lps.append(lp)
+                if r.params.stop or r.stream:
                     r.text = self._decode(r.tokens)
                 if self._check_stop(r):
                     r.finish, r.stop_cut, r.state = "stop", True, "done"
                     self._emit(r, job, final=True)
                     continue
-                if len(r.tokens) >= r.max_tokens:
+                if len(r.tokens) >= r.params.max_tokens:
                     r.finish = "length"
                     r.state = "force_close" if r.capture else "done"
-                    if not (r.stops or r.stream):
+                    if not (r.params.stop or r.stream):
                         r.text = self._decode(r.tokens)
                     self._emit(r, job, final=True)
                 else:
@@ -254,20 +298,28 @@ class HFEngine:
         if not todo:
             return
         layers = sorted({l for r in todo for l in jobs[r.job].feature_layers} | {FINAL})
-        answers = [self.tokenizer(r.text, add_special_tokens=False)["input_ids"] for r in todo]
+        answers = [answer_ids(self.tokenizer, r.text, self.end_id, close=False) for r in todo]
         feats = self.features([jobs[r.job].prompt_ids for r in todo], answers, layers)
         for i, r in enumerate(todo):
             r.features = {l: feats[l][i] for l in layers}
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, prompt_ids, answer_ids, layers, *, batch_size: int = 16) -> dict[int, torch.Tensor]:
-        """One batched forward per chunk over prompt + answer + <|im_end|>; layer -> [N, d]."""
+    def features(self, prompt_ids, answers, layers, *, batch_size: int = 16, cancelled=None) -> dict[int, torch.Tensor]:
+        """One batched forward per chunk over prompt + answer + <|im_end|>; layer -> [N, d].
+
+        ``cancelled`` (a callable) is polled before every block of every chunk: a pass nobody waits for
+        stops within one block and raises ``Abandoned``."""
         layers = sorted(set(layers) | {FINAL})
-        seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answer_ids)]
+        seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answers)]
         out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
         hook_layers = [l for l in layers if l != FINAL]
         captures = [LayerCapture(self.model, l) for l in hook_layers]
+        if cancelled is not None:
+            def _poll(module, args):
+                if cancelled():
+                    raise Abandoned("the feature pass was abandoned: nobody waits for it any more")
+            captures += [_Hook(b.register_forward_pre_hook(_poll)) for b in decoder_layers(self.model)]
         try:
             for s in range(0, len(seqs), batch_size):
                 chunk = seqs[s : s + batch_size]

@@ -42,6 +42,7 @@ class VLLMEngine:
             kw["max_model_len"] = max_model_len
         self.llm = LLM(model=model_path, **kw)
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.scorer = self._pooling_llm(model_path, kw)
 
     @staticmethod
@@ -109,7 +110,7 @@ class VLLMEngine:
                 cand.features = {FINAL: f}
         return results
 
-    def features(self, prompt_ids, answer_ids, layers) -> dict[int, torch.Tensor]:
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None) -> dict[int, torch.Tensor]:
         from vllm.inputs import TokensPrompt
 
         bad = set(layers) - self.supported_layers
