@@ -335,3 +335,37 @@ def test_a_huge_prompt_does_not_stall_other_requests(backbone):
     assert took > 0.5 and len(lags) >= 3, (took, lags)  # the probes really overlapped the tokenization
     # Before the fix /health waited for the whole tokenization (3.5 s of a 3.7 s request on a loaded 2-core box).
     assert max(lags) < min(1.0, took / 3), f"/health waited {max(lags):.2f} s while a {took:.1f} s request was tokenized"
+
+
+class PollingScorer(FakeEngine):
+    """A feature pass that runs until its ``cancelled`` poll says stop (or 20 s), like a long real pass."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.abandoned = threading.Event()
+        self.finished = threading.Event()
+
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None):
+        from arbiter.service.engine.base import Abandoned
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if cancelled is not None and cancelled():
+                self.abandoned.set()
+                raise Abandoned("nobody waits")
+            time.sleep(0.01)
+        self.finished.set()
+        return super().features(prompt_ids, answer_ids, layers)
+
+
+def test_a_score_pass_past_its_deadline_is_abandoned_by_the_worker(tmp_path):
+    """The client gets its 504 and the worker stops computing (it does not finish the pass for nobody)."""
+    eng = PollingScorer()
+    reg = heads_dir(tmp_path, "h1")
+    with served(eng, reg, request_timeout_s=0.5) as srv, httpx.Client(timeout=30) as c:
+        r = c.post(srv.url + "/v1/score", json={"model": MODEL, "messages": [{"role": "user", "content": "q"}],
+                                                "candidates": ["a", "b"]})
+        assert_error(r, 504, type_="timeout_error", code="timeout")
+        assert eng.abandoned.wait(10) and not eng.finished.is_set()
+        wait_until(lambda: not srv.state.worker.busy, timeout=10, what="idle")
+        assert ask(c, srv.url, "next").status_code == 200  # the worker is free for the next request
