@@ -37,6 +37,7 @@ META_FILE = "meta.json"
 CACHE_VERSION = 1
 DEFAULT_BATCH_TOKENS = 4096  # padded tokens per forward (B * T_max); bounds activation memory
 DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_PROMPTS = 64  # prompts per prompt pass of shared_prompt_features (short answers: fewer, larger passes)
 DEFAULT_SHARD_SIZE = 128  # pairs per cache entry
 
 
@@ -137,25 +138,76 @@ def compute_features(
     return out
 
 
+def _prompt_groups(pairs: Sequence[Any], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Pair indices grouped for the prompt pass of :func:`shared_prompt_features`: sorted by prompt length
+    (longest first) so prompts pad little; ``B * P_max <= batch_tokens`` and at most ``max_batch`` pairs."""
+    plen = [len(p.prompt_ids) for p in pairs]
+    return _batches(plen, batch_tokens, max_batch)
+
+
+_MIN_SHARED_PREFIX = 8  # a shorter common prefix is not worth a forward of its own
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for k in range(n):
+        t = first[k]
+        if any(x[k] != t for x in seqs):
+            return k
+    return n
+
+
+# Fixed cost of one extra forward, in padded-token equivalents (kernel launches, the attention over the
+# prompt, Python): an answer sub-batch is split off only when it saves more padding than this.
+_FORWARD_OVERHEAD_TOKENS = 256
+
+
+def _answer_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Row indices of a group's answers split into sub-batches that minimise padded tokens plus a per-forward
+    overhead (exact dynamic programme over the rows sorted by length, longest first); each sub-batch keeps
+    ``rows * A_max <= batch_tokens`` unless it is a single row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    L = [lengths[i] for i in order]
+    n = len(L)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows order[i:j] in one forward, padded to L[i]
+            if j - i > 1 and (j - i) * L[i] > batch_tokens:
+                continue
+            c = best[i] + (j - i) * L[i] + _FORWARD_OVERHEAD_TOKENS
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
+
+
 def shared_prompt_features(
     backbone: Any,
     pairs: Sequence[Any],
     *,
     layer: int = -1,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_batch: int = DEFAULT_MAX_PROMPTS,
     desc: str = "head features",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [N, d], rejected [N, d]) features, running each pair's shared prompt through the model once.
 
-    The prompt is fed forward once (KV cache kept), then each answer continues from a copy of that cache:
-    ~prompt + |chosen| + |rejected| tokens per pair instead of 2 * prompt + both answers (hh-rlhf prompts
-    are ~2/3 of a sequence, so this cuts the forward work by ~1.4x). The result equals
-    ``forward_features`` over the full sequences up to float rounding (a test checks it); batch size 1,
-    so there is no padding at all.
+    Pairs go in groups of similar prompt length (:func:`_prompt_groups`): the group's common prompt prefix
+    runs once, then one forward over the rest of the group's prompts (left-padded) keeps their KV cache; the group's chosen and rejected answers (two rows per prompt) are then
+    sorted by length and split into sub-batches (:func:`_answer_batches`, so a long answer does not make the
+    short ones pay for padding), each a forward that continues from its rows of the prompt cache (right-padded,
+    explicit position ids so padding never shifts a real token). That is ~prompt + |chosen| + |rejected|
+    tokens per pair instead of 2 * prompt + both answers, in batched matmuls. The result equals
+    ``forward_features`` over the full sequences up to float rounding (a test checks it).
     """
-    import copy
-
     from tqdm.auto import tqdm
+    from transformers import DynamicCache
 
     from arbiter.backbone import LayerCapture, base_model
     from arbiter.heads import end_features
@@ -163,30 +215,64 @@ def shared_prompt_features(
     device = next(backbone.model.parameters()).device
     dec = base_model(backbone.model)  # the decoder stack: last_hidden_state is after the final norm
     d = int(backbone.hidden_size)
-    chosen = torch.empty(len(pairs), d, dtype=torch.float32)  # [N, d]
-    rejected = torch.empty(len(pairs), d, dtype=torch.float32)  # [N, d]
+    pad = backbone.tokenizer.pad_token_id
+    pad = backbone.end_id if pad is None else pad
+    out = torch.empty(2 * len(pairs), d, dtype=torch.float32)  # [2N, d]: row 2i chosen, 2i + 1 rejected
     total = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
-    with torch.inference_mode():
-        for i, p in enumerate(pairs):
-            n_prompt = len(p.prompt_ids)
-            prompt = torch.tensor([list(p.prompt_ids)], dtype=torch.long, device=device)  # [1, P]
-            cache = dec(input_ids=prompt, use_cache=True).past_key_values
-            for j, (ans, dest) in enumerate(((p.chosen_ids, chosen), (p.rejected_ids, rejected))):
-                past = copy.deepcopy(cache) if j == 0 else cache  # the second answer may consume the original
-                ids = torch.tensor([list(ans)], dtype=torch.long, device=device)  # [1, A]
-                mask = torch.ones(1, n_prompt + ids.shape[1], dtype=torch.long, device=device)  # [1, P + A]
-                last = torch.tensor([ids.shape[1] - 1], device=device)  # the closing <|im_end|> within the answer
-                if layer < 0:
-                    hidden = dec(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).last_hidden_state
-                else:
-                    with LayerCapture(backbone.model, layer) as cap:
-                        dec(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-                    hidden = cap.output  # [1, A, d] raw output of block `layer` for the answer tokens
-                dest[i] = end_features(hidden, last)[0].cpu()  # [d]
-            bar.update(n_prompt + len(p.chosen_ids) + len(p.rejected_ids))
+    capture = LayerCapture(backbone.model, layer) if layer >= 0 else None
+    try:
+        with torch.inference_mode():
+            for idx in _prompt_groups(pairs, batch_tokens, max_batch):
+                group = [pairs[i] for i in idx]
+                b = len(group)
+                plen = torch.tensor([len(p.prompt_ids) for p in group])  # [B]
+                cache = DynamicCache(config=backbone.model.config)
+                # The group's common prompt prefix (the chat template's system turn, a task instruction) runs
+                # once and its cache is expanded to every row; each prompt keeps at least one token of its own.
+                c = _common_prefix_len([p.prompt_ids for p in group])
+                c = min(c, int(plen.min()) - 1) if c >= _MIN_SHARED_PREFIX and b > 1 else 0
+                if c:
+                    prefix = torch.tensor([list(group[0].prompt_ids[:c])], dtype=torch.long, device=device)  # [1, C]
+                    dec(input_ids=prefix, past_key_values=cache, use_cache=True)
+                    cache.batch_repeat_interleave(b)
+                S = int(plen.max()) - c
+                ids = torch.full((b, S), pad, dtype=torch.long)  # [B, S] left-padded prompt suffixes
+                smask = torch.zeros((b, S), dtype=torch.long)  # [B, S]
+                for r, p in enumerate(group):
+                    ids[r, S - (len(p.prompt_ids) - c):] = torch.tensor(list(p.prompt_ids[c:]), dtype=torch.long)
+                    smask[r, S - (len(p.prompt_ids) - c):] = 1
+                pmask = torch.cat([torch.ones((b, c), dtype=torch.long), smask], dim=1)  # [B, C + S]
+                spos = c + (smask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
+                dec(input_ids=ids.to(device), attention_mask=pmask.to(device), position_ids=spos.to(device),
+                    past_key_values=cache, use_cache=True)
+                answers = [a for p in group for a in (p.chosen_ids, p.rejected_ids)]  # row r: prompt r // 2
+                for rows in _answer_batches([len(a) for a in answers], batch_tokens):
+                    prow = torch.tensor([r // 2 for r in rows])  # [R] the prompt row of each answer row
+                    sub = DynamicCache(config=backbone.model.config)
+                    for k, lay in enumerate(cache.layers):  # this sub-batch's rows of the prompt cache
+                        sub.update(lay.keys[prow.to(device)], lay.values[prow.to(device)], k)
+                    alen = torch.tensor([len(answers[r]) for r in rows])  # [R]
+                    A = int(alen.max())
+                    aids = torch.full((len(rows), A), pad, dtype=torch.long)  # [R, A] right-padded answers
+                    amask = torch.zeros((len(rows), A), dtype=torch.long)  # [R, A]
+                    for k, r in enumerate(rows):
+                        aids[k, : len(answers[r])] = torch.tensor(list(answers[r]), dtype=torch.long)
+                        amask[k, : len(answers[r])] = 1
+                    mask = torch.cat([pmask[prow], amask], dim=1)  # [R, P + A]
+                    apos = plen[prow][:, None] + torch.arange(A)[None, :]  # [R, A] continue each prompt
+                    o = dec(input_ids=aids.to(device), attention_mask=mask.to(device), position_ids=apos.to(device),
+                            past_key_values=sub, use_cache=True)
+                    hidden = o.last_hidden_state if capture is None else capture.output  # [R, A, d]
+                    feats = end_features(hidden, (alen - 1).to(device)).float().cpu()  # [R, d] at the closing token
+                    dest = torch.tensor([2 * idx[r // 2] + r % 2 for r in rows])
+                    out[dest] = feats
+                bar.update(int(plen.sum()) + sum(len(a) for a in answers))
+    finally:
+        if capture is not None:
+            capture.remove()
     bar.close()
-    return chosen, rejected
+    return out[0::2].contiguous(), out[1::2].contiguous()
 
 
 def _read_entry(entry: Path, key: str, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +323,8 @@ def _shard_features(backbone, shard, *, layer, max_length, root, batch_tokens, s
             shutil.rmtree(entry, ignore_errors=True)
     t0 = time.perf_counter()
     if share_prompt:
-        chosen, rejected = shared_prompt_features(backbone, shard, layer=layer, desc=desc, progress=progress)
+        chosen, rejected = shared_prompt_features(backbone, shard, layer=layer, batch_tokens=batch_tokens, desc=desc,
+                                                  progress=progress)
         tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in shard)
     else:
         seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in shard]

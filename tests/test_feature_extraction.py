@@ -1,0 +1,57 @@
+"""Batched shared-prompt feature extraction (``feature_cache.shared_prompt_features``: common prefix once,
+prompts batched, answers continued from the prompt cache in length-matched sub-batches) equals the plain
+full-sequence forward (``compute_features``, the service's feature path) for every pair, at the final norm and
+at an intermediate block, whatever the grouping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arbiter.training.data import load_pairs, tokenize_pairs
+from arbiter.training import feature_cache as fc
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def pairs(backbone, short_hh_pairs):
+    """Real pairs of mixed shapes: hh-rlhf (long prompts, uneven answers) and SST-2 (one shared instruction,
+    two-token answers)."""
+    hh, _ = tokenize_pairs(short_hh_pairs(5, 128), backbone.tokenizer, backbone.end_id, max_length=128)
+    sst, _ = load_pairs("sst2", seed=0)
+    sst, _ = tokenize_pairs(sst[:5], backbone.tokenizer, backbone.end_id, max_length=128)
+    return hh + sst
+
+
+_REF: dict[int, torch.Tensor] = {}
+
+
+def reference(backbone, pairs, layer: int) -> torch.Tensor:
+    """Full-sequence features, chosen rows then rejected rows: [2N, d] (computed once per layer)."""
+    if layer not in _REF:
+        seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs] + [list(p.prompt_ids) + list(p.rejected_ids) for p in pairs]
+        _REF[layer] = fc.compute_features(backbone, seqs, layer=layer, progress=False)
+    return _REF[layer]
+
+
+@pytest.mark.parametrize("layer", [-1, 12])
+@pytest.mark.parametrize("batch_tokens", [64, 4096])  # tiny groups (one pair, single-row sub-batches) and one big one
+def test_shared_prompt_features_equal_full_sequence_forward(backbone, pairs, layer, batch_tokens):
+    chosen, rejected = fc.shared_prompt_features(backbone, pairs, layer=layer, batch_tokens=batch_tokens, progress=False)
+    ref = reference(backbone, pairs, layer)
+    got = torch.cat([chosen, rejected])
+    cos = F.cosine_similarity(got, ref, dim=1)
+    ratio = got.norm(dim=1) / ref.norm(dim=1)
+    assert cos.min() > 0.99999 and (ratio - 1).abs().max() < 1e-4, (cos.min().item(), ratio)
+
+
+def test_groups_and_sub_batches_cover_every_row_once_within_the_budget():
+    lengths = [3, 50, 7, 7, 120, 2, 60, 61]
+    batches = fc._answer_batches(lengths, batch_tokens=130)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 130 for b in batches)
+    # Rows are grouped by length: the 120-token answer never pads the 2- and 3-token ones.
+    assert not any(4 in b and (5 in b or 0 in b) for b in batches)
+    assert fc._common_prefix_len([[1, 2, 3, 4], [1, 2, 9], [1, 2, 3]]) == 2
