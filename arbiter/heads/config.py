@@ -47,6 +47,8 @@ class HeadConfig(BaseModel):
     hidden_size: int = Field(gt=0)
     ffn_size: int | None = Field(default=None, gt=0)  # SwiGLU pooler width (the backbone's FFN width)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # The dtype the backbone ran in when the training features were made (heads are float32 themselves).
+    feature_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Free-form record of how the head was made: data, loss, eps, metrics (dev accuracy, margins).
     provenance: dict[str, Any] = Field(default_factory=dict)
 

@@ -58,11 +58,13 @@ def data_hash(pairs: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
-def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str) -> tuple[str, dict]:
+def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str, dtype: str = "float32") -> tuple[str, dict]:
     """(hex key, the parts it hashes). ``fingerprint`` is a heads.BackboneFingerprint (or a plain dict)."""
     fp = fingerprint.model_dump() if hasattr(fingerprint, "model_dump") else dict(fingerprint)
     parts = {"version": CACHE_VERSION, "backbone": fp, "layer": int(layer), "max_length": int(max_length),
              "data_sha256": data_sha}
+    if dtype != "float32":  # float32 keys stay as they were: existing caches remain valid
+        parts["dtype"] = dtype
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return key, parts
 
@@ -310,7 +312,8 @@ def _shard_features(backbone, shard, *, layer, max_length, root, batch_tokens, s
     from safetensors.torch import save_file
 
     d = int(backbone.hidden_size)
-    key, parts = cache_key(backbone.fingerprint, layer=layer, max_length=max_length, data_sha=data_hash(shard))
+    key, parts = cache_key(backbone.fingerprint, layer=layer, max_length=max_length, data_sha=data_hash(shard),
+                           dtype=str(next(backbone.model.parameters()).dtype).removeprefix("torch."))
     entry = root / key[:32]
     status = "miss"
     if use_cache and entry.exists():
