@@ -234,3 +234,20 @@ def test_unusable_data_is_counted_and_refused_with_reasons(tiny_pairs_file, cach
     tok, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id, chunk=4)
     assert len(tok) == 5 and report.kept == 5 and report.dropped["beyond_limit"] == 11
     assert report.total == report.kept + sum(report.dropped.values())
+
+
+def test_layer_sweep_trains_each_variant_on_its_layer_and_the_winner_records_it(tiny_pairs_file, cache_dir, backbone, tmp_path):
+    """The layer is a sweep dimension: each distinct layer's features are computed (and cached) once, every
+    variant trains on its own layer's features, and the head keeps the winner's layer and the feature dtype."""
+    from arbiter.heads import load_head
+    from arbiter.training.recipes.head import Variant, run
+
+    cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path / "run", epochs=3, head_dir=str(tmp_path / "heads" / "h"),
+                   sweep=[Variant(layer=-1), Variant(layer=12), Variant(layer=12, loss="dph_separable")])
+    metrics = run(cfg, backbone=backbone)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert [v["layer"] for v in result["variants"]] == [-1, 12, 12]
+    best = max(result["variants"], key=lambda v: (v["dev_accuracy"], -v["dev_loss"]))
+    _, config = load_head(tmp_path / "heads" / "h", expected_backbone=backbone.fingerprint)
+    assert config.layer == best["layer"] == config.provenance["layer"] and config.feature_dtype == "float32"
+    assert metrics["dev_accuracy"] == best["dev_accuracy"]

@@ -48,8 +48,14 @@ def _setup(head: str, model: str | None, backbone: Any):
 
     if backbone is None:
         from arbiter.backbone import load_backbone
+        from arbiter.heads.io import CONFIG_FILE
 
-        backbone = load_backbone(model)
+        # The backbone runs in the dtype the head's training features were made in (its feature_dtype).
+        try:
+            dtype = json.loads((Path(head) / CONFIG_FILE).read_text()).get("feature_dtype", "float32")
+        except (OSError, ValueError):
+            dtype = "float32"  # load_head below reports what is wrong with the head
+        backbone = load_backbone(model, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
     module, config = load_head(head, expected_backbone=backbone.fingerprint)
     return backbone, module, config
 

@@ -56,6 +56,7 @@ class Variant:
     lr: float | None = None
     dropout: float | None = None
     weight_decay: float | None = None
+    layer: int | None = None  # features from another layer (computed and cached once per distinct layer)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class HeadRecipeConfig:
         _check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
         for i, v in enumerate(self.sweep):
             _check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
+            if v.layer is not None and v.layer < -1:
+                raise ConfigError(f"sweep[{i}].layer: must be -1 (final norm) or a block index >= 0, got {v.layer}")
         if self.sweep and self.dev_fraction <= 0:
             raise ConfigError("sweep: selecting a variant needs a dev set (dev_fraction > 0)")
         for k in ("epochs", "batch_size"):
@@ -526,19 +529,26 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     splits = split_indices(tokenized, cfg)
     tok_seconds = load_seconds + time.perf_counter() - t0
     log.info("pairs: %d (train %d, dev %d, test %d)", len(tokenized), *(len(splits[k]) for k in ("train", "dev", "test")))
-    feats = pair_features(backbone, tokenized, layer=cfg.layer, max_length=cfg.max_length, cache_dir=cfg.cache_dir,
-                          batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress)
-    log.info("features: %s (%s, %.1f s, %d tokens)", feats.path, feats.status, feats.seconds, feats.tokens)
-    fw, fl = feats.chosen, feats.rejected  # [N, d] each
-
     variants = _variants(cfg)
+    by_layer = {}  # layer -> PairFeatures: each distinct layer of the sweep is extracted (and cached) once
+    for layer in dict.fromkeys(v.layer for v in variants):
+        if layer >= backbone.num_layers:
+            raise ConfigError(f"sweep layer {layer} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
+        f = pair_features(backbone, tokenized, layer=layer, max_length=cfg.max_length, cache_dir=cfg.cache_dir,
+                          batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress)
+        log.info("features (layer %d): %s (%s, %.1f s, %d tokens)", layer, f.path, f.status, f.seconds, f.tokens)
+        by_layer[layer] = f
+
     results: list[TrainResult] = []
     for i, vcfg in enumerate(variants):
-        run_dir = out if len(variants) == 1 else out / "sweep" / f"{i:02d}-{vcfg.pooler}-{vcfg.loss}"
+        feats = by_layer[vcfg.layer]
+        fw, fl = feats.chosen, feats.rejected  # [N, d] each
+        tag = f"{i:02d}-{vcfg.pooler}-{vcfg.loss}" + (f"-layer{vcfg.layer}" if vcfg.layer != cfg.layer else "")
+        run_dir = out if len(variants) == 1 else out / "sweep" / tag
         res = train_on_features(vcfg, fw, fl, splits, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
                                 run_dir=run_dir, resume=resume, features_key=feats.key, feature_dtype=backbone.dtype)
-        log.info("variant %d %s/%s eps=%s lr=%s: dev_accuracy=%s", i, vcfg.pooler, vcfg.loss, vcfg.eps, vcfg.lr,
-                 res.metrics.get("dev_accuracy"))
+        log.info("variant %d %s/%s eps=%s lr=%s layer=%d: dev_accuracy=%s", i, vcfg.pooler, vcfg.loss, vcfg.eps, vcfg.lr,
+                 vcfg.layer, res.metrics.get("dev_accuracy"))
         results.append(res)
 
     def rank(r: TrainResult):
@@ -549,17 +559,20 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
 
     best_i = max(range(len(results)), key=lambda i: rank(results[i]))
     best, bcfg = results[best_i], variants[best_i]
+    feats = by_layer[bcfg.layer]
+    fw, fl = feats.chosen, feats.rejected  # the winner's features, for its test split
     metrics = dict(best.metrics)
     if splits["test"]:
         te = _evaluate(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
         acc = te["test_rewards/accuracies"]
         metrics.update(test_accuracy=acc, test_margin=te["test_rewards/margins"], n_test=len(splits["test"]),
                        test_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / len(splits["test"])))
-    metrics.update(feature_seconds=round(feats.seconds, 2), feature_tokens=feats.tokens, feature_cache=feats.status,
+    metrics.update(feature_seconds=round(sum(f.seconds for f in by_layer.values()), 2),
+                   feature_tokens=sum(f.tokens for f in by_layer.values()), feature_cache=feats.status,
                    tokenize_seconds=round(tok_seconds, 2), parameters=num_parameters(best.head))
 
     sweep_table = [
-        {"pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr, "dropout": v.dropout,
+        {"layer": v.layer, "pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr, "dropout": v.dropout,
          "weight_decay": v.weight_decay, **{k: r.metrics.get(k) for k in ("dev_accuracy", "dev_loss", "train_accuracy",
                                                                             "best_step", "stop_reason")}}
         for v, r in zip(variants, results)
@@ -573,6 +586,8 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         "seed": cfg.seed,
         "splits": {"dev_fraction": cfg.dev_fraction, "test_fraction": cfg.test_fraction, "by": "prompt"},
         "report": {"source": report.source, "total": report.total, "kept": report.kept, "dropped": dict(report.dropped)},
+        "layer": bcfg.layer,
+        "feature_dtype": backbone.dtype,
         "loss": bcfg.loss,
         "eps": bcfg.eps,
         "pooler": bcfg.pooler,
