@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head", default=str(ROOT / "heads" / "helpful"), help="float32-trained head for the bf16 check")
     args = ap.parse_args()
+    commit = git_commit()  # the code this run uses (taken before it starts: later edits do not count)
     torch.set_num_threads(args.threads)
     dtypes = ["float32"] + (["bfloat16"] if cpu_bf16_flags() else [])
     results, feats_by_dtype = [], {}
@@ -125,7 +126,7 @@ def main() -> None:
         }
         print(json.dumps(bf16), flush=True)
 
-    meta = {"command": "python " + " ".join(["benchmarks/feature_extraction.py", *sys.argv[1:]]), "commit": git_commit(),
+    meta = {"command": "python " + " ".join(["benchmarks/feature_extraction.py", *sys.argv[1:]]), "commit": commit,
             "machine": platform.processor() or platform.machine(), "cpu_bf16_flags": cpu_bf16_flags(),
             "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "bf16_vs_fp32_head": bf16}, indent=2) + "\n")
