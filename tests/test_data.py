@@ -560,3 +560,27 @@ def test_sample_math_pairs_pairing_rules(backbone):
     assert (by_row[3].chosen, by_row[3].rejected, by_row[3].meta["rejected_finished"]) == ("The answer is 4", "The answer is 3", False)
     assert all(c["do_sample"] and c["temperature"] == 0.7 and c["max_new_tokens"] == 8 for c in fake.model.calls)
     assert len(fake.model.calls) == 2  # batches of 3 + 1
+
+
+def test_user_jsonl_for_choice_and_math(tmp_path):
+    """``arbiter eval choice`` / ``bestofn`` read a user's JSONL: {"question", "choices", "answer"} with the
+    answer as an index, the option text or its letter; {"question", "answer"} for math. Bad rows are counted."""
+    from arbiter.training.data import load_choices, load_math
+
+    mc = tmp_path / "mine.jsonl"
+    mc.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "2+2?", "choices": ["3", "4"], "answer": 1},
+        {"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo"], "answer": "Paris"},
+        {"question": "Sky colour?", "choices": ["green", "blue"], "answer": "b"},
+        {"question": "No answer", "choices": ["x", "y"]},
+        {"question": "Bad letter", "choices": ["x", "y"], "answer": "Q"},
+    ]) + "\n")
+    qs, report = load_choices(str(mc), seed=0)
+    got = sorted((q.prompt[0]["content"].split("\n")[0], q.options[q.answer]) for q in qs)
+    assert got == [("2+2?", "B. 4"), ("Capital of France?", "B. Paris"), ("Sky colour?", "B. blue")]
+    assert report.kept == 3 and report.dropped == {"missing_field": 1, "unparseable": 1}
+    math_file = tmp_path / "math.jsonl"
+    math_file.write_text('{"question": "1+1?", "answer": 2}\n{"question": "half of 3?", "answer": "1.5"}\n'
+                         '{"question": "x", "answer": "many"}\n')
+    probs, report = load_math(str(math_file), seed=0)
+    assert sorted(p.answer for p in probs) == ["1.5", "2"] and report.dropped == {"unparseable": 1}

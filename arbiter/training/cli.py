@@ -270,9 +270,10 @@ def _eval_parser() -> argparse.ArgumentParser:
     sp.add_argument("--truncate-prompt", action="store_true", help="left-truncate long prompts instead of dropping")
     sp.add_argument("--cache-dir", default=None, help="feature cache directory (default ~/.cache/arbiter/features)")
     sp = sub.add_parser("choice", help=EVAL_TASKS["choice"], description=EVAL_TASKS["choice"])
-    common(sp, "multiple-choice builtin: commonsense_qa, arc_challenge, openbookqa, sst2/dev, sst2")
+    common(sp, 'multiple-choice builtin (commonsense_qa, arc_challenge, openbookqa, sst2/dev, sst2) or a .jsonl file '
+               'of {"question": str, "choices": [str, ...], "answer": index | option text | letter}')
     sp = sub.add_parser("bestofn", help=EVAL_TASKS["bestofn"], description=EVAL_TASKS["bestofn"])
-    common(sp, "math builtin: gsm8k or svamp")
+    common(sp, 'math builtin (gsm8k, svamp) or a .jsonl file of {"question": str, "answer": number}')
     sp.add_argument("--n", type=int, default=8, help="samples per question")
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.7)
@@ -299,11 +300,13 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         if args.max_length < 2:
             raise CLIError("--max-length must be >= 2")
     elif args.task == "choice":
-        if args.data not in data.CHOICE_BUILTINS:
-            raise CLIError(f"--data {args.data!r} is not a multiple-choice builtin ({', '.join(data.CHOICE_BUILTINS)})")
+        if args.data not in data.CHOICE_BUILTINS and not Path(args.data).expanduser().is_file():
+            raise CLIError(f"--data {args.data!r} is neither a multiple-choice builtin ({', '.join(data.CHOICE_BUILTINS)}) "
+                           'nor a .jsonl file of {"question", "choices", "answer"}')
     elif args.task == "bestofn":
-        if args.data not in data.MATH_BUILTINS:
-            raise CLIError(f"--data {args.data!r} is not a math builtin ({', '.join(data.MATH_BUILTINS)})")
+        if args.data not in data.MATH_BUILTINS and not Path(args.data).expanduser().is_file():
+            raise CLIError(f"--data {args.data!r} is neither a math builtin ({', '.join(data.MATH_BUILTINS)}) "
+                           'nor a .jsonl file of {"question", "answer"}')
         if args.n < 1 or args.max_new_tokens < 1 or args.gen_batch < 1:
             raise CLIError("--n, --max-new-tokens and --gen-batch must be >= 1")
         if not args.temperature > 0 or not 0 < args.top_p <= 1:

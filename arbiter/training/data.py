@@ -788,8 +788,44 @@ def _mc_rows(name: str, report: DataReport) -> Iterator[tuple[int, ChoiceQuestio
                 yield i, ChoiceQuestion(
                     sst2_prompt(sentence), list(SST2_LABELS), int(parts[1]), {"source": name, "row": i, "sentence": sentence}
                 )
+    elif _is_user_file(name):
+        # A user's JSONL: {"question": str, "choices": [str, ...], "answer": index | option text | letter}.
+        for i, row in _iter_jsonl(Path(name).expanduser(), report):
+            report.total += 1
+            try:
+                if not isinstance(row, dict):
+                    raise _RowError("unparseable", "row is not an object")
+                choices = row.get("choices")
+                gold = _choice_index(row.get("answer"), choices)
+                prompt, options, gold, texts = _lettered(row.get("question"), choices, gold)
+            except _RowError as e:
+                report.drop(e.reason, f"row {i}: {e.detail}")
+                continue
+            yield i, ChoiceQuestion(prompt, options, gold, {"source": name, "row": i, "choices": texts})
     else:
-        raise DataError(f"unknown multiple-choice source {name!r}; available: {', '.join(CHOICE_BUILTINS)}")
+        raise DataError(f"unknown multiple-choice source {name!r}; available: {', '.join(CHOICE_BUILTINS)} "
+                        "or a .jsonl file of {\"question\", \"choices\", \"answer\"}")
+
+
+def _is_user_file(name: str) -> bool:
+    return name.lower().endswith((".jsonl", ".jsonl.gz")) and Path(name).expanduser().is_file()
+
+
+def _choice_index(answer: Any, choices: Any) -> int:
+    """The gold index from an index, the option's exact text, or its letter (A, B, ...)."""
+    if isinstance(answer, bool):
+        raise _RowError("unparseable", f"answer {answer!r} is not an index, option text or letter")
+    if isinstance(answer, int):
+        return answer
+    if isinstance(answer, str) and isinstance(choices, list):
+        texts = [c.strip() if isinstance(c, str) else c for c in choices]
+        if answer.strip() in texts:
+            return texts.index(answer.strip())
+        letter = answer.strip().rstrip(".").upper()
+        if len(letter) == 1 and letter in LETTERS[: len(choices)]:
+            return LETTERS.index(letter)
+    raise _RowError("unparseable" if answer is not None else "missing_field",
+                    f"answer {str(answer)[:40]!r} is not an index, one of the option texts, or an option letter")
 
 
 def load_choices(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[ChoiceQuestion], DataReport]:
@@ -957,8 +993,22 @@ def _math_rows(name: str, report: DataReport) -> Iterator[MathProblem]:
             q = f"{row['Body'].strip()} {row['Question'].strip()}".strip()
             meta = {"source": name, "row": i, "id": row.get("ID"), "equation": row.get("Equation"), "type": row.get("Type")}
             yield MathProblem(q, ans, meta)
+    elif _is_user_file(name):
+        # A user's JSONL: {"question": str, "answer": number (or a string holding one)}.
+        for i, row in _iter_jsonl(Path(name).expanduser(), report):
+            report.total += 1
+            q = row.get("question") if isinstance(row, dict) else None
+            if not isinstance(q, str) or not q.strip():
+                report.drop("missing_field", f"row {i}: no question")
+                continue
+            ans = canonical_number(row.get("answer"))
+            if ans is None:
+                report.drop("unparseable", f"row {i}: answer {str(row.get('answer'))[:40]!r} is not a number")
+                continue
+            yield MathProblem(q.strip(), ans, {"source": name, "row": i})
     else:
-        raise DataError(f"unknown math source {name!r}; available: {', '.join(MATH_BUILTINS)}")
+        raise DataError(f"unknown math source {name!r}; available: {', '.join(MATH_BUILTINS)} "
+                        "or a .jsonl file of {\"question\", \"answer\"}")
 
 
 def load_math(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[MathProblem], DataReport]:
