@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,13 @@ def test_eval_pairs_writes_json_and_markdown(head_dir, pairs_file, backbone, tmp
     saved = json.loads(open(rep["paths"]["json"]).read())
     assert {"task", "n", "accuracy", "accuracy_se", "mean_margin", "ties", "report", "head_name"} <= set(saved)
     assert saved["n"] == 4 and _share(saved["accuracy"]) and saved["accuracy"] * 4 == round(saved["accuracy"] * 4)
-    assert "reward accuracy" in open(rep["paths"]["markdown"]).read()
+    md = open(rep["paths"]["markdown"]).read()
+    assert "reward accuracy" in md
+    # PNG plots beside the markdown, linked from it: reward / margin histograms and the reliability diagram.
+    for name in ("rewards", "reliability"):
+        png = Path(rep["paths"]["markdown"]).parent / saved["plots"][name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in md
+    assert 0 <= saved["ece"] <= 1
     # The numbers are the head's rewards on the cached features (same path as training).
     from arbiter.training.data import load_pairs, tokenize_pairs
     from arbiter.training.feature_cache import pair_features

@@ -119,6 +119,10 @@ def test_train_overfits_and_saved_head_scores_like_training(cached, tiny_pairs_f
     last_epoch = sum(r["loss"] for r in rows[-4:]) / 4
     assert last_epoch < first_epoch - 0.1, (first_epoch, last_epoch)
     assert metrics["train_accuracy"] >= 0.9
+    # A report with PNG plots beside it: the training curves, and (no dev/test split here) the train rewards.
+    report = (tmp_path / "run" / "report.md").read_text()
+    for png in ("training_curves.png", "train_rewards.png", "train_reliability.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
 
     # Parameters moved away from their seeded initialisation.
     seed_everything(cfg.seed)

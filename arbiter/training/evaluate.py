@@ -60,11 +60,25 @@ def _setup(head: str, model: str | None, backbone: Any):
     return backbone, module, config
 
 
-def _write(report: dict, out: str | None, head_name: str, task: str, data: str) -> dict:
+def _write(report: dict, out: str | None, head_name: str, task: str, data: str,
+           rewards: tuple[Sequence[float], Sequence[float], tuple[str, str]] | None = None) -> dict:
+    """Write ``<stem>.json`` and ``<stem>.md``; with ``rewards`` = (chosen-like, rejected-like, their labels) also
+    the reward / margin histograms and the reliability diagram of sigmoid(margin) as PNGs the markdown links."""
+    from . import plots
+
     out_dir = Path(out) if out else Path("runs") / "eval" / head_name
     stem = f"{task}_{_slug(data)}"
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     report["paths"] = {"json": str(jpath), "markdown": str(mpath)}
+    if rewards is not None:
+        good, bad, labels = rewards
+        title = f"{head_name} on {data}"
+        figs = {"rewards": plots.safely(plots.reward_histograms, good, bad, out_dir / f"{stem}_rewards.png", title, labels)}
+        rel = plots.safely(plots.reliability_diagram, [g - b for g, b in zip(good, bad)],
+                           out_dir / f"{stem}_reliability.png", title)
+        if rel is not None:
+            figs["reliability"], report["ece"] = rel
+        report["plots"] = {k: Path(v).name for k, v in figs.items() if v is not None}
     atomic_write_json(jpath, report)
     atomic_write_text(mpath, markdown(report))
     return report
@@ -142,7 +156,7 @@ def eval_pairs(
         features={"status": feats.status, "seconds": round(feats.seconds, 2), "tokens": feats.tokens},
         seconds=round(time.perf_counter() - t0, 2),
     )
-    return _write(res, out, config.name, "pairs", data)
+    return _write(res, out, config.name, "pairs", data, rewards=(r_w.tolist(), r_l.tolist(), ("chosen", "rejected")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,8 +255,11 @@ def eval_choice(
         per_q[qi].append(i)
     head_ok = avg_ok = sum_ok = agree = 0
     examples = []
+    correct_r, best_wrong_r = [], []  # per question: the correct option's reward, the best wrong option's
     for qi, q in enumerate(questions):
         ix = torch.tensor(per_q[qi])
+        correct_r.append(float(rewards[ix][q.answer]))
+        best_wrong_r.append(max(float(rewards[ix][j]) for j in range(len(ix)) if j != q.answer))
         h, a, s = int(rewards[ix].argmax()), int(avg[ix].argmax()), int(logps[ix].argmax())
         head_ok += h == q.answer
         avg_ok += a == q.answer
@@ -268,7 +285,8 @@ def eval_choice(
         examples=examples,
         seconds=round(time.perf_counter() - t0, 2),
     )
-    return _write(res, out, config.name, "choice", data)
+    return _write(res, out, config.name, "choice", data,
+                  rewards=(correct_r, best_wrong_r, ("correct option", "best wrong option")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,10 +440,11 @@ def eval_bestofn(
 
 _METRICS = {
     "pairs": [("accuracy", "reward accuracy (r_w > r_l)"), ("mean_margin", "mean margin r_w - r_l"),
-              ("mean_reward_chosen", "mean reward, chosen"), ("mean_reward_rejected", "mean reward, rejected")],
+              ("mean_reward_chosen", "mean reward, chosen"), ("mean_reward_rejected", "mean reward, rejected"),
+              ("ece", "calibration error of sigmoid(margin) (ECE)")],
     "choice": [("head_accuracy", "accuracy, pick by head reward"), ("logprob_accuracy", "accuracy, pick by avg log-prob"),
                ("logprob_sum_accuracy", "accuracy, pick by summed log-prob"), ("agreement", "head and avg log-prob agree"),
-               ("chance", "chance")],
+               ("chance", "chance"), ("ece", "ECE of sigmoid(correct - best wrong reward)")],
     "bestofn": [("pass@1", "pass@1 (first sample)"), ("sample_accuracy", "mean sample accuracy"),
                 ("head_pick", "head pick (argmax reward)"), ("weighted_vote", "reward-weighted vote"),
                 ("majority_vote", "majority vote"), ("oracle", "oracle pass@N"), ("finished_rate", "samples finished"),
@@ -458,4 +477,6 @@ def markdown(report: dict) -> str:
     rep = report.get("report") or {}
     if rep:
         lines += ["", f"Data: {json.dumps(rep, sort_keys=True)}"]
+    for name, fname in (report.get("plots") or {}).items():
+        lines += ["", f"![{name}]({fname})"]
     return "\n".join(lines) + "\n"

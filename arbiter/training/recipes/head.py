@@ -472,6 +472,45 @@ def train_on_features(
 # --------------------------------------------------------------------------------------------------
 
 
+def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl, splits, metrics: dict, sweep: list) -> None:
+    """``<out>/report.md`` with the winner's numbers and PNG plots beside it: its training curves, the reward /
+    margin histograms and the reliability diagram of sigmoid(margin) on the held-out split (test, else dev, else
+    train when nothing is held out)."""
+    import torch
+
+    from arbiter.training import plots
+    from arbiter.training.artifacts import atomic_write_text
+
+    split = "test" if splits["test"] else ("dev" if splits["dev"] else "train")
+    idx = torch.tensor(splits[split], dtype=torch.long)
+    with torch.no_grad():
+        r_w, r_l = best.head(fw[idx]).float().tolist(), best.head(fl[idx]).float().tolist()
+    title = f"head {cfg.name}: {split} split ({len(idx)} pairs)"
+    figs = {
+        "training curves": plots.safely(plots.training_curves, best.run_dir / "log.jsonl", out / "training_curves.png",
+                                        f"head {cfg.name} (winning variant)"),
+        f"{split} rewards": plots.safely(plots.reward_histograms, r_w, r_l, out / f"{split}_rewards.png", title),
+    }
+    rel = plots.safely(plots.reliability_diagram, [a - b for a, b in zip(r_w, r_l)], out / f"{split}_reliability.png", title)
+    if rel is not None:
+        figs[f"{split} reliability"], metrics[f"{split}_ece"] = rel
+    lines = [f"# arbiter train head: `{cfg.name}`", "", "| metric | value |", "|---|---|"]
+    for k in ("train_accuracy", "dev_accuracy", "test_accuracy", "test_accuracy_se", f"{split}_ece", "n_train", "n_dev",
+              "n_test", "feature_seconds", "feature_tokens"):
+        if metrics.get(k) is not None:
+            v = metrics[k]
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if sweep:
+        keys = ["layer", "pooler", "loss", "lr", "dev_accuracy", "train_accuracy"]
+        lines += ["", "Sweep (picked by dev accuracy):", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(f"{r.get(k):.4f}" if isinstance(r.get(k), float) and k.endswith("accuracy") else str(r.get(k))
+                                    for k in keys) + " |" for r in sweep]
+    for name, path in figs.items():
+        if path is not None:
+            lines += ["", f"![{name}]({Path(path).name})"]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
 def _variants(cfg: HeadRecipeConfig) -> list[HeadRecipeConfig]:
     if not cfg.sweep:
         return [cfg]
@@ -604,6 +643,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     head_dir = Path(cfg.head_dir) if cfg.head_dir else out / "head"
     save_head(best.head, head_config, head_dir)
     metrics["head_dir"] = str(head_dir)
+    _write_report(out, cfg, best, fw, fl, splits, metrics, sweep_table if len(variants) > 1 else [])
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / "result.json", {"metrics": metrics, "chosen": sweep_table[best_i] if len(variants) > 1 else
                                             None, "variants": sweep_table, "report": report.to_dict(),
