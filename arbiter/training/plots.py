@@ -39,6 +39,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is an ordinary readable file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
