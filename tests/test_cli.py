@@ -51,6 +51,7 @@ def no_model(monkeypatch):
         (["loss=dpo"], "loss"),
         (["bogus_key=1"], "bogus_key"),
         (["dev_fraction=1.5"], "dev_fraction"),
+        (["dtype=fp8"], "dtype"),
         (["data=[/no/such/file.jsonl]"], "data"),
         (["--limit", "1"], "limit"),
         (["sweep=[{pooler: nope}]"], "sweep[0].pooler"),

@@ -74,9 +74,10 @@ def _env() -> dict:
 
 def _head_argv(data, cache_dir, out, *extra) -> list[str]:
     # Dropout makes the restored global RNG matter; a dev set makes best-weights tracking and per-epoch
-    # evaluation part of the trajectory; patience 0 keeps it from stopping early.
+    # evaluation part of the trajectory; patience 0 keeps it from stopping early. dtype=float32: the module's
+    # cache holds float32 features (dtype=auto would pick bfloat16 on a CPU with AMX and miss it).
     return [sys.executable, "-m", "arbiter.cli", "train", "head", "--out", str(out), f"data=[{data}]",
-            f"max_length={MAX_LEN}", f"cache_dir={cache_dir}", "dev_fraction=0.25", "seed=0", "lr=1e-2",
+            f"max_length={MAX_LEN}", f"cache_dir={cache_dir}", "dtype=float32", "dev_fraction=0.25", "seed=0", "lr=1e-2",
             "dropout=0.1", "batch_size=4", "patience=0", "epochs=100000", "threads=1", "progress=false", "name=tiny",
             *extra]
 
