@@ -1,0 +1,179 @@
+"""Best-of-N through the API: does rerank return better answers than plain sampling?
+
+Starts `arbiter serve` (embedded SmolLM2-135M, the committed heads, dtype auto) and sends held-aside questions
+through `/v1/chat/completions` with the official `openai` client. Per question, on the same seeds:
+  greedy       temperature 0, n=1;
+  rerank N     one request with `rerank: {candidates: N, heads: [<task head>], return_candidates: true}`
+               at temperature T: the server's pick is "rerank"; from the same N returned candidates (same
+               seed) also "n=1" (candidate 0, i.e. plain sampling), "majority vote" over the extracted
+               answers, and "oracle pass@N" (any candidate right).
+Tasks (questions the task head never trained on):
+  sst2   the shared SST-2 dev split (disjoint from the train split the `sst2` head used); answer = label word;
+  mc     CommonsenseQA train questions after the first 3000 of the seeded order (the `mc` head used those 3000);
+         answer = the option letter.
+Math (GSM8K / SVAMP) needs a math head, which is not made yet: not measured here.
+Writes benchmarks/reports/bestofn_api.md (and .json). Usage:
+    python benchmarks/bestofn_api.py [--questions 100] [--n 8] [--temperature 1.0] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
+
+from arbiter.training.data import LETTERS, SST2_LABELS, load_choices  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "reports" / "bestofn_api"
+MC_TRAINED = 3000  # commonsense_qa questions the mc head trained / was selected / tested on (head_mc.yaml limit)
+
+
+def extract_label(text: str) -> str | None:
+    """The first SST-2 label word in the answer (None if neither appears)."""
+    hits = [(m.start(), m.group(0).lower()) for m in re.finditer(r"\b(positive|negative)\b", text, re.I)]
+    return min(hits)[1] if hits else None
+
+
+def extract_letter(text: str, k: int) -> str | None:
+    """The option letter the answer gives: a leading 'B.' / 'B)' / '(B)', or 'answer is B'."""
+    letters = LETTERS[:k]
+    m = re.match(rf"\s*\(?([{letters}])[\.\):]", text) or re.search(rf"answer is:?\s*\(?([{letters}])\b", text, re.I)
+    return m.group(1).upper() if m else None
+
+
+def tasks(n_questions: int) -> dict[str, list[dict]]:
+    sst, _ = load_choices("sst2/dev", limit=n_questions, seed=0)
+    csqa, _ = load_choices("commonsense_qa", seed=0)
+    held = csqa[MC_TRAINED : MC_TRAINED + n_questions]
+    return {
+        "sst2": [{"messages": q.prompt, "gold": SST2_LABELS[q.answer], "k": 2} for q in sst],
+        "mc": [{"messages": q.prompt, "gold": LETTERS[q.answer], "k": len(q.options)} for q in held],
+    }
+
+
+def start_server(threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
+    env.update(ARBITER_HEADS_DIR=str(ROOT / "heads"), ARBITER_THREADS=str(threads), ARBITER_LOG_LEVEL="info",
+               ARBITER_MAX_CANDIDATES="16", ARBITER_REQUEST_TIMEOUT_S="600")
+    proc = subprocess.Popen([sys.executable, "-m", "arbiter.cli", "serve", "--port", str(port)], env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("server did not become healthy")
+
+
+def se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--questions", type=int, default=100)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    commit = git_commit()
+    log_path = REPORT.parent / "bestofn_api_server.log"
+    proc, url = start_server(args.threads, log_path)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    dtype_line = next((ln for ln in log_path.read_text().splitlines() if "backbone dtype" in ln), "")
+    max_tokens = {"sst2": 16, "mc": 24}
+    results, t_start = {}, time.monotonic()
+    try:
+        for task, qs in tasks(args.questions).items():
+            extract = extract_label if task == "sst2" else None
+            rows = []
+            for i, q in enumerate(qs):
+                ex = (lambda t: extract_label(t)) if extract else (lambda t, k=q["k"]: extract_letter(t, k))
+                g = client.chat.completions.create(model=model, messages=q["messages"], temperature=0,
+                                                   max_tokens=max_tokens[task])
+                r = client.chat.completions.create(
+                    model=model, messages=q["messages"], temperature=args.temperature, seed=1000 + i,
+                    max_tokens=max_tokens[task],
+                    extra_body={"rerank": {"candidates": args.n, "heads": [task], "return_candidates": True}})
+                cands = [c["text"] for c in r.model_extra["rerank"]["candidates"]]
+                answers = [ex(t) for t in cands]
+                votes = Counter(a for a in answers if a is not None)
+                majority = max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
+                rows.append({
+                    "gold": q["gold"],
+                    "greedy": ex(g.choices[0].message.content) == q["gold"],
+                    "n1": answers[0] == q["gold"],
+                    "rerank": ex(r.choices[0].message.content) == q["gold"],
+                    "majority": majority == q["gold"],
+                    "oracle": any(a == q["gold"] for a in answers),
+                    "answered": sum(a is not None for a in answers) / len(answers),
+                })
+                if (i + 1) % 20 == 0:
+                    print(task, i + 1, {k: round(sum(x[k] for x in rows) / len(rows), 3)
+                                        for k in ("greedy", "n1", "rerank", "majority", "oracle")}, flush=True)
+            n = len(rows)
+            results[task] = {k: {"acc": sum(x[k] for x in rows) / n, "se": se(sum(x[k] for x in rows) / n, n)}
+                             for k in ("greedy", "n1", "rerank", "majority", "oracle")}
+            results[task]["questions"] = n
+            results[task]["answered_rate"] = sum(x["answered"] for x in rows) / n
+            # Paired comparison rerank vs n=1 on the same questions and candidates.
+            results[task]["rerank_wins"] = sum(x["rerank"] and not x["n1"] for x in rows)
+            results[task]["rerank_losses"] = sum(x["n1"] and not x["rerank"] for x in rows)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    seconds = time.monotonic() - t_start
+    meta = {"command": "python " + " ".join(["benchmarks/bestofn_api.py", *sys.argv[1:]]), "commit": commit,
+            "n": args.n, "temperature": args.temperature, "threads": args.threads, "model": model,
+            "server_dtype": dtype_line[-200:], "seconds": round(seconds, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    cols = [("greedy", "greedy"), ("n1", "n=1 sample"), ("rerank", f"**rerank N={args.n}**"),
+            ("majority", f"majority vote of {args.n}"), ("oracle", f"oracle pass@{args.n}")]
+    lines = ["# Best-of-N through the API: rerank vs plain sampling", "",
+             f"Command: `{meta['command']}` on commit `{commit}`, {meta['date']}, {seconds / 60:.1f} min; `arbiter serve` on "
+             f"{model} with the committed heads, {args.threads} threads; server log: `{dtype_line[-160:]}`.", "",
+             f"Per question: one greedy request, and one rerank request (N={args.n}, temperature {args.temperature}, "
+             "seed fixed per question, `return_candidates`) from which n=1 (candidate 0), majority vote and oracle "
+             "are read, so every column but greedy sees the same candidates. Accuracy +- standard error.", "",
+             "| task | questions | " + " | ".join(c for _, c in cols) + " | rerank wins / losses vs n=1 | answer extracted |",
+             "|---|---|" + "---|" * len(cols) + "---|---|"]
+    for task, r in results.items():
+        lines.append(f"| {task} | {r['questions']} | " + " | ".join(f"{r[k]['acc']:.3f} +- {r[k]['se']:.3f}" for k, _ in cols)
+                     + f" | {r['rerank_wins']} / {r['rerank_losses']} | {r['answered_rate']:.2f} |")
+    lines += ["", "Tasks: sst2 = the shared SST-2 dev split (never trained on), head `sst2`; mc = CommonsenseQA questions "
+              f"after the first {MC_TRAINED} of the seeded order (never seen by head `mc`), head `mc`. GSM8K / SVAMP are "
+              "not measured: no math head exists yet."]
+    REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
