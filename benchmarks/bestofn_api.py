@@ -55,10 +55,10 @@ def extract_letter(text: str, k: int) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def tasks(n_questions: int) -> dict[str, list[dict]]:
+def tasks(n_questions: int, n_mc: int | None = None) -> dict[str, list[dict]]:
     sst, _ = load_choices("sst2/dev", limit=n_questions, seed=0)
     csqa, _ = load_choices("commonsense_qa", seed=0)
-    held = csqa[MC_TRAINED : MC_TRAINED + n_questions]
+    held = csqa[MC_TRAINED : MC_TRAINED + (n_questions if n_mc is None else n_mc)]
     return {
         "sst2": [{"messages": q.prompt, "gold": SST2_LABELS[q.answer], "k": 2} for q in sst],
         "mc": [{"messages": q.prompt, "gold": LETTERS[q.answer], "k": len(q.options)} for q in held],
@@ -101,17 +101,29 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", nargs="*", default=None, help="only these tasks (default: all)")
+    ap.add_argument("--mc-questions", type=int, default=None, help="mc questions (default: --questions)")
+    ap.add_argument("--report", default="bestofn_api", help="report name under benchmarks/reports/")
     args = ap.parse_args()
+    global REPORT
+    REPORT = REPORT.parent / args.report
     commit = git_commit()
-    log_path = REPORT.parent / "bestofn_api_server.log"
+    log_path = ROOT / "runs" / f"{args.report}_server.log"  # runs/ is not committed
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(args.threads, log_path)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     dtype_line = next((ln for ln in log_path.read_text().splitlines() if "backbone dtype" in ln), "")
     max_tokens = {"sst2": 16, "mc": 24}
+    loaded = sorted(h["id"] for h in httpx.get(f"{url}/v1/heads").json()["data"])
     results, t_start = {}, time.monotonic()
     try:
-        for task, qs in tasks(args.questions).items():
+        for task, qs in tasks(args.questions, args.mc_questions).items():
+            if args.tasks and task not in args.tasks:
+                continue
+            # Every committed head for this task scores the same candidates (the first one is the server's pick);
+            # each head's pick is the argmax of its rewards, ties to the lower index, as the server picks.
+            heads = [task] + [h for h in loaded if h.startswith(task + "_")]
             extract = extract_label if task == "sst2" else None
             rows = []
             for i, q in enumerate(qs):
@@ -121,9 +133,11 @@ def main() -> None:
                 r = client.chat.completions.create(
                     model=model, messages=q["messages"], temperature=args.temperature, seed=1000 + i,
                     max_tokens=max_tokens[task],
-                    extra_body={"rerank": {"candidates": args.n, "heads": [task], "return_candidates": True}})
-                cands = [c["text"] for c in r.model_extra["rerank"]["candidates"]]
+                    extra_body={"rerank": {"candidates": args.n, "heads": heads, "return_candidates": True}})
+                cand_rows = r.model_extra["rerank"]["candidates"]
+                cands = [c["text"] for c in cand_rows]
                 answers = [ex(t) for t in cands]
+                picks = {h: max(range(len(cand_rows)), key=lambda j: (cand_rows[j]["rewards"][h], -j)) for h in heads}
                 votes = Counter(a for a in answers if a is not None)
                 majority = max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
                 rows.append({
@@ -131,6 +145,7 @@ def main() -> None:
                     "greedy": ex(g.choices[0].message.content) == q["gold"],
                     "n1": answers[0] == q["gold"],
                     "rerank": ex(r.choices[0].message.content) == q["gold"],
+                    **{f"rerank:{h}": answers[picks[h]] == q["gold"] for h in heads},
                     "majority": majority == q["gold"],
                     "oracle": any(a == q["gold"] for a in answers),
                     "answered": sum(a is not None for a in answers) / len(answers),
@@ -139,8 +154,9 @@ def main() -> None:
                     print(task, i + 1, {k: round(sum(x[k] for x in rows) / len(rows), 3)
                                         for k in ("greedy", "n1", "rerank", "majority", "oracle")}, flush=True)
             n = len(rows)
-            results[task] = {k: {"acc": sum(x[k] for x in rows) / n, "se": se(sum(x[k] for x in rows) / n, n)}
-                             for k in ("greedy", "n1", "rerank", "majority", "oracle")}
+            keys = ("greedy", "n1", "rerank", "majority", "oracle", *(f"rerank:{h}" for h in heads))
+            results[task] = {k: {"acc": sum(x[k] for x in rows) / n, "se": se(sum(x[k] for x in rows) / n, n)} for k in keys}
+            results[task]["heads"] = heads
             results[task]["questions"] = n
             results[task]["answered_rate"] = sum(x["answered"] for x in rows) / n
             # Paired comparison rerank vs n=1 on the same questions and candidates.
@@ -166,8 +182,14 @@ def main() -> None:
              "| task | questions | " + " | ".join(c for _, c in cols) + " | rerank wins / losses vs n=1 | answer extracted |",
              "|---|---|" + "---|" * len(cols) + "---|---|"]
     for task, r in results.items():
-        lines.append(f"| {task} | {r['questions']} | " + " | ".join(f"{r[k]['acc']:.3f} +- {r[k]['se']:.3f}" for k, _ in cols)
+        lines.append(f"| {task} (head `{r['heads'][0]}`) | {r['questions']} | "
+                     + " | ".join(f"{r[k]['acc']:.3f} +- {r[k]['se']:.3f}" for k, _ in cols)
                      + f" | {r['rerank_wins']} / {r['rerank_losses']} | {r['answered_rate']:.2f} |")
+    extra = [(t, h, r[f"rerank:{h}"]) for t, r in results.items() for h in r["heads"][1:]]
+    if extra:
+        lines += ["", "Other heads of the same task, picking among the same candidates:", "",
+                  "| task | head | rerank accuracy |", "|---|---|---|"]
+        lines += [f"| {t} | `{h}` | {v['acc']:.3f} +- {v['se']:.3f} |" for t, h, v in extra]
     lines += ["", "Tasks: sst2 = the shared SST-2 dev split (never trained on), head `sst2`; mc = CommonsenseQA questions "
               f"after the first {MC_TRAINED} of the seeded order (never seen by head `mc`), head `mc`. GSM8K / SVAMP are "
               "not measured: no math head exists yet."]
