@@ -168,12 +168,20 @@ def test_loads_saelens_v5_flat_configs(tmp_path):
     t = _jumprelu_tensors()
     t["log_threshold"] = torch.log(t.pop("threshold"))
     cfg = {"architecture": "jumprelu", "d_in": 12, "d_sae": 40, "dtype": "torch.float32", "model_name": "m",
-           "hook_name": "blocks.7.hook_resid_pre", "hook_layer": 7 - 1, "activation_fn_str": "relu",
+           "hook_name": "blocks.7.hook_resid_pre", "hook_layer": 7, "activation_fn_str": "relu",
            "apply_b_dec_to_input": True, "normalize_activations": None, "finetuning_scaling_factor": False,
            "sae_lens_training_version": "3.13.0", "context_size": 128}
-    # hook_resid_pre of block 7 is the raw output of block 6.
+    # SAELens records hook_layer = the block in the hook's name (7); hook_resid_pre of block 7 is the raw output
+    # of block 6, which is the layer Arbiter captures.
     sae = load_sae(_write_saelens_dir(tmp_path / "v5j", cfg, t))
     assert sae.hook_layer == 6
+    # Saved again, it keeps SAELens's convention (hook_layer 7 beside blocks.7.hook_resid_pre) and reloads.
+    again = save_sae(sae, tmp_path / "v5j_again")
+    assert json.loads((again / "cfg.json").read_text())["hook_layer"] == 7
+    assert load_sae(again).hook_layer == 6
+    # A hook_layer that is not the hook name's block is a contradiction, refused.
+    with pytest.raises(SAELoadError, match="contradicts"):
+        load_sae(_write_saelens_dir(tmp_path / "v5bad", {**cfg, "hook_layer": 6}, t))
     torch.testing.assert_close(sae.threshold.detach(), torch.exp(t["log_threshold"]))
     # A 5.x top-k SAE: architecture "standard" with activation_fn_str "topk" and k in activation_fn_kwargs.
     g = torch.Generator().manual_seed(6)

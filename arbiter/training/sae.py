@@ -270,6 +270,9 @@ def save_sae(sae: SparseAutoencoder, directory: str | os.PathLike, cfg_dict: dic
         layer = layer_from_hook_name(hook_name)
     if hook_name is None:
         raise ValueError("save_sae needs the layer: set sae.hook_layer or pass cfg_dict={'hook_layer': l}")
+    m = _HOOK_RE.match(hook_name)
+    if m:  # SAELens's hook_layer is the block in the hook's name (resid_pre of block l + 1 reads layer l)
+        layer = int(m.group(1))
     model_name = extra.pop("model_name", sae.model_name)
     meta_keys = ("context_size", "dataset_path", "prepend_bos", "hook_head_index", "model_class_name",
                  "exclude_special_tokens")
@@ -438,11 +441,20 @@ def load_sae(
         raise SAELoadError(f"{d}: SAE d_in={d_in} does not match the backbone's hidden size {expect_d_in}")
 
     hook_name = _cfg_get(cfg, "hook_name") or _cfg_get(cfg, "hook_point")
-    layer = cfg.get("hook_layer")
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    # SAELens's hook_layer is the block in the hook's name (blocks.8.hook_resid_pre has hook_layer 8); Arbiter's
+    # layer is the block whose raw output is read (resid_pre of block 8 = the output of block 7).
+    block = cfg.get("hook_layer")
+    m = _HOOK_RE.match(hook_name) if hook_name else None
+    if isinstance(block, bool) or not isinstance(block, int):
         layer = layer_from_hook_name(hook_name)
-    elif hook_name and layer_from_hook_name(hook_name) not in (None, layer):
-        raise SAELoadError(f"{cfg_path}: hook_layer={layer} contradicts hook_name={hook_name!r}")
+    elif m:
+        if int(m.group(1)) != block:
+            raise SAELoadError(f"{cfg_path}: hook_layer={block} contradicts hook_name={hook_name!r}")
+        layer = layer_from_hook_name(hook_name)
+    elif hook_name:
+        layer = None  # not a residual-stream hook: warned about below
+    else:
+        layer = block  # no hook name: the block's output (resid_post)
     if layer is None:
         log.warning("%s: hook %r is not a residual-stream hook (blocks.N.hook_resid_post); pass the layer explicitly", d, hook_name)
     sae = SparseAutoencoder(
