@@ -96,7 +96,9 @@ class HFEngine:
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Per-row temperature / top-p sampling with per-row generators (seed => same output); also the
         sampled tokens' log-probs for rows that asked for them."""
-        logits = self._adjust(logits.float().clone(), rows)  # [R, V]
+        logits = logits.float()  # [R, V]
+        if any(r.params.logit_bias or r.params.frequency_penalty or r.params.presence_penalty for r in rows):
+            logits = self._adjust(logits.clone(), rows)  # a copy only when some row adjusts its logits
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)  # [R, V]
         top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
@@ -125,7 +127,6 @@ class HFEngine:
             for w, k in enumerate(want):
                 kk = rows[k].params.logprobs or 0
                 lps[k] = TokenLogprob(toks[k], chosen[w], tuple(zip(top_i[w][:kk], top_v[w][:kk])))
-            return toks, lps
         return tokens.tolist(), lps
 
     def _check_stop(self, r: _Row) -> bool:
