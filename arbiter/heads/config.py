@@ -23,11 +23,14 @@ class BackboneFingerprint(BaseModel):
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     vocab_hash: str = Field(min_length=8)
+    # The token that closes an assistant turn, where the feature is read (derived from the chat template;
+    # heads written before it was recorded were all made on ChatML models).
+    end_token: str = "<|im_end|>"
 
     def mismatches(self, other: "BackboneFingerprint") -> list[str]:
         """Names of fields that differ, with both values, for a clear error message."""
         out = []
-        for field in ("model_name", "hidden_size", "num_layers", "vocab_hash"):
+        for field in ("model_name", "hidden_size", "num_layers", "vocab_hash", "end_token"):
             a, b = getattr(self, field), getattr(other, field)
             if a != b:
                 out.append(f"{field}: head has {a!r}, backbone has {b!r}")

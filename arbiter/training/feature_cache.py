@@ -61,6 +61,8 @@ def data_hash(pairs: Sequence[Any]) -> str:
 def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str, dtype: str = "float32") -> tuple[str, dict]:
     """(hex key, the parts it hashes). ``fingerprint`` is a heads.BackboneFingerprint (or a plain dict)."""
     fp = fingerprint.model_dump() if hasattr(fingerprint, "model_dump") else dict(fingerprint)
+    if fp.get("end_token", "<|im_end|>") == "<|im_end|>":
+        fp.pop("end_token", None)  # ChatML keys stay as they were before the closing token was recorded
     parts = {"version": CACHE_VERSION, "backbone": fp, "layer": int(layer), "max_length": int(max_length),
              "data_sha256": data_sha}
     if dtype != "float32":  # float32 keys stay as they were: existing caches remain valid

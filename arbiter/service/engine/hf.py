@@ -71,6 +71,7 @@ class HFEngine:
         self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
         self.context_length = backbone.context_length
         self.end_id = backbone.end_id
+        self.stop_ids = frozenset(backbone.stop_ids or (backbone.end_id,))
         self.vocab_size = int(self.lm_head.out_features)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         self.device = next(self.model.parameters()).device
@@ -236,7 +237,7 @@ class HFEngine:
                 if job.cancelled.is_set():
                     r.state, r.finish = "done", "cancelled"
                     continue
-                if t == self.end_id:
+                if t in self.stop_ids:  # the closing token, or another EOS: the closing token is fed next
                     r.finish = "stop"
                     r.state = "closing" if r.capture else "done"
                     self._emit(r, job, final=True)
