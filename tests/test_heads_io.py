@@ -294,3 +294,20 @@ def test_load_all_loads_good_heads_and_reports_bad_ones(tmp_path):
     assert loaded == ["good1", "good2"] and reg.names() == ["good1", "good2"]
     assert set(errors) == {"wrongbb", "pickled"}
     assert "vocab_hash" in errors["wrongbb"] and "pickle" in errors["pickled"]
+
+
+def test_head_on_a_layer_the_engine_cannot_serve_is_refused_at_load(tmp_path):
+    saved(tmp_path, "mid", layer=2)
+    saved(tmp_path, "final", layer=-1)
+    reg = HeadRegistry(tmp_path, FP, supported_layers=frozenset({-1}), engine="PoolingEngine")
+    with pytest.raises(HeadLoadError, match=r"head 'mid' reads layer 2, which the PoolingEngine engine cannot serve "
+                                            r"\(it serves layers \[-1\]\)"):
+        reg.load("mid")
+    assert reg.load("final").name == "final"
+    head, cfg = make("mem", layer=1)
+    with pytest.raises(HeadLoadError, match="reads layer 1"):
+        reg.add(head, cfg)
+    loaded, errors = HeadRegistry(tmp_path, FP, supported_layers=frozenset({-1})).load_all()
+    assert loaded == ["final"] and "reads layer 2" in errors["mid"]
+    # Without a restriction (both shipped engines serve every layer) the same head loads.
+    assert HeadRegistry(tmp_path, FP).load("mid").config.layer == 2

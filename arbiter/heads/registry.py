@@ -45,10 +45,15 @@ class HeadNotFound(KeyError):
 
 
 class HeadRegistry:
-    def __init__(self, root: str | os.PathLike | None, backbone: BackboneFingerprint | None, device: str = "cpu"):
+    def __init__(self, root: str | os.PathLike | None, backbone: BackboneFingerprint | None, device: str = "cpu",
+                 *, supported_layers: frozenset[int] | None = None, engine: str = "this"):
         self.root = Path(root).resolve() if root else None
         self.backbone = backbone
         self.device = device
+        # Layers the serving engine can capture (None: every layer of the backbone). A head on any other layer
+        # is refused when it is loaded, never at request time.
+        self.supported_layers = supported_layers
+        self.engine = engine
         self._heads: Mapping[str, LoadedHead] = MappingProxyType({})
         self._lock = threading.Lock()  # serialises writers; readers never take it
 
@@ -82,9 +87,20 @@ class HeadRegistry:
             raise HeadLoadError("head path must name a sub-directory of the heads directory")
         return real
 
+    def unservable(self, config: HeadConfig) -> str | None:
+        """Why the serving engine cannot compute this head's feature, or None when it can."""
+        layer = config.layer  # within the backbone's range: HeadConfig validates it against the fingerprint
+        if self.supported_layers is not None and layer not in self.supported_layers:
+            return (f"head {config.name!r} reads layer {layer}, which the {self.engine} engine cannot serve (it serves "
+                    f"layers {sorted(self.supported_layers)})")
+        return None
+
     # -- writing -----------------------------------------------------------------------------------
     def _load(self, directory: Path, name: str | None) -> LoadedHead:
         module, config = load_head(directory, expected_backbone=self.backbone, device=self.device)
+        why = self.unservable(config)
+        if why:
+            raise HeadLoadError(why)
         # Shown to clients (/v1/heads, admin answers): relative to the heads directory, never the server's layout.
         shown = directory.relative_to(self.root).as_posix() if self.root is not None else directory.name
         return LoadedHead(name or config.name, module, config, shown)
@@ -111,6 +127,9 @@ class HeadRegistry:
         bad = config.backbone.mismatches(self.backbone) if self.backbone else []
         if bad:
             raise HeadLoadError(f"head {config.name!r} was trained on another backbone: " + "; ".join(bad))
+        why = self.unservable(config)
+        if why:
+            raise HeadLoadError(why)
         head = LoadedHead(name or config.name, module.eval().requires_grad_(False).to(self.device), config, "<memory>")
         with self._lock:
             self._heads = MappingProxyType({**self._heads, head.name: head})

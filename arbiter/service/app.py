@@ -49,7 +49,7 @@ def build_engine(settings: Settings):
     if settings.engine == "vllm":
         from .engine.vllm import VLLMEngine  # lazy: never imported by the CPU default
 
-        return VLLMEngine.from_settings(settings)
+        return VLLMEngine.from_settings(settings, device)
     from arbiter.backbone import load_backbone
 
     from .engine.hf import HFEngine
@@ -210,7 +210,11 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
 
     def start(eng) -> None:
         if state.registry is None:
-            state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint, device=_device(settings) if engine is None else "cpu")
+            supported = getattr(eng, "supported_layers", None)
+            state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
+                                          device=_device(settings) if engine is None else "cpu",
+                                          supported_layers=supported() if callable(supported) else None,
+                                          engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
             state.head_load_errors = errors
             for d, err in errors.items():

