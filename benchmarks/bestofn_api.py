@@ -9,9 +9,11 @@ through `/v1/chat/completions` with the official `openai` client. Per question, 
                answers, and "oracle pass@N" (any candidate right).
 Tasks (questions the task head never trained on):
   sst2   the shared SST-2 dev split (disjoint from the train split the `sst2` head used); answer = label word;
-  mc     CommonsenseQA train questions after the first 3000 of the seeded order (the `mc` head used those 3000);
-         answer = the option letter.
-Math (GSM8K / SVAMP) needs a math head, which is not made yet: not measured here.
+  mc     ARC-Challenge and OpenBookQA questions of the `mc` head's test split (the recipe's own split, reproduced);
+         answer = the option letter;
+  svamp  the first 100 SVAMP problems of the seeded order (the `math` head's pairs come from problems after them);
+  gsm8k  the first 100 GSM8K train problems of the seeded order (never sampled for the `math` head);
+         answer = the final number (``extract_final_answer``), head `math`.
 Writes benchmarks/reports/bestofn_api.md (and .json). Usage:
     python benchmarks/bestofn_api.py [--questions 100] [--n 8] [--temperature 1.0] [--threads 2]
 """
@@ -35,11 +37,11 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import git_commit  # noqa: E402
 
-from arbiter.training.data import LETTERS, SST2_LABELS, load_choices  # noqa: E402
+from arbiter.training.data import LETTERS, SST2_LABELS, extract_final_answer, load_choices, load_math  # noqa: E402
+from arbiter.training.data import math_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "bestofn_api"
-MC_TRAINED = 3000  # commonsense_qa questions the mc head trained / was selected / tested on (head_mc.yaml limit)
 
 
 def extract_label(text: str) -> str | None:
@@ -55,14 +57,51 @@ def extract_letter(text: str, k: int) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def tasks(n_questions: int, n_mc: int | None = None) -> dict[str, list[dict]]:
-    sst, _ = load_choices("sst2/dev", limit=n_questions, seed=0)
-    csqa, _ = load_choices("commonsense_qa", seed=0)
-    held = csqa[MC_TRAINED : MC_TRAINED + (n_questions if n_mc is None else n_mc)]
-    return {
-        "sst2": [{"messages": q.prompt, "gold": SST2_LABELS[q.answer], "k": 2} for q in sst],
-        "mc": [{"messages": q.prompt, "gold": LETTERS[q.answer], "k": len(q.options)} for q in held],
-    }
+MATH_HELD = 100  # the first problems of each math source's seeded order (sampled_pairs.py never samples them)
+TASK_HEAD = {"sst2": "sst2", "mc": "mc", "svamp": "math", "gsm8k": "math"}
+MAX_TOKENS = {"sst2": 16, "mc": 24, "svamp": 200, "gsm8k": 200}
+
+
+def mc_test_questions() -> list:
+    """ARC-Challenge and OpenBookQA questions in the `mc` head's TEST split, reproduced with the recipe's own
+    split over the same config (head_mc), so none was trained on or used to pick the variant."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from arbiter.backbone import end_of_turn, materialize, prompt_ids, resolve_model
+    from arbiter.training.config import load_config
+    from arbiter.training.recipes.head import HeadRecipeConfig, load_tokenized, split_indices
+
+    cfg = load_config(HeadRecipeConfig, ROOT / "arbiter" / "training" / "configs" / "head_mc.yaml")
+    tok = AutoTokenizer.from_pretrained(str(materialize(resolve_model(None))))
+    _, end = end_of_turn(tok)
+    tokd, _ = load_tokenized(cfg, tok, end)
+    test = {tuple(tokd[i].prompt_ids) for i in split_indices(tokd, cfg)["test"]}
+    out = []
+    for src in ("arc_challenge", "openbookqa"):
+        qs, _ = load_choices(src, seed=0)
+        out += [q for q in qs if tuple(prompt_ids(tok, q.prompt)) in test]
+    random.Random(0).shuffle(out)
+    return out
+
+
+def tasks(n_questions: int, n_mc: int | None = None, n_math: int | None = None,
+          only: list[str] | None = None) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    want = lambda t: not only or t in only  # noqa: E731
+    if want("sst2"):
+        sst, _ = load_choices("sst2/dev", limit=n_questions, seed=0)
+        out["sst2"] = [{"messages": q.prompt, "gold": SST2_LABELS[q.answer], "k": 2} for q in sst]
+    if want("mc"):
+        held = mc_test_questions()[: n_questions if n_mc is None else n_mc]
+        out["mc"] = [{"messages": q.prompt, "gold": LETTERS[q.answer], "k": len(q.options)} for q in held]
+    for src in ("svamp", "gsm8k"):
+        if want(src):
+            probs, _ = load_math(src, seed=0)
+            held = probs[: min(MATH_HELD, n_questions if n_math is None else n_math)]
+            out[src] = [{"messages": math_prompt(p), "gold": p.answer, "k": 0} for p in held]
+    return out
 
 
 def start_server(threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -103,6 +142,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tasks", nargs="*", default=None, help="only these tasks (default: all)")
     ap.add_argument("--mc-questions", type=int, default=None, help="mc questions (default: --questions)")
+    ap.add_argument("--math-questions", type=int, default=None, help="questions per math task (default: --questions)")
     ap.add_argument("--report", default="bestofn_api", help="report name under benchmarks/reports/")
     args = ap.parse_args()
     global REPORT
@@ -114,20 +154,26 @@ def main() -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     dtype_line = next((ln for ln in log_path.read_text().splitlines() if "backbone dtype" in ln), "")
-    max_tokens = {"sst2": 16, "mc": 24}
+    max_tokens = MAX_TOKENS
     loaded = sorted(h["id"] for h in httpx.get(f"{url}/v1/heads").json()["data"])
     results, t_start = {}, time.monotonic()
     try:
-        for task, qs in tasks(args.questions, args.mc_questions).items():
-            if args.tasks and task not in args.tasks:
-                continue
+        for task, qs in tasks(args.questions, args.mc_questions, args.math_questions, args.tasks).items():
             # Every committed head for this task scores the same candidates (the first one is the server's pick);
             # each head's pick is the argmax of its rewards, ties to the lower index, as the server picks.
-            heads = [task] + [h for h in loaded if h.startswith(task + "_")]
-            extract = extract_label if task == "sst2" else None
+            head = TASK_HEAD[task]
+            if head not in loaded:
+                print(f"skipping {task}: head {head!r} is not committed", flush=True)
+                continue
+            heads = [head] + [h for h in loaded if h.startswith(head + "_")]
             rows = []
             for i, q in enumerate(qs):
-                ex = (lambda t: extract_label(t)) if extract else (lambda t, k=q["k"]: extract_letter(t, k))
+                if task == "sst2":
+                    ex = extract_label
+                elif task == "mc":
+                    ex = lambda t, k=q["k"]: extract_letter(t, k)  # noqa: E731
+                else:
+                    ex = extract_final_answer
                 g = client.chat.completions.create(model=model, messages=q["messages"], temperature=0,
                                                    max_tokens=max_tokens[task])
                 r = client.chat.completions.create(
@@ -190,9 +236,10 @@ def main() -> None:
         lines += ["", "Other heads of the same task, picking among the same candidates:", "",
                   "| task | head | rerank accuracy |", "|---|---|---|"]
         lines += [f"| {t} | `{h}` | {v['acc']:.3f} +- {v['se']:.3f} |" for t, h, v in extra]
-    lines += ["", "Tasks: sst2 = the shared SST-2 dev split (never trained on), head `sst2`; mc = CommonsenseQA questions "
-              f"after the first {MC_TRAINED} of the seeded order (never seen by head `mc`), head `mc`. GSM8K / SVAMP are "
-              "not measured: no math head exists yet."]
+    lines += ["", "Tasks: sst2 = the shared SST-2 dev split (never trained on), head `sst2`; mc = ARC-Challenge + "
+              "OpenBookQA questions of the `mc` head's test split (never trained on nor used for selection), head `mc`; "
+              f"svamp / gsm8k = the first {MATH_HELD} problems of each source's seeded order (the `math` head's pairs were "
+              "sampled from SVAMP problems after them), head `math`, answer = the final number."]
     REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -522,3 +522,15 @@ def test_unknown_field_names_are_logged_bounded(srv, caplog):
         assert post(srv, CHAT, chat(**extra)).status_code == 200  # unknown OpenAI fields are ignored, not refused
     lines = [r.getMessage() for r in caplog.records if "ignoring unsupported fields" in r.getMessage()]
     assert len(lines) == 1 and len(lines[0]) < 1000 and "+15 more" in lines[0], lines
+
+
+def test_blank_key_variables_mean_no_key(monkeypatch):
+    # docker-compose passes ARBITER_API_KEY=${ARBITER_API_KEY:-}: an empty value must not become the key "".
+    from arbiter.service.settings import Settings
+
+    monkeypatch.setenv("ARBITER_API_KEY", "")
+    monkeypatch.setenv("ARBITER_ADMIN_KEY", "  ")
+    s = Settings()
+    assert s.api_key is None and s.admin_key is None
+    monkeypatch.setenv("ARBITER_API_KEY", "k1")
+    assert Settings().api_key.get_secret_value() == "k1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="Log prompt and answer text (off: logs carry sizes and ids only)")
     log_level: str = Field("info", description="Python log level")
     vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM on CUDA: the GPU memory share vLLM may use (weights + KV cache)")
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v):
+        # ARBITER_API_KEY= (empty, e.g. docker-compose's ${ARBITER_API_KEY:-}) means "no key", not the key "".
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
     vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (on CPU the default is 1; on CUDA the default is sized by vllm_gpu_memory_utilization)")
 
 
