@@ -133,6 +133,15 @@ class RerankOptions(BaseModel):
     heads: list[str] | None = Field(None, min_length=1, description="Heads to score with; the first picks")
     head: str | None = Field(None, description="Shorthand for heads=[head]")
     return_candidates: bool = Field(False, description="Return every candidate with its rewards in `rerank`")
+    select: Literal["argmax", "weighted_vote", "majority_vote"] = Field(
+        "argmax", description="Selection policy: argmax of the first head's reward, or a vote over extracted answers "
+                              "(weighted by softmax of the rewards, or one vote each)")
+    extractor: Literal["last_number", "choice_letter", "regex", "json_field"] | None = Field(
+        None, description="How an answer is read from a candidate for the vote policies (required by them)")
+    pattern: str | None = Field(None, min_length=1, max_length=256,
+                                description="extractor=regex: a pattern with exactly one capturing group")
+    field: str | None = Field(None, min_length=1, max_length=128,
+                              description="extractor=json_field: dotted path of the field in the first JSON object")
 
 
 # Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
@@ -239,13 +248,22 @@ class RerankCandidate(BaseModel):
     completion_tokens: int
 
 
+class RerankGroup(BaseModel):
+    answer: str
+    votes: int
+    weight: float = Field(description="weighted_vote: summed softmax of the rewards; majority_vote: share of votes")
+    candidates: list[int]
+
+
 class RerankInfo(BaseModel):
-    """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen."""
+    """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen, and how."""
 
     heads: list[str]
     candidates_scored: int
+    policy: str = "argmax"
     chosen: list[int]
     rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
+    groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
     candidates: list[RerankCandidate] | None = None
 
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from arbiter import answers
 from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
 
@@ -21,7 +22,7 @@ from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, Se
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ErrorResponse, HeadCard,
                        HeadDeleted, HeadList, HealthStatus, LoadHeadRequest, ModelCard, ModelList, ScoreRequest,
                        ScoreResponse, SwapHeadRequest)
-from .rerank import feature_layers, pick
+from .rerank import feature_layers, pick, select
 from .security import require_admin, require_api_key
 from .state import ServiceState
 from .worker import GenerateOutcome, QueueFull, WorkerDead
@@ -307,6 +308,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
         if n_sample < body.n:
             raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
+        _answer_extractor(rr)  # a vote policy without a usable extractor is refused before any work
     messages = _messages(st, body.messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
@@ -342,19 +344,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return resp
 
 
+def _answer_extractor(rr):
+    """The request's answer extractor (None for argmax); InvalidRequest naming the field when it cannot be built."""
+    if rr.select == "argmax":
+        return None
+    if rr.extractor is None:
+        raise InvalidRequest(f"rerank.select={rr.select} needs rerank.extractor (last_number, choice_letter, regex or "
+                             "json_field)", param="rerank.extractor")
+    try:
+        return answers.extractor(rr.extractor, pattern=rr.pattern, field=rr.field)
+    except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field
+        param = "rerank.field" if rr.extractor == "json_field" else "rerank.pattern"
+        raise InvalidRequest(f"rerank.extractor={rr.extractor}: {e}", param=param) from None
+
+
 def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads, return_candidates: bool):
     cands = outcome.result.candidates
     rerank_info = None
     if heads:
-        p = pick(outcome.rewards)
-        chosen = p.top(body.n)
+        ex = _answer_extractor(body.rerank) if body.rerank is not None else None
+        found = [ex(c.text) for c in cands] if ex is not None else None
+        sel = select(outcome.rewards, body.rerank.select if body.rerank is not None else "argmax", found)
+        chosen = sel.top(body.n)
         names = [h.name for h in heads]
         rerank_info = {
             "heads": names,
             "candidates_scored": len(cands),
+            "policy": sel.policy,
             "chosen": chosen,
             "rewards": [float(outcome.rewards[i, 0]) for i in chosen],
         }
+        if sel.groups is not None:
+            rerank_info["groups"] = sel.groups
         if return_candidates:
             rerank_info["candidates"] = [
                 {"index": i, "text": c.text, "finish_reason": c.finish_reason,

@@ -894,61 +894,8 @@ class MathProblem:
     meta: dict = field(default_factory=dict)
 
 
-def canonical_number(text: Any) -> str | None:
-    """'42', '42.0', '+42', '$42', '4,2' (no) ... -> '42'; '1,234.50' -> '1234.5'; '-0.0' -> '0'; junk -> None."""
-    from decimal import Decimal, InvalidOperation
-
-    if isinstance(text, bool) or text is None:
-        return None
-    if isinstance(text, float):
-        text = repr(text)
-    s = str(text).strip().replace(",", "").replace("$", "").replace(" ", "")
-    s = s.rstrip("%").rstrip(".")
-    try:
-        d = Decimal(s)
-    except InvalidOperation:
-        return None
-    if not d.is_finite():
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
-# A number not glued to a word or another number ("x2", "3.4.5"); thousands separators only in groups of 3.
-_NUMBER = re.compile(r"(?<![\w.])(-?)\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\d])")
-_ANSWER_MARKERS = (
-    re.compile(r"####\s*([^\n]*)"),
-    re.compile(r"\\boxed\{([^{}]*)\}"),
-    # "answer is N" / "answer: N" / "answer = N", not the word inside "answers" or "answered".
-    re.compile(r"\banswer(?:\s+is\b\s*:?|\s*[:=])\s*([^\n]*)", re.IGNORECASE),
-)
-
-
-def _numbers(text: str) -> list[str]:
-    out = []
-    for m in _NUMBER.finditer(text):
-        c = canonical_number(m.group(1) + m.group(2))
-        if c is not None:
-            out.append(c)
-    return out
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final numeric answer of a solution as a canonical number string, or None.
-
-    Tried in order, each on its last occurrence: "#### N" (GSM8K), "\\boxed{N}", "answer is N" /
-    "answer: N"; the first number after the marker wins. Otherwise the last number in the text.
-    """
-    if not isinstance(text, str):
-        return None
-    for marker in _ANSWER_MARKERS:
-        for m in reversed(list(marker.finditer(text))):
-            nums = _numbers(m.group(1))
-            if nums:
-                return nums[0]
-    nums = _numbers(text)
-    return nums[-1] if nums else None
+# canonical_number / extract_final_answer live in arbiter.answers (the server's vote extractors use them too).
+from arbiter.answers import canonical_number, extract_final_answer  # noqa: E402
 
 
 def is_correct(text: str, problem: MathProblem) -> bool:

@@ -1,0 +1,135 @@
+"""Answer extraction shared by serving (vote-based selection, ``rerank.select``) and training / evaluation
+(math pairs, best-of-N): the final number of a solution, an option letter, a regex group, a JSON field.
+
+Every extractor maps a candidate's text to a canonical answer string or None (no answer found); votes group
+candidates by that string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def canonical_number(text: Any) -> str | None:
+    """'42', '42.0', '+42', '$42' -> '42'; '1,234.50' -> '1234.5'; '-0.0' -> '0'; junk -> None."""
+    if isinstance(text, bool) or text is None:
+        return None
+    if isinstance(text, float):
+        text = repr(text)
+    s = str(text).strip().replace(",", "").replace("$", "").replace(" ", "")
+    s = s.rstrip("%").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+# A number not glued to a word or another number ("x2", "3.4.5"); thousands separators only in groups of 3.
+_NUMBER = re.compile(r"(?<![\w.])(-?)\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\d])")
+_ANSWER_MARKERS = (
+    re.compile(r"####\s*([^\n]*)"),
+    re.compile(r"\\boxed\{([^{}]*)\}"),
+    # "answer is N" / "answer: N" / "answer = N", not the word inside "answers" or "answered".
+    re.compile(r"\banswer(?:\s+is\b\s*:?|\s*[:=])\s*([^\n]*)", re.IGNORECASE),
+)
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        c = canonical_number(m.group(1) + m.group(2))
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final numeric answer of a solution as a canonical number string, or None.
+
+    Tried in order, each on its last occurrence: "#### N" (GSM8K), "\\boxed{N}", "answer is N" /
+    "answer: N"; the first number after the marker wins. Otherwise the last number in the text.
+    """
+    if not isinstance(text, str):
+        return None
+    for marker in _ANSWER_MARKERS:
+        for m in reversed(list(marker.finditer(text))):
+            nums = _numbers(m.group(1))
+            if nums:
+                return nums[0]
+    nums = _numbers(text)
+    return nums[-1] if nums else None
+
+
+def extract_choice_letter(text: str, k: int = 26) -> str | None:
+    """The option letter an answer gives: a leading 'B.' / 'B)' / '(B)' / 'B:', or 'answer is B'."""
+    letters = LETTERS[: max(1, min(k, 26))]
+    m = re.match(rf"\s*\(?([{letters}])[\.\):]", text) or re.search(rf"answer is:?\s*\(?([{letters}])\b", text, re.I)
+    return m.group(1).upper() if m else None
+
+
+def extract_json_field(text: str, path: str) -> str | None:
+    """``path`` (dotted, e.g. "answer" or "result.value") of the first JSON object in the text, as a string."""
+    start = text.find("{")
+    while start >= 0:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        for part in path.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                return None
+            obj = obj[part]
+        if obj is None or isinstance(obj, (dict, list)):
+            return None if obj is None else json.dumps(obj, sort_keys=True)
+        return str(obj).strip()
+    return None
+
+
+REGEX_TIMEOUT_S = 0.05  # a client-supplied pattern may backtrack badly: each match is cut off after this
+
+
+def compile_regex(pattern: str):
+    """A client pattern with exactly one capturing group, compiled by the ``regex`` module (match timeouts)."""
+    import regex
+
+    rx = regex.compile(pattern)
+    if rx.groups != 1:
+        raise ValueError(f"the pattern must have exactly one capturing group, it has {rx.groups}")
+    return rx
+
+
+def extractor(name: str, *, pattern: str | None = None, field: str | None = None, k: int = 26) -> Callable[[str], str | None]:
+    """The extractor ``name`` as a function text -> answer | None. Raises ValueError for a bad pattern / field."""
+    if name == "last_number":
+        return extract_final_answer
+    if name == "choice_letter":
+        return lambda t: extract_choice_letter(t, k)
+    if name == "regex":
+        if not pattern:
+            raise ValueError("the regex extractor needs a pattern")
+        rx = compile_regex(pattern)
+
+        def by_regex(text: str) -> str | None:
+            try:
+                m = rx.search(text, timeout=REGEX_TIMEOUT_S)
+            except TimeoutError:
+                return None
+            return m.group(1).strip() if m and m.group(1) is not None else None
+
+        return by_regex
+    if name == "json_field":
+        if not field:
+            raise ValueError("the json_field extractor needs a field")
+        return lambda t: extract_json_field(t, field)
+    raise ValueError(f"unknown extractor {name!r}")
