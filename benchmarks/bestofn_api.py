@@ -5,7 +5,8 @@ through `/v1/chat/completions` with the official `openai` client. Per question, 
   greedy       temperature 0, n=1;
   rerank N     one request with `rerank: {candidates: N, heads: [<task head>], return_candidates: true}`
                at temperature T: the server's pick is "rerank"; from the same N returned candidates (same
-               seed) also "n=1" (candidate 0, i.e. plain sampling), "majority vote" over the extracted
+               seed) also "n=1" (candidate 0, i.e. plain sampling), "weighted vote" (the server's weighted_vote policy
+               over the same rewards), "majority vote" over the extracted
                answers, and "oracle pass@N" (any candidate right).
 Tasks (questions the task head never trained on):
   sst2   the shared SST-2 dev split (disjoint from the train split the `sst2` head used); answer = label word;
@@ -37,6 +38,10 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import git_commit  # noqa: E402
 
+import torch  # noqa: E402
+
+from arbiter.answers import extract_choice_letter  # noqa: E402
+from arbiter.service.rerank import select  # noqa: E402
 from arbiter.training.data import LETTERS, SST2_LABELS, extract_final_answer, load_choices, load_math  # noqa: E402
 from arbiter.training.data import math_prompt  # noqa: E402
 
@@ -51,10 +56,8 @@ def extract_label(text: str) -> str | None:
 
 
 def extract_letter(text: str, k: int) -> str | None:
-    """The option letter the answer gives: a leading 'B.' / 'B)' / '(B)', or 'answer is B'."""
-    letters = LETTERS[:k]
-    m = re.match(rf"\s*\(?([{letters}])[\.\):]", text) or re.search(rf"answer is:?\s*\(?([{letters}])\b", text, re.I)
-    return m.group(1).upper() if m else None
+    """The option letter the answer gives (the server's choice_letter extractor)."""
+    return extract_choice_letter(text, k)
 
 
 MATH_HELD = 100  # the first problems of each math source's seeded order (sampled_pairs.py never samples them)
@@ -186,6 +189,9 @@ def main() -> None:
                 picks = {h: max(range(len(cand_rows)), key=lambda j: (cand_rows[j]["rewards"][h], -j)) for h in heads}
                 votes = Counter(a for a in answers if a is not None)
                 majority = max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
+                # The server's weighted_vote policy (rerank.select) over the same candidates and task-head rewards.
+                wv = select(torch.tensor([[c["rewards"][head]] for c in cand_rows]), "weighted_vote", answers)
+                weighted = answers[wv.order[0]]
                 rows.append({
                     "gold": q["gold"],
                     "greedy": ex(g.choices[0].message.content) == q["gold"],
@@ -193,14 +199,15 @@ def main() -> None:
                     "rerank": ex(r.choices[0].message.content) == q["gold"],
                     **{f"rerank:{h}": answers[picks[h]] == q["gold"] for h in heads},
                     "majority": majority == q["gold"],
+                    "weighted": weighted == q["gold"],
                     "oracle": any(a == q["gold"] for a in answers),
                     "answered": sum(a is not None for a in answers) / len(answers),
                 })
                 if (i + 1) % 20 == 0:
                     print(task, i + 1, {k: round(sum(x[k] for x in rows) / len(rows), 3)
-                                        for k in ("greedy", "n1", "rerank", "majority", "oracle")}, flush=True)
+                                        for k in ("greedy", "n1", "rerank", "weighted", "majority", "oracle")}, flush=True)
             n = len(rows)
-            keys = ("greedy", "n1", "rerank", "majority", "oracle", *(f"rerank:{h}" for h in heads))
+            keys = ("greedy", "n1", "rerank", "weighted", "majority", "oracle", *(f"rerank:{h}" for h in heads))
             results[task] = {k: {"acc": sum(x[k] for x in rows) / n, "se": se(sum(x[k] for x in rows) / n, n)} for k in keys}
             results[task]["heads"] = heads
             results[task]["questions"] = n
@@ -217,13 +224,14 @@ def main() -> None:
             "server_dtype": dtype_line[-200:], "seconds": round(seconds, 1),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    cols = [("greedy", "greedy"), ("n1", "n=1 sample"), ("rerank", f"**rerank N={args.n}**"),
-            ("majority", f"majority vote of {args.n}"), ("oracle", f"oracle pass@{args.n}")]
+    cols = [("greedy", "greedy"), ("n1", "n=1 sample"), ("rerank", f"**rerank N={args.n}** (argmax)"),
+            ("weighted", "weighted vote (head)"), ("majority", f"majority vote of {args.n}"),
+            ("oracle", f"oracle pass@{args.n}")]
     lines = ["# Best-of-N through the API: rerank vs plain sampling", "",
              f"Command: `{meta['command']}` on commit `{commit}`, {meta['date']}, {seconds / 60:.1f} min; `arbiter serve` on "
              f"{model} with the committed heads, {args.threads} threads; server log: `{dtype_line[-160:]}`.", "",
              f"Per question: one greedy request, and one rerank request (N={args.n}, temperature {args.temperature}, "
-             "seed fixed per question, `return_candidates`) from which n=1 (candidate 0), majority vote and oracle "
+             "seed fixed per question, `return_candidates`) from which n=1 (candidate 0), weighted vote, majority vote and oracle "
              "are read, so every column but greedy sees the same candidates. Accuracy +- standard error.", "",
              "| task | questions | " + " | ".join(c for _, c in cols) + " | rerank wins / losses vs n=1 | answer extracted |",
              "|---|---|" + "---|" * len(cols) + "---|---|"]
