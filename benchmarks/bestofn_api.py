@@ -41,7 +41,7 @@ from _provenance import git_commit  # noqa: E402
 import torch  # noqa: E402
 
 from arbiter.answers import extract_choice_letter  # noqa: E402
-from arbiter.service.rerank import select  # noqa: E402
+from arbiter.service.rerank import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import LETTERS, SST2_LABELS, extract_final_answer, load_choices, load_math  # noqa: E402
 from arbiter.training.data import math_prompt  # noqa: E402
 
@@ -60,6 +60,7 @@ def extract_letter(text: str, k: int) -> str | None:
     return extract_choice_letter(text, k)
 
 
+ADAPTIVE = AdaptiveRule(round=2, margin=1.0, supermajority=0.75)  # the server's defaults
 MATH_HELD = 100  # the first problems of each math source's seeded order (sampled_pairs.py never samples them)
 TASK_HEAD = {"sst2": "sst2", "mc": "mc", "svamp": "math", "gsm8k": "math"}
 MAX_TOKENS = {"sst2": 16, "mc": 24, "svamp": 200, "gsm8k": 200}
@@ -192,6 +193,18 @@ def main() -> None:
                 # The server's weighted_vote policy (rerank.select) over the same candidates and task-head rewards.
                 wv = select(torch.tensor([[c["rewards"][head]] for c in cand_rows]), "weighted_vote", answers)
                 weighted = answers[wv.order[0]]
+                # Adaptive N replayed on the same candidates with the server's stopping rule (rerank.settled):
+                # candidate i is seeded per index, so a server running rounds of 2 samples exactly this prefix.
+                rew = torch.tensor([[c["rewards"][head]] for c in cand_rows])
+                adaptive = {}
+                for name, policy in (("adaptive_argmax", "argmax"), ("adaptive_majority", "majority_vote")):
+                    k = 2
+                    while k < len(cand_rows) and not settled(rew[:k], policy, answers[:k], ADAPTIVE):
+                        k += 2
+                    k = min(k, len(cand_rows))
+                    sel = select(rew[:k], policy, answers[:k])
+                    adaptive[name] = (answers[sel.order[0]] == q["gold"], k,
+                                      sum(c["completion_tokens"] for c in cand_rows[:k]))
                 rows.append({
                     "gold": q["gold"],
                     "greedy": ex(g.choices[0].message.content) == q["gold"],
@@ -200,6 +213,11 @@ def main() -> None:
                     **{f"rerank:{h}": answers[picks[h]] == q["gold"] for h in heads},
                     "majority": majority == q["gold"],
                     "weighted": weighted == q["gold"],
+                    **{name: v[0] for name, v in adaptive.items()},
+                    **{f"{name}_k": v[1] for name, v in adaptive.items()},
+                    **{f"{name}_tokens": v[2] for name, v in adaptive.items()},
+                    "tokens": sum(c["completion_tokens"] for c in cand_rows),
+                    "answers": answers, "rewards": [c["rewards"][head] for c in cand_rows],
                     "oracle": any(a == q["gold"] for a in answers),
                     "answered": sum(a is not None for a in answers) / len(answers),
                 })
@@ -213,6 +231,12 @@ def main() -> None:
             results[task]["questions"] = n
             results[task]["answered_rate"] = sum(x["answered"] for x in rows) / n
             # Paired comparison rerank vs n=1 on the same questions and candidates.
+            for name in ("adaptive_argmax", "adaptive_majority"):
+                results[task][name] = {"acc": sum(x[name] for x in rows) / n, "se": se(sum(x[name] for x in rows) / n, n),
+                                       "mean_candidates": sum(x[f"{name}_k"] for x in rows) / n,
+                                       "tokens": sum(x[f"{name}_tokens"] for x in rows)}
+            results[task]["tokens_fixed_n"] = sum(x["tokens"] for x in rows)
+            results[task]["rows"] = rows  # per question: gold, answers and rewards of the N candidates, outcomes
             results[task]["rerank_wins"] = sum(x["rerank"] and not x["n1"] for x in rows)
             results[task]["rerank_losses"] = sum(x["n1"] and not x["rerank"] for x in rows)
     finally:
@@ -239,6 +263,16 @@ def main() -> None:
         lines.append(f"| {task} (head `{r['heads'][0]}`) | {r['questions']} | "
                      + " | ".join(f"{r[k]['acc']:.3f} +- {r[k]['se']:.3f}" for k, _ in cols)
                      + f" | {r['rerank_wins']} / {r['rerank_losses']} | {r['answered_rate']:.2f} |")
+    lines += ["", f"Adaptive N (rounds of 2 up to {args.n}; replayed on the same candidates with the server's stopping "
+              f"rule `rerank.settled`: argmax stops when the best reward beats the runner-up by > {ADAPTIVE.margin}, "
+              f"majority vote when one answer holds >= {ADAPTIVE.supermajority} of the answered votes):", "",
+              f"| task | fixed N={args.n}: argmax / majority | adaptive argmax (mean N, tokens vs fixed) | "
+              "adaptive majority (mean N, tokens vs fixed) |", "|---|---|---|---|"]
+    for task, r in results.items():
+        tf = r["tokens_fixed_n"]
+        cells = [f"{r[k]['acc']:.3f} +- {r[k]['se']:.3f} (N {r[k]['mean_candidates']:.1f}, {r[k]['tokens'] / tf:.0%} of tokens)"
+                 for k in ("adaptive_argmax", "adaptive_majority")]
+        lines.append(f"| {task} | {r['rerank']['acc']:.3f} / {r['majority']['acc']:.3f} | " + " | ".join(cells) + " |")
     extra = [(t, h, r[f"rerank:{h}"]) for t, r in results.items() for h in r["heads"][1:]]
     if extra:
         lines += ["", "Other heads of the same task, picking among the same candidates:", "",

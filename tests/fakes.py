@@ -143,7 +143,7 @@ class FakeEngine:
             raise EngineCrash("the fake engine's worker thread dies here")
         if self.fail:
             raise RuntimeError("the fake engine failed this batch")
-        rows = {id(job): [self._row(job, i) for i in range(job.n)] for job in jobs}
+        rows = {id(job): [self._row(job, job.first_index + i) for i in range(job.n)] for job in jobs}
         emitted = {id(job): [0] * job.n for job in jobs}
         if self.gate is not None:
             for job in jobs:  # streaming rows show progress before the engine blocks

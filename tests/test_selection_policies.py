@@ -125,3 +125,56 @@ def test_api_regex_extractor_and_bad_vote_requests_are_400(srv):
         assert resp.json()["error"]["param"] == param
     resp = httpx.post(url, json={**base, "rerank": {"select": "best"}}, timeout=10)
     assert resp.status_code == 400
+
+
+# --- adaptive N under a budget ----------------------------------------------------------------------------
+# Candidates come in the script's order (round r continues at candidate 2r): rewards 2.0, 1.5 | 0.1, 0.0 | -0.5, 3.0;
+# the fake tokenizer is one token per character, so "so 7" + "The answer is 7." are 4 + 16 = 20 tokens.
+
+
+def _post(srv, rerank, headers=None, **kw):
+    body = {"model": "fake-backbone", "messages": MSG, "max_tokens": 16, "rerank": {"candidates": 6, **rerank}, **kw}
+    return httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=headers or {}, timeout=20)
+
+
+def test_adaptive_argmax_stops_once_the_margin_is_reached(srv):
+    r = _post(srv, {"adaptive": {"round": 2, "margin": 0.4}, "return_candidates": True}).json()
+    assert r["rerank"]["adaptive"] == {"rounds": 1, "stopped": "settled", "candidates": 2, "max_candidates": 6}
+    assert r["choices"][0]["message"]["content"] == "so 7" and r["usage"]["completion_tokens"] == 20
+    assert [c["text"] for c in r["rerank"]["candidates"]] == TEXTS[:2]
+    # margin 1.0 is never beaten (3.0 - 2.0 is not > 1.0): all three rounds run and the best of six wins.
+    r = _post(srv, {"adaptive": {"round": 2, "margin": 1.0}}).json()
+    assert r["rerank"]["adaptive"] == {"rounds": 3, "stopped": "max_candidates", "candidates": 6, "max_candidates": 6}
+    assert r["choices"][0]["message"]["content"] == "no idea" and r["rerank"]["chosen"] == [5]
+    assert r["usage"]["completion_tokens"] == sum(len(t) for t in TEXTS)
+
+
+def test_adaptive_vote_stops_at_a_supermajority_and_tokens_saved_are_counted(srv):
+    before = _saved(srv)
+    r = _post(srv, {"adaptive": True, "select": "majority_vote", "extractor": "last_number"}).json()
+    # Round 1: "7" and "7": 2 of 2 answered votes >= 0.75.
+    assert r["rerank"]["adaptive"]["stopped"] == "settled" and r["rerank"]["adaptive"]["candidates"] == 2
+    assert r["rerank"]["groups"][0] == {"answer": "7", "votes": 2, "weight": 1.0, "candidates": [0, 1]}
+    assert _saved(srv) - before == pytest.approx((6 - 2) * 20 / 2)
+
+
+def test_budgets_cap_candidates_and_tokens(srv):
+    r = _post(srv, {"adaptive": {"margin": 5.0}}, headers={"X-Arbiter-Budget": "tokens=10"}).json()
+    assert r["rerank"]["adaptive"] == {"rounds": 1, "stopped": "token_budget", "candidates": 2, "max_candidates": 6}
+    r = _post(srv, {"budget": {"candidates": 4}}).json()
+    assert r["rerank"]["candidates_scored"] == 4
+    r = _post(srv, {"budget": {"candidates": 4}}, headers={"X-Arbiter-Budget": "candidates=3"}).json()
+    assert r["rerank"]["candidates_scored"] == 3  # the header overrides the body
+    r = _post(srv, {}, headers={"X-Arbiter-Budget": "tokens=40"}).json()
+    assert r["rerank"]["candidates_scored"] == 2  # 40 tokens // max_tokens 16
+    for headers, rerank, kw, param in (({"X-Arbiter-Budget": "tokens=lots"}, {}, {}, "X-Arbiter-Budget"),
+                                       ({}, {"adaptive": True}, {"stream": True}, "rerank.adaptive"),
+                                       ({}, {"budget": {"candidates": 1}}, {"n": 2}, "rerank.budget")):
+        resp = _post(srv, rerank, headers, **kw)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+def _saved(srv) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    line = next(ln for ln in text.splitlines() if ln.startswith("arbiter_adaptive_tokens_saved_total"))
+    return float(line.split()[-1])

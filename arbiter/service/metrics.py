@@ -16,6 +16,9 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.candidates_scored = Counter("arbiter_candidates_scored", "Candidates scored by reward heads", registry=r)
         self.tokens_generated = Counter("arbiter_completion_tokens", "Completion tokens generated", registry=r)
+        self.tokens_saved = Counter("arbiter_adaptive_tokens_saved",
+                                    "Completion tokens adaptive rerank did not spend: candidates left unsampled x the "
+                                    "request's mean tokens per sampled candidate (an estimate)", registry=r)
         self.prompt_tokens = Counter("arbiter_prompt_tokens", "Prompt tokens processed", registry=r)
         self.queue_depth = Gauge("arbiter_queue_depth", "Requests waiting for the engine worker", registry=r)
         self.batch_rows = Histogram("arbiter_batch_rows", "Sequences per generation batch",

@@ -121,6 +121,20 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+class AdaptiveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    round: int = Field(2, ge=1, description="Candidates sampled per round")
+    margin: float = Field(1.0, ge=0.0, description="argmax: stop once the best reward beats the runner-up by more")
+    supermajority: float = Field(0.75, gt=0.5, le=1.0,
+                                 description="Vote policies: stop once the leading answer holds this share of the weight")
+
+
+class BudgetOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: int | None = Field(None, ge=1, description="Most candidates to sample")
+    tokens: int | None = Field(None, ge=1, description="Most completion tokens to spend (checked between rounds)")
+
+
 class RerankOptions(BaseModel):
     """Arbiter's extension, passed by the openai client in ``extra_body={"rerank": {...}}``.
 
@@ -142,6 +156,10 @@ class RerankOptions(BaseModel):
                                 description="extractor=regex: a pattern with exactly one capturing group")
     field: str | None = Field(None, min_length=1, max_length=128,
                               description="extractor=json_field: dotted path of the field in the first JSON object")
+    adaptive: bool | AdaptiveOptions | None = Field(
+        None, description="Sample in rounds and stop once the leader is settled; `candidates` is then the maximum")
+    budget: BudgetOptions | None = Field(None, description="Caps on candidates / completion tokens (the "
+                                                           "X-Arbiter-Budget header overrides it)")
 
 
 # Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
@@ -264,6 +282,8 @@ class RerankInfo(BaseModel):
     chosen: list[int]
     rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
     groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
+    adaptive: dict | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
+                                                    "sampled, the maximum allowed")
     candidates: list[RerankCandidate] | None = None
 
 

@@ -102,3 +102,28 @@ def pick(rewards: torch.Tensor) -> Pick:
     first = rewards[:, 0].tolist()
     order = sorted(range(len(first)), key=lambda i: (-first[i], i))
     return Pick(order, rewards)
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """When adaptive rerank stops sampling (docs: README "Adaptive N"): after each round, the leader is settled
+    when (argmax) its reward beats the runner-up's by more than ``margin``, or (vote policies) the leading
+    answer group holds at least ``supermajority`` of the weight with at least two answered candidates."""
+
+    round: int = 2
+    margin: float = 1.0
+    supermajority: float = 0.75
+
+
+def settled(rewards: torch.Tensor, policy: str, answers: Sequence[str | None] | None, rule: AdaptiveRule) -> bool:
+    n = rewards.shape[0]
+    if n < 2:
+        return False
+    if policy == "argmax":
+        top = sorted(rewards[:, 0].tolist(), reverse=True)
+        return top[0] - top[1] > rule.margin
+    sel = select(rewards, policy, answers)
+    if not sel.groups or sum(g["votes"] for g in sel.groups) < 2:
+        return False
+    total = sum(g["weight"] for g in sel.groups)
+    return sel.groups[0]["weight"] / total >= rule.supermajority

@@ -22,7 +22,7 @@ from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, Se
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ErrorResponse, HeadCard,
                        HeadDeleted, HeadList, HealthStatus, LoadHeadRequest, ModelCard, ModelList, ScoreRequest,
                        ScoreResponse, SwapHeadRequest)
-from .rerank import feature_layers, pick, select
+from .rerank import AdaptiveRule, feature_layers, pick, select, settled
 from .security import require_admin, require_api_key
 from .state import ServiceState
 from .worker import GenerateOutcome, QueueFull, WorkerDead
@@ -309,6 +309,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if n_sample < body.n:
             raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
         _answer_extractor(rr)  # a vote policy without a usable extractor is refused before any work
+        cap_candidates, cap_tokens = _budget(request, rr)
+        if cap_candidates is not None:
+            n_sample = min(n_sample, cap_candidates)
+        if cap_tokens is not None and not rr.adaptive:
+            n_sample = min(n_sample, max(1, cap_tokens // max_tokens))  # N x max_tokens within the token budget
+        if n_sample < body.n:
+            raise InvalidRequest(f"the budget leaves {n_sample} candidate(s), fewer than n ({body.n})", param="rerank.budget")
+        if rr.adaptive and body.stream:
+            raise InvalidRequest("rerank.adaptive cannot be combined with stream=true", param="rerank.adaptive")
     messages = _messages(st, body.messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
@@ -327,6 +336,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream and not heads:
         return _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0)
 
+    if rr is not None and rr.adaptive:
+        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample)
+        resp = _completion_body(st, body, outcome, rid, created, heads)
+        resp["rerank"]["adaptive"] = adaptive_info
+        log_fields["adaptive"] = adaptive_info
+        _account(st, "chat", outcome, log_fields, t0)
+        return resp
+
     job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads))
     fut = _submit(st, st.worker.submit_generate, job, heads)
     if body.stream:
@@ -342,6 +359,79 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     resp = _completion_body(st, body, outcome, rid, created, heads)
     _account(st, "chat", outcome, log_fields, t0)
     return resp
+
+
+def _budget(request: Request, rr) -> tuple[int | None, int | None]:
+    """(most candidates, most completion tokens): ``rerank.budget``, overridden key by key by ``X-Arbiter-Budget``
+    (``tokens=1500``, ``candidates=4`` or both, comma-separated)."""
+    cands = rr.budget.candidates if rr.budget else None
+    tokens = rr.budget.tokens if rr.budget else None
+    header = request.headers.get("x-arbiter-budget")
+    if header:
+        for part in header.split(","):
+            key, _, value = part.strip().partition("=")
+            try:
+                n = int(value)
+            except ValueError:
+                n = 0
+            if key not in ("tokens", "candidates") or n < 1:
+                raise InvalidRequest("X-Arbiter-Budget must be 'tokens=<int>', 'candidates=<int>' or both, "
+                                     f"comma-separated, with positive integers; got {header[:80]!r}",
+                                     param="X-Arbiter-Budget")
+            if key == "tokens":
+                tokens = n
+            else:
+                cands = n
+    return cands, tokens
+
+
+async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
+                    params: SamplingParams, heads, n_max: int) -> tuple[GenerateOutcome, dict]:
+    """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
+    is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
+    import dataclasses
+    import secrets
+
+    import torch
+
+    from .engine.base import GenerationResult
+
+    rr = body.rerank
+    opts = rr.adaptive if not isinstance(rr.adaptive, bool) else None
+    rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
+    _, cap_tokens = _budget(request, rr)
+    ex = _answer_extractor(rr)
+    # One base seed for every round, so round r continues the candidate sequence instead of repeating it.
+    params = dataclasses.replace(params, seed=params.seed if params.seed is not None else secrets.randbits(62))
+    cands, rewards, queue_s, run_s, rounds, stopped = [], [], 0.0, 0.0, 0, "max_candidates"
+    while len(cands) < n_max:
+        k = min(max(rule.round, body.n - len(cands)), n_max - len(cands))
+        job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands))
+        fut = _submit(st, st.worker.submit_generate, job, heads)
+        try:
+            out: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
+        except (APIError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise _worker_error(e) from None
+        rounds += 1
+        cands += out.result.candidates
+        rewards.append(out.rewards)
+        queue_s += out.queue_s
+        run_s += out.run_s
+        r = torch.cat(rewards)
+        spent = sum(len(c.token_ids) for c in cands)
+        found = [ex(c.text) for c in cands] if ex is not None else None
+        if len(cands) >= body.n and settled(r, rr.select, found, rule):
+            stopped = "settled"
+            break
+        if cap_tokens is not None and spent >= cap_tokens:
+            stopped = "token_budget"
+            break
+    if len(cands) < n_max:
+        st.metrics.tokens_saved.inc((n_max - len(cands)) * spent / max(len(cands), 1))
+    merged = GenerateOutcome(GenerationResult(cands, len(ids)), torch.cat(rewards), queue_s, run_s)
+    return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
 def _answer_extractor(rr):

@@ -54,6 +54,9 @@ class GenerationJob:
     feature_layers: tuple[int, ...] = ()  # () = plain sampling, no reward features needed
     on_delta: DeltaCallback | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Candidate i of this job is seeded as candidate first_index + i of the request (adaptive rounds continue
+    # the request's candidate sequence instead of repeating its first candidates).
+    first_index: int = 0
 
 
 @dataclass

@@ -215,7 +215,7 @@ class HFEngine:
             sp = job.params
             base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
             for i in range(job.n):
-                g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + i) % (2**63 - 1))
+                g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + job.first_index + i) % (2**63 - 1))
                 rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
                 src.append(p)
         sel = torch.tensor(src, device=dev)
