@@ -276,3 +276,41 @@ def test_a_score_pass_nobody_waits_for_is_abandoned_within_a_block(engine):
         assert out[-1].shape[0] == 2 and len(calls) == 1
     finally:
         hook.remove()
+
+
+def test_continuous_batching_admits_jobs_mid_decode_and_delivers_each_when_done(engine):
+    """Jobs joining a running batch (a prompt longer than the running cache, then a shorter one) decode with
+    their own positions: their captured features equal a standalone forward, greedy answers equal the same job
+    run alone, and each job is delivered as soon as its rows finish, before the long first job."""
+    long_job = GenerationJob(P(engine, "Write a long story about a dragon who loves tea."), 2,
+                             SamplingParams(max_tokens=24, seed=1, temperature=0.0), feature_layers=(-1, BLOCK))
+    later = [
+        GenerationJob(P(engine, "Please list, one per line, every colour of the rainbow, and explain for each one "
+                                "where it appears in nature and why people like it so much."), 1,
+                      SamplingParams(max_tokens=6, temperature=0.0), feature_layers=(-1, BLOCK)),
+        GenerationJob(P(engine, "Hi"), 2, SamplingParams(max_tokens=5, seed=4), feature_layers=(-1,)),
+    ]
+    calls, order = [], []
+
+    def admit(rows_in_batch: int):
+        calls.append(rows_in_batch)
+        if len(calls) == 3:
+            return later[:1]
+        if len(calls) == 6:
+            return later[1:]
+        return []
+
+    results = engine.generate([long_job], admit=admit, deliver=lambda job, res: order.append((job, res)))
+    delivered = {id(j): r for j, r in order}
+    assert [j for j, _ in order] == [later[0], later[1], long_job]  # the long job finishes last
+    assert results[0] is delivered[id(long_job)]
+    assert calls[:3] == [2, 2, 2] and calls[3] == 3  # the admitted row is in the batch from the next step on
+    for job in (long_job, *later):
+        res = delivered[id(job)]
+        assert len(res.candidates) == job.n
+        for c in res.candidates:
+            for layer in job.feature_layers:
+                assert_same_feature(c.features[layer], standalone(engine, job.prompt_ids, c.token_ids, layer),
+                                    f"continuous-batching candidate {c.text!r} layer {layer}")
+    alone = engine.generate([later[0]])[0].candidates[0]
+    assert delivered[id(later[0])].candidates[0].token_ids == alone.token_ids

@@ -235,6 +235,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
                                 "its rewards assume that adapter", name, trained_with, served and served["name"])
         state.bind_engine(eng)
         w = Worker(eng, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                   continuous=settings.continuous_batching,
                    metrics=state.metrics, on_death=on_death)
         w.start()
         state.worker = w

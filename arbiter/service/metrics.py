@@ -16,6 +16,8 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.candidates_scored = Counter("arbiter_candidates_scored", "Candidates scored by reward heads", registry=r)
         self.tokens_generated = Counter("arbiter_completion_tokens", "Completion tokens generated", registry=r)
+        self.admitted_rows = Counter("arbiter_admitted_rows", "Sequences that joined a running decode batch "
+                                     "(continuous batching)", registry=r)
         self.tokens_saved = Counter("arbiter_adaptive_tokens_saved",
                                     "Completion tokens adaptive rerank did not spend: candidates left unsampled x the "
                                     "request's mean tokens per sampled candidate (an estimate)", registry=r)

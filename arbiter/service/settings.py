@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Most messages per request")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
+    continuous_batching: bool = Field(True, description="Requests join the running decode batch between steps (HF engine); "
+                                                        "false: they wait for the batch to finish (micro-batching)")
     max_queue: int = Field(64, ge=1, description="Queued requests beyond which new ones get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request deadline; past it the request gets a 504")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (bytes); larger gets 413")

@@ -2,7 +2,10 @@
 
 Requests are queued (bounded: a full queue raises ``QueueFull`` -> 429) and the worker merges every
 generation request waiting at the start of a batch into one generation batch, up to
-``max_batch_rows`` sequences (micro-batching). Score requests are batched the same way. Results go back
+``max_batch_rows`` sequences. With an engine that supports it (``engine.continuous``: the HF engine),
+batching is continuous: requests that arrive while the batch decodes join it between decode steps while
+rows are free, and each request is answered as soon as its own rows finish. Score requests are batched
+between generation batches. Results go back
 to the event loop through futures; a request whose client went away is marked cancelled and dropped
 before it runs, or its rows leave the batch at the next decode step.
 
@@ -65,8 +68,9 @@ class GenerateOutcome:
 
 class Worker:
     def __init__(self, engine: Engine, *, max_queue: int, max_batch_rows: int, metrics=None,
-                 on_death: Callable[[BaseException], None] | None = None):
+                 on_death: Callable[[BaseException], None] | None = None, continuous: bool = True):
         self.engine = engine
+        self.continuous = continuous and bool(getattr(engine, "continuous", False))
         self.max_batch_rows = max_batch_rows
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._pending: deque[_Item] = deque()
@@ -215,22 +219,68 @@ class Worker:
         jobs = [it.job for it in items]
         if self.metrics:
             self.metrics.batch_rows.observe(sum(j.n for j in jobs))
-        results = self.engine.generate(jobs)
-        run_s = time.monotonic() - t0
-        for it, res in zip(items, results):
-            if isinstance(res, BaseException):  # the engine refused this job alone; the others go on
-                self._resolve(it, exc=res)
-                continue
-            rewards = None
-            try:
-                if it.heads and res.candidates and all(c.features is not None for c in res.candidates):
-                    rewards = score_candidates(res.candidates, it.heads)
-                    if self.metrics:
-                        self.metrics.candidates_scored.inc(len(res.candidates))
-            except Exception as e:
+        started = {id(it.job): t0 for it in items}
+        by_job = {id(it.job): it for it in items}
+
+        def deliver(job: GenerationJob, res: GenerationResult) -> None:
+            it = by_job.get(id(job))
+            if it is not None:
+                self._deliver(it, res, started[id(job)])
+
+        if not self.continuous:
+            for it, res in zip(items, self.engine.generate(jobs)):
+                if isinstance(res, BaseException):  # the engine refused this job alone; the others go on
+                    self._resolve(it, exc=res)
+                    continue
+                self._deliver(it, res, t0)
+            return
+
+        def admit(rows_in_batch: int) -> list[GenerationJob]:
+            """Continuous batching: queued generation requests join the running batch while rows are free."""
+            out: list[GenerationJob] = []
+            rows = rows_in_batch
+            while True:
+                try:
+                    it = self._pending.popleft() if self._pending else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if it is None:  # shutdown requested: finish what runs, admit nothing more
+                    self._stop.set()
+                    break
+                if it.cancelled():
+                    self._resolve(it, exc=asyncio.CancelledError())
+                    continue
+                if it.kind != "generate" or rows + it.rows > self.max_batch_rows:
+                    self._pending.appendleft(it)  # first in line once the batch has room / for the next batch
+                    break
+                rows += it.rows
+                by_job[id(it.job)] = it
+                started[id(it.job)] = time.monotonic()
+                self._running.append(it)
+                out.append(it.job)
+            if out and self.metrics:
+                self.metrics.queue_depth.set(self.depth())
+                self.metrics.admitted_rows.inc(sum(j.n for j in out))
+            return out
+
+        try:
+            self.engine.generate(jobs, admit=admit, deliver=deliver)
+        except Exception as e:  # admitted requests fail with the batch too, never wait for their deadline
+            for it in by_job.values():
                 self._resolve(it, exc=e)
-                continue
-            self._resolve(it, GenerateOutcome(res, rewards, t0 - it.enqueued, run_s))
+            raise
+
+    def _deliver(self, it: _Item, res: GenerationResult, started: float) -> None:
+        rewards = None
+        try:
+            if it.heads and res.candidates and all(c.features is not None for c in res.candidates):
+                rewards = score_candidates(res.candidates, it.heads)
+                if self.metrics:
+                    self.metrics.candidates_scored.inc(len(res.candidates))
+        except Exception as e:
+            self._resolve(it, exc=e)
+            return
+        self._resolve(it, GenerateOutcome(res, rewards, started - it.enqueued, time.monotonic() - started))
 
     def _run_score(self, items: list[_Item]) -> None:
         # All score requests of the batch go through one feature pass.

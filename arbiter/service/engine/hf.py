@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -52,6 +52,195 @@ class _Row:
     features: dict[int, torch.Tensor] | None = None
 
 
+Admit = Callable[[int], "Sequence[GenerationJob]"]
+Deliver = Callable[[GenerationJob, GenerationResult], None]
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class _Batch:
+    """The running decode batch of the HF engine: rows of every job in it, their KV cache, mask and positions.
+
+    ``join`` prefills new jobs (one row per prompt, left padded), expands them to N rows and merges their cache
+    rows into the running cache (the shorter side is left padded with masked zeros, so every row keeps its
+    own positions); ``step`` samples one token per active row, drops finished rows and runs one decode step.
+    """
+
+    def __init__(self, eng: "HFEngine", deliver: "Deliver | None"):
+        self.e = eng
+        self.deliver = deliver
+        self.rows: list[_Row] = []  # rows in the batch, in batch order
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [K, T]
+        self.next_pos: torch.Tensor | None = None  # [K]
+        self.logits: torch.Tensor | None = None  # [K, V]
+        self.jobs: list[GenerationJob] = []
+        self.left: dict[int, int] = {}  # job id -> rows not done yet
+        self.done_rows: dict[int, list[_Row]] = {}
+        self.slots: dict[int, dict | None] = {}
+        self.captures: dict[int, LayerCapture] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows)
+
+    def add_result_slot(self, job: GenerationJob, results: dict | None) -> None:
+        self.slots[id(job)] = results
+
+    def _finish(self, job: GenerationJob) -> None:
+        res = self.e._finish_job(job, self.done_rows.pop(id(job), []))
+        slot = self.slots.pop(id(job), None)
+        if slot is not None:
+            slot[id(job)] = res
+        if self.deliver is not None:
+            self.deliver(job, res)
+
+    def _row_done(self, r: _Row) -> None:
+        job = self.jobs[r.job]
+        self.done_rows.setdefault(id(job), []).append(r)
+        self.left[id(job)] -= 1
+        if self.left[id(job)] == 0:
+            self._finish(job)
+
+    def join(self, jobs: Sequence[GenerationJob]) -> None:
+        e, dev = self.e, self.e.device
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set() or job.n <= 0:
+                self.jobs.append(job)
+                self.left[id(job)] = 0
+                self.done_rows[id(job)] = []
+                self._finish(job)
+            else:
+                live.append(job)
+        if not live:
+            return
+        for layer in sorted({l for j in live for l in j.feature_layers if l != FINAL} - set(self.captures)):
+            self.captures[layer] = LayerCapture(e.model, layer)
+        L = max(len(j.prompt_ids) for j in live)
+        ids = torch.full((len(live), L), e.pad_id, dtype=torch.long, device=dev)  # [P, L]
+        mask = torch.zeros((len(live), L), dtype=torch.long, device=dev)  # [P, L]
+        for p, job in enumerate(live):
+            ids[p, L - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, device=dev)
+            mask[p, L - len(job.prompt_ids) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, L]
+        cache = DynamicCache(config=e.model.config)
+        out = e.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits = e.lm_head(out.last_hidden_state[:, -1])  # [P, V]
+        # --- expand to N rows per request -----------------------------------------------------------
+        rows, src = [], []
+        for p, job in enumerate(live):
+            j = len(self.jobs)
+            self.jobs.append(job)
+            self.left[id(job)] = job.n
+            sp = job.params
+            base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
+            for i in range(job.n):
+                g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + job.first_index + i) % (2**63 - 1))
+                rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
+                src.append(p)
+        sel = torch.tensor(src, device=dev)
+        cache.batch_select_indices(sel)
+        mask, logits = mask[sel], logits[sel]  # [R, L], [R, V]
+        next_pos = mask.sum(-1)  # [R] position id of the next fed token
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos, self.logits, self.rows = cache, mask, next_pos, logits, rows
+            return
+        # --- merge into the running batch: left pad the shorter side (masked), concatenate rows -------
+        t_cur, t_new = self.mask.shape[1], mask.shape[1]
+        T = max(t_cur, t_new)
+        for cur, add in zip(self.cache.layers, cache.layers):
+            cur.keys = torch.cat([_pad_left(cur.keys, T - t_cur, 2), _pad_left(add.keys, T - t_new, 2)], dim=0)
+            cur.values = torch.cat([_pad_left(cur.values, T - t_cur, 2), _pad_left(add.values, T - t_new, 2)], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, T - t_cur, 1), _pad_left(mask, T - t_new, 1)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+        self.rows += rows
+
+    def step(self) -> None:
+        e, dev = self.e, self.e.device
+        batch_rows = self.rows
+        # --- choose each row's next input token ------------------------------------------------------
+        want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
+        sampled, sampled_lps = e._sample(self.logits[want], [batch_rows[k] for k in want]) if want else ([], [])
+        feed: list[int] = [e.end_id] * len(batch_rows)
+        for k, t, lp in zip(want, sampled, sampled_lps):
+            r = batch_rows[k]
+            job = self.jobs[r.job]
+            if job.cancelled.is_set():
+                r.state, r.finish = "done", "cancelled"
+                continue
+            if t in e.stop_ids:  # the closing token, or another EOS: the closing token is fed next
+                r.finish = "stop"
+                r.state = "closing" if r.capture else "done"
+                e._emit(r, job, final=True)
+                continue
+            r.tokens.append(t)
+            if lp is not None:
+                r.lps.append(lp)
+            if r.params.stop or r.stream:
+                r.text = e._decode(r.tokens)
+            if e._check_stop(r):
+                r.finish, r.stop_cut, r.state = "stop", True, "done"
+                e._emit(r, job, final=True)
+                continue
+            if len(r.tokens) >= r.params.max_tokens:
+                r.finish = "length"
+                r.state = "force_close" if r.capture else "done"
+                if not (r.params.stop or r.stream):
+                    r.text = e._decode(r.tokens)
+                e._emit(r, job, final=True)
+            else:
+                e._emit(r, job, final=False)
+            feed[k] = t
+        # Rows not sampled this step are "closing": they feed the closing token (the default in ``feed``).
+        # --- drop finished rows from the batch (a job whose last row finished is delivered now) ------------
+        keep = [k for k, r in enumerate(batch_rows) if r.state != "done"]
+        for k, r in enumerate(batch_rows):
+            if r.state == "done":
+                self._row_done(r)
+        if not keep:
+            self.rows = []
+            return
+        if len(keep) < len(batch_rows):
+            ksel = torch.tensor(keep, device=dev)
+            self.cache.batch_select_indices(ksel)
+            self.mask, self.next_pos = self.mask[ksel], self.next_pos[ksel]
+            feed = [feed[k] for k in keep]
+            batch_rows = [batch_rows[k] for k in keep]
+            self.rows = batch_rows
+        # --- one decode step -------------------------------------------------------------------------
+        inp = torch.tensor(feed, device=dev)[:, None]  # [K, 1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)  # [K, T+1]
+        out = e.decoder(input_ids=inp, attention_mask=self.mask, position_ids=self.next_pos[:, None],
+                        past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        h = out.last_hidden_state[:, -1]  # [K, d] after the final norm
+        for k, r in enumerate(batch_rows):
+            if r.state == "closing":
+                # This step fed the closing token: its hidden state is the reward feature.
+                job = self.jobs[r.job]
+                feats = {FINAL: h[k].float().clone()}
+                for layer in job.feature_layers:
+                    if layer != FINAL:
+                        feats[layer] = self.captures[layer].output[k, -1].float().clone()
+                r.features, r.state = feats, "done"
+            elif r.state == "force_close":
+                r.state = "closing"  # fed its last token; the closing token goes in next step
+        self.logits = e.lm_head(h)  # [K, V]
+
+    def close(self) -> None:
+        for c in self.captures.values():
+            c.remove()
+        self.captures = {}
+
+
 class _Hook:
     """A registered hook, removable like a LayerCapture."""
 
@@ -60,6 +249,8 @@ class _Hook:
 
 
 class HFEngine:
+    continuous = True  # generate() takes admit / deliver: requests join the running decode batch
+
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.model = backbone.model
@@ -163,145 +354,52 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
-        results: list[GenerationResult | None] = [None] * len(jobs)
-        live = [j for j, job in enumerate(jobs) if not job.cancelled.is_set() and job.n > 0]
-        for j, job in enumerate(jobs):
-            if j not in live:
-                results[j] = GenerationResult([], len(job.prompt_ids))
-        if not live:
-            return results  # type: ignore[return-value]
-        hook_layers = sorted({l for j in live for l in jobs[j].feature_layers if l != FINAL})
-        captures = [LayerCapture(self.model, l) for l in hook_layers]
+    def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
+                 deliver: Deliver | None = None) -> list[GenerationResult]:
+        """Sample every job's candidates in one batch; returns one result per job of ``jobs``.
+
+        Continuous batching: with ``admit``, the loop asks between decode steps for new jobs (``admit(rows in the
+        batch)`` -> jobs), prefills them and merges their KV rows into the running batch; with ``deliver``, each job
+        (given or admitted) is handed over (``deliver(job, result)``) as soon as its last row finishes, so an early
+        request never waits for a later one's decode.
+        """
+        jobs = list(jobs)
+        results: dict[int, GenerationResult] = {}
+        run = _Batch(self, deliver)
         try:
-            rows = self._run(jobs, live, captures, hook_layers)
+            for job in jobs:
+                run.add_result_slot(job, results)
+            run.join(jobs)
+            while run.active:
+                run.step()
+                if admit is not None and run.active:
+                    new = [j for j in admit(len(run.rows)) if j is not None]
+                    for job in new:
+                        run.add_result_slot(job, None)
+                    run.join(new)
         finally:
-            for c in captures:
-                c.remove()
-        self._rescore_stop_cut(jobs, rows)
-        by_job: dict[int, list[_Row]] = {}
-        for r in rows:
-            by_job.setdefault(r.job, []).append(r)
-        for j in live:
-            cands = []
-            for r in sorted(by_job.get(j, []), key=lambda r: r.index):
-                if not r.stop_cut:
-                    r.text = self._decode(r.tokens)
-                lps = list(r.lps) if jobs[j].params.logprobs is not None else None
-                cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps))
-            results[j] = GenerationResult(cands, len(jobs[j].prompt_ids))
-        return results  # type: ignore[return-value]
+            run.close()
+        return [results[id(j)] for j in jobs]
 
-    def _run(self, jobs, live, captures, hook_layers) -> list[_Row]:
-        dev = self.device
-        # --- prefill: one row per request, left padded ----------------------------------------------
-        L = max(len(jobs[j].prompt_ids) for j in live)
-        ids = torch.full((len(live), L), self.pad_id, dtype=torch.long, device=dev)  # [P, L]
-        mask = torch.zeros((len(live), L), dtype=torch.long, device=dev)  # [P, L]
-        for p, j in enumerate(live):
-            pid = jobs[j].prompt_ids
-            ids[p, L - len(pid) :] = torch.tensor(pid, device=dev)
-            mask[p, L - len(pid) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, L]
-        cache = DynamicCache(config=self.model.config)
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        logits = self.lm_head(out.last_hidden_state[:, -1])  # [P, V]
-
-        # --- expand to N rows per request -----------------------------------------------------------
-        rows: list[_Row] = []
-        src = []
-        for p, j in enumerate(live):
-            job = jobs[j]
-            sp = job.params
-            base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
-            for i in range(job.n):
-                g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + job.first_index + i) % (2**63 - 1))
-                rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
-                src.append(p)
-        sel = torch.tensor(src, device=dev)
-        cache.batch_select_indices(sel)
-        mask = mask[sel]  # [R, L]
-        logits = logits[sel]  # [R, V]
-        next_pos = mask.sum(-1)  # [R] position id of the next fed token
-        active = list(range(len(rows)))  # rows still in the batch, in batch order
-
-        while active:
-            batch_rows = [rows[a] for a in active]
-            # --- choose each row's next input token ------------------------------------------------
-            want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
-            sampled, sampled_lps = self._sample(logits[want], [batch_rows[k] for k in want]) if want else ([], [])
-            feed: list[int] = [self.end_id] * len(batch_rows)
-            for k, t, lp in zip(want, sampled, sampled_lps):
-                r = batch_rows[k]
-                job = jobs[r.job]
-                if job.cancelled.is_set():
-                    r.state, r.finish = "done", "cancelled"
-                    continue
-                if t in self.stop_ids:  # the closing token, or another EOS: the closing token is fed next
-                    r.finish = "stop"
-                    r.state = "closing" if r.capture else "done"
-                    self._emit(r, job, final=True)
-                    continue
-                r.tokens.append(t)
-                if lp is not None:
-                    r.lps.append(lp)
-                if r.params.stop or r.stream:
-                    r.text = self._decode(r.tokens)
-                if self._check_stop(r):
-                    r.finish, r.stop_cut, r.state = "stop", True, "done"
-                    self._emit(r, job, final=True)
-                    continue
-                if len(r.tokens) >= r.params.max_tokens:
-                    r.finish = "length"
-                    r.state = "force_close" if r.capture else "done"
-                    if not (r.params.stop or r.stream):
-                        r.text = self._decode(r.tokens)
-                    self._emit(r, job, final=True)
-                else:
-                    self._emit(r, job, final=False)
-                feed[k] = t
-            # Rows not sampled this step are "closing": they feed <|im_end|> (the default in ``feed``).
-
-            # --- drop finished rows from the batch -------------------------------------------------
-            keep = [k for k, r in enumerate(batch_rows) if r.state != "done"]
-            if not keep:
-                break
-            if len(keep) < len(batch_rows):
-                ksel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(ksel)
-                mask = mask[ksel]
-                next_pos = next_pos[ksel]
-                active = [active[k] for k in keep]
-                feed = [feed[k] for k in keep]
-                batch_rows = [batch_rows[k] for k in keep]
-
-            # --- one decode step -------------------------------------------------------------------
-            inp = torch.tensor(feed, device=dev)[:, None]  # [K, 1]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # [K, T+1]
-            out = self.decoder(input_ids=inp, attention_mask=mask, position_ids=next_pos[:, None],
-                               past_key_values=cache, use_cache=True)
-            next_pos = next_pos + 1
-            h = out.last_hidden_state[:, -1]  # [K, d] after the final norm
-            for k, r in enumerate(batch_rows):
-                if r.state == "closing":
-                    # This step fed the closing <|im_end|>: its hidden state is the reward feature.
-                    feats = {FINAL: h[k].float().clone()}
-                    for layer, cap in zip(hook_layers, captures):
-                        feats[layer] = cap.output[k, -1].float().clone()
-                    r.features, r.state = feats, "done"
-                elif r.state == "force_close":
-                    r.state = "closing"  # fed its last token; <|im_end|> goes in next step
-            logits = self.lm_head(h)  # [K, V]
-        return rows
+    def _finish_job(self, job: GenerationJob, rows: list[_Row]) -> GenerationResult:
+        self._rescore_stop_cut([job], [r for r in rows if r.capture and r.stop_cut])
+        cands = []
+        for r in sorted(rows, key=lambda r: r.index):
+            if not r.stop_cut:
+                r.text = self._decode(r.tokens)
+            lps = list(r.lps) if job.params.logprobs is not None else None
+            cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps))
+        return GenerationResult(cands, len(job.prompt_ids))
 
     def _rescore_stop_cut(self, jobs, rows: list[_Row]) -> None:
-        """Rows cut by a stop string: the cache ran past the answer, so score the kept text afresh."""
+        """Rows cut by a stop string (all of ``jobs[0]``): the cache ran past the answer, so score the kept text afresh."""
         todo = [r for r in rows if r.capture and r.stop_cut]
         if not todo:
             return
-        layers = sorted({l for r in todo for l in jobs[r.job].feature_layers} | {FINAL})
+        job = jobs[0]
+        layers = sorted(set(job.feature_layers) | {FINAL})
         answers = [answer_ids(self.tokenizer, r.text, self.end_id, close=False) for r in todo]
-        feats = self.features([jobs[r.job].prompt_ids for r in todo], answers, layers)
+        feats = self.features([job.prompt_ids for _ in todo], answers, layers)
         for i, r in enumerate(todo):
             r.features = {l: feats[l][i] for l in layers}
 
