@@ -10,6 +10,7 @@ Generations are kept to 8 tokens so the file stays fast on two CPU cores.
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -391,3 +392,30 @@ def test_server_shuts_down_cleanly(live):
     assert rc == 0, log[-3000:]
     # Every request in this module was answered without a server-side error or traceback.
     assert "Traceback" not in log and '"level": "error"' not in log and '"level": "critical"' not in log, log[-3000:]
+
+
+def test_a_late_short_request_joins_the_running_batch_and_returns_first(live):
+    """Continuous batching: a short request sent while a long one decodes is answered before the long one ends."""
+    import threading
+
+    done: dict[str, float] = {}
+
+    def call(name: str, max_tokens: int, prompt: str) -> None:
+        live.client().chat.completions.create(model=live.model, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=max_tokens, seed=3, n=2)
+        done[name] = time.monotonic()
+
+    def admitted() -> float:
+        text = httpx.get(f"{live.url}/metrics", timeout=10).text
+        return float(next(ln for ln in text.splitlines() if ln.startswith("arbiter_admitted_rows_total")).split()[-1])
+
+    before = admitted()
+    long = threading.Thread(target=call, args=("long", 200, "Write a very long story about the sea."))
+    long.start()
+    time.sleep(1.0)  # let the long request reach the engine
+    while httpx.get(f"{live.url}/health", timeout=10).json()["queue_depth"] != 0:
+        time.sleep(0.05)  # the long request has left the queue: it is decoding
+    call("short", 4, "Hi")
+    long.join(120)
+    assert done["short"] < done["long"]
+    assert admitted() - before == 2  # the short request's two rows joined the running batch
