@@ -17,11 +17,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # The one chat encoding (re-exported: callers use arbiter.backbone.prompt_ids / answer_ids / encode_chat).
 from arbiter.chat import ChatTemplateError, answer_ids, encode_chat, prompt_ids, template_messages
 
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ChatTemplateError", "answer_ids", "encode_chat", "prompt_ids", "template_messages"]  # + the module's own
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -36,14 +36,19 @@ import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import git_commit  # noqa: E402
-
 import torch  # noqa: E402
+from _provenance import git_commit  # noqa: E402
 
 from arbiter.answers import extract_choice_letter  # noqa: E402
 from arbiter.service.rerank import AdaptiveRule, select, settled  # noqa: E402
-from arbiter.training.data import LETTERS, SST2_LABELS, extract_final_answer, load_choices, load_math  # noqa: E402
-from arbiter.training.data import math_prompt  # noqa: E402
+from arbiter.training.data import (  # noqa: E402
+    LETTERS,
+    SST2_LABELS,
+    extract_final_answer,
+    load_choices,
+    load_math,
+    math_prompt,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "bestofn_api"

@@ -146,7 +146,7 @@ def child(args) -> dict:
             out["ref_cache_in_memory_mib"] = _bytes(cache.values()) / MiB
             extra_bytes = _bytes(sae.parameters()) + _bytes(cache.values())
         step_times = []
-        for step in range(args.steps):
+        for _step in range(args.steps):
             ts = time.time()
             opt.zero_grad(set_to_none=True)
             if v.startswith("dpo"):

@@ -133,8 +133,12 @@ def fuzz(base_url: str, *, model_id: str, examples: int, repair_fraction: float 
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.core.failures import FailureGroup
-    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     limits = limits or SMALL_LIMITS
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -161,7 +165,7 @@ def fuzz(base_url: str, *, model_id: str, examples: int, repair_fraction: float 
             @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
                       suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
                       print_blob=False)
-            def one(case):
+            def one(case):  # noqa: B023 - hypothesis runs it within this iteration
                 if time.monotonic() - t_start > deadline_s:
                     raise _OutOfTime()
                 if mode == GenerationMode.POSITIVE and rng.random() < repair_fraction:

@@ -15,6 +15,7 @@ TRL-format JSONL (`prompt` messages, `chosen`, `rejected`) that `arbiter train h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -44,6 +45,10 @@ class _Q:
         self.prompt = prompt
 
 
+def _letter(text: str, k: int) -> str | None:
+    return extract_letter(text, k)
+
+
 def _math_answer(text: str) -> str | None:
     return extract_final_answer(text)  # canonical number string, as MathProblem.answer
 
@@ -67,7 +72,7 @@ def main() -> None:
     elif args.task == "mc":  # the first 3000 CommonsenseQA questions of the seeded order (the benchmark uses those after them)
         qs, _ = load_choices("commonsense_qa", limit=min(args.questions, 3000), seed=0)
         gold = [LETTERS[q.answer] for q in qs]
-        extract = [(lambda t, k=len(q.options): extract_letter(t, k)) for q in qs]
+        extract = [functools.partial(_letter, k=len(q.options)) for q in qs]
     else:  # math: problems after the first MATH_HELD of the seeded order; right = the final number is the gold one
         problems, _ = load_math(args.task, seed=0)
         problems = problems[MATH_HELD : MATH_HELD + args.questions]

@@ -11,7 +11,6 @@ import re
 
 import httpx
 import pytest
-
 from fakes import ArbiterProcess, save_random_head
 
 # LiteLLM fetches a model price list from the network at import unless told to use its bundled copy.

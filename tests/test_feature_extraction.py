@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arbiter.training.data import load_pairs, tokenize_pairs
 from arbiter.training import feature_cache as fc
+from arbiter.training.data import load_pairs, tokenize_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

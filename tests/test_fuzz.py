@@ -14,9 +14,8 @@ import pytest
 pytest.importorskip("schemathesis")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_api import fuzz, live_app  # noqa: E402
-
 from fakes import ServerThread  # noqa: E402
+from fuzz_api import fuzz, live_app  # noqa: E402
 
 EXAMPLES = 10  # per (operation, mode): ~100 cases
 

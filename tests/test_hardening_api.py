@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, save_random_head
+from hardening_server import MODEL, assert_error, heads_dir, served
 from safetensors.torch import load_file, save_file
 
 from arbiter.heads import BackboneFingerprint
-from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, save_random_head
-from hardening_server import MODEL, assert_error, heads_dir, served
 
 USER = [{"role": "user", "content": "hello there"}]
 CHAT = "/v1/chat/completions"

@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from arbiter.heads import HeadRegistry
 from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, free_port, save_random_head
 from hardening_server import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
+
+from arbiter.heads import HeadRegistry
 
 TESTS = Path(__file__).resolve().parent
 CHAT = "/v1/chat/completions"

@@ -6,7 +6,6 @@ No model is loaded: heads are built for a small made-up backbone fingerprint (d 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,17 @@ import torch
 from safetensors.torch import save_file
 
 import arbiter.heads.io as hio
-from arbiter.heads import (BackboneFingerprint, HeadConfig, HeadLoadError, HeadNotFound, HeadRegistry, build_head,
-                           load_head, read_config, save_head)
+from arbiter.heads import (
+    BackboneFingerprint,
+    HeadConfig,
+    HeadLoadError,
+    HeadNotFound,
+    HeadRegistry,
+    build_head,
+    load_head,
+    read_config,
+    save_head,
+)
 
 FP = BackboneFingerprint(model_name="tiny-test", hidden_size=8, num_layers=4, vocab_hash="0123456789abcdef")
 

@@ -12,7 +12,6 @@ from arbiter.training.logprobs import (
     split_pairs,
 )
 
-
 # One intra-op torch thread for the whole module (shared fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
-
 import openai_spec
+import pytest
 from fakes import ArbiterProcess, save_random_head
 
 KEY = "sk-conformance"

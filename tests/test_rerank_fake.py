@@ -18,11 +18,11 @@ import time
 import httpx
 import openai
 import pytest
+from fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
 
 from arbiter.heads import HeadRegistry
 from arbiter.service.app import create_app
 from arbiter.service.settings import Settings
-from fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
 
 MODEL = "fake-backbone"
 USER = [{"role": "user", "content": "pick one"}]
@@ -234,7 +234,7 @@ def test_batches_respect_max_batch_rows():
         rest = []
         for k in range(5):  # queued in order, 2 rows each
             rest.append(pool.submit(_ask, srv.url, f"r{k}", 2))
-            wait_until(lambda: srv.state.worker.depth() == k + 1, what=f"request {k} queued")
+            wait_until(lambda: srv.state.worker.depth() == k + 1, what=f"request {k} queued")  # noqa: B023
         gate.set()
         assert first.result(timeout=20) == "first#0"
         assert [f.result(timeout=20) for f in rest] == [f"r{k}#0" for k in range(5)]

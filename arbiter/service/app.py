@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request

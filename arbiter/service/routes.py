@@ -19,9 +19,22 @@ from arbiter.heads import HeadLoadError, HeadNotFound, LoadedHead
 
 from .engine.base import GenerationJob, JobError, SamplingParams
 from .errors import APIError, Conflict, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
-from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ErrorResponse, HeadCard,
-                       HeadDeleted, HeadList, HealthStatus, LoadHeadRequest, ModelCard, ModelList, ScoreRequest,
-                       ScoreResponse, SwapHeadRequest)
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ErrorResponse,
+    HeadCard,
+    HeadDeleted,
+    HeadList,
+    HealthStatus,
+    LoadHeadRequest,
+    ModelCard,
+    ModelList,
+    ScoreRequest,
+    ScoreResponse,
+    SwapHeadRequest,
+)
 from .rerank import AdaptiveRule, feature_layers, pick, select, settled
 from .security import require_admin, require_api_key
 from .state import ServiceState

@@ -217,10 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_guarded(prog: str, fn) -> int:
-    from .config import ConfigError
-
     from arbiter.heads import HeadLoadError
 
+    from .config import ConfigError
     from .data import DataError
 
     try:

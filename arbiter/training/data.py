@@ -28,9 +28,12 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from arbiter.chat import template_messages
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_EXAMPLES = 3  # examples kept per drop reason
 _EXAMPLE_CHARS = 160

@@ -27,9 +27,12 @@ import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .artifacts import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("arbiter.training.evaluate")
 
@@ -400,10 +403,10 @@ def eval_bestofn(
         weighted = _vote(answers, w)
         majority = _vote(answers, [1.0] * len(group))
 
-        def ok(a: str | None) -> bool:
+        def ok(a: str | None, gold: str = problem.answer) -> bool:
             from decimal import Decimal
 
-            return a is not None and Decimal(a) == Decimal(problem.answer)
+            return a is not None and Decimal(a) == Decimal(gold)
 
         hits["pass@1"] += correct[0]
         hits["sample_accuracy"] += sum(correct) / len(group)

@@ -16,12 +16,12 @@ unreadable file or wrong shapes log a warning and the entry is rebuilt: a corrup
 from __future__ import annotations
 
 import hashlib
-from array import array
 import json
 import logging
 import os
 import shutil
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

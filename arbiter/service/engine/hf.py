@@ -202,7 +202,7 @@ class _Batch:
         # Rows not sampled this step are "closing": they feed the closing token (the default in ``feed``).
         # --- drop finished rows from the batch (a job whose last row finished is delivered now) ------------
         keep = [k for k, r in enumerate(batch_rows) if r.state != "done"]
-        for k, r in enumerate(batch_rows):
+        for r in batch_rows:
             if r.state == "done":
                 self._row_done(r)
         if not keep:

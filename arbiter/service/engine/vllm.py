@@ -156,11 +156,10 @@ class VLLMEngine:
         norm = abs(served.norm().item() / ref.norm().item() - 1)
         # vLLM's log-probs of the probe's own tokens against HF's: same weights, same tokens.
         from vllm import SamplingParams as VSP
-        from vllm.inputs import TokensPrompt
 
         async def prompt_lps():
             out = None
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=p + a),
+            async for out in self.llm.generate(  # noqa: B007 - the last output is the one returnedTokensPrompt(prompt_token_ids=p + a),
                                                VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                                f"probe-{uuid.uuid4().hex[:8]}", lora_request=self._lora):
                 pass

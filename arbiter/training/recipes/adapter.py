@@ -304,7 +304,8 @@ def model_id(fingerprint: Any) -> str:
 
 def load_preference_data(cfg: DataConfig) -> tuple[list, list, dict]:
     """(train pairs, dev pairs, report dict); logs the data report."""
-    from arbiter.training.data import load_pairs, split_pairs as split_data
+    from arbiter.training.data import load_pairs
+    from arbiter.training.data import split_pairs as split_data
 
     pairs, report = load_pairs(cfg.source, limit=cfg.limit, seed=cfg.seed)
     log.info("data: %s", report.summary())

@@ -30,9 +30,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from arbiter.training.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("arbiter.training.recipes.head")
 
