@@ -384,7 +384,7 @@ def base_model(model: Any):
 
 
 class LayerCapture:
-    """Forward hook that keeps the raw output of block ``layer`` (METHODS.md: FPO / head layer >= 0)."""
+    """Forward hook that keeps the raw output of block ``layer`` (docs/methods.md: FPO / head layer >= 0)."""
 
     def __init__(self, model: Any, layer: int):
         self.output = None

@@ -1,6 +1,6 @@
 """FPO's memory point, measured: a training step with no reference model in memory vs DPO's reference copy.
 
-FPO (METHODS.md) needs from the reference model only numbers that can be computed once, offline: the
+FPO (docs/methods.md) needs from the reference model only numbers that can be computed once, offline: the
 length-normalised answer log-probs and the pooled SAE features of every answer. DPO's usual implementation
 keeps a frozen copy of the model to compute the reference log-probs on the fly. Each variant below runs
 in a FRESH Python process (so its peak RSS is its own), on the real embedded model, with the same batch:

@@ -1,4 +1,4 @@
-"""Package boundaries (DESIGN.md): ``arbiter.heads`` imports neither the service, the training code nor
+"""Package boundaries (docs/architecture.md): ``arbiter.heads`` imports neither the service, the training code nor
 transformers; ``arbiter.service`` never imports ``arbiter.training``; vLLM is imported only when the vLLM
 engine is chosen. Checked twice: in fresh interpreters (what actually gets imported) and statically (every
 import statement, so a lazy import inside a function that is not exercised here is caught too).

@@ -1,5 +1,5 @@
 """The HF engine on the real SmolLM2-135M: the feature it captures inside its decode loop (one extra step
-feeding ``<|im_end|>``) equals a standalone forward over the same tokens (DESIGN.md "One feature path"),
+feeding ``<|im_end|>``) equals a standalone forward over the same tokens (docs/architecture.md "One feature path"),
 for candidates that sampled ``<|im_end|>``, were cut by ``max_tokens``, or were cut by a stop string; and
 sampling is seed-deterministic.
 

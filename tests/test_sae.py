@@ -269,7 +269,7 @@ def test_block_output_is_the_raw_block_output_not_the_final_norm(backbone):
         hs = dec(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
         assert torch.equal(S.block_output(backbone.model, ids, att, 1), hs[2])  # hidden_states[l + 1] for l < L - 1
         last = S.block_output(backbone.model, ids, att, backbone.num_layers - 1)
-        # hidden_states[L] is after the final norm, not block L-1's raw output (METHODS.md).
+        # hidden_states[L] is after the final norm, not block L-1's raw output (docs/methods.md).
         assert not torch.allclose(last, hs[backbone.num_layers])
         torch.testing.assert_close(dec.norm(last), hs[backbone.num_layers])
 

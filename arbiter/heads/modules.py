@@ -1,4 +1,4 @@
-"""Poolers and the reward vector of a Direct Preference Head (DPH paper, section 3; METHODS.md).
+"""Poolers and the reward vector of a Direct Preference Head (DPH paper, section 3; docs/methods.md).
 
 r = w_dph . f(h): h is the backbone hidden state at the closing ``<|im_end|>``, f a pooler, w_dph a
 ``Linear(d, 1, bias=False)`` initialised N(0, 0.02) as in the authors' code.

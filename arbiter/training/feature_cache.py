@@ -1,7 +1,7 @@
 """Head features of tokenized preference pairs through the frozen backbone, cached on disk.
 
 With a frozen backbone the feature of every (prompt, answer) is fixed, so a task-specific head trains on a
-cache instead of re-running the model every step (METHODS.md "Task-specific heads"). Features come from
+cache instead of re-running the model every step (docs/methods.md "Task-specific heads"). Features come from
 ``arbiter.backbone.forward_features``: the hidden state the service's heads read (after the final norm by
 default, or block ``layer``'s raw output) at the closing ``<|im_end|>``.
 

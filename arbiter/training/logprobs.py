@@ -4,7 +4,7 @@ Batches are ``arbiter.training.data.collate_pairs`` / ``collate_texts`` dicts: `
 ``attention_mask``, ``answer_mask`` (1 on answer tokens incl. the closing ``<|im_end|>``) and
 ``end_positions``, all right-padded, [N, T]. For preference pairs N = 2B: chosen rows first, then rejected.
 
-Convention (METHODS.md): the log-prob of the token at position t is read from the logits at t - 1, so
+Convention (docs/methods.md): the log-prob of the token at position t is read from the logits at t - 1, so
 logp(y) = sum over answer positions t of log_softmax(logits[t - 1])[input_ids[t]], prompt masked out.
 
 Memory: the LM head is applied only to the hidden states that predict an answer token (the prompt and
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # Named projections for intermediate-layer log-probs. "lm_head" is the logit lens: the model's own LM head
-# (METHODS.md "Intermediate DPO" default). A caller may instead pass any module mapping [M, d] -> [M, V]
+# (docs/methods.md "Intermediate DPO" default). A caller may instead pass any module mapping [M, d] -> [M, V]
 # (e.g. a new shared linear layer, see recipes/adapter.py ``intermediate.projection = "linear"``).
 PROJECTIONS = ("lm_head",)
 DEFAULT_CHUNK_TOKENS = 1024
@@ -245,7 +245,7 @@ def layer_logps(
     apply_final_norm: bool = True,
     **kw: Any,
 ) -> Tensor:
-    """Summed answer log-probs read from intermediate blocks, [K, N] (METHODS.md "Intermediate DPO").
+    """Summed answer log-probs read from intermediate blocks, [K, N] (docs/methods.md "Intermediate DPO").
 
     Default = logit lens: the raw output of block l -> the model's own final norm -> its LM head.
     ``apply_final_norm=False`` projects the raw residual stream; ``projection`` may be a module

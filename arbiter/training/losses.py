@@ -19,7 +19,7 @@ Each loss returns a :class:`LossOutput` with UNREDUCED per-example losses (the r
 detached chosen/rejected rewards for logging, and optional per-example diagnostics. Use
 :func:`preference_metrics` to turn it into TRL-named scalars (``rewards/chosen``, ``rewards/margins``...).
 
-Formulas: ``docs/METHODS.md`` (as the authors' code computes them). All of them are registered in
+Formulas: ``docs/methods.md`` (as the authors' code computes them). All of them are registered in
 :data:`LOSSES` by name.
 """
 
@@ -410,7 +410,7 @@ def intermediate_dpo(
     inter_weight: float = 0.9,
     weight_on: Literal["intermediate", "final"] = "intermediate",
 ) -> LossOutput:
-    """Intermediate DPO, arXiv 2408.02923 Sec. 3 (no public code; options per METHODS.md).
+    """Intermediate DPO, arXiv 2408.02923 Sec. 3 (no public code; options per docs/methods.md).
 
     Inputs: final-layer SUMMED answer log-probs [B] as for DPO, and the same from K selected intermediate
     layers, [K, B] each (the reference's from its own same layers).
@@ -551,7 +551,7 @@ def joint(
 
 @torch.no_grad()
 def prior_regularize_(params: Iterable[Tensor], ref_params: Iterable[Tensor], *, lr: float, lam: float) -> None:
-    """DPH prior regularisation (METHODS.md "Joint"): theta <- theta - lr * lam * (theta - theta_ref), in place.
+    """DPH prior regularisation (docs/methods.md "Joint"): theta <- theta - lr * lam * (theta - theta_ref), in place.
 
     Call after each optimiser step, instead of weight decay: decoupled like AdamW's decay, but towards the
     starting weights theta_ref (lam = 0.5 in the paper). ``params`` and ``ref_params`` are matched in order.

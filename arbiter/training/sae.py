@@ -1,4 +1,4 @@
-"""Sparse autoencoders (SAEs) on one layer's residual stream, for FPO (METHODS.md, "FPO (seed 003)").
+"""Sparse autoencoders (SAEs) on one layer's residual stream, for FPO (docs/methods.md, "Policy losses": `fpo`).
 
 What lives here:
 - :class:`SparseAutoencoder`: SAELens-compatible parameters ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
@@ -9,7 +9,7 @@ What lives here:
   never reads a pickle, and checks every shape.
 - :func:`block_output`: the RAW output of decoder block ``l`` (a forward hook, like
   ``arbiter.backbone.LayerCapture``), which is what SAELens' ``blocks.{l}.hook_resid_post`` means. NOT
-  ``hidden_states[num_layers]``: transformers applies the final norm there (METHODS.md).
+  ``hidden_states[num_layers]``: transformers applies the final norm there (docs/methods.md).
 - :func:`pool_answer_features` / :func:`pooled_sae_features`: SAE activations of every answer token,
   mean-pooled over the REAL answer tokens of each row (the authors' code divided by the padded length).
 - :func:`precompute_ref_features`: the frozen reference model's pooled features for every preference pair,
@@ -673,7 +673,7 @@ def precompute_ref_features(
     """Pooled SAE features of the frozen reference model for every pair: (chosen [P, d_sae], rejected [P, d_sae]).
 
     The full pooled vector is kept (not only its top-k), because FPO picks the k features by the POLICY's
-    values at training time (METHODS.md). ``backbone`` is an ``arbiter.backbone.Backbone`` holding the
+    values at training time (docs/methods.md). ``backbone`` is an ``arbiter.backbone.Backbone`` holding the
     reference weights (the base model; with LoRA, compute this before attaching the adapter).
     With ``cache_dir`` the result is stored as ``ref_features-<key>.safetensors`` + a ``.sha256`` sidecar,
     keyed by the model weights, SAE, layer and every token id; a corrupted or stale cache is rebuilt.

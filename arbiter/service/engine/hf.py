@@ -5,7 +5,7 @@ separately, so the hidden state after the final norm (what the LM head reads, an
 is in hand at every step at no cost: no ``output_hidden_states`` (which costs ~18% here), and heads that
 name an intermediate layer get a forward hook on that block only. When a candidate samples
 ``<|im_end|>``, that token has not been fed yet; the row stays in the batch for one more decode step that
-feeds it, and the hidden state of that step is the candidate's feature (DESIGN.md, "One feature path").
+feeds it, and the hidden state of that step is the candidate's feature (docs/architecture.md, "One feature path").
 Candidates cut off by ``max_tokens`` are fed ``<|im_end|>`` the same way, as if the answer closed there.
 Finished rows leave the batch (their KV cache rows are dropped), so a long candidate never makes the
 others pay, and a cancelled request frees its rows at the next step.

@@ -184,7 +184,7 @@ class FpoSection:
 
 @dataclass
 class IntermediateSection:
-    # METHODS.md "Intermediate DPO": the paper's best was layers 11 and 22 of 32; for 30 blocks the same
+    # docs/methods.md "Intermediate DPO": the paper's best was layers 11 and 22 of 32; for 30 blocks the same
     # relative depths are blocks 10 and 20 (0-based, raw block outputs).
     layers: list[int] = field(default_factory=lambda: [10, 20])
     weight: float = 0.9  # the paper's 0.9

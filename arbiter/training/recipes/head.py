@@ -1,4 +1,4 @@
-"""``arbiter train head``: a task-specific DPH reward head on a frozen backbone (METHODS.md "Task-specific heads").
+"""``arbiter train head``: a task-specific DPH reward head on a frozen backbone (docs/methods.md "Task-specific heads").
 
 setup -> features -> train -> save:
 1. Load pairs (``data`` sources), tokenize them with THE chat encoding, keep the first ``limit`` usable pairs
