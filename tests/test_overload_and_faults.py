@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, free_port, save_random_head
-from hardening_server import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
+from served_fake import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
 
 from arbiter.heads import HeadRegistry
 
@@ -194,9 +194,9 @@ def test_client_disconnect_stops_a_long_real_generation_early(backbone):
     calls: list[tuple[float, float, list]] = []  # (start, end, finish reasons and lengths)
     real_generate = engine.generate
 
-    def recording_generate(jobs):
+    def recording_generate(jobs, **kw):
         t0 = time.monotonic()
-        res = real_generate(jobs)
+        res = real_generate(jobs, **kw)
         calls.append((t0, time.monotonic(), [(c.finish_reason, len(c.token_ids)) for r in res for c in r.candidates]))
         return res
 
@@ -229,7 +229,7 @@ def test_client_disconnect_stops_a_long_real_generation_early(backbone):
 
 
 class Launched:
-    """``tests/hardening_server.py`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
+    """``tests/served_fake.py`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
 
     def __init__(self, tmp_path: Path, *args: str):
         self.port = free_port()
@@ -237,7 +237,7 @@ class Launched:
         self.log = tmp_path / f"serve-{self.port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._fh = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "hardening_server.py"), "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "served_fake.py"), "--port", str(self.port), *args],
                                      stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=str(TESTS.parent))
 
     def wait_ready(self, timeout: float = 90.0) -> None:

@@ -1,7 +1,7 @@
-"""Test-only helpers for the hardening tests (tests/test_hardening_*.py, tests/test_fuzz.py) and the hardening
+"""Test-only helpers for the hardening tests (tests/test_bad_input_and_auth.py, tests/test_overload_and_faults.py, tests/test_fuzz.py) and the hardening
 benchmarks, built on tests/fakes.py; and a launcher run as a subprocess:
 
-    python tests/hardening_server.py --mode die|slow --port PORT [--delay-s S]
+    python tests/served_fake.py --mode die|slow --port PORT [--delay-s S]
 
 The launcher exists so that process-level behaviour (the exit code after the engine worker dies, SIGTERM
 draining in-flight requests) is tested through the real ``arbiter serve`` code path (``arbiter.cli.main``)

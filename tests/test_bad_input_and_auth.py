@@ -18,8 +18,8 @@ import httpx
 import pytest
 import torch
 from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, save_random_head
-from hardening_server import MODEL, assert_error, heads_dir, served
 from safetensors.torch import load_file, save_file
+from served_fake import MODEL, assert_error, heads_dir, served
 
 from arbiter.heads import BackboneFingerprint
 
