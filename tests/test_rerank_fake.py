@@ -550,3 +550,32 @@ def test_an_engine_failure_inside_a_stream_arrives_as_an_error_event():
         # The official client turns that event into an exception rather than a silently short answer.
         with pytest.raises(openai.APIError, match="engine failed"):
             list(client(srv).chat.completions.create(model=MODEL, messages=USER, max_tokens=8, stream=True))
+
+
+class RefusingEngine(FakeEngine):
+    """Refuses, like the vLLM engine's per-job validation, every job whose prompt mentions 'bad'."""
+
+    def generate(self, jobs):
+        from arbiter.service.engine.base import JobError
+
+        out = super().generate(jobs)
+        return [JobError("vLLM refused the sampling parameters: test") if "bad" in self.tokenizer.decode(j.prompt_ids)
+                else r for j, r in zip(jobs, out)]
+
+
+def test_a_job_the_engine_refuses_is_a_400_and_its_batch_mates_are_served():
+    gate = threading.Event()
+    eng = RefusingEngine(echo=True, gate=gate)
+    with served(eng, max_batch_rows=32) as srv, cf.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(_ask, srv.url, "first")
+        wait_until(eng.started.is_set, what="the first batch to start")
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "bad one"}], "max_tokens": 8}
+        bad = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions", json=body, timeout=30)
+        good = pool.submit(_ask, srv.url, "good one")
+        wait_until(lambda: srv.state.worker.depth() == 2, what="two queued requests")
+        gate.set()
+        assert first.result(timeout=20) == "first#0"
+        assert good.result(timeout=20) == "good one#0"
+        resp = bad.result(timeout=20)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_sampling_parameters"
+        assert [len(b) for b in eng.batches] == [1, 2]  # the refused job shared its batch with the served one
