@@ -441,14 +441,13 @@ class AdapterError(ValueError):
     pass
 
 
-def merge_lora(model: Any, adapter_dir: str | os.PathLike) -> dict:
-    """Merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into ``model`` in place.
+def read_lora(model: Any, adapter_dir: str | os.PathLike) -> tuple[dict, list[tuple[str, Any, Any, float]]]:
+    """Parse a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) against ``model``.
 
-    W <- W + (alpha / r) * B @ A for every adapted linear layer (alpha / sqrt(r) with rsLoRA), which is what
-    PEFT's ``merge_and_unload`` computes. Only safetensors weights are read; DoRA, ``modules_to_save`` and
-    other variants are refused with a clear error rather than served wrong.
+    Returns (info, [(module name, A [r, in], B [out, r], scale)]) with scale = alpha / r (alpha / sqrt(r) with
+    rsLoRA); every target is checked to exist and to fit. Only safetensors weights are read; DoRA,
+    ``modules_to_save`` and other variants are refused with a clear error rather than served wrong.
     """
-    import torch
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
@@ -469,28 +468,42 @@ def merge_lora(model: Any, adapter_dir: str | os.PathLike) -> dict:
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     state = load_file(str(w_path))
     modules = dict(model.named_modules())
-    merged = 0
-    with torch.no_grad():
-        for key, a in state.items():
-            if not key.endswith("lora_A.weight"):
-                continue
-            prefix = key[: -len(".lora_A.weight")]
-            b = state.get(prefix + ".lora_B.weight")
-            if b is None:
-                raise AdapterError(f"{d}: {key} has no matching lora_B")
-            name = prefix.removeprefix("base_model.model.")
-            target = modules.get(name)
-            if target is None or not hasattr(target, "weight"):
-                raise AdapterError(f"{d}: adapter targets {name!r}, which this model does not have")
-            short = name.split(".")[-1]
-            r = int(next((v for k, v in rank_pattern.items() if name.endswith(k) or short == k), r_default))
-            alpha = float(next((v for k, v in alpha_pattern.items() if name.endswith(k) or short == k), alpha_default))
-            scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-            delta = (b.float() @ a.float()) * scale  # [out, r] @ [r, in] -> [out, in]
-            if delta.shape != target.weight.shape:
-                raise AdapterError(f"{d}: {name}: LoRA delta {list(delta.shape)} does not fit weight {list(target.weight.shape)}")
-            target.weight.add_(delta.to(device=target.weight.device, dtype=target.weight.dtype))
-            merged += 1
-    if merged == 0:
+    out = []
+    for key, a in state.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        prefix = key[: -len(".lora_A.weight")]
+        b = state.get(prefix + ".lora_B.weight")
+        if b is None:
+            raise AdapterError(f"{d}: {key} has no matching lora_B")
+        name = prefix.removeprefix("base_model.model.")
+        target = modules.get(name)
+        if target is None or not hasattr(target, "weight"):
+            raise AdapterError(f"{d}: adapter targets {name!r}, which this model does not have")
+        short = name.split(".")[-1]
+        r = int(next((v for k, v in rank_pattern.items() if name.endswith(k) or short == k), r_default))
+        alpha = float(next((v for k, v in alpha_pattern.items() if name.endswith(k) or short == k), alpha_default))
+        scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+        if (b.shape[0], a.shape[1]) != tuple(target.weight.shape):
+            raise AdapterError(f"{d}: {name}: LoRA delta {[b.shape[0], a.shape[1]]} does not fit weight "
+                               f"{list(target.weight.shape)}")
+        out.append((name, a, b, scale))
+    if not out:
         raise AdapterError(f"{d}: no LoRA weights found")
-    return {"name": d.name, "path": str(d.resolve()), "merged_modules": merged, "r": r_default, "alpha": alpha_default}
+    info = {"name": d.name, "path": str(d.resolve()), "merged_modules": len(out), "r": r_default, "alpha": alpha_default}
+    return info, out
+
+
+def merge_lora(model: Any, adapter_dir: str | os.PathLike) -> dict:
+    """Merge a PEFT LoRA adapter into ``model`` in place: W <- W + scale * B @ A for every adapted linear layer,
+    which is what PEFT's ``merge_and_unload`` computes (``read_lora`` parses and checks the files first)."""
+    import torch
+
+    info, deltas = read_lora(model, adapter_dir)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, a, b, scale in deltas:
+            w = modules[name].weight
+            delta = (b.float() @ a.float()) * scale  # [out, r] @ [r, in] -> [out, in]
+            w.add_(delta.to(device=w.device, dtype=w.dtype))
+    return info

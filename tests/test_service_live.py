@@ -384,16 +384,6 @@ def test_admin_load_swap_unload(live, backbone, local_heads):
     assert r.status_code == 404 and r.json()["error"]["code"] == "head_not_found"
 
 
-def test_server_shuts_down_cleanly(live):
-    # Last test: SIGTERM shuts down gracefully and promptly, and a drained stop exits 0.
-    live.proc.terminate()
-    rc = live.proc.wait(60)
-    log = live.log.read_text()
-    assert rc == 0, log[-3000:]
-    # Every request in this module was answered without a server-side error or traceback.
-    assert "Traceback" not in log and '"level": "error"' not in log and '"level": "critical"' not in log, log[-3000:]
-
-
 def test_a_late_short_request_joins_the_running_batch_and_returns_first(live):
     """Continuous batching: a short request sent while a long one decodes is answered before the long one ends."""
     import threading
@@ -419,3 +409,13 @@ def test_a_late_short_request_joins_the_running_batch_and_returns_first(live):
     long.join(120)
     assert done["short"] < done["long"]
     assert admitted() - before == 2  # the short request's two rows joined the running batch
+
+
+def test_server_shuts_down_cleanly(live):
+    # Last test: SIGTERM shuts down gracefully and promptly, and a drained stop exits 0.
+    live.proc.terminate()
+    rc = live.proc.wait(60)
+    log = live.log.read_text()
+    assert rc == 0, log[-3000:]
+    # Every request in this module was answered without a server-side error or traceback.
+    assert "Traceback" not in log and '"level": "error"' not in log and '"level": "critical"' not in log, log[-3000:]

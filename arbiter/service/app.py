@@ -47,7 +47,11 @@ def build_engine(settings: Settings):
     """Load the backbone and the selected engine. vLLM is imported only when chosen."""
     device = _device(settings)
     if settings.engine == "vllm":
-        from .engine.vllm import VLLMEngine  # lazy: never imported by the CPU default
+        from .engine.vllm import EngineStartError, VLLMEngine  # lazy: never imported by the CPU default
+
+        if settings.adapters:
+            raise EngineStartError("ARBITER_ADAPTERS (several switchable adapters) is served by the HF engine only; "
+                                   "the vLLM engine serves one adapter (ARBITER_ADAPTER)")
 
         return VLLMEngine.from_settings(settings, device)
     from arbiter.backbone import load_backbone
@@ -63,7 +67,13 @@ def build_engine(settings: Settings):
         info = merge_lora(bb.model, settings.adapter)
         log.info("merged adapter %s (%d modules)", info["name"], info["merged_modules"])
         bb.adapter = info
-    return HFEngine(bb)
+    eng = HFEngine(bb)
+    from .adapters import parse_adapters_setting
+
+    for name, path in parse_adapters_setting(settings.adapters):
+        ad = eng.adapters.load(name, path)
+        log.info("adapter %s loaded from %s (%d modules; switched per batch)", name, path, len(ad.deltas))
+    return eng
 
 
 class BodySizeLimit:

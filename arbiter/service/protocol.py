@@ -249,6 +249,12 @@ class SwapHeadRequest(BaseModel):
     path: str = Field(min_length=1, max_length=512)
 
 
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="The model id clients will send")
+    path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_ADAPTERS_DIR")
+
+
 # --- responses (built as dicts in routes; documented here) -------------------------------------------
 
 

@@ -28,6 +28,7 @@ from .protocol import (
     HeadDeleted,
     HeadList,
     HealthStatus,
+    LoadAdapterRequest,
     LoadHeadRequest,
     ModelCard,
     ModelList,
@@ -124,25 +125,56 @@ async def metrics(request: Request):
             responses={**_ok(ModelList), **_errors(401, 503)})
 async def list_models(request: Request):
     st = ready_state(request)
-    return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}]}
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": st.started, "owned_by": "arbiter"}
+                                       for m in [st.model_id, *_adapter_names(st)]]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=[Depends(require_api_key)],
             responses={**_ok(ModelCard), **_errors(401, 404, 503)})
 async def get_model(model_id: str, request: Request):
     st = ready_state(request)
-    if model_id != st.model_id:
-        raise NotFound(f"model {model_id!r} does not exist; this server serves {st.model_id!r}", param="model", code="model_not_found")
-    return {"id": st.model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}
+    if model_id != st.model_id and model_id not in _adapter_names(st):
+        raise NotFound(f"model {model_id!r} does not exist; this server serves {sorted([st.model_id, *_adapter_names(st)])}",
+                       param="model", code="model_not_found")
+    return {"id": model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}
 
 
 # --- shared request checks ----------------------------------------------------------------------------
 
 
-def _check_model(st: ServiceState, model: str) -> None:
-    if model != st.model_id and model not in st.model_aliases:
-        raise NotFound(f"model {model!r} does not exist; this server serves {st.model_id!r}",
-                       param="model", code="model_not_found")
+def _adapter_names(st: ServiceState) -> list[str]:
+    ads = getattr(st.engine, "adapters", None)
+    return ads.names() if ads is not None else []
+
+
+def _check_model(st: ServiceState, model: str) -> str | None:
+    """The switchable adapter a request's ``model`` names (ARBITER_ADAPTERS), or None for the base model."""
+    if model == st.model_id or model in st.model_aliases:
+        return None
+    if model in _adapter_names(st):
+        return model
+    raise NotFound(f"model {model!r} does not exist; this server serves {sorted([st.model_id, *_adapter_names(st)])}",
+                   param="model", code="model_not_found")
+
+
+def _served_id(st: ServiceState, model: str) -> str:
+    return model if model in _adapter_names(st) else st.model_id
+
+
+def _check_head_adapters(st: ServiceState, heads: list[LoadedHead], adapter: str | None, param: str) -> None:
+    """A head reads the hidden states it was trained on: those of its adapter (provenance.adapter) or the base's."""
+    from .adapters import head_adapter
+
+    merged = (getattr(getattr(st.engine, "backbone", None), "adapter", None) or {}).get("name")
+    for h in heads:
+        trained = head_adapter(h.config)
+        if adapter is not None and trained != adapter:
+            raise InvalidRequest(f"head {h.name!r} was trained on {'adapter ' + repr(trained) if trained else 'the base model'}"
+                                 f"'s hidden states, not adapter {adapter!r}'s", param=param, code="head_adapter_mismatch")
+        if adapter is None and trained is not None and trained != merged:
+            raise InvalidRequest(f"head {h.name!r} was trained on adapter {trained!r}'s hidden states; send model="
+                                 f"{trained!r} (loaded with ARBITER_ADAPTERS) to use it", param=param,
+                                 code="head_adapter_mismatch")
 
 
 def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict]:
@@ -290,7 +322,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = ready_state(request)
     s = st.settings
     t0 = time.monotonic()
-    _check_model(st, body.model)
+    adapter = _check_model(st, body.model)
     extra = body.extra_fields()
     if extra:
         # Field names are client-chosen: log a bounded, escaped sample, never a megabyte of keys.
@@ -316,6 +348,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
         heads = _resolve_heads(st, names, "rerank.heads")
+        _check_head_adapters(st, heads, adapter, "rerank.heads")
         n_sample = rr.candidates if rr.candidates is not None else max(min(s.default_candidates, s.max_candidates), body.n)
         if n_sample > s.max_candidates:
             raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
@@ -347,17 +380,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         log_fields["messages"] = messages
 
     if body.stream and not heads:
-        return _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0)
+        return _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0, adapter)
 
     if rr is not None and rr.adaptive:
-        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample)
+        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter)
         resp = _completion_body(st, body, outcome, rid, created, heads)
         resp["rerank"]["adaptive"] = adaptive_info
         log_fields["adaptive"] = adaptive_info
         _account(st, "chat", outcome, log_fields, t0)
         return resp
 
-    job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads))
+    job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads), adapter=adapter)
     fut = _submit(st, st.worker.submit_generate, job, heads)
     if body.stream:
         return _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields, t0)
@@ -399,7 +432,7 @@ def _budget(request: Request, rr) -> tuple[int | None, int | None]:
 
 
 async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
-                    params: SamplingParams, heads, n_max: int) -> tuple[GenerateOutcome, dict]:
+                    params: SamplingParams, heads, n_max: int, adapter: str | None) -> tuple[GenerateOutcome, dict]:
     """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
     is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
     import dataclasses
@@ -419,7 +452,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     cands, rewards, queue_s, run_s, rounds, stopped = [], [], 0.0, 0.0, 0, "max_candidates"
     while len(cands) < n_max:
         k = min(max(rule.round, body.n - len(cands)), n_max - len(cands))
-        job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands))
+        job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands), adapter=adapter)
         fut = _submit(st, st.worker.submit_generate, job, heads)
         try:
             out: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
@@ -502,7 +535,7 @@ def _usage(outcome: GenerateOutcome) -> dict:
 def _completion_body(st, body, outcome, rid, created, heads) -> dict:
     picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
     out = {
-        "id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
+        "id": rid, "object": "chat.completion", "created": created, "model": _served_id(st, body.model),
         "system_fingerprint": st.system_fingerprint,
         "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -545,11 +578,11 @@ def _error_event(e: Exception) -> str:
     return _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
 
 
-def _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0) -> StreamingResponse:
+def _stream_plain(request, st, body, ids, params, rid, created, log_fields, t0, adapter=None) -> StreamingResponse:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     # Deltas cross from the worker thread in order; the result future's callback ends the stream.
-    job = GenerationJob(ids, body.n, params,
+    job = GenerationJob(ids, body.n, params, adapter=adapter,
                         on_delta=lambda i, t, lps=None: loop.call_soon_threadsafe(q.put_nowait, (i, t, lps)))
     fut = _submit(st, st.worker.submit_generate, job, ())
     fut.add_done_callback(lambda f: q.put_nowait(None))
@@ -648,10 +681,11 @@ def _stream_rerank(request, st, body, job, fut, rid, created, heads, log_fields,
 async def score(body: ScoreRequest, request: Request):
     st = ready_state(request)
     t0 = time.monotonic()
-    _check_model(st, body.model)
+    adapter = _check_model(st, body.model)
     if len(body.candidates) > st.settings.max_score_candidates:
         raise InvalidRequest(f"at most {st.settings.max_score_candidates} candidates are allowed", param="candidates")
     heads = _resolve_heads(st, body.heads, "heads")
+    _check_head_adapters(st, heads, adapter, "heads")
     messages = _messages(st, body.messages)
     tok = st.engine.tokenizer
 
@@ -660,7 +694,7 @@ async def score(body: ScoreRequest, request: Request):
         return _encode_prompt(st, messages, max(len(a) for a in answers) + 1), answers
 
     ids, answers = await asyncio.to_thread(encode)
-    fut = _submit(st, st.worker.submit_score, ids, answers, heads)
+    fut = _submit(st, st.worker.submit_score, ids, answers, heads, adapter)
     try:
         rewards = await _wait(request, st, fut)
     except (APIError, asyncio.CancelledError):
@@ -672,7 +706,7 @@ async def score(body: ScoreRequest, request: Request):
     total = len(ids) * len(answers) + sum(len(a) + 1 for a in answers)
     _account(st, "score", None, {"candidates": len(answers), "heads": names}, t0)
     return {
-        "object": "score.list", "model": st.model_id, "heads": names,
+        "object": "score.list", "model": _served_id(st, body.model), "heads": names,
         "data": [{"index": i, "rewards": {n: float(rewards[i, k]) for k, n in enumerate(names)}} for i in range(len(answers))],
         "best": p.order[0],
         "usage": {"prompt_tokens": total, "total_tokens": total},
@@ -736,3 +770,69 @@ async def unload_head(name: str, request: Request):
         raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
     log.info("unloaded head %s", name)
     return {"id": name, "object": "head", "deleted": True}
+
+
+# --- adapters (several LoRA adapters on the one base model, ARBITER_ADAPTERS) ----------------------------------
+
+
+@router.get("/v1/adapters", tags=["admin"], dependencies=[Depends(require_api_key)])
+async def list_adapters(request: Request):
+    st = ready_state(request)
+    ads = getattr(st.engine, "adapters", None)
+    return {"object": "list", "data": [ads.get(n).card() for n in ads.names()] if ads is not None else []}
+
+
+def _adapter_path(st: ServiceState, path: str):
+    from pathlib import Path
+
+    root = st.settings.adapters_dir
+    if not root:
+        raise InvalidRequest("no adapters directory is configured (ARBITER_ADAPTERS_DIR)", param="path", code="invalid_adapter")
+    root_p = Path(root).resolve()
+    if not path or "\x00" in path or Path(path).is_absolute():
+        raise InvalidRequest("adapter path must be a relative path inside the adapters directory", param="path",
+                             code="invalid_adapter")
+    cand = root_p / path
+    real = cand.resolve()
+    if cand.is_symlink() or (real != root_p and root_p not in real.parents) or real == root_p:
+        raise InvalidRequest(f"{path!r} is not a sub-directory of the adapters directory", param="path",
+                             code="invalid_adapter")
+    return real
+
+
+@router.post("/v1/admin/adapters", tags=["admin"], dependencies=[Depends(require_admin)],
+             responses={**_errors(*_ADMIN)})
+async def load_adapter(body: LoadAdapterRequest, request: Request):
+    from arbiter.backbone import AdapterError
+
+    st = ready_state(request)
+    ads = getattr(st.engine, "adapters", None)
+    if ads is None:
+        raise InvalidRequest("this engine serves no switchable adapters (HF engine only)", param="name",
+                             code="adapters_unsupported")
+    if body.name in ads.names() or body.name == st.model_id:
+        raise Conflict(f"a model named {body.name!r} is already served", param="name", code="adapter_exists")
+    path = _adapter_path(st, body.path)
+    try:
+        ad = await asyncio.to_thread(ads.load, body.name, path)
+    except (AdapterError, OSError, ValueError, KeyError) as e:
+        raise InvalidRequest(f"cannot load adapter {body.path!r}: {e}", param="path", code="invalid_adapter") from None
+    log.info("loaded adapter %s from %s", body.name, body.path)
+    return ad.card()
+
+
+@router.delete("/v1/admin/adapters/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+               responses={**_errors(401, 403, 404, 503)})
+async def unload_adapter(name: str, request: Request):
+    from .adapters import AdapterNotLoaded
+
+    st = ready_state(request)
+    ads = getattr(st.engine, "adapters", None)
+    try:
+        if ads is None:
+            raise AdapterNotLoaded(name)
+        await asyncio.to_thread(ads.unload, name)  # waits for a running batch on it to finish
+    except AdapterNotLoaded:
+        raise NotFound(f"adapter {name!r} is not loaded", param="name", code="adapter_not_found") from None
+    log.info("unloaded adapter %s", name)
+    return {"id": name, "object": "adapter", "deleted": True}

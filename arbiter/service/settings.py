@@ -17,6 +17,9 @@ class Settings(BaseSettings):
 
     model: str = Field("smollm2-135m-instruct", description="Embedded default, a local HF model directory, or a GGUF file")
     adapter: str | None = Field(None, description="A PEFT LoRA adapter directory merged into the model at start-up (served as its own model id)")
+    adapters: str | None = Field(None, description="Switchable LoRA adapters on the one base model, name=dir,...: a request "
+                                                   "picks one by `model`; batches are formed per adapter (HF engine)")
+    adapters_dir: str | None = Field(None, description="Directory the admin API loads adapters from (paths relative to it)")
     served_model_name: str | None = Field(None, description="Model id clients send (default: the model's name)")
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA)")
     device: str = Field("auto", description="auto, cpu or cuda")

@@ -48,7 +48,12 @@ class _Item:
     job: GenerationJob | None = None
     heads: Sequence[LoadedHead] = ()
     score_args: tuple | None = None
+    score_adapter: str | None = None
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.job.adapter if self.job else self.score_adapter
 
     @property
     def rows(self) -> int:
@@ -118,9 +123,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         return self._submit(_Item("generate", loop.create_future(), loop, job=job, heads=tuple(heads)))
 
-    def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead]) -> asyncio.Future:
+    def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead],
+                     adapter: str | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        return self._submit(_Item("score", loop.create_future(), loop, heads=tuple(heads), score_args=(prompt_ids, answers)))
+        return self._submit(_Item("score", loop.create_future(), loop, heads=tuple(heads), score_args=(prompt_ids, answers),
+                                  score_adapter=adapter))
 
     # -- worker thread -----------------------------------------------------------------------------
     @staticmethod
@@ -152,7 +159,8 @@ class Worker:
             if item is None:
                 self._stop.set()
                 break
-            if item.kind != first.kind or rows + item.rows > self.max_batch_rows:
+            # One batch = one kind and one adapter (the weights are switched per batch).
+            if item.kind != first.kind or item.adapter != first.adapter or rows + item.rows > self.max_batch_rows:
                 self._pending.appendleft(item)  # first in line for the next batch (FIFO kept)
                 break
             batch.append(item)
@@ -250,7 +258,7 @@ class Worker:
                 if it.cancelled():
                     self._resolve(it, exc=asyncio.CancelledError())
                     continue
-                if it.kind != "generate" or rows + it.rows > self.max_batch_rows:
+                if it.kind != "generate" or it.adapter != items[0].adapter or rows + it.rows > self.max_batch_rows:
                     self._pending.appendleft(it)  # first in line once the batch has room / for the next batch
                     break
                 rows += it.rows
@@ -297,6 +305,7 @@ class Worker:
             # Polled inside the pass: once every request of the batch is gone (deadline or disconnect: the
             # route cancels its future), the worker stops computing instead of finishing a pass for nobody.
             feats = self.engine.features(prompts, answers, sorted(layers),
+                                         **({"adapter": items[0].adapter} if items[0].adapter else {}),
                                          cancelled=lambda: all(it.cancelled() for it in items))
         except Abandoned:
             log.info("score pass abandoned: its %d request(s) are gone", len(items))

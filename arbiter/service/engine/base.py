@@ -57,6 +57,7 @@ class GenerationJob:
     # Candidate i of this job is seeded as candidate first_index + i of the request (adaptive rounds continue
     # the request's candidate sequence instead of repeating its first candidates).
     first_index: int = 0
+    adapter: str | None = None  # a switchable LoRA adapter (ARBITER_ADAPTERS) by name; None = the base model
 
 
 @dataclass

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from arbiter.backbone import Backbone, LayerCapture, answer_ids, base_model, decoder_layers
 from arbiter.heads import end_features
 
-from .base import Abandoned, Candidate, GenerationJob, GenerationResult, SamplingParams, TokenLogprob
+from .base import Abandoned, Candidate, GenerationJob, GenerationResult, JobError, SamplingParams, TokenLogprob
 
 log = logging.getLogger("arbiter.engine.hf")
 
@@ -266,6 +266,9 @@ class HFEngine:
         self.vocab_size = int(self.lm_head.out_features)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         self.device = next(self.model.parameters()).device
+        from arbiter.service.adapters import AdapterSet
+
+        self.adapters = AdapterSet(self.model)  # switchable LoRA adapters (ARBITER_ADAPTERS), one per batch
 
     # ------------------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -366,6 +369,22 @@ class HFEngine:
         jobs = list(jobs)
         results: dict[int, GenerationResult] = {}
         run = _Batch(self, deliver)
+        adapter = jobs[0].adapter if jobs else None
+        if any(j.adapter != adapter for j in jobs):
+            raise ValueError("one generation batch serves one adapter")
+        with self.adapters._lock:  # the weights stay this adapter's for the whole batch (admin unload waits)
+            self._activate(adapter)
+            return self._generate(jobs, results, run, admit, deliver)
+
+    def _activate(self, adapter: str | None) -> None:
+        from arbiter.service.adapters import AdapterNotLoaded
+
+        try:
+            self.adapters.activate(adapter)
+        except AdapterNotLoaded:
+            raise JobError(f"adapter {adapter!r} is not loaded") from None
+
+    def _generate(self, jobs, results, run, admit, deliver) -> list[GenerationResult]:
         try:
             for job in jobs:
                 run.add_result_slot(job, results)
@@ -399,17 +418,24 @@ class HFEngine:
         job = jobs[0]
         layers = sorted(set(job.feature_layers) | {FINAL})
         answers = [answer_ids(self.tokenizer, r.text, self.end_id, close=False) for r in todo]
-        feats = self.features([job.prompt_ids for _ in todo], answers, layers)
+        feats = self._features([job.prompt_ids for _ in todo], answers, layers, batch_size=16, cancelled=None)  # batch weights
         for i, r in enumerate(todo):
             r.features = {l: feats[l][i] for l in layers}
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, prompt_ids, answers, layers, *, batch_size: int = 16, cancelled=None) -> dict[int, torch.Tensor]:
-        """One batched forward per chunk over prompt + answer + <|im_end|>; layer -> [N, d].
+    def features(self, prompt_ids, answers, layers, *, batch_size: int = 16, cancelled=None,
+                 adapter: str | None = None) -> dict[int, torch.Tensor]:
+        """One batched forward per chunk over prompt + answer + the closing token; layer -> [N, d].
 
         ``cancelled`` (a callable) is polled before every block of every chunk: a pass nobody waits for
-        stops within one block and raises ``Abandoned``."""
+        stops within one block and raises ``Abandoned``. ``adapter``: under that switchable adapter."""
+        with self.adapters._lock:
+            if adapter is not None or self.adapters.active is not None:
+                self._activate(adapter)
+            return self._features(prompt_ids, answers, layers, batch_size=batch_size, cancelled=cancelled)
+
+    def _features(self, prompt_ids, answers, layers, *, batch_size: int, cancelled) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers) | {FINAL})
         seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answers)]
         out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}

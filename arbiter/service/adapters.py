@@ -1,0 +1,121 @@
+"""Several LoRA adapters on one base model (``ARBITER_ADAPTERS=name=dir,...``), switched per batch.
+
+A request picks an adapter by ``model`` (as vLLM does). The HF engine batches requests per adapter: before a
+batch runs, ``activate(name)`` makes the model's weights exactly base + scale * B @ A of that adapter (or the
+base for None). Switching restores the pristine base weights of every module the previous adapter touched from
+a copy taken when an adapter first touched it, so any number of switches never drifts from the base (no
+subtract-and-add rounding). The copy costs one weight matrix per adapted module.
+
+Heads trained on an adapter's hidden states record it (``provenance.adapter``); routes refuse a head whose adapter
+is not the request's (``head_adapter``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class AdapterNotLoaded(KeyError):
+    pass
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: str
+    deltas: list[tuple[str, torch.Tensor, torch.Tensor, float]] = field(repr=False)  # (module, A, B, scale)
+    info: dict = field(default_factory=dict)
+
+    def card(self) -> dict:
+        return {"id": self.name, "path_name": Path(self.path).name, "modules": len(self.deltas),
+                "r": self.info.get("r"), "alpha": self.info.get("alpha")}
+
+
+class AdapterSet:
+    def __init__(self, model: Any):
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self._pristine: dict[str, torch.Tensor] = {}  # module -> base weight, copied on first touch
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self.active: str | None = None
+        self._touched: set[str] = set()  # modules whose weights differ from the base now
+        self._lock = threading.RLock()
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def get(self, name: str) -> LoadedAdapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise AdapterNotLoaded(name) from None
+
+    def load(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Parse and check the adapter (arbiter.backbone.read_lora); nothing changes on error."""
+        from arbiter.backbone import read_lora
+
+        info, deltas = read_lora(self.model, path)
+        dev = next(self.model.parameters()).device
+        ad = LoadedAdapter(name, str(Path(path).resolve()),
+                           [(m, a.float().to(dev), b.float().to(dev), s) for m, a, b, s in deltas], info)
+        with self._lock:
+            self._adapters[name] = ad
+        return ad
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            self.get(name)
+            if self.active == name:
+                self.activate(None)
+            del self._adapters[name]
+
+    @torch.no_grad()
+    def activate(self, name: str | None) -> None:
+        """Make the weights those of adapter ``name`` (None: the base model)."""
+        with self._lock:
+            if name == self.active:
+                return
+            target = self.get(name) if name is not None else None
+            for m in self._touched:  # back to the exact base weights
+                self._modules[m].weight.copy_(self._pristine[m])
+            self._touched = set()
+            self.active = None
+            if target is not None:
+                for m, a, b, scale in target.deltas:
+                    w = self._modules[m].weight
+                    if m not in self._pristine:
+                        self._pristine[m] = w.detach().clone()
+                    w.add_(((b @ a) * scale).to(w.dtype))  # [out, r] @ [r, in] -> [out, in]
+                    self._touched.add(m)
+                self.active = name
+
+
+def parse_adapters_setting(value: str | None) -> list[tuple[str, str]]:
+    """``name=dir,name2=dir2`` -> [(name, dir)]; names are model ids (letters, digits, ``._-``)."""
+    import re
+
+    out: list[tuple[str, str]] = []
+    for part in (value or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, path = part.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name.strip()) or not path.strip():
+            raise ValueError(f"ARBITER_ADAPTERS entries are name=directory, got {part!r}")
+        out.append((name.strip(), path.strip()))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError("ARBITER_ADAPTERS names must be unique")
+    return out
+
+
+def head_adapter(config: Any) -> str | None:
+    """The adapter a head was trained on (its directory name), or None for a head on the base model."""
+    prov = getattr(config, "provenance", None) or {}
+    a = prov.get("adapter")
+    return Path(str(a)).name if a else None
