@@ -319,3 +319,28 @@ def test_head_on_a_layer_the_engine_cannot_serve_is_refused_at_load(tmp_path):
     assert loaded == ["final"] and "reads layer 2" in errors["mid"]
     # Without a restriction (both shipped engines serve every layer) the same head loads.
     assert HeadRegistry(tmp_path, FP).load("mid").config.layer == 2
+
+
+def test_sync_follows_the_heads_directory(tmp_path):
+    saved(tmp_path, "a", seed=1)
+    reg = HeadRegistry(tmp_path, FP)
+    loaded, _ = reg.load_all()
+    assert loaded == ["a"] and reg.sync() == {"added": [], "swapped": [], "removed": [], "errors": []}
+    saved(tmp_path, "b", seed=2)
+    assert reg.sync()["added"] == ["b"] and reg.names() == ["a", "b"]
+    old = reg.get("a").module.reward.weight.clone()
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")
+    saved(tmp_path, "a", seed=3)  # a new version of head a
+    assert reg.sync()["swapped"] == ["a"]
+    assert not torch.equal(reg.get("a").module.reward.weight, old)
+    (tmp_path / "b" / "head.safetensors").write_bytes(b"broken")  # a broken version: the old one keeps serving
+    res = reg.sync()
+    assert res["swapped"] == [] and "b" in res["errors"][0] and "b" in reg.names()
+    shutil.rmtree(tmp_path / "b")
+    assert reg.sync()["removed"] == ["b"] and reg.names() == ["a"]
+    # A head the admin API loaded from another path under its own name is not the directory's to manage.
+    saved(tmp_path / "staging", "x", seed=4)
+    reg.load("staging/x", "custom")
+    assert reg.sync()["removed"] == [] and "custom" in reg.names()

@@ -579,3 +579,24 @@ def test_a_job_the_engine_refuses_is_a_400_and_its_batch_mates_are_served():
         resp = bad.result(timeout=20)
         assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_sampling_parameters"
         assert [len(b) for b in eng.batches] == [1, 2]  # the refused job shared its batch with the served one
+
+
+def test_heads_watch_picks_up_heads_added_and_removed_on_disk(tmp_path):
+    import shutil
+
+    from fakes import save_random_head
+
+    save_random_head(FAKE_FINGERPRINT, tmp_path / "one", name="one", seed=1)
+    app = create_app(Settings(heads_dir=str(tmp_path), heads_watch_s=0.05), engine=FakeEngine(),
+                     exit_on_engine_death=False)
+    with ServerThread(app) as srv:
+        def heads():
+            return sorted(h["id"] for h in httpx.get(f"{srv.url}/v1/heads", timeout=10).json()["data"])
+
+        assert heads() == ["one"]
+        save_random_head(FAKE_FINGERPRINT, tmp_path / "two", name="two", seed=2)
+        wait_until(lambda: heads() == ["one", "two"], what="the new head to be loaded")
+        shutil.rmtree(tmp_path / "one")
+        wait_until(lambda: heads() == ["two"], what="the removed head to be unloaded")
+        r = rerank_call(client(srv), candidates=2, heads=["two"])
+        assert r.rerank["heads"] == ["two"]

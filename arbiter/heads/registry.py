@@ -54,6 +54,7 @@ class HeadRegistry:
         # is refused when it is loaded, never at request time.
         self.supported_layers = supported_layers
         self.engine = engine
+        self._synced: dict[str, tuple] = {}  # top-level directory -> file signature, for heads sync() manages
         self._heads: Mapping[str, LoadedHead] = MappingProxyType({})
         self._lock = threading.Lock()  # serialises writers; readers never take it
 
@@ -141,19 +142,62 @@ class HeadRegistry:
                 raise HeadNotFound(name)
             self._heads = MappingProxyType({k: v for k, v in self._heads.items() if k != name})
 
+    def _entries(self) -> dict[str, tuple]:
+        """Top-level head directories under root -> a signature of their two files (mtime, size)."""
+        out: dict[str, tuple] = {}
+        if self.root is None or not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            cfg = entry / CONFIG_FILE
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir() or not cfg.exists():
+                continue
+            sig = []
+            for f in sorted(entry.iterdir()):
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                sig.append((f.name, st.st_mtime_ns, st.st_size))
+            out[entry.name] = tuple(sig)
+        return out
+
     def load_all(self) -> tuple[list[str], dict[str, str]]:
         """Load every head directory under root at start-up; returns (loaded, {dir: error})."""
         loaded, errors = [], {}
-        if self.root is None or not self.root.is_dir():
-            return loaded, errors
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir() or not (entry / CONFIG_FILE).exists():
+        for name, sig in self._entries().items():
+            try:
+                loaded.append(self.load(name).name)
+                self._synced[name] = sig
+            except (HeadLoadError, OSError) as e:
+                errors[name] = str(e)
+        return loaded, errors
+
+    def sync(self) -> dict[str, list]:
+        """Make the loaded heads follow the heads directory (replicas sharing one directory stay in step).
+
+        A new top-level head directory is loaded, a changed one swapped in (validated first: a broken version
+        leaves the old one serving), a removed one unloaded. Only heads that load_all / sync loaded from their own
+        top-level directory are managed; heads loaded through the admin API from other paths are left alone.
+        Returns {"added", "swapped", "removed", "errors"}."""
+        out: dict[str, list] = {"added": [], "swapped": [], "removed": [], "errors": []}
+        now = self._entries()
+        for d in sorted(set(self._synced) - set(now)):
+            del self._synced[d]
+            for name, head in list(self._heads.items()):
+                if head.path == d:
+                    self.unload(name)
+                    out["removed"].append(name)
+        for d, sig in now.items():
+            if self._synced.get(d) == sig:
                 continue
             try:
-                loaded.append(self.load(entry.name).name)
+                current = next((n for n, h in self._heads.items() if h.path == d), None)
+                head = self.load(d, current, replace=current is not None)
+                out["swapped" if current else "added"].append(head.name)
             except (HeadLoadError, OSError) as e:
-                errors[entry.name] = str(e)
-        return loaded, errors
+                out["errors"].append(f"{d}: {e}")
+            self._synced[d] = sig  # a broken version is not retried until its files change again
+        return out
 
 
 def score(features: torch.Tensor, heads: list[LoadedHead]) -> torch.Tensor:

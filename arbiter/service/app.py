@@ -203,6 +203,27 @@ def _openapi_with_400(app: FastAPI):
     return openapi
 
 
+def _watch_heads(state: ServiceState, every_s: float) -> None:
+    """Poll the heads directory (ARBITER_HEADS_WATCH_S): replicas that share it pick up added, changed and removed
+    heads without an admin call reaching each of them."""
+    import threading
+
+    def loop() -> None:
+        while not state.stopping.wait(every_s):
+            try:
+                changes = state.registry.sync()
+            except Exception:  # a scan error must not kill the watcher
+                log.exception("heads directory scan failed")
+                continue
+            for kind, names in changes.items():
+                for n in names:
+                    (log.error if kind == "errors" else log.info)("heads directory: %s %s", kind, n)
+            if any(changes.values()):
+                state.metrics.heads_loaded.set(len(state.registry.names()))
+
+    threading.Thread(target=loop, name="arbiter-heads-watch", daemon=True).start()
+
+
 def create_app(settings: Settings | None = None, *, engine: Any = None, heads: HeadRegistry | None = None,
                exit_on_engine_death: bool = True) -> FastAPI:
     settings = settings or Settings()
@@ -227,6 +248,8 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
                                           engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
             state.head_load_errors = errors
+            if settings.heads_watch_s:
+                _watch_heads(state, settings.heads_watch_s)
             for d, err in errors.items():
                 log.error("head %s not loaded: %s", d, err)
             if loaded:
@@ -265,6 +288,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
         else:
             threading.Thread(target=load_in_background, name="arbiter-load", daemon=True).start()
         yield
+        state.stopping.set()
         if state.worker is not None:
             state.worker.stop()  # drains queued work
 

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     cache_dir: str | None = Field(None, description="Where the GGUF->safetensors conversion is cached (~/.cache/arbiter)")
     heads_dir: str | None = Field(None, description="Directory of head sub-directories, all loaded at start-up")
+    heads_watch_s: float | None = Field(None, gt=0, description="Poll the heads directory every this many seconds and "
+                                                                "load / swap / unload heads to match it (shared "
+                                                                "directory across replicas)")
     default_head: str | None = Field(None, description="Head used when a rerank request names none (default: first loaded)")
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=1, le=65535, description="Bind port")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class ServiceState:
     head_load_errors: dict[str, str] = field(default_factory=dict)
     token_text: TokenText | None = None
     vocab_size: int = 0  # logits per position: the range logit_bias keys must fall in
+    stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown (background threads end)
 
     def default_head(self) -> str | None:
         if self.registry is None:
