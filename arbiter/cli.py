@@ -78,15 +78,55 @@ def serve(argv: list[str]) -> int:
     return int(getattr(app.state, "exit_code", 0))
 
 
+def serve_ray(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="arbiter serve-ray", description=(
+        "Run Arbiter as replicas under Ray Serve on a local or existing Ray cluster (pip install 'arbiter[ray]'). "
+        "Replica settings are ARBITER_* environment variables; the replicas follow the shared heads directory."))
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="e.g. 1 for one GPU per replica")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    args = p.parse_args(argv)
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        print(f"arbiter serve-ray needs Ray Serve: pip install -e '.[ray]' ({e})", file=sys.stderr)
+        return 2
+    from arbiter.service.ray_serve import deployment
+
+    setup_logging("info")
+    ray.init(address=args.address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    opts = {"num_gpus": args.gpus_per_replica} if args.gpus_per_replica else None
+    serve.run(deployment(num_replicas=args.replicas, ray_actor_options=opts), name="arbiter", route_prefix="/")
+    logging.getLogger("arbiter").info("serving %d replicas on http://%s:%d", args.replicas, args.host, args.port)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: arbiter {serve,train,eval} ...\n\n  serve   start the server\n  train   train heads, adapters, SAEs\n  eval    evaluate heads and adapters\n"
+    usage = ("usage: arbiter {serve,serve-ray,train,eval} ...\n\n  serve      start the server\n"
+             "  serve-ray  start replicas under Ray Serve\n  train      train heads, adapters, SAEs\n"
+             "  eval       evaluate heads and adapters\n")
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         return serve(rest)
+    if cmd == "serve-ray":
+        return serve_ray(rest)
     if cmd in {"train", "eval"}:
         try:
             from arbiter.training import cli as tcli

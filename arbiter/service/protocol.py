@@ -419,6 +419,7 @@ class HealthStatus(BaseModel):
     model: str | None = None
     heads: list[str] | None = None
     queue_depth: int | None = None
+    instance: str | None = Field(None, description="host:pid of the process that answered (replicas)")
     error: str | None = None
 
 

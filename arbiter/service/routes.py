@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -103,13 +105,17 @@ def ready_state(request: Request) -> ServiceState:
 # --- health, models, metrics --------------------------------------------------------------------------
 
 
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas behind one address)
+
+
 @router.get("/health", tags=["ops"], responses={**_ok(HealthStatus), 503: {"model": HealthStatus, "description": "Not ready"}})
 async def health(request: Request):
     st = state_of(request)
     if st.worker is None or not st.worker.alive:
         status = "loading" if st.worker is None and not st.load_error else "unavailable"
         return JSONResponse(status_code=503, content={"status": status, "error": st.load_error})
-    return {"status": "ok", "model": st.model_id, "heads": st.registry.names(), "queue_depth": st.worker.depth()}
+    return {"status": "ok", "model": st.model_id, "heads": st.registry.names(), "queue_depth": st.worker.depth(),
+            "instance": INSTANCE}
 
 
 @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
