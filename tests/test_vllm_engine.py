@@ -177,3 +177,25 @@ def test_client_disconnect_aborts_the_vllm_requests(server, mid):
     # The server is still serving.
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=120)
     assert r.status_code == 200
+
+
+def test_a_short_request_sent_during_a_long_one_returns_first(server, mid):
+    """Continuous batching across requests: the worker hands a queued job to vLLM while another one runs."""
+    import threading
+
+    done: dict[str, float] = {}
+
+    def call(name: str, max_tokens: int, prompt: str) -> None:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+            "model": mid, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": 9})
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    long = threading.Thread(target=call, args=("long", 400, "Write a very long story about the sea."))
+    long.start()
+    time.sleep(2.0)
+    while httpx.get(f"{server.url}/health", timeout=10).json()["queue_depth"] != 0:
+        time.sleep(0.05)
+    call("short", 4, "Hi")
+    long.join(300)
+    assert done["short"] < done["long"]

@@ -230,9 +230,13 @@ class Worker:
         started = {id(it.job): t0 for it in items}
         by_job = {id(it.job): it for it in items}
 
-        def deliver(job: GenerationJob, res: GenerationResult) -> None:
+        def deliver(job: GenerationJob, res: GenerationResult | BaseException) -> None:
             it = by_job.get(id(job))
-            if it is not None:
+            if it is None:
+                return
+            if isinstance(res, BaseException):  # the engine refused this job alone (JobError)
+                self._resolve(it, exc=res)
+            else:
                 self._deliver(it, res, started[id(job)])
 
         if not self.continuous:

@@ -81,6 +81,7 @@ class VLLMEngine:
         self.dtype = backbone.dtype
         self.context_length = min(backbone.context_length, max_model_len or backbone.context_length)
         self._lora = None
+        self._features_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="arbiter-vllm-loop", daemon=True)
         self._thread.start()
@@ -156,12 +157,13 @@ class VLLMEngine:
         norm = abs(served.norm().item() / ref.norm().item() - 1)
         # vLLM's log-probs of the probe's own tokens against HF's: same weights, same tokens.
         from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
 
         async def prompt_lps():
             out = None
-            async for out in self.llm.generate(  # noqa: B007 - the last output is the one returnedTokensPrompt(prompt_token_ids=p + a),
-                                               VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
-                                               f"probe-{uuid.uuid4().hex[:8]}", lora_request=self._lora):
+            gen = self.llm.generate(TokensPrompt(prompt_token_ids=p + a), VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                                    f"probe-{uuid.uuid4().hex[:8]}", lora_request=self._lora)
+            async for out in gen:  # noqa: B007 - the last output is the one returned
                 pass
             return out
 
@@ -191,22 +193,60 @@ class VLLMEngine:
     def supported_layers(self) -> frozenset[int] | None:
         return None  # any layer: features come from the HF forward
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | BaseException]:
-        results: list[GenerationResult | BaseException] = self._call(self._generate(jobs))
-        # Features of every finished candidate, one HF pass over the batch.
+    continuous = True  # generate() takes admit / deliver (the worker's continuous batching)
+
+    def generate(self, jobs: Sequence[GenerationJob], *, admit=None, deliver=None) -> list[GenerationResult | BaseException]:
+        """Sample the jobs on vLLM. With ``admit`` / ``deliver`` (continuous batching): queued jobs are handed to
+        vLLM as they arrive (vLLM batches them with the running requests), and each job is delivered, features
+        included, as soon as its own candidates finish."""
+        if admit is None and deliver is None:
+            results: list[GenerationResult | BaseException] = self._call(self._generate(jobs))
+            self._add_features(jobs, results)
+            return results
+        return self._call(self._generate_continuous(list(jobs), admit, deliver))
+
+    async def _generate_continuous(self, jobs, admit, deliver) -> list[GenerationResult | BaseException]:
+        loop = asyncio.get_running_loop()
+        results: dict[int, GenerationResult | BaseException] = {}
+        running: dict[asyncio.Future, GenerationJob] = {}
+
+        def start(job: GenerationJob) -> None:
+            running[asyncio.ensure_future(self._generate_one(job))] = job
+
+        for job in jobs:
+            start(job)
+        while running:
+            done, _ = await asyncio.wait(list(running), timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                job = running.pop(task)
+                res = task.result() if task.exception() is None else task.exception()
+                if isinstance(res, GenerationResult):
+                    # The HF feature pass runs in a thread: vLLM keeps streaming the other requests meanwhile.
+                    await loop.run_in_executor(None, self._add_features, [job], [res])
+                results[id(job)] = res
+                if deliver is not None:
+                    deliver(job, res)
+            if admit is not None:
+                for job in admit(sum(j.n for j in running.values())):
+                    start(job)
+        return [results[id(j)] for j in jobs]
+
+    def _add_features(self, jobs, results) -> None:
+        """Features of every finished candidate of these jobs, one HF pass (serialised: the pass hooks the model)."""
         want = [(j, c) for j, (job, res) in enumerate(zip(jobs, results))
                 if isinstance(res, GenerationResult) and job.feature_layers and not job.cancelled.is_set()
                 for c in res.candidates if c.finish_reason != "cancelled"]
         if want:
             layers = sorted({l for j, _ in want for l in jobs[j].feature_layers} | {FINAL})
-            feats = self.hf.features([jobs[j].prompt_ids for j, _ in want], [c.token_ids for _, c in want], layers,
-                                     cancelled=lambda: all(jobs[j].cancelled.is_set() for j, _ in want))
+            with self._features_lock:
+                feats = self.hf.features([jobs[j].prompt_ids for j, _ in want], [c.token_ids for _, c in want], layers,
+                                         cancelled=lambda: all(jobs[j].cancelled.is_set() for j, _ in want))
             for k, (_, c) in enumerate(want):
                 c.features = {l: feats[l][k] for l in layers}
-        return results
 
     def features(self, prompt_ids, answer_ids, layers, *, cancelled: Callable[[], bool] | None = None):
-        return self.hf.features(prompt_ids, answer_ids, layers, cancelled=cancelled)
+        with self._features_lock:
+            return self.hf.features(prompt_ids, answer_ids, layers, cancelled=cancelled)
 
     # -- sampling ------------------------------------------------------------------------------------
     def _params(self, job: GenerationJob, seed: int):
@@ -226,44 +266,45 @@ class VLLMEngine:
             raise JobError(f"vLLM refused the sampling parameters: {e}") from e
 
     async def _generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | BaseException]:
-        async def one(job: GenerationJob) -> GenerationResult | BaseException:
-            if job.cancelled.is_set() or job.n <= 0:
-                return GenerationResult([], len(job.prompt_ids))
-            greedy = job.params.temperature <= 1e-5
-            base = job.params.seed if job.params.seed is not None else secrets.randbits(62)
-            k = 1 if greedy else job.n
-            try:
-                params = [self._params(job, (base * 1_000_003 + job.first_index + i) % (2**63 - 1)) for i in range(k)]
-            except JobError as e:
-                return e
-            rids = [f"arb-{uuid.uuid4().hex[:16]}-{i}" for i in range(k)]
-            replicas = job.n if greedy else 1
+        return list(await asyncio.gather(*(self._generate_one(j) for j in jobs)))
 
-            async def watch():
-                while True:
-                    await asyncio.sleep(POLL_S)
-                    if job.cancelled.is_set():
-                        await self.llm.abort(rids)
-                        log.info("aborted %d vLLM request(s) of a cancelled job", len(rids))
-                        return
+    async def _generate_one(self, job: GenerationJob) -> GenerationResult | BaseException:
+        if job.cancelled.is_set() or job.n <= 0:
+            return GenerationResult([], len(job.prompt_ids))
+        greedy = job.params.temperature <= 1e-5
+        base = job.params.seed if job.params.seed is not None else secrets.randbits(62)
+        k = 1 if greedy else job.n
+        try:
+            params = [self._params(job, (base * 1_000_003 + job.first_index + i) % (2**63 - 1)) for i in range(k)]
+        except JobError as e:
+            return e
+        rids = [f"arb-{uuid.uuid4().hex[:16]}-{i}" for i in range(k)]
+        replicas = job.n if greedy else 1
 
-            watcher = asyncio.ensure_future(watch())
-            try:
-                cands = await asyncio.gather(*(self._sample(job, rids[i], params[i], i, replicas) for i in range(k)),
-                                             return_exceptions=True)
-            finally:
-                watcher.cancel()
-            errors = [c for c in cands if isinstance(c, BaseException)]
-            if errors:
-                return errors[0]
-            out = list(cands)
-            if greedy:
-                out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
-                                 list(out[0].logprobs) if out[0].logprobs is not None else None)
-                       for _ in range(job.n)]
-            return GenerationResult(out, len(job.prompt_ids))
+        async def watch():
+            while True:
+                await asyncio.sleep(POLL_S)
+                if job.cancelled.is_set():
+                    await self.llm.abort(rids)
+                    log.info("aborted %d vLLM request(s) of a cancelled job", len(rids))
+                    return
 
-        return list(await asyncio.gather(*(one(j) for j in jobs)))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            cands = await asyncio.gather(*(self._sample(job, rids[i], params[i], i, replicas) for i in range(k)),
+                                         return_exceptions=True)
+        finally:
+            watcher.cancel()
+        errors = [c for c in cands if isinstance(c, BaseException)]
+        if errors:
+            return errors[0]
+        out = list(cands)
+        if greedy:
+            out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
+                             list(out[0].logprobs) if out[0].logprobs is not None else None)
+                   for _ in range(job.n)]
+        return GenerationResult(out, len(job.prompt_ids))
+
 
     async def _sample(self, job: GenerationJob, rid: str, params, index: int, replicas: int) -> Candidate:
         from vllm.inputs import TokensPrompt
