@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serve  # noqa: E402
 import torch  # noqa: E402
 from _provenance import git_commit  # noqa: E402
 
@@ -114,29 +114,9 @@ def tasks(n_questions: int, n_mc: int | None = None, n_math: int | None = None,
 
 
 def start_server(threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
-    env.update(ARBITER_HEADS_DIR=str(ROOT / "heads"), ARBITER_THREADS=str(threads), ARBITER_LOG_LEVEL="info",
-               ARBITER_MAX_CANDIDATES="16", ARBITER_REQUEST_TIMEOUT_S="600")
-    proc = subprocess.Popen([sys.executable, "-m", "arbiter.cli", "serve", "--port", str(port)], env=env,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not become healthy")
+    return _serve.start_server({"ARBITER_HEADS_DIR": str(ROOT / "heads"), "ARBITER_THREADS": str(threads),
+                                "ARBITER_LOG_LEVEL": "info", "ARBITER_MAX_CANDIDATES": "16",
+                                "ARBITER_REQUEST_TIMEOUT_S": "600"}, log_path)
 
 
 def se(p: float, n: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serve  # noqa: E402
 from _provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,28 +40,9 @@ PROMPTS = ["Give me three tips for staying focused while studying.", "How do I m
 
 
 def start(continuous: bool, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
-    env.update(ARBITER_HEADS_DIR=str(ROOT / "heads"), ARBITER_THREADS=str(threads), ARBITER_LOG_LEVEL="warning",
-               ARBITER_CONTINUOUS_BATCHING=str(continuous).lower(), ARBITER_REQUEST_TIMEOUT_S="600",
-               ARBITER_DEVICE="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "arbiter.cli", "serve", "--port", str(port)], env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not become healthy")
+    return _serve.start_server({"ARBITER_HEADS_DIR": str(ROOT / "heads"), "ARBITER_THREADS": str(threads),
+                                "ARBITER_LOG_LEVEL": "warning", "ARBITER_CONTINUOUS_BATCHING": str(continuous).lower(),
+                                "ARBITER_REQUEST_TIMEOUT_S": "600", "ARBITER_DEVICE": "cpu"}, log)
 
 
 def body(model: str, i: int, mode: str, max_tokens: int) -> dict:
@@ -130,8 +111,7 @@ def main() -> None:
                     res.setdefault(mode, {})[f"{name}:{pattern}" if pattern != "one_at_a_time" else pattern] = r
                     print(mode, name, pattern, {k: v for k, v in r.items() if k != "latency_s"}, flush=True)
         finally:
-            proc.terminate()
-            proc.wait(60)
+            _serve.stop_server(proc)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     meta = {"command": "python " + " ".join(["benchmarks/continuous_batching.py", *sys.argv[1:]]), "commit": commit,
             "date": started, "cpu": cpu, "cores": os.cpu_count(), **vars(args)}

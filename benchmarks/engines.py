@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serve  # noqa: E402
 from _provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,27 +42,10 @@ PROMPTS = [
 
 
 def start(engine: str, python: str, dtype: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}
-    env.update(ARBITER_ENGINE=engine, ARBITER_HEADS_DIR=str(ROOT / "heads"), ARBITER_THREADS=str(threads),
-               ARBITER_DTYPE=dtype, ARBITER_LOG_LEVEL="info", ARBITER_REQUEST_TIMEOUT_S="600", ARBITER_DEVICE="cpu")
-    proc = subprocess.Popen([python, "-m", "arbiter.cli", "serve", "--port", str(port)], env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 900:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{engine} server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError(f"{engine} server did not become healthy")
+    return _serve.start_server({"ARBITER_ENGINE": engine, "ARBITER_HEADS_DIR": str(ROOT / "heads"),
+                                "ARBITER_THREADS": str(threads), "ARBITER_DTYPE": dtype, "ARBITER_LOG_LEVEL": "info",
+                                "ARBITER_REQUEST_TIMEOUT_S": "600", "ARBITER_DEVICE": "cpu"}, log, python=python,
+                               timeout_s=900)
 
 
 def run_engine(engine: str, python: str, args) -> dict:
@@ -95,11 +77,7 @@ def run_engine(engine: str, python: str, args) -> dict:
                          "wall_s_median": round(statistics.median(walls), 3),
                          "completion_tokens": sum(toks), "tok_per_s": round(sum(toks) / sum(walls), 1)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _serve.stop_server(proc)
     return out
 
 
