@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--mc-questions", type=int, default=None, help="mc questions (default: --questions)")
     ap.add_argument("--math-questions", type=int, default=None, help="questions per math task (default: --questions)")
     ap.add_argument("--report", default="bestofn_api", help="report name under benchmarks/reports/")
+    ap.add_argument("--concurrency", type=int, default=1, help="questions in flight at once")
     args = ap.parse_args()
     global REPORT
     REPORT = REPORT.parent / args.report
@@ -155,8 +157,7 @@ def main() -> None:
                 print(f"skipping {task}: head {head!r} is not committed", flush=True)
                 continue
             heads = [head] + [h for h in loaded if h.startswith(head + "_")]
-            rows = []
-            for i, q in enumerate(qs):
+            def ask(i: int, q: dict, head: str = head, heads: list = heads, task: str = task) -> dict:
                 if task == "sst2":
                     ex = extract_label
                 elif task == "mc":
@@ -190,7 +191,7 @@ def main() -> None:
                     sel = select(rew[:k], policy, answers[:k])
                     adaptive[name] = (answers[sel.order[0]] == q["gold"], k,
                                       sum(c["completion_tokens"] for c in cand_rows[:k]))
-                rows.append({
+                return {
                     "gold": q["gold"],
                     "greedy": ex(g.choices[0].message.content) == q["gold"],
                     "n1": answers[0] == q["gold"],
@@ -205,10 +206,13 @@ def main() -> None:
                     "answers": answers, "rewards": [c["rewards"][head] for c in cand_rows],
                     "oracle": any(a == q["gold"] for a in answers),
                     "answered": sum(a is not None for a in answers) / len(answers),
-                })
-                if (i + 1) % 20 == 0:
-                    print(task, i + 1, {k: round(sum(x[k] for x in rows) / len(rows), 3)
-                                        for k in ("greedy", "n1", "rerank", "weighted", "majority", "oracle")}, flush=True)
+                }
+
+            # Questions go in parallel (--concurrency): the server batches them; each question's seed is its own.
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                rows = list(pool.map(ask, range(len(qs)), qs))
+            print(task, len(rows), {k: round(sum(x[k] for x in rows) / len(rows), 3)
+                                    for k in ("greedy", "n1", "rerank", "weighted", "majority", "oracle")}, flush=True)
             n = len(rows)
             keys = ("greedy", "n1", "rerank", "weighted", "majority", "oracle", *(f"rerank:{h}" for h in heads))
             results[task] = {k: {"acc": sum(x[k] for x in rows) / n, "se": se(sum(x[k] for x in rows) / n, n)} for k in keys}
