@@ -260,7 +260,7 @@ def _section(run: dict) -> list[str]:
         key, what = ("cuda_max_allocated_mib", "CUDA max allocated") if cuda else ("peak_rss_mib", "RSS")
         lines.append(
             f"- Full-parameter training: DPO's step peaked at {f(d[key])} MiB {what}, FPO's at {f(fp[key])} MiB: "
-            f"{f(d[key] - fp[key])} MiB less for FPO (the tensor counts predict "
+            f"{_less_or_more(d[key] - fp[key], 'MiB', 'FPO')} (the tensor counts predict "
             f"{f(d['reference_copy_mib'] - fp['sae_mib'] - fp['ref_cache_in_memory_mib'])} MiB: reference copy minus "
             "SAE and cached batch). The reference copy alone is "
             f"{f(d['reference_copy_mib'])} MiB of "
@@ -273,9 +273,10 @@ def _section(run: dict) -> list[str]:
         lines.append(
             f"- LoRA: the reference is the same weights with the adapter switched off, so DPO keeps no copy either: "
             f"DPO-LoRA peaked at {f(dl[key])} MiB and FPO-LoRA at {f(fl[key])} MiB ({'CUDA' if cuda else 'RSS'}). "
-            f"What FPO saves there is the reference forward DPO-LoRA runs every step (last step "
-            f"{f(dl['step_seconds'][-1], 3)} s vs {f(fl['step_seconds'][-1], 3)} s); FPO carries the SAE instead "
-            f"({f(fl['sae_mib'], 1)} MiB)."
+            f"DPO-LoRA runs a reference forward every step and FPO-LoRA does not; measured last step "
+            f"{f(dl['step_seconds'][-1], 3)} s vs {f(fl['step_seconds'][-1], 3)} s: "
+            f"{_less_or_more(dl['step_seconds'][-1] - fl['step_seconds'][-1], 's', 'FPO-LoRA', 3)}. FPO carries the SAE "
+            f"instead ({f(fl['sae_mib'], 1)} MiB)."
         )
     if pre:
         lines.append(
@@ -289,6 +290,12 @@ def _section(run: dict) -> list[str]:
                      + (f", {f(base['cuda_max_allocated_mib'])} MiB CUDA." if cuda else "."))
     lines.append("")
     return lines
+
+
+def _less_or_more(diff: float, unit: str, who: str, digits: int = 0) -> str:
+    """'X unit less for WHO' or 'X unit more for WHO': the sentence follows the sign of the measured numbers."""
+    word = "less" if diff >= 0 else "more"
+    return f"{abs(diff):.{digits}f} {unit} {word} for {who}"
 
 
 def _report(runs: dict, path: Path) -> None:
