@@ -267,7 +267,6 @@ def test_config_errors_fail_before_the_model_loads(tmp_path, tiny):
         adapter.run(cfg)
 
 
-@pytest.mark.slow
 def test_fpo_trains_with_a_tiny_sae(tmp_path, backbone, tiny):
     from arbiter.training.sae import SparseAutoencoder, save_sae
 
