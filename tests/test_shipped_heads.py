@@ -54,3 +54,24 @@ def test_sst2_head_reads_sentiment_on_the_held_out_dev_split(registry, backbone)
         r = head.module(feats).view(len(questions), 2)  # [Q, 2] rewards of "negative", "positive"
     acc = (r.argmax(1) == torch.tensor([q.answer for q in questions])).float().mean().item()
     assert acc >= 0.7, acc
+
+
+def test_math_head_records_its_sampled_pairs_and_reads_a_finished_right_answer(registry, backbone):
+    """heads/math came from the model's own SVAMP samples; on two hand-written answers to a held-aside SVAMP
+    problem it prefers the finished right one to an unfinished rambling one."""
+    from arbiter.chat import answer_ids, prompt_ids
+    from arbiter.service.engine.hf import HFEngine
+    from arbiter.training.data import load_math, math_prompt
+
+    head = registry.get("math")
+    prov = head.config.provenance
+    assert prov["recipe"] == "head" and prov["report"]["kept"] == 122 and prov["metrics"]["n_test"] == 18
+    problem = load_math("svamp", seed=0)[0][0]  # the first of the seeded order: never sampled for the pairs
+    p = prompt_ids(backbone.tokenizer, math_prompt(problem))
+    right = f"Let's compute it step by step.\nThe answer is {problem.answer}"
+    rambling = "First, we need to think about what the question asks. There are many numbers and we" * 3
+    feats = HFEngine(backbone).features([p, p], [answer_ids(backbone.tokenizer, a, backbone.end_id, close=False)
+                                                 for a in (right, rambling)], [head.config.layer])[head.config.layer]
+    with torch.no_grad():
+        r = head.module(feats)
+    assert r[0] > r[1], r.tolist()
