@@ -314,3 +314,41 @@ def test_continuous_batching_admits_jobs_mid_decode_and_delivers_each_when_done(
                                     f"continuous-batching candidate {c.text!r} layer {layer}")
     alone = engine.generate([later[0]])[0].candidates[0]
     assert delivered[id(later[0])].candidates[0].token_ids == alone.token_ids
+
+
+def test_continuous_batch_cache_stays_as_long_as_its_longest_live_row(engine):
+    """Under steady admission the batch never ends; its KV cache must not grow without bound."""
+    lengths = []
+    jobs_made = []
+
+    def admit(rows_in_batch: int):
+        lengths.append(run_cache_len())
+        if len(jobs_made) < 12 and rows_in_batch < 4:
+            job = GenerationJob(P(engine, f"Count to {len(jobs_made) + 3}."), 1, SamplingParams(max_tokens=6, seed=len(jobs_made)))
+            jobs_made.append(job)
+            return [job]
+        return []
+
+    import arbiter.service.engine.hf as hf
+
+    seen = {}
+    real_step = hf._Batch.step
+
+    def step(self):
+        seen["batch"] = self
+        return real_step(self)
+
+    def run_cache_len() -> int:
+        b = seen.get("batch")
+        return 0 if b is None or b.mask is None else int(b.mask.shape[1])
+
+    hf._Batch.step = step
+    try:
+        first = GenerationJob(P(engine, "Hi"), 1, SamplingParams(max_tokens=6, seed=0))
+        engine.generate([first], admit=admit, deliver=lambda j, r: None)
+    finally:
+        hf._Batch.step = real_step
+    assert len(jobs_made) == 12
+    prompt_max = max(len(j.prompt_ids) for j in jobs_made)
+    # 12 jobs x ~7 steps ran through one batch; without trimming the cache would be ~80+ columns long.
+    assert max(lengths) <= prompt_max + 8, (max(lengths), prompt_max)

@@ -215,6 +215,14 @@ class _Batch:
             feed = [feed[k] for k in keep]
             batch_rows = [batch_rows[k] for k in keep]
             self.rows = batch_rows
+            # Leading columns that are padding for every row left (the longest row finished) are dropped, so the
+            # cache stays as long as its longest live row: under steady load the batch never ends and would
+            # otherwise grow by a column per step forever. Positions are per row (next_pos), so this is exact.
+            first = int(self.mask.any(dim=0).int().argmax())
+            if first > 0:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                self.mask = self.mask[:, first:]
         # --- one decode step -------------------------------------------------------------------------
         inp = torch.tensor(feed, device=dev)[:, None]  # [K, 1]
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)  # [K, T+1]
