@@ -1,10 +1,12 @@
-"""Feature extraction speed: batched shared-prompt extraction vs a plain batched forward, per dtype and data.
+"""Feature extraction speed: batched prompt-once extraction vs a plain batched forward, per dtype and data.
 
 For each dtype (float32, and bfloat16 where the CPU has native bf16 matmul) and each data set (SST-2: one shared
 instruction, two-token answers; hh-rlhf helpful: long multi-turn prompts, long uneven answers), ONE process
 runs, interleaved and alternating which goes first:
-  extraction  arbiter.training.feature_cache.shared_prompt_features (what `arbiter train head` runs): tokens =
+  extraction  arbiter.training.feature_cache.prompt_once_features, method "auto" (what `arbiter train head`
+              runs: packed rows for long answers, the shared-prompt KV cache for short ones): tokens =
               prompt + chosen + rejected per pair (the prompt counted once, as the progress bar counts it);
+  other       the prompt-once method "auto" did not choose, for comparison (same tokens);
   forward     compute_features over the full sequences (prompt + chosen, prompt + rejected), length-sorted
               padded batches, the same model and dtype: tokens = every real token fed (2 x prompt + answers).
 Both give the same features (cosine reported). The goal: extraction tok/s >= 0.8 x forward tok/s.
@@ -35,7 +37,7 @@ from _provenance import git_commit  # noqa: E402
 from arbiter.backbone import cpu_bf16_flags, load_backbone  # noqa: E402
 from arbiter.heads import load_head  # noqa: E402
 from arbiter.training.data import load_pairs, tokenize_pairs  # noqa: E402
-from arbiter.training.feature_cache import compute_features, shared_prompt_features  # noqa: E402
+from arbiter.training.feature_cache import compute_features, extraction_method, prompt_once_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "feature_extraction"
@@ -49,8 +51,10 @@ def pairs_of(name: str, n: int, bb, max_length: int):
 
 def one(bb, pairs, mode: str) -> tuple[float, int, torch.Tensor]:
     t0 = time.perf_counter()
-    if mode == "extraction":
-        c, r = shared_prompt_features(bb, pairs, progress=False)
+    if mode in ("extraction", "other"):
+        auto = extraction_method(pairs)
+        method = auto if mode == "extraction" else {"packed": "shared", "shared": "packed"}[auto]
+        c, r = prompt_once_features(bb, pairs, method=method, progress=False)
         feats = torch.cat([c, r])
         tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     else:
@@ -77,10 +81,10 @@ def main() -> None:
         bb = load_backbone(dtype=dtype)
         for name, n in (("sst2", args.sst2), ("hh-rlhf", args.hh)):
             pairs = pairs_of(name, n, bb, args.max_length)
-            runs = {"extraction": [], "forward": []}
+            runs = {"extraction": [], "forward": [], "other": []}
             feats = {}
             for k in range(args.runs):
-                order = ("extraction", "forward") if k % 2 == 0 else ("forward", "extraction")
+                order = ("extraction", "forward", "other") if k % 2 == 0 else ("other", "forward", "extraction")
                 for mode in order:
                     sec, tokens, f = one(bb, pairs, mode)
                     runs[mode].append({"seconds": sec, "tokens": tokens, "tok_s": tokens / sec, "pairs_s": len(pairs) / sec})
@@ -88,7 +92,8 @@ def main() -> None:
             cos = F.cosine_similarity(feats["extraction"], feats["forward"].float(), dim=1)
             ratios = [e["tok_s"] / f["tok_s"] for e, f in zip(runs["extraction"], runs["forward"])]
             row = {
-                "dtype": dtype, "data": name, "pairs": len(pairs),
+                "dtype": dtype, "data": name, "pairs": len(pairs), "method": extraction_method(pairs),
+                "other_tok_s": statistics.median(r["tok_s"] for r in runs["other"]),
                 "mean_prompt": statistics.mean(len(p.prompt_ids) for p in pairs),
                 "mean_answer": statistics.mean((len(p.chosen_ids) + len(p.rejected_ids)) / 2 for p in pairs),
                 "extraction_tok_s": statistics.median(r["tok_s"] for r in runs["extraction"]),
@@ -131,21 +136,24 @@ def main() -> None:
             "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "bf16_vs_fp32_head": bf16}, indent=2) + "\n")
     lines = [
-        "# Feature extraction: batched shared-prompt extraction vs a plain batched forward", "",
+        "# Feature extraction: batched prompt-once extraction vs a plain batched forward", "",
         f"Command: `{meta['command']}` on commit `{meta['commit']}`, {meta['date']}; {args.threads} torch threads; "
         f"CPU bf16 flags: {', '.join(meta['cpu_bf16_flags']) or 'none'}; torch {meta['torch']}. Medians of "
         f"{args.runs} interleaved runs per mode (alternating which mode goes first). The machine is shared and noisy.", "",
         "Extraction tokens = prompt + chosen + rejected per pair (prompt once); forward tokens = every real token of the "
-        "two full sequences (prompt twice). Goal: extraction tok/s >= 0.8 x forward tok/s at the same dtype.", "",
-        "| dtype | data | pairs | mean prompt / answer tokens | extraction tok/s | forward tok/s | **ratio (tok/s)** | per-run ratios | pairs/s extraction / forward | min cosine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "two full sequences (prompt twice). Goal: extraction tok/s >= 0.8 x forward tok/s at the same dtype. "
+        "Extraction is `prompt_once_features(method=\"auto\")`, what `arbiter train head` runs: `packed` (one "
+        "prompt | chosen | rejected row per pair under a 4D mask) when answers average >= 8 tokens, else `shared` "
+        "(prompt KV cache continued by each answer); the other method's tok/s is shown for comparison.", "",
+        "| dtype | data | pairs | mean prompt / answer tokens | method | extraction tok/s | forward tok/s | **ratio (tok/s)** | per-run ratios | pairs/s extraction / forward | other method tok/s | min cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['dtype']} | {r['data']} | {r['pairs']} | {r['mean_prompt']:.0f} / {r['mean_answer']:.0f} | "
+            f"| {r['dtype']} | {r['data']} | {r['pairs']} | {r['mean_prompt']:.0f} / {r['mean_answer']:.0f} | {r['method']} | "
             f"{r['extraction_tok_s']:.0f} | {r['forward_tok_s']:.0f} | **{r['ratio_tok_s_median']:.2f}** | "
             f"{', '.join(f'{x:.2f}' for x in r['ratio_tok_s_per_run'])} | {r['extraction_pairs_s']:.1f} / {r['forward_pairs_s']:.1f} "
-            f"({r['ratio_pairs_s_median']:.2f}x) | {r['min_cosine_extraction_vs_forward']:.5f} |")
+            f"({r['ratio_pairs_s_median']:.2f}x) | {r['other_tok_s']:.0f} | {r['min_cosine_extraction_vs_forward']:.5f} |")
     if bf16:
         lines += ["", "## bfloat16 features under a head trained on float32 features", "",
                   f"Head `{bf16['head']}` (feature_dtype {bf16['head_feature_dtype']}) on the {bf16['pairs']} hh-rlhf pairs above, "

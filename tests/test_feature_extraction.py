@@ -1,7 +1,8 @@
-"""Batched shared-prompt feature extraction (``feature_cache.shared_prompt_features``: common prefix once,
-prompts batched, answers continued from the prompt cache in length-matched sub-batches) equals the plain
-full-sequence forward (``compute_features``, the service's feature path) for every pair, at the final norm and
-at an intermediate block, whatever the grouping."""
+"""Batched prompt-once feature extraction equals the plain full-sequence forward (``compute_features``, the
+service's feature path) for every pair, at the final norm and at an intermediate block, whatever the grouping:
+``shared_prompt_features`` (common prefix once, prompts batched, answers continued from the prompt cache in
+length-matched sub-batches) and ``packed_pair_features`` (one ``prompt | chosen | rejected`` row per pair under
+a 4D mask)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def reference(backbone, pairs, layer: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("layer", [-1, 12])
 @pytest.mark.parametrize("batch_tokens", [64, 4096])  # tiny groups (one pair, single-row sub-batches) and one big one
-def test_shared_prompt_features_equal_full_sequence_forward(backbone, pairs, layer, batch_tokens):
-    chosen, rejected = fc.shared_prompt_features(backbone, pairs, layer=layer, batch_tokens=batch_tokens, progress=False)
+@pytest.mark.parametrize("method", ["shared", "packed"])
+def test_prompt_once_features_equal_full_sequence_forward(backbone, pairs, layer, batch_tokens, method):
+    chosen, rejected = fc.prompt_once_features(backbone, pairs, layer=layer, method=method, batch_tokens=batch_tokens,
+                                               progress=False)
     ref = reference(backbone, pairs, layer)
     got = torch.cat([chosen, rejected])
     cos = F.cosine_similarity(got, ref, dim=1)
@@ -55,3 +58,10 @@ def test_groups_and_sub_batches_cover_every_row_once_within_the_budget():
     # Rows are grouped by length: the 120-token answer never pads the 2- and 3-token ones.
     assert not any(4 in b and (5 in b or 0 in b) for b in batches)
     assert fc._common_prefix_len([[1, 2, 3, 4], [1, 2, 9], [1, 2, 3]]) == 2
+
+
+def test_auto_packs_long_answers_and_shares_short_ones(pairs):
+    hh, sst = pairs[:5], pairs[5:]
+    assert fc.extraction_method(hh) == "packed" and fc.extraction_method(sst) == "shared"
+    with pytest.raises(ValueError, match="unknown extraction method"):
+        fc.prompt_once_features(None, hh, method="fast")
