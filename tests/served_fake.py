@@ -5,7 +5,7 @@ benchmarks, built on tests/fakes.py; and a launcher run as a subprocess:
 
 The launcher exists so that process-level behaviour (the exit code after the engine worker dies, SIGTERM
 draining in-flight requests) is tested through the real ``arbiter serve`` code path (``arbiter.cli.main``)
-with a fake engine substituted for ``arbiter.service.app.build_engine``. No fault injection lives in
+with a fake engine substituted for ``arbiter.service.engine.load_engine``. No fault injection lives in
 production code: the faults are in the fake engines used here.
 """
 
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-s", type=float, default=2.0)
     args = p.parse_args(argv)
 
-    import arbiter.service.app as app_mod
+    import arbiter.service.engine as engine_mod
     from arbiter import cli
 
     engine = FakeEngine(die=True) if args.mode == "die" else SlowEngine(args.delay_s)
-    app_mod.build_engine = lambda settings: engine  # the one substitution: no model load
+    engine_mod.load_engine = lambda settings: engine  # the one substitution: no model load
     os.environ.setdefault("ARBITER_LOG_LEVEL", "warning")
     return cli.main(["serve", "--host", LOOPBACK, "--port", str(args.port)])
 

@@ -12,10 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from arbiter.training import loop, lora
 from arbiter.training.config import ConfigError, load_config
 from arbiter.training.data import collate_pairs, load_pairs, save_pairs, tokenize_pairs
 from arbiter.training.logprobs import sequence_logps
 from arbiter.training.recipes import adapter, ref
+from arbiter.training.reference import REF, check_ref_tokens
+from arbiter.training.sections import DEFAULT_TARGETS
 
 MAX_LEN = 64
 
@@ -68,22 +71,22 @@ def test_ref_columns_equal_base_model_logps(backbone, tiny):
     src, out, result = tiny
     assert result["rows"] == 4 and out.is_file()
     pairs, _ = load_pairs(str(out), seed=0)
-    assert all(p.meta[adapter.REF_LAYERS] == [10, 20] for p in pairs)
+    assert all(p.meta[REF.layers] == [10, 20] for p in pairs)
     tokenized, _ = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=MAX_LEN)
     batch = collate_pairs(tokenized, backbone.end_id)
     with torch.no_grad():
         logps, lengths = sequence_logps(backbone.model, batch)
     b = len(tokenized)
-    stored = torch.tensor([tp.meta[adapter.REF_CHOSEN] for tp in tokenized] + [tp.meta[adapter.REF_REJECTED] for tp in tokenized])
+    stored = torch.tensor([tp.meta[REF.chosen_logp] for tp in tokenized] + [tp.meta[REF.rejected_logp] for tp in tokenized])
     torch.testing.assert_close(stored, logps, atol=1e-3, rtol=2e-5)
-    assert [tp.meta[adapter.REF_CHOSEN_LEN] for tp in tokenized] == lengths[:b].tolist()
-    assert all(len(tp.meta[adapter.REF_CHOSEN_LAYERS]) == 2 for tp in tokenized)
+    assert [tp.meta[REF.chosen_length] for tp in tokenized] == lengths[:b].tolist()
+    assert all(len(tp.meta[REF.chosen_layer_logps]) == 2 for tp in tokenized)
     # The reference saw exactly these token ids, on this model.
-    adapter.check_ref_tokens(tokenized, backbone.fingerprint)
+    check_ref_tokens(tokenized, backbone.fingerprint)
     tampered = tokenized[0]
-    tampered.meta[adapter.REF_IDS_SHA] = "0" * 16
+    tampered.meta[REF.ids_sha] = "0" * 16
     with pytest.raises(ConfigError, match="other token ids"):
-        adapter.check_ref_tokens([tampered], backbone.fingerprint)
+        check_ref_tokens([tampered], backbone.fingerprint)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,12 +119,12 @@ def test_dpo_overfits_tiny_set(dpo_run):
     assert result["reference"] == "precomputed" and result["step"] == 8
     # PEFT format, written whole; LoRA B starts at zero, so non-zero B means the adapter trained.
     names = {p.name for p in (run_dir / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", adapter.ADAPTER_META_FILE} <= names
-    lora = _lora(run_dir)
-    b_norms = [t.norm().item() for k, t in lora.items() if "lora_B" in k]
+    assert {"adapter_config.json", "adapter_model.safetensors", lora.ADAPTER_META_FILE} <= names
+    weights = _lora(run_dir)
+    b_norms = [t.norm().item() for k, t in weights.items() if "lora_B" in k]
     assert len(b_norms) == 30 * 7 and min(b_norms) > 0
     targets = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
-    assert sorted(targets) == sorted(adapter.DEFAULT_TARGETS)
+    assert sorted(targets) == sorted(DEFAULT_TARGETS)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-8"]
 
 
@@ -148,7 +151,7 @@ def test_saved_adapter_loads_with_peft_and_changes_logits(backbone, dpo_run, tin
     torch.testing.assert_close(off, base)
     # The eval entry point: the adapter's implicit reward prefers the chosen answer on its training pairs,
     # where the base model's own log-probs get some pairs wrong.
-    acc = adapter.adapter_pair_accuracy(backbone, run_dir / "adapter", pairs, beta=0.1, progress=False)
+    acc = lora.adapter_pair_accuracy(backbone, run_dir / "adapter", pairs, beta=0.1, progress=False)
     assert acc["n"] == 4 and acc["accuracy"] == 1.0 and acc["rewards/margins"] > 0
     assert 0.0 <= acc["base_logp_accuracy"] <= 1.0
     # ...and the backbone is the base model again afterwards.
@@ -162,7 +165,7 @@ def test_resume_equals_uninterrupted(tmp_path, backbone, tiny, dpo_run, monkeypa
     (LoRA dropout 0.1, so the restored RNG matters). The constant schedule makes max_steps 4 vs 8 irrelevant."""
     ref_dir, _ = dpo_run
     overrides = ("loss=dpo", "optim.max_steps=4", "save_every=2", "lora.dropout=0.1", "reference=precomputed")
-    real_save = adapter.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def crash_after_step_2(run_dir, step, *a, **kw):
         path = real_save(run_dir, step, *a, **kw)
@@ -170,10 +173,10 @@ def test_resume_equals_uninterrupted(tmp_path, backbone, tiny, dpo_run, monkeypa
             raise KeyboardInterrupt("simulated crash")
         return path
 
-    monkeypatch.setattr(adapter, "save_checkpoint", crash_after_step_2)
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_2)
     with pytest.raises(KeyboardInterrupt):
         adapter.run(_cfg(tmp_path, tiny[1], *overrides), backbone=backbone)
-    monkeypatch.setattr(adapter, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert not (tmp_path / "adapter").exists()
     # A fresh start into the same directory is refused; --resume continues.
     with pytest.raises(ConfigError, match="resume"):
@@ -240,7 +243,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, backbone
 
     monkeypatch.setattr(adapter, "adapter_loss", nan_on_second_step)
     cfg = _cfg(tmp_path, tiny[1], "loss=dpo", "optim.max_steps=3", "optim.batch_size=1", "save_every=1")
-    with pytest.raises(adapter.TrainingDiverged, match=r"step 2.*step-1"):
+    with pytest.raises(loop.TrainingDiverged, match=r"step 2.*step-1"):
         adapter.run(cfg, backbone=backbone)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
     assert not (tmp_path / "adapter").exists()

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from arbiter import __version__
 from arbiter.heads import HeadRegistry
 
+from . import engine as engine_mod
 from .errors import APIError, error_response
 from .metrics import Metrics
 from .protocol import DOC_ONLY_MODELS
@@ -33,47 +34,6 @@ from .state import ServiceState
 from .worker import Worker
 
 log = logging.getLogger("arbiter.service")
-
-
-def _device(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_engine(settings: Settings):
-    """Load the backbone and the selected engine. vLLM is imported only when chosen."""
-    device = _device(settings)
-    if settings.engine == "vllm":
-        from .engine.vllm import EngineStartError, VLLMEngine  # lazy: never imported by the CPU default
-
-        if settings.adapters:
-            raise EngineStartError("ARBITER_ADAPTERS (several switchable adapters) is served by the HF engine only; "
-                                   "the vLLM engine serves one adapter (ARBITER_ADAPTER)")
-
-        return VLLMEngine.from_settings(settings, device)
-    from arbiter.backbone import load_backbone
-
-    from .engine.hf import HFEngine
-
-    # "auto": bfloat16 on CUDA; on CPU only with native bf16 matmul measured faster (arbiter.backbone.resolve_dtype).
-    bb = load_backbone(settings.model, cache_dir=settings.cache_dir, device=device, dtype=settings.dtype,
-                       threads=settings.threads)
-    if settings.adapter:
-        from arbiter.backbone import merge_lora
-
-        info = merge_lora(bb.model, settings.adapter)
-        log.info("merged adapter %s (%d modules)", info["name"], info["merged_modules"])
-        bb.adapter = info
-    eng = HFEngine(bb)
-    from .adapters import parse_adapters_setting
-
-    for name, path in parse_adapters_setting(settings.adapters):
-        ad = eng.adapters.load(name, path)
-        log.info("adapter %s loaded from %s (%d modules; switched per batch)", name, path, len(ad.deltas))
-    return eng
 
 
 class BodySizeLimit:
@@ -243,7 +203,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
         if state.registry is None:
             supported = getattr(eng, "supported_layers", None)
             state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
-                                          device=_device(settings) if engine is None else "cpu",
+                                          device=engine_mod.resolve_device(settings) if engine is None else "cpu",
                                           supported_layers=supported() if callable(supported) else None,
                                           engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
@@ -276,7 +236,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
 
     def load_in_background() -> None:
         try:
-            start(build_engine(settings))
+            start(engine_mod.load_engine(settings))
         except Exception as e:  # surfaced by /health and 503s, and logged
             state.load_error = f"{type(e).__name__}: {e}"
             log.exception("model load failed")

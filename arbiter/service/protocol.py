@@ -7,9 +7,9 @@ so newer clients keep working. Limits that depend on settings (n, max_tokens, ..
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 def _valid_unicode(v: str) -> str:
@@ -255,7 +255,23 @@ class LoadAdapterRequest(BaseModel):
     path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_ADAPTERS_DIR")
 
 
-# --- responses (built as dicts in routes; documented here) -------------------------------------------
+# --- responses (built by serving.py) ------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    """A response model that leaves out its optional extension fields (``_omit_if_none``) when they are None,
+    so a plain completion carries no ``rerank: null`` and a first chunk no ``role: null``; required-nullable
+    fields of the spec (``refusal``, ``logprobs``, ``finish_reason``) are never omitted."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        out = handler(self)
+        for k in self._omit_if_none:
+            if k in out and out[k] is None:
+                del out[k]
+        return out
 
 
 class Usage(BaseModel):
@@ -279,7 +295,7 @@ class RerankGroup(BaseModel):
     candidates: list[int]
 
 
-class RerankInfo(BaseModel):
+class RerankInfo(_Response):
     """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen, and how."""
 
     heads: list[str]
@@ -291,6 +307,8 @@ class RerankInfo(BaseModel):
     adaptive: dict | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
                                                     "sampled, the maximum allowed")
     candidates: list[RerankCandidate] | None = None
+
+    _omit_if_none = ("groups", "adaptive", "candidates")
 
 
 class TopLogprob(BaseModel):
@@ -325,7 +343,7 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Response):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -335,10 +353,14 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     rerank: RerankInfo | None = None
 
+    _omit_if_none = ("rerank",)
 
-class ChunkDelta(BaseModel):
+
+class ChunkDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    _omit_if_none = ("role", "content")
 
 
 class ChunkChoice(BaseModel):
@@ -348,7 +370,7 @@ class ChunkChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Response):
     """One server-sent event of a streamed completion (the ``data:`` payload); ``[DONE]`` ends the stream,
     and a failure after the stream started arrives as an ``ErrorResponse`` payload."""
 
@@ -360,6 +382,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     rerank: RerankInfo | None = None
+
+    _omit_if_none = ("rerank",)
 
 
 class ScoreItem(BaseModel):

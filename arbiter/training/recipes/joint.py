@@ -32,31 +32,27 @@ from arbiter.training.artifacts import atomic_write_json
 from arbiter.training.checkpoint import seed_everything
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import split_pairs
-from arbiter.training.losses import LOSSES, LossOutput, prior_regularize_
-from arbiter.training.recipes.adapter import (
-    DataConfig,
+from arbiter.training.loop import (
     LoopSpec,
-    LoraSection,
-    OptimConfig,
-    PolicyModule,
-    attach_lora,
     build_optimizer,
-    check_ref_tokens,
-    decide_reference,
     evaluate,
-    load_preference_data,
     make_accelerator,
-    precomputed_ref,
     prepare_out_dir,
-    reference_pass,
-    resolve_backbone,
-    save_adapter,
     step_metrics,
     total_optimizer_steps,
     train_loop,
-    trainable_parameters,
-    validate_common,
 )
+from arbiter.training.lora import (
+    PolicyModule,
+    attach_lora,
+    reference_pass,
+    resolve_backbone,
+    save_adapter,
+    trainable_parameters,
+)
+from arbiter.training.losses import LOSSES, LossOutput, prior_regularize_
+from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
+from arbiter.training.sections import DataConfig, LoraSection, OptimConfig, load_preference_data, validate_common
 
 log = logging.getLogger("arbiter.training.joint")
 

@@ -38,27 +38,10 @@ import torch
 
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import forward_logps
-from arbiter.training.recipes.adapter import (
-    REF_CHOSEN,
-    REF_CHOSEN_FEATS,
-    REF_CHOSEN_LAYERS,
-    REF_CHOSEN_LEN,
-    REF_IDS_SHA,
-    REF_LAYER_NORM,
-    REF_LAYERS,
-    REF_MODEL,
-    REF_REJECTED,
-    REF_REJECTED_FEATS,
-    REF_REJECTED_LAYERS,
-    REF_REJECTED_LEN,
-    REF_SAE,
-    REF_SAE_LAYER,
-    DataConfig,
-    ids_sha,
-    make_accelerator,
-    model_id,
-    resolve_backbone,
-)
+from arbiter.training.loop import make_accelerator
+from arbiter.training.lora import resolve_backbone
+from arbiter.training.reference import REF, ids_sha, model_id
+from arbiter.training.sections import DataConfig
 
 log = logging.getLogger("arbiter.training.ref")
 
@@ -180,22 +163,22 @@ def reference_rows(
                 for j, i in enumerate(idx):
                     tp = chunk[j]
                     row = _row(pairs_by_index[i])
-                    row[REF_CHOSEN] = logps[j].item()
-                    row[REF_REJECTED] = logps[b + j].item()
-                    row[REF_CHOSEN_LEN] = len(tp.chosen_ids)
-                    row[REF_REJECTED_LEN] = len(tp.rejected_ids)
-                    row[REF_IDS_SHA] = ids_sha(tp.prompt_ids, tp.chosen_ids, tp.rejected_ids)
-                    row[REF_MODEL] = mid
+                    row[REF.chosen_logp] = logps[j].item()
+                    row[REF.rejected_logp] = logps[b + j].item()
+                    row[REF.chosen_length] = len(tp.chosen_ids)
+                    row[REF.rejected_length] = len(tp.rejected_ids)
+                    row[REF.ids_sha] = ids_sha(tp.prompt_ids, tp.chosen_ids, tp.rejected_ids)
+                    row[REF.model] = mid
                     if layers:
-                        row[REF_LAYERS] = [int(x) for x in layers]
-                        row[REF_LAYER_NORM] = bool(apply_final_norm)
-                        row[REF_CHOSEN_LAYERS] = layer_lp[:, j].tolist()
-                        row[REF_REJECTED_LAYERS] = layer_lp[:, b + j].tolist()
+                        row[REF.layers] = [int(x) for x in layers]
+                        row[REF.apply_final_norm] = bool(apply_final_norm)
+                        row[REF.chosen_layer_logps] = layer_lp[:, j].tolist()
+                        row[REF.rejected_layer_logps] = layer_lp[:, b + j].tolist()
                     if feats is not None:
-                        row[REF_SAE] = sae_digest
-                        row[REF_SAE_LAYER] = int(sae_layer)
-                        row[REF_CHOSEN_FEATS] = feats[j].tolist()
-                        row[REF_REJECTED_FEATS] = feats[b + j].tolist()
+                        row[REF.sae] = sae_digest
+                        row[REF.sae_layer] = int(sae_layer)
+                        row[REF.chosen_features] = feats[j].tolist()
+                        row[REF.rejected_features] = feats[b + j].tolist()
                     rows[i] = row
     finally:
         model.train(was_training)
