@@ -137,8 +137,27 @@ def test_the_static_checker_sees_top_level_and_lazy_imports(source, expect):
     # Guard against a checker that silently finds nothing: feed it known cases.
     got = [(n, top) for n, top, _ in _imports(SERVICE / "probe.py", source) if n == "vllm"]
     assert got == expect
-    # Relative imports resolve to absolute names (app.py's lazy `from .engine.vllm import VLLMEngine`).
+    # Relative imports resolve to absolute names (load_engine's lazy `from .vllm import VLLMEngine`).
     rel = [(n, t) for n, t, _ in _imports(SERVICE / "engine" / "hf.py")]
     assert ("arbiter.service.engine.base", True) in rel
+    factory = [(n, t) for n, t, _ in _imports(SERVICE / "engine" / "__init__.py")]
+    assert ("arbiter.service.engine.vllm", False) in factory
     app = [(n, t) for n, t, _ in _imports(SERVICE / "app.py")]
-    assert ("arbiter.service.engine.vllm", False) in app and ("arbiter.service.routes", True) in app
+    assert ("arbiter.service.routes", True) in app
+
+
+def test_static_recipes_import_the_library_never_each_other():
+    recipes = PKG / "training" / "recipes"
+    problems = []
+    for f in _files(recipes):
+        for name, _, line in _imports(f):
+            if _is(name, "arbiter.training.recipes") and name != "arbiter.training.recipes":
+                problems.append(f"{f.relative_to(PKG.parent)}:{line} imports {name} (recipes import library modules only)")
+    assert not problems, "\n".join(problems)
+
+
+def test_static_recipe_check_catches_a_recipe_import(tmp_path):
+    """The check above is not vacuous: a recipe importing another recipe is seen, lazily or not."""
+    src = "from arbiter.training.recipes.adapter import run\n\ndef f():\n    from .head import load_tokenized\n"
+    found = [n for n, _, _ in _imports(PKG / "training" / "recipes" / "joint.py", source=src)]
+    assert "arbiter.training.recipes.adapter" in found and "arbiter.training.recipes.head" in found

@@ -133,29 +133,38 @@ def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor])
                            alpha1=cfg.alpha1, alpha2=cfg.alpha2)
 
 
-def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None) -> dict[str, Any]:
+def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
+        pairs: tuple[list, list] | None = None) -> dict[str, Any]:
     """Train LoRA + DPH head jointly; returns final metrics (also ``<out>/final_metrics.json``).
 
     ``backbone``: an already loaded Backbone (the adapter is removed from it again before returning).
+    ``pairs``: (train, dev) TokenizedPairs to train on instead of loading ``data.source`` (e.g. a benchmark that
+    compares recipes on one split); they are used as given (no max_length filtering).
     """
     from arbiter.heads import HeadConfig, build_head, save_head
     from arbiter.training.data import tokenize_pairs
 
     cfg.validate()
     t_start = time.perf_counter()
-    train_pairs, dev_pairs, data_report = load_preference_data(cfg.data)
+    if pairs is None:
+        train_pairs, dev_pairs, data_report = load_preference_data(cfg.data)
+    else:
+        train_pairs, dev_pairs, data_report = list(pairs[0]), list(pairs[1]), {"source": "given", "kept": len(pairs[0])}
     ref_mode = decide_reference("cdpo", cfg.reference, train_pairs + dev_pairs, cfg.data.source)
     out_dir = prepare_out_dir(cfg, resume)
     head_dir = Path(cfg.head.out) if cfg.head.out else out_dir / "head"
 
     bb = resolve_backbone(cfg.model, backbone)
-    train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                       truncate_prompt=cfg.data.truncate_prompt)
-    log.info("train pairs: %s", tok_report.summary())
-    dev = []
-    if dev_pairs:
-        dev, _ = tokenize_pairs(dev_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                truncate_prompt=cfg.data.truncate_prompt)
+    if pairs is None:
+        train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
+                                           truncate_prompt=cfg.data.truncate_prompt)
+        log.info("train pairs: %s", tok_report.summary())
+        dev = []
+        if dev_pairs:
+            dev, _ = tokenize_pairs(dev_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
+                                    truncate_prompt=cfg.data.truncate_prompt)
+    else:
+        train, dev = train_pairs, dev_pairs
     if ref_mode == "precomputed":
         check_ref_tokens(train + dev, bb.fingerprint)
 
