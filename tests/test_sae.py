@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 from arbiter.training import sae as S
 from arbiter.training.sae import SAELoadError, SparseAutoencoder, load_sae, save_sae
+from arbiter.training.sae import features as SF
+from arbiter.training.sae.features import _decoder_stack
 
 
 def random_sae(d_in=16, d_sae=48, activation="topk", k=4, seed=0, **kw) -> SparseAutoencoder:
@@ -265,7 +267,7 @@ def test_block_output_is_the_raw_block_output_not_the_final_norm(backbone):
     ids = torch.tensor([backbone.tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]])
     att = torch.ones_like(ids)
     with torch.no_grad():
-        dec = S._decoder_stack(backbone.model)[0]  # the decoder stack: no LM head needed here
+        dec = _decoder_stack(backbone.model)[0]  # the decoder stack: no LM head needed here
         hs = dec(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
         assert torch.equal(S.block_output(backbone.model, ids, att, 1), hs[2])  # hidden_states[l + 1] for l < L - 1
         last = S.block_output(backbone.model, ids, att, backbone.num_layers - 1)
@@ -311,7 +313,7 @@ def test_pooled_features_are_differentiable_wrt_the_model(backbone):
         torch.Generator().manual_seed(0))
     sae.requires_grad_(False)
     batch = collate_pairs(tp, pad_id=backbone.end_id)
-    w = S._decoder_stack(backbone.model)[1][0].mlp.down_proj.weight
+    w = _decoder_stack(backbone.model)[1][0].mlp.down_proj.weight
     # The backbone is shared by the whole session: earlier tests may have frozen it. Ask for the gradient
     # explicitly and put the flag back.
     was = w.requires_grad
@@ -348,7 +350,7 @@ def test_reference_cache_hit_and_corruption_rebuild(backbone, tmp_path, monkeypa
     def must_not_run(*a, **k):
         raise AssertionError("the model ran although the cache is valid")
 
-    monkeypatch.setattr(S, "block_output", must_not_run)
+    monkeypatch.setattr(SF, "block_output", must_not_run)
     c2, r2 = S.precompute_ref_features(backbone, tp, sae, layer, batch_size=2, cache_dir=tmp_path, progress=False)
     assert torch.equal(c2, chosen) and torch.equal(r2, rejected)
 
@@ -357,7 +359,7 @@ def test_reference_cache_hit_and_corruption_rebuild(backbone, tmp_path, monkeypa
     raw[-5] ^= 0xFF
     cache.write_bytes(bytes(raw))
     calls = []
-    monkeypatch.setattr(S, "block_output", lambda *a, **k: calls.append(1) or real_block_output(*a, **k))
+    monkeypatch.setattr(SF, "block_output", lambda *a, **k: calls.append(1) or real_block_output(*a, **k))
     with caplog.at_level(logging.WARNING, logger="arbiter.training.sae"):
         c3, r3 = S.precompute_ref_features(backbone, tp, sae, layer, batch_size=2, cache_dir=tmp_path, progress=False)
     assert calls, "a corrupted cache must be rebuilt with the model"
