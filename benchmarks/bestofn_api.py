@@ -81,7 +81,8 @@ def mc_test_questions() -> list:
 
     from arbiter.backbone import end_of_turn, materialize, prompt_ids, resolve_model
     from arbiter.training.config import load_config
-    from arbiter.training.recipes.head import HeadRecipeConfig, load_tokenized, split_indices
+    from arbiter.training.data.splits import load_tokenized, split_indices
+    from arbiter.training.recipes.head import HeadRecipeConfig
 
     cfg = load_config(HeadRecipeConfig, ROOT / "arbiter" / "training" / "configs" / "head_mc.yaml")
     tok = AutoTokenizer.from_pretrained(str(materialize(resolve_model(None))))

@@ -38,6 +38,7 @@ from _provenance import git_commit  # noqa: E402
 from arbiter.backbone import base_model, cpu_bf16_flags, load_backbone, merge_lora  # noqa: E402
 from arbiter.heads import load_head  # noqa: E402
 from arbiter.training.config import load_config  # noqa: E402
+from arbiter.training.data.splits import load_tokenized, split_indices  # noqa: E402
 from arbiter.training.feature_cache import pair_features, prompt_once_features  # noqa: E402
 from arbiter.training.recipes import head as head_recipe  # noqa: E402
 from arbiter.training.recipes import joint as joint_recipe  # noqa: E402
@@ -184,8 +185,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(head_recipe.HeadRecipeConfig, "head_helpful", ["progress=false"])
     bb = load_backbone(dtype="auto")
-    tokenized, report = head_recipe.load_tokenized(cfg, bb.tokenizer, bb.end_id)
-    splits = head_recipe.split_indices(tokenized, cfg)
+    tokenized, report = load_tokenized(cfg, bb.tokenizer, bb.end_id)
+    splits = split_indices(tokenized, cfg)
     work = Path(tempfile.mkdtemp(prefix="reward-models-"))
     rows = []
     only = args.only.split(",")

@@ -45,8 +45,8 @@ def make_cfg(data_file, cache_dir, out, **kw):
 @pytest.fixture(scope="module")
 def cached(tiny_pairs_file, cache_dir, backbone, tmp_path_factory):
     """Tokenized pairs in the recipe's order and their features, computed once (a cache miss)."""
+    from arbiter.training.data.splits import load_tokenized
     from arbiter.training.feature_cache import pair_features
-    from arbiter.training.recipes.head import load_tokenized
 
     cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path_factory.mktemp("unused"))
     tok, report = load_tokenized(cfg, backbone.tokenizer, backbone.end_id)
@@ -227,7 +227,7 @@ def test_sweep_keeps_best_variant_and_records_all(tiny_pairs_file, cache_dir, ba
 
 def test_unusable_data_is_counted_and_refused_with_reasons(tiny_pairs_file, cache_dir, backbone, tmp_path):
     from arbiter.training.data import DataError
-    from arbiter.training.recipes.head import load_tokenized
+    from arbiter.training.data.splits import load_tokenized
 
     # Every pair is longer than 40 tokens (the chat template alone is ~30): zero usable, reasons counted.
     cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path, max_length=40)

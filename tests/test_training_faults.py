@@ -52,8 +52,9 @@ def tiny_pairs_file(tmp_path_factory, short_hh_pairs):
 @pytest.fixture(scope="module")
 def cache_dir(tiny_pairs_file, backbone, tmp_path_factory):
     """A feature cache holding the tiny set's features exactly as the head recipe will ask for them."""
+    from arbiter.training.data.splits import load_tokenized
     from arbiter.training.feature_cache import pair_features
-    from arbiter.training.recipes.head import HeadRecipeConfig, load_tokenized
+    from arbiter.training.recipes.head import HeadRecipeConfig
 
     d = tmp_path_factory.mktemp("faults_features")
     cfg = HeadRecipeConfig(data=[str(tiny_pairs_file)], max_length=MAX_LEN, cache_dir=str(d), progress=False)
