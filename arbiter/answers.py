@@ -99,7 +99,7 @@ def extract_json_field(text: str, path: str) -> str | None:
 REGEX_TIMEOUT_S = 0.05  # a client-supplied pattern may backtrack badly: each match is cut off after this
 
 
-def compile_regex(pattern: str):
+def compile_regex(pattern: str) -> Any:
     """A client pattern with exactly one capturing group, compiled by the ``regex`` module (match timeouts)."""
     import regex
 

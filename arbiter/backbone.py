@@ -131,7 +131,7 @@ class ModelSource:
     kind: str  # "gguf" | "hf"
 
 
-def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
     """None means ``ARBITER_MODEL`` if set, else the embedded default."""
     spec = str(spec) if spec else (os.environ.get("ARBITER_MODEL") or DEFAULT_MODEL)
     if spec.lower() in {DEFAULT_MODEL, DEFAULT_MODEL_NAME.lower(), "default"}:
@@ -185,7 +185,7 @@ def materialize(source: ModelSource, cache_dir: Path | None = None) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = source.name
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     model.load_state_dict(loaded.state_dict())
     del loaded
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
@@ -211,7 +211,7 @@ def vocab_hash(tokenizer: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def fingerprint(name: str, config: Any, tokenizer: Any, end_token: str = END_OF_TURN):
+def fingerprint(name: str, config: Any, tokenizer: Any, end_token: str = END_OF_TURN) -> Any:
     from arbiter.heads import BackboneFingerprint
 
     return BackboneFingerprint(
@@ -305,12 +305,12 @@ class Backbone:
     fingerprint: Any  # BackboneFingerprint
     path: Path
     end_id: int  # id of the token that closes an assistant turn (end_of_turn: <|im_end|> for ChatML)
-    adapter: dict | None = None  # set by merge_lora when an aligned adapter is served
+    adapter: dict[str, Any] | None = None  # set by merge_lora when an aligned adapter is served
     stop_ids: tuple[int, ...] = ()  # ids that end generation (end_id + the model's EOS ids); () = (end_id,)
 
     @property
     def end_token(self) -> str:
-        return self.fingerprint.end_token
+        return str(self.fingerprint.end_token)
 
     @property
     def dtype(self) -> str:
@@ -334,7 +334,7 @@ class Backbone:
 
 
 def load_backbone(
-    spec: str | os.PathLike | None = None,
+    spec: str | os.PathLike[str] | None = None,
     *,
     cache_dir: Path | None = None,
     device: str = "cpu",
@@ -352,7 +352,8 @@ def load_backbone(
     path = materialize(source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to's argument oddly
+    model.eval()  # type: ignore[no-untyped-call]
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     try:
         end_token, end_id = end_of_turn(tokenizer, gen_eos)
@@ -368,7 +369,7 @@ def load_backbone(
 # --------------------------------------------------------------------------------------------------
 
 
-def decoder_layers(model: Any):
+def decoder_layers(model: Any) -> Any:
     """The list of transformer blocks of a causal LM (Llama-style ``model.model.layers``)."""
     base = getattr(model, "model", model)
     if hasattr(base, "layers"):
@@ -376,7 +377,7 @@ def decoder_layers(model: Any):
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def base_model(model: Any):
+def base_model(model: Any) -> Any:
     """The decoder stack that returns ``last_hidden_state`` after the final norm."""
     inner = getattr(model, "get_base_model", None)
     m = inner() if callable(inner) else model  # PEFT wrapper -> the wrapped causal LM
@@ -390,16 +391,16 @@ class LayerCapture:
         self.output = None
         self._h = decoder_layers(model)[layer].register_forward_hook(self._hook)
 
-    def _hook(self, module, args, out):
+    def _hook(self, module: Any, args: Any, out: Any) -> None:
         self.output = out[0] if isinstance(out, (tuple, list)) else out
 
     def remove(self) -> None:
         self._h.remove()
 
-    def __enter__(self):
+    def __enter__(self) -> LayerCapture:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -441,7 +442,7 @@ class AdapterError(ValueError):
     pass
 
 
-def read_lora(model: Any, adapter_dir: str | os.PathLike) -> tuple[dict, list[tuple[str, Any, Any, float]]]:
+def read_lora(model: Any, adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, Any, Any, float]]]:
     """Parse a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) against ``model``.
 
     Returns (info, [(module name, A [r, in], B [out, r], scale)]) with scale = alpha / r (alpha / sqrt(r) with
@@ -494,7 +495,7 @@ def read_lora(model: Any, adapter_dir: str | os.PathLike) -> tuple[dict, list[tu
     return info, out
 
 
-def merge_lora(model: Any, adapter_dir: str | os.PathLike) -> dict:
+def merge_lora(model: Any, adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Merge a PEFT LoRA adapter into ``model`` in place: W <- W + scale * B @ A for every adapted linear layer,
     which is what PEFT's ``merge_and_unload`` computes (``read_lora`` parses and checks the files first)."""
     import torch

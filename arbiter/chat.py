@@ -52,7 +52,7 @@ def _call_text(name: str, arguments: Any) -> str:
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
 
-def _tool_calls(m: dict) -> list[str]:
+def _tool_calls(m: dict[str, Any]) -> list[str]:
     out = []
     for call in m.get("tool_calls") or ():
         if call.get("type", "function") == "custom" or "custom" in call:
@@ -67,10 +67,10 @@ def _tool_calls(m: dict) -> list[str]:
     return out
 
 
-def template_messages(messages: Sequence[dict]) -> list[dict]:
+def template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI-shaped messages (``role``, ``content`` text, optional ``tool_calls`` / ``function_call`` /
     ``refusal`` / ``tool_call_id`` / ``name``) -> ``[{"role", "content"}]`` in system / user / assistant."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for m in messages:
         role = m["role"]
         content = m.get("content") or ""
@@ -100,7 +100,7 @@ def _special_tokens(tokenizer: Any) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def _special_re(tokenizer: Any) -> re.Pattern | None:
+def _special_re(tokenizer: Any) -> re.Pattern[str] | None:
     # Cached on the tokenizer object: the set of special tokens does not change while it lives.
     cached = getattr(tokenizer, "_arbiter_special_re", None)
     if cached is None:
@@ -110,7 +110,7 @@ def _special_re(tokenizer: Any) -> re.Pattern | None:
             tokenizer._arbiter_special_re = cached
         except AttributeError:
             pass
-    return cached or None
+    return cached if isinstance(cached, re.Pattern) else None
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -120,14 +120,14 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False))
     except Exception as e:  # jinja raises its own exception types (e.g. roles out of order)
         raise ChatTemplateError(str(e)) from None
 
 
-def prompt_ids(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the conversation followed by the assistant generation prompt (content as plain text)."""
     turns = template_messages(messages)
     real = _render(tokenizer, turns, add_generation_prompt)
@@ -139,7 +139,7 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict], *, add_generation_promp
     return _segmented_ids(tokenizer, turns, add_generation_prompt, real, special)
 
 
-def _segmented_ids(tokenizer: Any, turns: list[dict], add_generation_prompt: bool, real: str, special: re.Pattern) -> list[int]:
+def _segmented_ids(tokenizer: Any, turns: list[dict[str, Any]], add_generation_prompt: bool, real: str, special: re.Pattern[str]) -> list[int]:
     """Token ids of the rendering where only the template's own special tokens are special (module doc)."""
     contents = [t["content"] for t in turns]
     marked = [{"role": t["role"], "content": _SENTINEL.format(i)} for i, t in enumerate(turns)]
@@ -167,6 +167,6 @@ def answer_ids(tokenizer: Any, answer: str, end_id: int, *, close: bool = True) 
     return ids + [end_id] if close else ids
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[dict], answer: str, end_id: int) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], answer: str, end_id: int) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids ending in the end-of-turn token) for one prompt and one answer."""
     return prompt_ids(tokenizer, messages), answer_ids(tokenizer, answer, end_id)

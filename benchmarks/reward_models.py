@@ -37,6 +37,7 @@ from _provenance import git_commit  # noqa: E402
 
 from arbiter.backbone import base_model, cpu_bf16_flags, load_backbone, merge_lora  # noqa: E402
 from arbiter.heads import load_head  # noqa: E402
+from arbiter.training.cli import CONFIG_DIR  # noqa: E402
 from arbiter.training.config import load_config  # noqa: E402
 from arbiter.training.data.splits import load_tokenized, split_indices  # noqa: E402
 from arbiter.training.feature_cache import pair_features, prompt_once_features  # noqa: E402
@@ -99,13 +100,13 @@ def run_frozen(bb, cfg, tokenized, splits, n_train: int) -> list[dict]:
 def run_joint(bb, args, tokenized, splits, out: Path) -> dict:
     train = [tokenized[i] for i in splits["train"][: args.train_pairs]]
     steps = math.ceil(args.epochs * len(train) / args.pairs_per_step)
-    cfg = load_config(joint_recipe.CONFIG, "joint", [
+    cfg = load_config(joint_recipe.CONFIG, CONFIG_DIR / "joint.yaml", [
         f"out={out}", "overwrite=true", f"precision={args.precision}", "progress=true", "save_every=0",
         f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.05",
         f"optim.lr={args.lr}", f"head.lr={args.head_lr}", f"optim.batch_size={args.micro}",
         f"optim.grad_accum={args.pairs_per_step // args.micro}", f"optim.warmup_steps={max(1, steps // 10)}",
         f"optim.max_steps={steps}", "head.name=helpful-joint", "head.pooler=identity", "head.dropout=0.0",
-        "data.dev_fraction=0"])
+        "data.dev_fraction=0", "eval_every=0"])
     t0 = time.perf_counter()
     # float32 weights (LoRA trains in float32) under the chosen autocast precision, as TRL's model below.
     result = joint_recipe.run(cfg, backbone=load_backbone(dtype="float32"), pairs=(train, []))
@@ -180,13 +181,17 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cpu_bf16_flags() else "fp32")
     ap.add_argument("--only", default="frozen,joint,trl")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev / test pairs (smoke runs)")
+    ap.add_argument("--no-report", action="store_true", help="print the rows, write no report (smoke runs)")
     args = ap.parse_args()
     commit = git_commit()
     torch.set_num_threads(args.threads)
-    cfg = load_config(head_recipe.HeadRecipeConfig, "head_helpful", ["progress=false"])
+    cfg = load_config(head_recipe.HeadRecipeConfig, CONFIG_DIR / "head_helpful.yaml", ["progress=false"])
     bb = load_backbone(dtype="auto")
     tokenized, report = load_tokenized(cfg, bb.tokenizer, bb.end_id)
     splits = split_indices(tokenized, cfg)
+    if args.eval_limit:
+        splits = {k: v if k == "train" else v[: args.eval_limit] for k, v in splits.items()}
     work = Path(tempfile.mkdtemp(prefix="reward-models-"))
     rows = []
     only = args.only.split(",")
@@ -199,6 +204,8 @@ def main() -> None:
     if "trl" in only:
         rows.append(run_trl(bb, args, tokenized, splits, work / "trl"))
         print(json.dumps(rows[-1]), flush=True)
+    if args.no_report:
+        return
     meta = {"command": "python " + " ".join(["benchmarks/reward_models.py", *sys.argv[1:]]), "commit": commit,
             "machine": platform.processor() or platform.machine(), "cpu_bf16_flags": cpu_bf16_flags(),
             "threads": args.threads, "torch": torch.__version__, "feature_dtype": bb.dtype,

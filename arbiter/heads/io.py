@@ -39,7 +39,7 @@ def _umask() -> int:
     return mask
 
 
-def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike) -> Path:
+def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike[str]) -> Path:
     """Write the head atomically: temp dir beside the target, fsync, then rename over it."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike) -
     return target
 
 
-def read_config(directory: str | os.PathLike) -> HeadConfig:
+def read_config(directory: str | os.PathLike[str]) -> HeadConfig:
     d = Path(directory)
     _check_dir(d)
     path = d / CONFIG_FILE
@@ -116,7 +116,7 @@ def _check_dir(d: Path) -> None:
 
 
 def load_head(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     *,
     expected_backbone: BackboneFingerprint | None = None,
     device: str | torch.device = "cpu",

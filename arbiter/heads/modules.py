@@ -21,7 +21,8 @@ class IdentityPooler(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
-        return self.dropout(h)
+        out: torch.Tensor = self.dropout(h)
+        return out
 
 
 class AffineTanhPooler(nn.Module):
@@ -33,7 +34,8 @@ class AffineTanhPooler(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
-        return self.dropout(torch.tanh(self.dense(h)))
+        out: torch.Tensor = self.dropout(torch.tanh(self.dense(h)))
+        return out
 
 
 class SwiGLUTanhPooler(nn.Module):
@@ -47,7 +49,8 @@ class SwiGLUTanhPooler(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, d]
         x, g = self.w_in(h).chunk(2, dim=-1)  # [B, d_ff] each
-        return self.dropout(torch.tanh(self.w_out(x * F.silu(g))))
+        out: torch.Tensor = self.dropout(torch.tanh(self.w_out(x * F.silu(g))))
+        return out
 
 
 class DPHHead(nn.Module):
@@ -69,7 +72,8 @@ class DPHHead(nn.Module):
         nn.init.normal_(self.reward.weight, mean=0.0, std=0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B]
-        return self.reward(self.pooler(features.to(self.reward.weight.dtype))).squeeze(-1)
+        rewards: torch.Tensor = self.reward(self.pooler(features.to(self.reward.weight.dtype))).squeeze(-1)
+        return rewards
 
 
 def build_head(config: HeadConfig) -> DPHHead:

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -28,7 +28,7 @@ class LoadedHead:
     config: HeadConfig
     path: str
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "id": self.name,
             "object": "head",
@@ -45,7 +45,7 @@ class HeadNotFound(KeyError):
 
 
 class HeadRegistry:
-    def __init__(self, root: str | os.PathLike | None, backbone: BackboneFingerprint | None, device: str = "cpu",
+    def __init__(self, root: str | os.PathLike[str] | None, backbone: BackboneFingerprint | None, device: str = "cpu",
                  *, supported_layers: frozenset[int] | None = None, engine: str = "this"):
         self.root = Path(root).resolve() if root else None
         self.backbone = backbone
@@ -54,7 +54,7 @@ class HeadRegistry:
         # is refused when it is loaded, never at request time.
         self.supported_layers = supported_layers
         self.engine = engine
-        self._synced: dict[str, tuple] = {}  # top-level directory -> file signature, for heads sync() manages
+        self._synced: dict[str, tuple[tuple[str, int, int], ...]] = {}  # top-level directory -> file signature, for heads sync() manages
         self._heads: Mapping[str, LoadedHead] = MappingProxyType({})
         self._lock = threading.Lock()  # serialises writers; readers never take it
 
@@ -142,9 +142,9 @@ class HeadRegistry:
                 raise HeadNotFound(name)
             self._heads = MappingProxyType({k: v for k, v in self._heads.items() if k != name})
 
-    def _entries(self) -> dict[str, tuple]:
+    def _entries(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
         """Top-level head directories under root -> a signature of their two files (mtime, size)."""
-        out: dict[str, tuple] = {}
+        out: dict[str, tuple[tuple[str, int, int], ...]] = {}
         if self.root is None or not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
@@ -172,14 +172,14 @@ class HeadRegistry:
                 errors[name] = str(e)
         return loaded, errors
 
-    def sync(self) -> dict[str, list]:
+    def sync(self) -> dict[str, list[str]]:
         """Make the loaded heads follow the heads directory (replicas sharing one directory stay in step).
 
         A new top-level head directory is loaded, a changed one swapped in (validated first: a broken version
         leaves the old one serving), a removed one unloaded. Only heads that load_all / sync loaded from their own
         top-level directory are managed; heads loaded through the admin API from other paths are left alone.
         Returns {"added", "swapped", "removed", "errors"}."""
-        out: dict[str, list] = {"added": [], "swapped": [], "removed": [], "errors": []}
+        out: dict[str, list[str]] = {"added": [], "swapped": [], "removed": [], "errors": []}
         now = self._entries()
         for d in sorted(set(self._synced) - set(now)):
             del self._synced[d]

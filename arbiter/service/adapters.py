@@ -29,9 +29,9 @@ class LoadedAdapter:
     name: str
     path: str
     deltas: list[tuple[str, torch.Tensor, torch.Tensor, float]] = field(repr=False)  # (module, A, B, scale)
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def card(self) -> dict:
+    def card(self) -> dict[str, Any]:
         return {"id": self.name, "path_name": Path(self.path).name, "modules": len(self.deltas),
                 "r": self.info.get("r"), "alpha": self.info.get("alpha")}
 

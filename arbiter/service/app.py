@@ -15,11 +15,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arbiter import __version__
 from arbiter.heads import HeadRegistry
@@ -39,11 +41,11 @@ log = logging.getLogger("arbiter.service")
 class BodySizeLimit:
     """Pure ASGI middleware: refuse bodies over the limit with 413 (by header, or while streaming in)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for k, v in scope.get("headers", []):
@@ -56,7 +58,7 @@ class BodySizeLimit:
                     return await self._reject(scope, receive, send)
         seen = 0
 
-        async def limited():
+        async def limited() -> Message:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
@@ -70,7 +72,7 @@ class BodySizeLimit:
         except _TooLarge:
             await self._reject(scope, receive, send)
 
-    async def _reject(self, scope, receive, send):
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _TooLarge(self.max_bytes).response()(scope, receive, send)
 
 
@@ -82,7 +84,7 @@ class _TooLarge(StarletteHTTPException):
     def __init__(self, max_bytes: int):
         super().__init__(413, f"request body larger than {max_bytes} bytes")
 
-    def response(self):
+    def response(self) -> JSONResponse:
         return error_response(413, self.detail, "invalid_request_error", None, "body_too_large")
 
 
@@ -93,17 +95,17 @@ class RequestMetrics:
     label set). A request that ends without a response is 499 when cancelled (client gone), else 500.
     """
 
-    def __init__(self, app, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.monotonic()
         status: list[int] = []
 
-        async def send_status(msg):
+        async def send_status(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 status.append(msg["status"])
             await send(msg)
@@ -138,13 +140,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def _openapi_with_400(app: FastAPI):
+def _openapi_with_400(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """FastAPI documents request validation failures as 422; this service answers them 400 (OpenAI's
     status), documented per route. Drop the 422 entries so the schema states what the server does, and add
     the schemas of models only the document refers to."""
     base = app.openapi
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = base()  # caches app.openapi_schema; edited in place
             for ops in schema.get("paths", {}).values():
@@ -158,6 +160,7 @@ def _openapi_with_400(app: FastAPI):
                 for name, sub in js.pop("$defs", {}).items():
                     comps.setdefault(name, sub)
                 comps.setdefault(model.__name__, js)
+        assert app.openapi_schema is not None
         return app.openapi_schema
 
     return openapi
@@ -171,7 +174,7 @@ def _watch_heads(state: ServiceState, every_s: float) -> None:
     def loop() -> None:
         while not state.stopping.wait(every_s):
             try:
-                changes = state.registry.sync()
+                changes = state.require_registry().sync()
             except Exception:  # a scan error must not kill the watcher
                 log.exception("heads directory scan failed")
                 continue
@@ -179,7 +182,7 @@ def _watch_heads(state: ServiceState, every_s: float) -> None:
                 for n in names:
                     (log.error if kind == "errors" else log.info)("heads directory: %s %s", kind, n)
             if any(changes.values()):
-                state.metrics.heads_loaded.set(len(state.registry.names()))
+                state.metrics.heads_loaded.set(len(state.require_registry().names()))
 
     threading.Thread(target=loop, name="arbiter-heads-watch", daemon=True).start()
 
@@ -199,7 +202,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def start(eng) -> None:
+    def start(eng: Any) -> None:
         if state.registry is None:
             supported = getattr(eng, "supported_layers", None)
             state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
@@ -242,7 +245,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
             log.exception("model load failed")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             start(engine)
         else:
@@ -257,21 +260,21 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
     app.state.arbiter = state
     app.state.exit_code = 0
     app.include_router(router)
-    app.openapi = _openapi_with_400(app)
+    app.openapi = _openapi_with_400(app)  # type: ignore[method-assign]  # FastAPI's documented override
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost of ours: counts 413s too
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = _validation_message(exc)
         return error_response(400, msg, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, _TooLarge):
             return exc.response()
         if exc.status_code == 404:
@@ -283,7 +286,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
         return error_response(exc.status_code, str(exc.detail), t)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "internal server error", "server_error", None, "internal_error")
 

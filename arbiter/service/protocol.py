@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 def _valid_unicode(v: str) -> str:
@@ -40,7 +50,7 @@ class ContentPart(BaseModel):
     refusal: Text | None = None
 
     @model_validator(mode="after")
-    def _has_its_field(self):
+    def _has_its_field(self) -> ContentPart:
         if self.type in ("text", "refusal") and getattr(self, self.type) is None:
             raise ValueError(f"a {self.type!r} content part needs a {self.type!r} string")
         return self
@@ -68,7 +78,7 @@ class ToolCall(BaseModel):
     custom: CustomCall | None = None
 
     @model_validator(mode="after")
-    def _has_its_body(self):
+    def _has_its_body(self) -> ToolCall:
         if getattr(self, self.type) is None:
             raise ValueError(f"a {self.type!r} tool call needs a {self.type!r} object")
         return self
@@ -103,7 +113,7 @@ class ChatMessage(BaseModel):
                     return i
         return None
 
-    def encoder_dict(self) -> dict:
+    def encoder_dict(self) -> dict[str, Any]:
         """The message as ``arbiter.chat`` takes it (plain JSON types)."""
         out: dict[str, Any] = {"role": self.role, "content": self.text()}
         for key in ("name", "refusal", "tool_call_id"):
@@ -200,12 +210,12 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before")
     @classmethod
-    def _null_is_default(cls, v, info):
-        return cls.model_fields[info.field_name].default if v is None else v
+    def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[str(info.field_name)].default if v is None else v
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias_range(cls, v):
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for k, b in (v or {}).items():
             if not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100 (token {k[:20]!r}: {b})")
@@ -213,7 +223,7 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, v):
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
         if v is None:
             return []
         v = [v] if isinstance(v, str) else v
@@ -266,8 +276,8 @@ class _Response(BaseModel):
     _omit_if_none: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _omit_none(self, handler):
-        out = handler(self)
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
         for k in self._omit_if_none:
             if k in out and out[k] is None:
                 del out[k]
@@ -304,7 +314,7 @@ class RerankInfo(_Response):
     chosen: list[int]
     rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
     groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
-    adaptive: dict | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
+    adaptive: dict[str, Any] | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
                                                     "sampled, the maximum allowed")
     candidates: list[RerankCandidate] | None = None
 

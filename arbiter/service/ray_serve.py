@@ -22,7 +22,7 @@ from typing import Any
 DEFAULT_WATCH_S = "2"
 
 
-def deployment(num_replicas: int = 2, *, env: dict[str, str] | None = None, ray_actor_options: dict | None = None,
+def deployment(num_replicas: int = 2, *, env: dict[str, str] | None = None, ray_actor_options: dict[str, Any] | None = None,
                name: str = "arbiter") -> Any:
     """A bound Ray Serve application: ``num_replicas`` replicas of the Arbiter app."""
     from ray import serve
@@ -44,13 +44,13 @@ def deployment(num_replicas: int = 2, *, env: dict[str, str] | None = None, ray_
             if st is not None and st.worker is not None and not st.worker.alive:
                 raise RuntimeError("the engine worker is not running")
 
-    return Arbiter.bind()
+    return Arbiter.bind()  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 _APP: dict[str, Any] = {}
 
 
-def _build_app():
+def _build_app() -> Any:
     from .app import create_app
 
     _APP["app"] = create_app(exit_on_engine_death=False)  # the lifespan loads the model in the background

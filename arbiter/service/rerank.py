@@ -14,7 +14,7 @@ no extractable answer never vote; if none has one, the vote policies fall back t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -38,9 +38,15 @@ def score_features(features: dict[int, torch.Tensor], heads: Sequence[LoadedHead
     return torch.stack(cols, dim=1)  # [N, H]
 
 
+def _features(c: Candidate) -> dict[int, torch.Tensor]:
+    if c.features is None:
+        raise ValueError("a candidate to score carries no features (the job asked for no feature layers)")
+    return c.features
+
+
 def score_candidates(candidates: Sequence[Candidate], heads: Sequence[LoadedHead]) -> torch.Tensor:
     layers = feature_layers(heads)
-    feats = {l: torch.stack([c.features[l] for c in candidates]) for l in layers}  # layer -> [N, d]
+    feats = {l: torch.stack([_features(c)[l] for c in candidates]) for l in layers}  # layer -> [N, d]
     return score_features(feats, heads)
 
 
@@ -60,7 +66,7 @@ POLICIES = ("argmax", "weighted_vote", "majority_vote")
 class Selection:
     policy: str
     order: list[int]  # candidate indices, best first
-    groups: list[dict] | None  # vote policies: [{"answer", "votes", "weight", "candidates"}], winner first
+    groups: list[dict[str, Any]] | None  # vote policies: [{"answer", "votes", "weight", "candidates"}], winner first
 
     def top(self, n: int) -> list[int]:
         return self.order[:n]
@@ -77,7 +83,7 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
     if answers is None or len(answers) != len(r):
         raise ValueError("vote policies need one extracted answer per candidate")
     weights = torch.softmax(r, dim=0).tolist() if policy == "weighted_vote" else None
-    groups: dict[str, dict] = {}
+    groups: dict[str, dict[str, Any]] = {}
     for i in by_reward:  # members in reward order
         a = answers[i]
         if a is None:
@@ -91,8 +97,8 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
     if weights is None:
         for g in groups.values():
             g["weight"] = g["votes"] / answered
-    key = (lambda g: -g["weight"]) if weights is not None else (lambda g: -g["votes"])
-    ranked = sorted(groups.values(), key=lambda g: (key(g), -float(r[g["candidates"][0]]), g["candidates"][0]))
+    by = "weight" if weights is not None else "votes"
+    ranked = sorted(groups.values(), key=lambda g: (-g[by], -float(r[g["candidates"][0]]), g["candidates"][0]))
     order = [i for g in ranked for i in g["candidates"]] + [i for i in by_reward if answers[i] is None]
     return Selection(policy, order, ranked)
 
@@ -121,9 +127,9 @@ def settled(rewards: torch.Tensor, policy: str, answers: Sequence[str | None] | 
         return False
     if policy == "argmax":
         top = sorted(rewards[:, 0].tolist(), reverse=True)
-        return top[0] - top[1] > rule.margin
+        return bool(top[0] - top[1] > rule.margin)
     sel = select(rewards, policy, answers)
     if not sel.groups or sum(g["votes"] for g in sel.groups) < 2:
         return False
     total = sum(g["weight"] for g in sel.groups)
-    return sel.groups[0]["weight"] / total >= rule.supermajority
+    return bool(sel.groups[0]["weight"] / total >= rule.supermajority)

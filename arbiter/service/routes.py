@@ -7,10 +7,13 @@ import asyncio
 import logging
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from arbiter.heads import HeadLoadError, HeadNotFound
 
@@ -54,11 +57,11 @@ _ERROR_TEXT = {
 }
 
 
-def _errors(*codes: int) -> dict:
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
 
 
-def _ok(model) -> dict:
+def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": model, "description": "Success"}}
 
 
@@ -78,7 +81,8 @@ _ADMIN = (400, 401, 403, 404, 409, 413, 503)
 
 
 def state_of(request: Request) -> ServiceState:
-    return request.app.state.arbiter
+    st: ServiceState = request.app.state.arbiter
+    return st
 
 
 def ready_state(request: Request) -> ServiceState:
@@ -98,18 +102,18 @@ def ready_state(request: Request) -> ServiceState:
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas behind one address)
 
 
-@router.get("/health", tags=["ops"], responses={**_ok(HealthStatus), 503: {"model": HealthStatus, "description": "Not ready"}})
-async def health(request: Request):
+@router.get("/health", response_model=None, tags=["ops"], responses={**_ok(HealthStatus), 503: {"model": HealthStatus, "description": "Not ready"}})
+async def health(request: Request) -> dict[str, Any] | JSONResponse:
     st = state_of(request)
     if st.worker is None or not st.worker.alive:
         status = "loading" if st.worker is None and not st.load_error else "unavailable"
         return JSONResponse(status_code=503, content={"status": status, "error": st.load_error})
-    return {"status": "ok", "model": st.model_id, "heads": st.registry.names(), "queue_depth": st.worker.depth(),
+    return {"status": "ok", "model": st.model_id, "heads": st.require_registry().names(), "queue_depth": st.worker.depth(),
             "instance": INSTANCE}
 
 
-@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-async def metrics(request: Request):
+@router.get("/metrics", response_model=None, tags=["ops"], response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
     st = state_of(request)
     if st.worker is not None:
         st.metrics.queue_depth.set(st.worker.depth())
@@ -117,17 +121,17 @@ async def metrics(request: Request):
     return PlainTextResponse(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", tags=["openai"], dependencies=[Depends(require_api_key)],
+@router.get("/v1/models", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
             responses={**_ok(ModelList), **_errors(401, 503)})
-async def list_models(request: Request):
+async def list_models(request: Request) -> dict[str, Any]:
     st = ready_state(request)
     return {"object": "list", "data": [{"id": m, "object": "model", "created": st.started, "owned_by": "arbiter"}
                                        for m in [st.model_id, *serving.adapter_names(st)]]}
 
 
-@router.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=[Depends(require_api_key)],
+@router.get("/v1/models/{model_id:path}", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
             responses={**_ok(ModelCard), **_errors(401, 404, 503)})
-async def get_model(model_id: str, request: Request):
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     st = ready_state(request)
     if model_id != st.model_id and model_id not in serving.adapter_names(st):
         raise NotFound(f"model {model_id!r} does not exist; this server serves {sorted([st.model_id, *serving.adapter_names(st)])}",
@@ -137,27 +141,27 @@ async def get_model(model_id: str, request: Request):
 # --- chat completions and scoring (serving.py) ----------------------------------------------------------
 
 
-@router.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(require_api_key)],
+@router.post("/v1/chat/completions", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
              responses={200: {"model": ChatCompletionResponse,
                               "description": "A completion; with stream=true, server-sent events of chunks",
                               "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
                         **_errors(*_INFERENCE)})
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamingResponse:
     return await serving.create_chat_completion(ready_state(request), body, request)
 
 
-@router.post("/v1/score", tags=["arbiter"], dependencies=[Depends(require_api_key)],
+@router.post("/v1/score", response_model=None, tags=["arbiter"], dependencies=[Depends(require_api_key)],
              responses={**_ok(ScoreResponse), **_errors(*_INFERENCE)})
-async def score(body: ScoreRequest, request: Request):
+async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     return await serving.score_candidates(ready_state(request), body, request)
 
 
 # --- heads ----------------------------------------------------------------------------------------------
 
 
-@router.get("/v1/heads", tags=["arbiter"], dependencies=[Depends(require_api_key)],
+@router.get("/v1/heads", response_model=None, tags=["arbiter"], dependencies=[Depends(require_api_key)],
             responses={**_ok(HeadList), **_errors(401)})
-async def list_heads(request: Request):
+async def list_heads(request: Request) -> dict[str, Any]:
     st = state_of(request)
     snap = st.registry.snapshot() if st.registry else {}
     return {"object": "list", "data": [snap[n].describe() for n in sorted(snap)], "default": st.default_head()}
@@ -167,16 +171,16 @@ def _head_error(e: Exception) -> APIError:
     return InvalidRequest(str(e), param="path", code="invalid_head")
 
 
-@router.post("/v1/admin/heads", tags=["admin"], dependencies=[Depends(require_admin)],
+@router.post("/v1/admin/heads", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
              responses={**_ok(HeadCard), **_errors(*_ADMIN)})
-async def load_head(body: LoadHeadRequest, request: Request):
+async def load_head(body: LoadHeadRequest, request: Request) -> dict[str, Any]:
     st = ready_state(request)
     name = body.name
-    if name is not None and name in st.registry.snapshot():
+    if name is not None and name in st.require_registry().snapshot():
         raise Conflict(f"a head named {name!r} is already loaded; swap it with PUT /v1/admin/heads/{name}",
                        param="name", code="head_exists")
     try:
-        head = await asyncio.to_thread(st.registry.load, body.path, name)
+        head = await asyncio.to_thread(st.require_registry().load, body.path, name)
     except HeadLoadError as e:
         if "already loaded" in str(e):
             raise Conflict(str(e), param="name", code="head_exists") from None
@@ -185,12 +189,12 @@ async def load_head(body: LoadHeadRequest, request: Request):
     return head.describe()
 
 
-@router.put("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+@router.put("/v1/admin/heads/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
             responses={**_ok(HeadCard), **_errors(*_ADMIN)})
-async def swap_head(name: str, body: SwapHeadRequest, request: Request):
+async def swap_head(name: str, body: SwapHeadRequest, request: Request) -> dict[str, Any]:
     st = ready_state(request)
     try:
-        head = await asyncio.to_thread(st.registry.swap, name, body.path)
+        head = await asyncio.to_thread(st.require_registry().swap, name, body.path)
     except HeadNotFound:
         raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
     except HeadLoadError as e:
@@ -199,12 +203,12 @@ async def swap_head(name: str, body: SwapHeadRequest, request: Request):
     return head.describe()
 
 
-@router.delete("/v1/admin/heads/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+@router.delete("/v1/admin/heads/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
                responses={**_ok(HeadDeleted), **_errors(401, 403, 404, 503)})
-async def unload_head(name: str, request: Request):
+async def unload_head(name: str, request: Request) -> dict[str, Any]:
     st = ready_state(request)
     try:
-        st.registry.unload(name)
+        st.require_registry().unload(name)
     except HeadNotFound:
         raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
     log.info("unloaded head %s", name)
@@ -214,16 +218,14 @@ async def unload_head(name: str, request: Request):
 # --- adapters (several LoRA adapters on the one base model, ARBITER_ADAPTERS) ----------------------------------
 
 
-@router.get("/v1/adapters", tags=["admin"], dependencies=[Depends(require_api_key)])
-async def list_adapters(request: Request):
+@router.get("/v1/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_api_key)])
+async def list_adapters(request: Request) -> dict[str, Any]:
     st = ready_state(request)
     ads = getattr(st.engine, "adapters", None)
     return {"object": "list", "data": [ads.get(n).card() for n in ads.names()] if ads is not None else []}
 
 
-def _adapter_path(st: ServiceState, path: str):
-    from pathlib import Path
-
+def _adapter_path(st: ServiceState, path: str) -> Path:
     root = st.settings.adapters_dir
     if not root:
         raise InvalidRequest("no adapters directory is configured (ARBITER_ADAPTERS_DIR)", param="path", code="invalid_adapter")
@@ -239,9 +241,9 @@ def _adapter_path(st: ServiceState, path: str):
     return real
 
 
-@router.post("/v1/admin/adapters", tags=["admin"], dependencies=[Depends(require_admin)],
+@router.post("/v1/admin/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
              responses={**_errors(*_ADMIN)})
-async def load_adapter(body: LoadAdapterRequest, request: Request):
+async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, Any]:
     from arbiter.backbone import AdapterError
 
     st = ready_state(request)
@@ -257,12 +259,13 @@ async def load_adapter(body: LoadAdapterRequest, request: Request):
     except (AdapterError, OSError, ValueError, KeyError) as e:
         raise InvalidRequest(f"cannot load adapter {body.path!r}: {e}", param="path", code="invalid_adapter") from None
     log.info("loaded adapter %s from %s", body.name, body.path)
-    return ad.card()
+    card: dict[str, Any] = ad.card()
+    return card
 
 
-@router.delete("/v1/admin/adapters/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+@router.delete("/v1/admin/adapters/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
                responses={**_errors(401, 403, 404, 503)})
-async def unload_adapter(name: str, request: Request):
+async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     from .adapters import AdapterNotLoaded
 
     st = ready_state(request)

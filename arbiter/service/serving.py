@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -19,7 +20,7 @@ from arbiter import answers
 from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import LoadedHead
 
-from .engine.base import GenerationJob, JobError, SamplingParams
+from .engine.base import Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
     ChatCompletionChunk,
@@ -32,6 +33,7 @@ from .protocol import (
     ChunkDelta,
     RerankCandidate,
     RerankInfo,
+    RerankOptions,
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
@@ -43,6 +45,11 @@ from .worker import GenerateOutcome, QueueFull, WorkerDead
 
 log = logging.getLogger("arbiter.service")
 access_log = logging.getLogger("arbiter.access")
+
+
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Any], item: Any) -> None:
+    """Queue ``item`` from the worker thread, in order, on the event loop's queue."""
+    loop.call_soon_threadsafe(q.put_nowait, item)
 
 
 # --- shared request checks ----------------------------------------------------------------------------
@@ -83,7 +90,7 @@ def _check_head_adapters(st: ServiceState, heads: list[LoadedHead], adapter: str
                                  code="head_adapter_mismatch")
 
 
-def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict]:
+def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The messages as the shared chat encoder takes them (``arbiter.chat``: roles, tool calls and results)."""
     if len(messages) > st.settings.max_messages:
         raise InvalidRequest(f"at most {st.settings.max_messages} messages are allowed", param="messages")
@@ -91,7 +98,7 @@ def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict]:
     for i, m in enumerate(messages):
         part = m.unsupported_part()
         if part is not None:
-            kind = m.content[part].type  # type: ignore[index]
+            kind = getattr(m.content[part], "type", "?")  # type: ignore[index]
             raise InvalidRequest(f"content parts of type {kind!r} are not supported: this model reads text only",
                                  param=f"messages.{i}.content.{part}", code="unsupported_parameter")
         out.append(m.encoder_dict())
@@ -142,12 +149,12 @@ def _logit_bias(st: ServiceState, bias: dict[str, float] | None) -> tuple[tuple[
     return tuple(out)
 
 
-def _encode_prompt(st: ServiceState, messages: list[dict], budget: int) -> list[int]:
+def _encode_prompt(st: ServiceState, messages: list[dict[str, Any]], budget: int) -> list[int]:
     try:
-        ids = prompt_ids(st.engine.tokenizer, messages)
+        ids = prompt_ids(st.require_engine().tokenizer, messages)
     except Exception as e:  # template errors are the request's fault (e.g. roles out of order)
         raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
-    limit = st.engine.context_length
+    limit = st.require_engine().context_length
     if len(ids) + budget > limit:
         raise InvalidRequest(
             f"this model's context is {limit} tokens; the messages take {len(ids)} and the answer needs "
@@ -157,12 +164,14 @@ def _encode_prompt(st: ServiceState, messages: list[dict], budget: int) -> list[
 
 
 def _resolve_heads(st: ServiceState, names: list[str] | None, param: str) -> list[LoadedHead]:
-    snapshot = st.registry.snapshot()
+    snapshot = st.require_registry().snapshot()
     if not snapshot:
         raise InvalidRequest("reranking needs a reward head, and none is loaded (set ARBITER_HEADS_DIR or load one)",
                              param=param, code="no_head_loaded")
     if not names:
-        default = st.settings.default_head if st.settings.default_head in snapshot else sorted(snapshot)[0]
+        default = st.settings.default_head
+        if default is None or default not in snapshot:
+            default = sorted(snapshot)[0]
         names = [default]
     if len(set(names)) != len(names):
         raise InvalidRequest(f"{param} names a head more than once", param=param)
@@ -174,7 +183,7 @@ def _resolve_heads(st: ServiceState, names: list[str] | None, param: str) -> lis
     return out
 
 
-async def _wait(request: Request, st: ServiceState, fut: asyncio.Future, cancel=None):
+async def _wait(request: Request, st: ServiceState, fut: asyncio.Future[Any], cancel: threading.Event | None = None) -> Any:
     """Wait for the worker; drop the work when the client disconnects or the deadline passes."""
     deadline = time.monotonic() + st.settings.request_timeout_s
     try:
@@ -196,7 +205,7 @@ async def _wait(request: Request, st: ServiceState, fut: asyncio.Future, cancel=
         raise
 
 
-def _submit(st: ServiceState, submit, *args):
+def _submit(st: ServiceState, submit: Callable[..., asyncio.Future[Any]], *args: Any) -> asyncio.Future[Any]:
     try:
         return submit(*args)
     except QueueFull:
@@ -222,7 +231,8 @@ def _worker_error(e: Exception) -> APIError:
 # --- chat completions ---------------------------------------------------------------------------------
 
 
-async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
+                                 request: Request) -> ChatCompletionResponse | StreamingResponse:
     """``POST /v1/chat/completions``: validate against the settings, build the job, await it, shape the answer."""
     s = st.settings
     t0 = time.monotonic()
@@ -285,11 +295,13 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest, 
 
     if body.stream and not heads:
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
+        deltas: asyncio.Queue[tuple[int, str, Any] | None] = asyncio.Queue()
         # Deltas cross from the worker thread in order; the result future's callback ends them.
-        job = GenerationJob(ids, body.n, params, adapter=adapter,
-                            on_delta=lambda i, t, lps=None: loop.call_soon_threadsafe(deltas.put_nowait, (i, t, lps)))
-        fut = _submit(st, st.worker.submit_generate, job, ())
+        def on_delta(i: int, text: str, lps: list[TokenLogprob] | None = None) -> None:
+            _put_threadsafe(loop, deltas, (i, text, lps))
+
+        job = GenerationJob(ids, body.n, params, adapter=adapter, on_delta=on_delta)
+        fut = _submit(st, st.require_worker().submit_generate, job, ())
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, None))
         return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0), deltas)
 
@@ -301,23 +313,23 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest, 
         return resp
 
     job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads), adapter=adapter)
-    fut = _submit(st, st.worker.submit_generate, job, heads)
+    fut = _submit(st, st.require_worker().submit_generate, job, heads)
     if body.stream:
         return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0))
     try:
-        outcome: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
+        done: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
     except APIError:
         raise
     except asyncio.CancelledError:
         raise
     except Exception as e:
         raise _worker_error(e) from None
-    resp = _completion(st, body, outcome, rid, created, heads)
-    _account(st, "chat", outcome, log_fields, t0)
+    resp = _completion(st, body, done, rid, created, heads)
+    _account(st, "chat", done, log_fields, t0)
     return resp
 
 
-def _budget(request: Request, rr) -> tuple[int | None, int | None]:
+def _budget(request: Request, rr: RerankOptions) -> tuple[int | None, int | None]:
     """(most candidates, most completion tokens): ``rerank.budget``, overridden key by key by ``X-Arbiter-Budget``
     (``tokens=1500``, ``candidates=4`` or both, comma-separated)."""
     cands = rr.budget.candidates if rr.budget else None
@@ -342,7 +354,8 @@ def _budget(request: Request, rr) -> tuple[int | None, int | None]:
 
 
 async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
-                    params: SamplingParams, heads, n_max: int, adapter: str | None) -> tuple[GenerateOutcome, dict]:
+                    params: SamplingParams, heads: list[LoadedHead], n_max: int,
+                    adapter: str | None) -> tuple[GenerateOutcome, dict[str, Any]]:
     """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
     is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
     import dataclasses
@@ -353,17 +366,20 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     from .engine.base import GenerationResult
 
     rr = body.rerank
+    assert rr is not None  # adaptive rounds run only for rerank requests
     opts = rr.adaptive if not isinstance(rr.adaptive, bool) else None
     rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
     _, cap_tokens = _budget(request, rr)
     ex = _answer_extractor(rr)
     # One base seed for every round, so round r continues the candidate sequence instead of repeating it.
     params = dataclasses.replace(params, seed=params.seed if params.seed is not None else secrets.randbits(62))
-    cands, rewards, queue_s, run_s, rounds, stopped = [], [], 0.0, 0.0, 0, "max_candidates"
+    cands: list[Candidate] = []
+    rewards: list[torch.Tensor] = []
+    queue_s, run_s, rounds, stopped = 0.0, 0.0, 0, "max_candidates"
     while len(cands) < n_max:
         k = min(max(rule.round, body.n - len(cands)), n_max - len(cands))
         job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands), adapter=adapter)
-        fut = _submit(st, st.worker.submit_generate, job, heads)
+        fut = _submit(st, st.require_worker().submit_generate, job, heads)
         try:
             out: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
         except (APIError, asyncio.CancelledError):
@@ -390,7 +406,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
-def _answer_extractor(rr):
+def _answer_extractor(rr: RerankOptions) -> Callable[[str], str | None] | None:
     """The request's answer extractor (None for argmax); InvalidRequest naming the field when it cannot be built."""
     if rr.select == "argmax":
         return None
@@ -404,7 +420,8 @@ def _answer_extractor(rr):
         raise InvalidRequest(f"rerank.extractor={rr.extractor}: {e}", param=param) from None
 
 
-def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads, return_candidates: bool):
+def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[LoadedHead],
+             return_candidates: bool) -> tuple[list[Candidate], RerankInfo | None]:
     """(the candidates to return, the ``rerank`` info or None): all candidates without heads, else the selection's."""
     cands = outcome.result.candidates
     if not heads:
@@ -433,18 +450,19 @@ def _usage(outcome: GenerateOutcome) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _completion(st, body, outcome, rid, created, heads, adaptive: dict | None = None) -> ChatCompletionResponse:
+def _completion(st: ServiceState, body: ChatCompletionRequest, outcome: GenerateOutcome, rid: str, created: int,
+                heads: list[LoadedHead], adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
     picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
     if info is not None and adaptive is not None:
         info.adaptive = adaptive
     return ChatCompletionResponse(
         id=rid, created=created, model=_served_id(st, body.model), system_fingerprint=st.system_fingerprint,
         choices=[Choice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
-                        logprobs=st.token_text.logprobs(c.logprobs)) for i, c in enumerate(picked)],
+                        logprobs=st.require_token_text().logprobs(c.logprobs)) for i, c in enumerate(picked)],
         usage=_usage(outcome), rerank=info)
 
 
-def _account(st: ServiceState, endpoint: str, outcome: GenerateOutcome | None, fields: dict, t0: float) -> None:
+def _account(st: ServiceState, endpoint: str, outcome: GenerateOutcome | None, fields: dict[str, Any], t0: float) -> None:
     if outcome is not None:
         st.metrics.tokens_generated.inc(outcome.result.completion_tokens)
         st.metrics.prompt_tokens.inc(outcome.result.prompt_tokens)
@@ -464,7 +482,7 @@ class Reply:
     rid: str
     created: int
     heads: list[LoadedHead]
-    log_fields: dict
+    log_fields: dict[str, Any]
     t0: float
 
 
@@ -478,8 +496,8 @@ def _error_event(e: Exception) -> str:
     return _sse(json.dumps({"error": detail}, separators=(",", ":")))
 
 
-def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job: GenerationJob, fut: asyncio.Future,
-            reply: Reply, deltas: asyncio.Queue | None = None) -> StreamingResponse:
+def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job: GenerationJob, fut: asyncio.Future[Any],
+            reply: Reply, deltas: asyncio.Queue[tuple[int, str, Any] | None] | None = None) -> StreamingResponse:
     """The one SSE generator: a role chunk; the content (``deltas`` as the worker produces them, or, with
     heads, the chosen candidate(s) once scored); finish reasons (with the ``rerank`` info); usage when
     ``stream_options.include_usage``; ``[DONE]``. A failure after the stream started is an error event; a
@@ -491,9 +509,9 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
                                 system_fingerprint=st.system_fingerprint, choices=choices, usage=usage, rerank=rerank)
         return _sse(c.model_dump_json(exclude=None if include_usage else {"usage"}))
 
-    def content(i: int, text: str, lps) -> ChunkChoice:
+    def content(i: int, text: str, lps: list[TokenLogprob] | None) -> ChunkChoice:
         return ChunkChoice(index=i, delta=ChunkDelta(content=text),
-                           logprobs=st.token_text.logprobs(lps or []) if body.logprobs else None)
+                           logprobs=st.require_token_text().logprobs(lps or []) if body.logprobs else None)
 
     async def events() -> AsyncIterator[str]:
         deadline = time.monotonic() + st.settings.request_timeout_s
@@ -552,14 +570,14 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
     heads = _resolve_heads(st, body.heads, "heads")
     _check_head_adapters(st, heads, adapter, "heads")
     messages = _messages(st, body.messages)
-    tok = st.engine.tokenizer
+    tok = st.require_engine().tokenizer
 
     def encode() -> tuple[list[int], list[list[int]]]:  # off the event loop, as in chat_completions
-        answers = [answer_ids(tok, c, st.engine.end_id, close=False) for c in body.candidates]
+        answers = [answer_ids(tok, c, st.require_engine().end_id, close=False) for c in body.candidates]
         return _encode_prompt(st, messages, max(len(a) for a in answers) + 1), answers
 
     ids, answers = await asyncio.to_thread(encode)
-    fut = _submit(st, st.worker.submit_score, ids, answers, heads, adapter)
+    fut = _submit(st, st.require_worker().submit_score, ids, answers, heads, adapter)
     try:
         rewards = await _wait(request, st, fut)
     except (APIError, asyncio.CancelledError):

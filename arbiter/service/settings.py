@@ -6,7 +6,7 @@ The README's settings table is generated from this class (``python -m arbiter.se
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM on CUDA: the GPU memory share vLLM may use (weights + KV cache)")
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
-    def _blank_is_unset(cls, v):
+    def _blank_is_unset(cls, v: Any) -> Any:
         # ARBITER_API_KEY= (empty, e.g. docker-compose's ${ARBITER_API_KEY:-}) means "no key", not the key "".
         if isinstance(v, str) and not v.strip():
             return None

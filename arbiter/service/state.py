@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from arbiter import __version__
 from arbiter.heads import HeadRegistry
@@ -13,14 +14,18 @@ from .metrics import Metrics
 from .settings import Settings
 from .tokens import TokenText
 
+if TYPE_CHECKING:
+    from .engine.base import Engine
+    from .worker import Worker
+
 
 @dataclass
 class ServiceState:
     settings: Settings
     metrics: Metrics
     registry: HeadRegistry | None = None
-    engine: object | None = None
-    worker: object | None = None
+    engine: Engine | None = None
+    worker: Worker | None = None
     load_error: str | None = None
     model_id: str = ""
     model_aliases: frozenset[str] = frozenset()
@@ -39,7 +44,28 @@ class ServiceState:
             return self.settings.default_head
         return names[0] if names else None
 
-    def bind_engine(self, engine) -> None:
+    # Typed access for code that runs only once the service is ready (routes check readiness first).
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("no engine is bound yet")
+        return self.engine
+
+    def require_worker(self) -> Worker:
+        if self.worker is None:
+            raise RuntimeError("no engine worker is running yet")
+        return self.worker
+
+    def require_registry(self) -> HeadRegistry:
+        if self.registry is None:
+            raise RuntimeError("no head registry yet")
+        return self.registry
+
+    def require_token_text(self) -> TokenText:
+        if self.token_text is None:
+            raise RuntimeError("no engine is bound yet")
+        return self.token_text
+
+    def bind_engine(self, engine: Any) -> None:
         self.engine = engine
         self.model_id = self.settings.served_model_name or engine.model_name
         self.model_aliases = frozenset({engine.model_name, self.model_id})

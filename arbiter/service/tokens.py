@@ -52,7 +52,7 @@ class TokenText:
         self._cache[token_id] = out
         return out
 
-    def entry(self, lp: TokenLogprob) -> dict:
+    def entry(self, lp: TokenLogprob) -> dict[str, Any]:
         text, raw = self.piece(lp.token_id)
         top = []
         for tid, v in lp.top:
@@ -60,7 +60,7 @@ class TokenText:
             top.append({"token": t, "logprob": v, "bytes": b})
         return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
 
-    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict | None:
+    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         """The ``logprobs`` object of a choice (or a chunk), or None when none were asked for."""
         if lps is None:
             return None

@@ -43,11 +43,11 @@ class WorkerDead(Exception):
 @dataclass
 class _Item:
     kind: str  # "generate" | "score"
-    future: asyncio.Future
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     job: GenerationJob | None = None
     heads: Sequence[LoadedHead] = ()
-    score_args: tuple | None = None
+    score_args: tuple[list[int], list[list[int]]] | None = None
     score_adapter: str | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -72,7 +72,7 @@ class GenerateOutcome:
 
 
 class Worker:
-    def __init__(self, engine: Engine, *, max_queue: int, max_batch_rows: int, metrics=None,
+    def __init__(self, engine: Engine, *, max_queue: int, max_batch_rows: int, metrics: Any = None,
                  on_death: Callable[[BaseException], None] | None = None, continuous: bool = True):
         self.engine = engine
         self.continuous = continuous and bool(getattr(engine, "continuous", False))
@@ -108,7 +108,7 @@ class Worker:
         return self._q.qsize() + len(self._pending)
 
     # -- submitting (event loop side) --------------------------------------------------------------
-    def _submit(self, item: _Item) -> asyncio.Future:
+    def _submit(self, item: _Item) -> asyncio.Future[Any]:
         if self.dead is not None or self._stop.is_set():
             raise WorkerDead("the engine worker is not running")
         try:
@@ -119,12 +119,12 @@ class Worker:
             self.metrics.queue_depth.set(self.depth())
         return item.future
 
-    def submit_generate(self, job: GenerationJob, heads: Sequence[LoadedHead] = ()) -> asyncio.Future:
+    def submit_generate(self, job: GenerationJob, heads: Sequence[LoadedHead] = ()) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         return self._submit(_Item("generate", loop.create_future(), loop, job=job, heads=tuple(heads)))
 
     def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead],
-                     adapter: str | None = None) -> asyncio.Future:
+                     adapter: str | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         return self._submit(_Item("score", loop.create_future(), loop, heads=tuple(heads), score_args=(prompt_ids, answers),
                                   score_adapter=adapter))
@@ -132,7 +132,7 @@ class Worker:
     # -- worker thread -----------------------------------------------------------------------------
     @staticmethod
     def _resolve(item: _Item, value: Any = None, exc: BaseException | None = None) -> None:
-        def done():
+        def done() -> None:
             if item.future.done():
                 return
             if exc is not None:
@@ -224,7 +224,7 @@ class Worker:
 
     def _run_generate(self, items: list[_Item]) -> None:
         t0 = time.monotonic()
-        jobs = [it.job for it in items]
+        jobs = [it.job for it in items if it.job is not None]  # generate items always carry their job
         if self.metrics:
             self.metrics.batch_rows.observe(sum(j.n for j in jobs))
         started = {id(it.job): t0 for it in items}
@@ -266,6 +266,7 @@ class Worker:
                     self._pending.appendleft(it)  # first in line once the batch has room / for the next batch
                     break
                 rows += it.rows
+                assert it.job is not None
                 by_job[id(it.job)] = it
                 started[id(it.job)] = time.monotonic()
                 self._running.append(it)
@@ -299,6 +300,7 @@ class Worker:
         prompts, answers, owners = [], [], []
         layers: set[int] = set()
         for k, it in enumerate(items):
+            assert it.score_args is not None
             p, ans = it.score_args
             for a in ans:
                 prompts.append(p)

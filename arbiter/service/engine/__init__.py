@@ -13,7 +13,7 @@ log = logging.getLogger("arbiter.service")
 def resolve_device(settings: Any) -> str:
     """ARBITER_DEVICE, with "auto" meaning CUDA when available, else CPU."""
     if settings.device != "auto":
-        return settings.device
+        return str(settings.device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
+
+from arbiter.heads import BackboneFingerprint
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,27 @@ class GenerationResult:
         return sum(len(c.token_ids) for c in self.candidates)
 
 
+# Continuous batching (worker <-> engine): admit(rows in the running batch) -> new jobs to merge in;
+# deliver(job, result or the exception that failed it) as soon as that job's rows are done.
+Admit = Callable[[int], "Sequence[GenerationJob]"]
+Deliver = Callable[["GenerationJob", "GenerationResult | BaseException"], None]
+
+
 class Engine(Protocol):
     model_name: str
-    tokenizer: object
-    fingerprint: object  # arbiter.heads.BackboneFingerprint
+    tokenizer: Any  # a transformers tokenizer: the chat template, encode / decode (arbiter.chat uses it)
+    fingerprint: BackboneFingerprint
     context_length: int
     end_id: int
     vocab_size: int  # logits per position (token ids 0 .. vocab_size - 1)
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
-        """Sample every job's n candidates in one batch; features for jobs that ask for them."""
+    def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
+                 deliver: Deliver | None = None) -> Sequence[GenerationResult | BaseException]:
+        """Sample every job's n candidates in one batch; features for jobs that ask for them. ``admit`` /
+        ``deliver``: continuous batching (see above); a job's entry is its result or the error that failed it."""
 
     def features(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], layers: Sequence[int], *,
-                 cancelled: Callable[[], bool] | None = None) -> dict[int, torch.Tensor]:
+                 cancelled: Callable[[], bool] | None = None, adapter: str | None = None) -> dict[int, torch.Tensor]:
         """Head features of complete answers (closed by <|im_end|> here): layer -> [N, d], one batched pass.
 
         ``cancelled`` is polled while the pass runs; once it returns True the pass stops and raises

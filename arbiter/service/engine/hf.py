@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -26,7 +26,17 @@ from transformers import DynamicCache
 from arbiter.backbone import Backbone, LayerCapture, answer_ids, base_model, decoder_layers
 from arbiter.heads import end_features
 
-from .base import Abandoned, Candidate, GenerationJob, GenerationResult, JobError, SamplingParams, TokenLogprob
+from .base import (
+    Abandoned,
+    Admit,
+    Candidate,
+    Deliver,
+    GenerationJob,
+    GenerationResult,
+    JobError,
+    SamplingParams,
+    TokenLogprob,
+)
 
 log = logging.getLogger("arbiter.engine.hf")
 
@@ -52,8 +62,6 @@ class _Row:
     features: dict[int, torch.Tensor] | None = None
 
 
-Admit = Callable[[int], "Sequence[GenerationJob]"]
-Deliver = Callable[[GenerationJob, GenerationResult], None]
 
 
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
