@@ -388,7 +388,7 @@ class LayerCapture:
     """Forward hook that keeps the raw output of block ``layer`` (docs/methods.md: FPO / head layer >= 0)."""
 
     def __init__(self, model: Any, layer: int):
-        self.output = None
+        self.output: Any = None  # [B, T, d] the block's raw output of the last forward
         self._h = decoder_layers(model)[layer].register_forward_hook(self._hook)
 
     def _hook(self, module: Any, args: Any, out: Any) -> None:

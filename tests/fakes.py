@@ -174,7 +174,7 @@ class FakeEngine:
             results.append(GenerationResult(cands, len(job.prompt_ids)))
         return results
 
-    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None) -> dict[int, torch.Tensor]:
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None, adapter=None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers) | {-1})
         self.feature_calls.append((len(answer_ids), tuple(layers)))
         texts = [self.tokenizer.decode(a) for a in answer_ids]

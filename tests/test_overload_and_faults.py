@@ -345,7 +345,7 @@ class PollingScorer(FakeEngine):
         self.abandoned = threading.Event()
         self.finished = threading.Event()
 
-    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None):
+    def features(self, prompt_ids, answer_ids, layers, *, cancelled=None, adapter=None):
         from arbiter.service.engine.base import Abandoned
 
         deadline = time.monotonic() + 20

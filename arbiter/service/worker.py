@@ -310,8 +310,7 @@ class Worker:
         try:
             # Polled inside the pass: once every request of the batch is gone (deadline or disconnect: the
             # route cancels its future), the worker stops computing instead of finishing a pass for nobody.
-            feats = self.engine.features(prompts, answers, sorted(layers),
-                                         **({"adapter": items[0].adapter} if items[0].adapter else {}),
+            feats = self.engine.features(prompts, answers, sorted(layers), adapter=items[0].adapter,
                                          cancelled=lambda: all(it.cancelled() for it in items))
         except Abandoned:
             log.info("score pass abandoned: its %d request(s) are gone", len(items))

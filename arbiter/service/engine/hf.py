@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -91,14 +91,14 @@ class _Batch:
         self.jobs: list[GenerationJob] = []
         self.left: dict[int, int] = {}  # job id -> rows not done yet
         self.done_rows: dict[int, list[_Row]] = {}
-        self.slots: dict[int, dict | None] = {}
+        self.slots: dict[int, dict[int, GenerationResult] | None] = {}
         self.captures: dict[int, LayerCapture] = {}
 
     @property
     def active(self) -> bool:
         return bool(self.rows)
 
-    def add_result_slot(self, job: GenerationJob, results: dict | None) -> None:
+    def add_result_slot(self, job: GenerationJob, results: dict[int, GenerationResult] | None) -> None:
         self.slots[id(job)] = results
 
     def _finish(self, job: GenerationJob) -> None:
@@ -160,10 +160,13 @@ class _Batch:
         if self.cache is None:
             self.cache, self.mask, self.next_pos, self.logits, self.rows = cache, mask, next_pos, logits, rows
             return
+        assert self.mask is not None and self.next_pos is not None and self.logits is not None
         # --- merge into the running batch: left pad the shorter side (masked), concatenate rows -------
         t_cur, t_new = self.mask.shape[1], mask.shape[1]
         T = max(t_cur, t_new)
-        for cur, add in zip(self.cache.layers, cache.layers):
+        cur_layers: list[Any] = list(self.cache.layers)  # DynamicLayer: .keys / .values [rows, heads, T, d]
+        add_layers: list[Any] = list(cache.layers)
+        for cur, add in zip(cur_layers, add_layers):
             cur.keys = torch.cat([_pad_left(cur.keys, T - t_cur, 2), _pad_left(add.keys, T - t_new, 2)], dim=0)
             cur.values = torch.cat([_pad_left(cur.values, T - t_cur, 2), _pad_left(add.values, T - t_new, 2)], dim=0)
         self.mask = torch.cat([_pad_left(self.mask, T - t_cur, 1), _pad_left(mask, T - t_new, 1)], dim=0)
@@ -174,6 +177,7 @@ class _Batch:
     def step(self) -> None:
         e, dev = self.e, self.e.device
         batch_rows = self.rows
+        assert self.cache is not None and self.mask is not None and self.next_pos is not None and self.logits is not None
         # --- choose each row's next input token ------------------------------------------------------
         want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
         sampled, sampled_lps = e._sample(self.logits[want], [batch_rows[k] for k in want]) if want else ([], [])
@@ -228,7 +232,8 @@ class _Batch:
             # otherwise grow by a column per step forever. Positions are per row (next_pos), so this is exact.
             first = int(self.mask.any(dim=0).int().argmax())
             if first > 0:
-                for layer in self.cache.layers:
+                layers: list[Any] = list(self.cache.layers)
+                for layer in layers:
                     layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
                 self.mask = self.mask[:, first:]
         # --- one decode step -------------------------------------------------------------------------
@@ -260,7 +265,7 @@ class _Batch:
 class _Hook:
     """A registered hook, removable like a LayerCapture."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: Any):
         self.remove = handle.remove
 
 
@@ -288,7 +293,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     @staticmethod
     def _adjust(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -333,11 +338,11 @@ class HFEngine:
             chosen = logp.gather(1, tokens[idx][:, None])[:, 0].tolist()  # [W]
             k_max = max(rows[k].params.logprobs or 0 for k in want)
             top_v, top_i = logp.topk(k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
-            top_v, top_i = top_v.tolist(), top_i.tolist()
+            top_vs, top_is = top_v.tolist(), top_i.tolist()
             toks = tokens.tolist()
             for w, k in enumerate(want):
                 kk = rows[k].params.logprobs or 0
-                lps[k] = TokenLogprob(toks[k], chosen[w], tuple(zip(top_i[w][:kk], top_v[w][:kk])))
+                lps[k] = TokenLogprob(toks[k], chosen[w], tuple(zip(top_is[w][:kk], top_vs[w][:kk])))
         return tokens.tolist(), lps
 
     def _check_stop(self, r: _Row) -> bool:
@@ -400,7 +405,8 @@ class HFEngine:
         except AdapterNotLoaded:
             raise JobError(f"adapter {adapter!r} is not loaded") from None
 
-    def _generate(self, jobs, results, run, admit, deliver) -> list[GenerationResult]:
+    def _generate(self, jobs: list[GenerationJob], results: dict[int, GenerationResult], run: _Batch,
+                  admit: Admit | None, deliver: Deliver | None) -> list[GenerationResult]:
         try:
             for job in jobs:
                 run.add_result_slot(job, results)
@@ -426,7 +432,7 @@ class HFEngine:
             cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps))
         return GenerationResult(cands, len(job.prompt_ids))
 
-    def _rescore_stop_cut(self, jobs, rows: list[_Row]) -> None:
+    def _rescore_stop_cut(self, jobs: Sequence[GenerationJob], rows: list[_Row]) -> None:
         """Rows cut by a stop string (all of ``jobs[0]``): the cache ran past the answer, so score the kept text afresh."""
         todo = [r for r in rows if r.capture and r.stop_cut]
         if not todo:
@@ -440,7 +446,8 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, prompt_ids, answers, layers, *, batch_size: int = 16, cancelled=None,
+    def features(self, prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], layers: Sequence[int], *,
+                 batch_size: int = 16, cancelled: Callable[[], bool] | None = None,
                  adapter: str | None = None) -> dict[int, torch.Tensor]:
         """One batched forward per chunk over prompt + answer + the closing token; layer -> [N, d].
 
@@ -451,14 +458,15 @@ class HFEngine:
                 self._activate(adapter)
             return self._features(prompt_ids, answers, layers, batch_size=batch_size, cancelled=cancelled)
 
-    def _features(self, prompt_ids, answers, layers, *, batch_size: int, cancelled) -> dict[int, torch.Tensor]:
-        layers = sorted(set(layers) | {FINAL})
+    def _features(self, prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], layers_in: Sequence[int], *,
+                  batch_size: int, cancelled: Callable[[], bool] | None) -> dict[int, torch.Tensor]:
+        layers = sorted(set(layers_in) | {FINAL})
         seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answers)]
         out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
         hook_layers = [l for l in layers if l != FINAL]
-        captures = [LayerCapture(self.model, l) for l in hook_layers]
+        captures: list[LayerCapture | _Hook] = [LayerCapture(self.model, l) for l in hook_layers]
         if cancelled is not None:
-            def _poll(module, args):
+            def _poll(module: Any, args: Any) -> None:
                 if cancelled():
                     raise Abandoned("the feature pass was abandoned: nobody waits for it any more")
             captures += [_Hook(b.register_forward_pre_hook(_poll)) for b in decoder_layers(self.model)]
@@ -475,6 +483,7 @@ class HFEngine:
                 hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 out[FINAL].append(end_features(hidden, positions).cpu())
                 for l, cap in zip(hook_layers, captures):
+                    assert isinstance(cap, LayerCapture)
                     out[l].append(end_features(cap.output, positions).cpu())
         finally:
             for c in captures:

@@ -28,11 +28,13 @@ import logging
 import secrets
 import threading
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
-from .base import Candidate, GenerationJob, GenerationResult, JobError, TokenLogprob
+from .base import Admit, Candidate, Deliver, GenerationJob, GenerationResult, JobError, TokenLogprob
+
+T = TypeVar("T")
 
 log = logging.getLogger("arbiter.engine.vllm")
 
@@ -127,13 +129,13 @@ class VLLMEngine:
         return cls(bb, device=device, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                    kv_cache_gb=settings.vllm_kv_cache_gb, adapter=settings.adapter, threads=settings.threads)
 
-    async def _start(self, kw: dict):
+    async def _start(self, kw: dict[str, Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
-    def _call(self, coro, timeout: float | None = None):
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def shutdown(self) -> None:
@@ -143,7 +145,7 @@ class VLLMEngine:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     # -- the start-up probe --------------------------------------------------------------------------
-    def probe(self) -> dict:
+    def probe(self) -> dict[str, float]:
         """Refuse to serve unless the served feature equals the HF standalone forward and vLLM's weights are HF's."""
         from arbiter.backbone import encode_chat, forward_features
 
@@ -159,7 +161,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
-        async def prompt_lps():
+        async def prompt_lps() -> Any:
             out = None
             gen = self.llm.generate(TokensPrompt(prompt_token_ids=p + a), VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                     f"probe-{uuid.uuid4().hex[:8]}", lora_request=self._lora)
@@ -195,7 +197,8 @@ class VLLMEngine:
 
     continuous = True  # generate() takes admit / deliver (the worker's continuous batching)
 
-    def generate(self, jobs: Sequence[GenerationJob], *, admit=None, deliver=None) -> list[GenerationResult | BaseException]:
+    def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
+                 deliver: Deliver | None = None) -> list[GenerationResult | BaseException]:
         """Sample the jobs on vLLM. With ``admit`` / ``deliver`` (continuous batching): queued jobs are handed to
         vLLM as they arrive (vLLM batches them with the running requests), and each job is delivered, features
         included, as soon as its own candidates finish."""
@@ -205,10 +208,11 @@ class VLLMEngine:
             return results
         return self._call(self._generate_continuous(list(jobs), admit, deliver))
 
-    async def _generate_continuous(self, jobs, admit, deliver) -> list[GenerationResult | BaseException]:
+    async def _generate_continuous(self, jobs: list[GenerationJob], admit: Admit | None,
+                                   deliver: Deliver | None) -> list[GenerationResult | BaseException]:
         loop = asyncio.get_running_loop()
         results: dict[int, GenerationResult | BaseException] = {}
-        running: dict[asyncio.Future, GenerationJob] = {}
+        running: dict[asyncio.Future[GenerationResult | BaseException], GenerationJob] = {}
 
         def start(job: GenerationJob) -> None:
             running[asyncio.ensure_future(self._generate_one(job))] = job
@@ -219,7 +223,8 @@ class VLLMEngine:
             done, _ = await asyncio.wait(list(running), timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 job = running.pop(task)
-                res = task.result() if task.exception() is None else task.exception()
+                exc = task.exception()
+                res: GenerationResult | BaseException = task.result() if exc is None else exc
                 if isinstance(res, GenerationResult):
                     # The HF feature pass runs in a thread: vLLM keeps streaming the other requests meanwhile.
                     await loop.run_in_executor(None, self._add_features, [job], [res])
@@ -231,7 +236,7 @@ class VLLMEngine:
                     start(job)
         return [results[id(j)] for j in jobs]
 
-    def _add_features(self, jobs, results) -> None:
+    def _add_features(self, jobs: Sequence[GenerationJob], results: Sequence[GenerationResult | BaseException]) -> None:
         """Features of every finished candidate of these jobs, one HF pass (serialised: the pass hooks the model)."""
         want = [(j, c) for j, (job, res) in enumerate(zip(jobs, results))
                 if isinstance(res, GenerationResult) and job.feature_layers and not job.cancelled.is_set()
@@ -244,12 +249,15 @@ class VLLMEngine:
             for k, (_, c) in enumerate(want):
                 c.features = {l: feats[l][k] for l in layers}
 
-    def features(self, prompt_ids, answer_ids, layers, *, cancelled: Callable[[], bool] | None = None):
+    def features(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], layers: Sequence[int], *,
+                 cancelled: Callable[[], bool] | None = None, adapter: str | None = None) -> dict[int, torch.Tensor]:
+        if adapter is not None:
+            raise JobError("the vLLM engine serves one adapter (ARBITER_ADAPTER), not switchable ones")
         with self._features_lock:
             return self.hf.features(prompt_ids, answer_ids, layers, cancelled=cancelled)
 
     # -- sampling ------------------------------------------------------------------------------------
-    def _params(self, job: GenerationJob, seed: int):
+    def _params(self, job: GenerationJob, seed: int) -> Any:
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
@@ -281,7 +289,7 @@ class VLLMEngine:
         rids = [f"arb-{uuid.uuid4().hex[:16]}-{i}" for i in range(k)]
         replicas = job.n if greedy else 1
 
-        async def watch():
+        async def watch() -> None:
             while True:
                 await asyncio.sleep(POLL_S)
                 if job.cancelled.is_set():
@@ -298,7 +306,7 @@ class VLLMEngine:
         errors = [c for c in cands if isinstance(c, BaseException)]
         if errors:
             return errors[0]
-        out = list(cands)
+        out = [c for c in cands if isinstance(c, Candidate)]
         if greedy:
             out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
                              list(out[0].logprobs) if out[0].logprobs is not None else None)
@@ -306,7 +314,7 @@ class VLLMEngine:
         return GenerationResult(out, len(job.prompt_ids))
 
 
-    async def _sample(self, job: GenerationJob, rid: str, params, index: int, replicas: int) -> Candidate:
+    async def _sample(self, job: GenerationJob, rid: str, params: Any, index: int, replicas: int) -> Candidate:
         from vllm.inputs import TokensPrompt
 
         ids: list[int] = []
@@ -318,7 +326,7 @@ class VLLMEngine:
             ids.extend(c.token_ids)
             text += c.text
             new = self._logprobs(c, job.params.logprobs) if lps is not None else None
-            if new:
+            if new and lps is not None:
                 lps.extend(new)
             if job.on_delta is not None and (c.text or new):
                 for r in range(replicas):
@@ -341,7 +349,7 @@ class VLLMEngine:
         return Candidate(ids, text, "length" if finish == "length" else "stop", None, lps)
 
     @staticmethod
-    def _logprobs(c, k: int | None) -> list[TokenLogprob]:
+    def _logprobs(c: Any, k: int | None) -> list[TokenLogprob]:
         out = []
         for tid, d in zip(c.token_ids, c.logprobs or []):
             top = sorted(((t, lp.logprob) for t, lp in d.items() if lp.rank is not None and lp.rank <= (k or 0)),
