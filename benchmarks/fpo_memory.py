@@ -91,7 +91,7 @@ def child(args) -> dict:
     """One variant in this process; returns its figures."""
     from arbiter.backbone import load_backbone
     from arbiter.training.logprobs import forward_logps
-    from arbiter.training.losses import LOSSES
+    from arbiter.training.losses import dpo, fpo
     from arbiter.training.sae import pool_answer_features, precompute_ref_features
 
     torch.manual_seed(0)
@@ -157,12 +157,12 @@ def child(args) -> dict:
                             ref = forward_logps(model, batch)
                     else:
                         ref = forward_logps(ref_model, batch)
-                lo = LOSSES["dpo"](pol.logps[:B], pol.logps[B:], ref.logps[:B], ref.logps[B:], beta=0.1)
+                lo = dpo(pol.logps[:B], pol.logps[B:], ref.logps[:B], ref.logps[B:], beta=0.1)
             else:
                 pol = forward_logps(model, batch, capture_layers=[args.layer])
                 feats = pool_answer_features(pol.captured[args.layer], batch["answer_mask"], sae)  # [2B, d_sae]
                 n = pol.lengths
-                lo = LOSSES["fpo"](pol.logps[:B], pol.logps[B:], cache["logps"][:B], cache["logps"][B:],
+                lo = fpo(pol.logps[:B], pol.logps[B:], cache["logps"][:B], cache["logps"][B:],
                                    chosen_lengths=n[:B], rejected_lengths=n[B:],
                                    policy_chosen_features=feats[:B], policy_rejected_features=feats[B:],
                                    ref_chosen_features=cache["chosen"], ref_rejected_features=cache["rejected"],

@@ -187,21 +187,21 @@ def test_resume_equals_uninterrupted(tiny_pairs_file, cache_dir, backbone, tmp_p
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_pairs_file, cache_dir, backbone, tmp_path,
                                                                     monkeypatch):
-    from arbiter.training import losses
+    from arbiter.training import batch
     from arbiter.training.checkpoint import latest_checkpoint
     from arbiter.training.recipes.head import TrainingError, run
 
-    real = losses.LOSSES["dph_contrastive"]
+    real = batch.LOSSES["dph_contrastive"]
     calls = {"n": 0}
 
-    def poisoned(r_w, r_l, *, eps):
+    def poisoned(b, *, eps):
         calls["n"] += 1
-        out = real(r_w, r_l, eps=eps)
+        out = real(b, eps=eps)
         if calls["n"] == 4:  # the 4th training step
             return dataclasses.replace(out, losses=out.losses * float("nan"))
         return out
 
-    monkeypatch.setitem(losses.LOSSES, "dph_contrastive", poisoned)
+    monkeypatch.setitem(batch.LOSSES, "dph_contrastive", poisoned)
     cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path / "run", dev_fraction=0.0, checkpoint_every=1)
     with pytest.raises(TrainingError, match=r"loss is nan at step 4.*last good checkpoint.*step-3"):
         run(cfg, backbone=backbone)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from arbiter.training import losses as L
-from arbiter.training.losses import LOSSES, LossOutput, preference_metrics
+from arbiter.training.losses import FUNCTIONS, LossOutput, preference_metrics
 
 
 def logsig(x: float) -> float:
@@ -53,11 +53,11 @@ def assert_close(actual: torch.Tensor, expected, *, tol=1e-10):
 
 
 def test_losses_dict_has_every_method():
-    assert set(LOSSES) == {
+    assert set(FUNCTIONS) == {
         "dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dpo",
         "dph_separable", "dph_contrastive", "joint",
     }  # fmt: skip
-    assert all(callable(fn) for fn in LOSSES.values())
+    assert all(callable(fn) for fn in FUNCTIONS.values())
 
 
 def test_hyperparameters_are_keyword_only():
@@ -399,7 +399,7 @@ def test_gradcheck_fpo():
 
 
 def test_gradcheck_covers_every_loss():
-    assert set(GRADCHECK_CASES) | {"fpo"} == set(LOSSES)
+    assert set(GRADCHECK_CASES) | {"fpo"} == set(FUNCTIONS)
 
 
 # --------------------------------------------------------------------------------------------------- TRL

@@ -208,20 +208,20 @@ def test_nan_loss_through_the_cli_exits_1_and_keeps_last_good_checkpoint(tiny_pa
                                                                          tmp_path, monkeypatch, capsys):
     import dataclasses
 
-    from arbiter.training import cli, losses
+    from arbiter.training import batch, cli
     from arbiter.training.checkpoint import latest_checkpoint
 
-    real = losses.LOSSES["dph_contrastive"]
+    real = batch.LOSSES["dph_contrastive"]
     calls = {"n": 0}
 
-    def poisoned(r_w, r_l, *, eps):
-        out = real(r_w, r_l, eps=eps)
+    def poisoned(b, *, eps):
+        out = real(b, eps=eps)
         calls["n"] += 1
         if calls["n"] == 6:  # the 6th loss call: step 5 (steps 1-3, the epoch-1 dev eval, steps 4-5)
             return dataclasses.replace(out, losses=out.losses * float("inf") * 0)
         return out
 
-    monkeypatch.setitem(losses.LOSSES, "dph_contrastive", poisoned)
+    monkeypatch.setitem(batch.LOSSES, "dph_contrastive", poisoned)
     with pytest.raises(SystemExit) as e:
         cli.main(["head", *_cli_args(tiny_pairs_file, cache_dir, tmp_path / "run", "checkpoint_every=2",
                                      "max_steps=20")])
@@ -235,7 +235,7 @@ def test_nan_loss_through_the_cli_exits_1_and_keeps_last_good_checkpoint(tiny_pa
     # The kept checkpoint is a good one: finite weights, and a resume (no more NaN) finishes the run.
     ck = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in ck.values())
-    monkeypatch.setitem(losses.LOSSES, "dph_contrastive", real)
+    monkeypatch.setitem(batch.LOSSES, "dph_contrastive", real)
     assert cli.main(["head", *_cli_args(tiny_pairs_file, cache_dir, tmp_path / "run", "checkpoint_every=2",
                                         "max_steps=20"), "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "result.json").read_text())["metrics"]["steps"] == 20

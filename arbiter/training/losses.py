@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LOSSES",
+    "FUNCTIONS",
     "LossOutput",
     "cdpo",
     "dph_contrastive",
@@ -569,7 +569,8 @@ def prior_regularize_(params: Iterable[Tensor], ref_params: Iterable[Tensor], *,
         p.lerp_(ref.to(device=p.device, dtype=p.dtype), step)
 
 
-LOSSES: dict[str, Callable[..., LossOutput]] = {
+# The tensor functions by name; recipes dispatch through arbiter.training.batch.LOSSES (over a PreferenceBatch).
+FUNCTIONS: dict[str, Callable[..., LossOutput]] = {
     "dpo": dpo,
     "cdpo": cdpo,
     "ipo": ipo,

@@ -25,7 +25,6 @@ module (:mod:`arbiter.training.lora`) and the loop (:mod:`arbiter.training.loop`
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from arbiter.training.artifacts import atomic_write_json
+from arbiter.training.batch import LOSSES, PreferenceBatch
 from arbiter.training.checkpoint import seed_everything
 from arbiter.training.config import ConfigError
-from arbiter.training.logprobs import split_pairs
 from arbiter.training.loop import (
     LoopSpec,
     build_optimizer,
@@ -57,7 +56,7 @@ from arbiter.training.lora import (
     save_adapter,
     trainable_parameters,
 )
-from arbiter.training.losses import LOSSES, LossOutput
+from arbiter.training.losses import LossOutput
 from arbiter.training.reference import (
     REF_REQUIRED,
     check_ref_columns,
@@ -146,45 +145,25 @@ def add_arguments(parser: Any) -> None:
 
 
 def loss_beta(loss: str, beta: float | None) -> float:
-    """The beta a loss runs with: the configured one, else the loss function's own default."""
-    if beta is not None:
-        return float(beta)
-    default = inspect.signature(LOSSES[loss]).parameters["beta"].default
-    return float(default)
+    """The beta a loss runs with: the configured one, else the loss's own default."""
+    return float(beta) if beta is not None else float(LOSSES[loss].defaults["beta"])
+
+
+def loss_hparams(cfg: AdapterConfig) -> dict[str, Any]:
+    """The hyper-parameters ``LOSSES[cfg.loss]`` takes, from the config's sections."""
+    extra: dict[str, dict[str, Any]] = {
+        "cdpo": {"eps": cfg.cdpo.eps},
+        "simpo": {"gamma": cfg.simpo.gamma},
+        "mipo": {"modulation": cfg.mipo.modulation},
+        "fpo": {"alpha": cfg.fpo.alpha, "top_k": cfg.fpo.top_k},
+        "intermediate_dpo": {"inter_weight": cfg.intermediate.weight, "weight_on": cfg.intermediate.weight_on},
+    }
+    return {"beta": loss_beta(cfg.loss, cfg.beta), **extra.get(cfg.loss, {})}
 
 
 def adapter_loss(cfg: AdapterConfig, pol: dict[str, Tensor], ref: dict[str, Tensor] | None) -> LossOutput:
-    """Dispatch to ``LOSSES[cfg.loss]`` with the right inputs. pol/ref hold collate_pairs-ordered tensors."""
-    beta = loss_beta(cfg.loss, cfg.beta)
-    pc, pr = split_pairs(pol["logps"])  # [B], [B]
-    lc, lr = split_pairs(pol["lengths"])  # [B], [B]
-    if cfg.loss == "simpo":
-        return LOSSES["simpo"](pc, pr, chosen_lengths=lc, rejected_lengths=lr, beta=beta, gamma=cfg.simpo.gamma)
-    assert ref is not None
-    rc, rr = split_pairs(ref["logps"].to(pc.device))
-    if cfg.loss == "dpo":
-        return LOSSES["dpo"](pc, pr, rc, rr, beta=beta)
-    if cfg.loss == "cdpo":
-        return LOSSES["cdpo"](pc, pr, rc, rr, beta=beta, eps=cfg.cdpo.eps)
-    if cfg.loss == "ipo":
-        return LOSSES["ipo"](pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, beta=beta)
-    if cfg.loss == "mipo":
-        return LOSSES["mipo"](pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, beta=beta,
-                              modulation=cfg.mipo.modulation)
-    if cfg.loss == "fpo":
-        fc, fr = pol["features"].chunk(2, dim=0)  # [B, F] each
-        gc, gr = ref["features"].to(fc.device).chunk(2, dim=0)
-        return LOSSES["fpo"](pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr,
-                             policy_chosen_features=fc, policy_rejected_features=fr,
-                             ref_chosen_features=gc, ref_rejected_features=gr,
-                             beta=beta, alpha=cfg.fpo.alpha, top_k=cfg.fpo.top_k)
-    if cfg.loss == "intermediate_dpo":
-        kc, kr = split_pairs(pol["layer_logps"])  # [K, B]
-        jc, jr = split_pairs(ref["layer_logps"].to(kc.device))
-        return LOSSES["intermediate_dpo"](pc, pr, rc, rr, layer_policy_chosen_logps=kc, layer_policy_rejected_logps=kr,
-                                          layer_ref_chosen_logps=jc, layer_ref_rejected_logps=jr, beta=beta,
-                                          inter_weight=cfg.intermediate.weight, weight_on=cfg.intermediate.weight_on)
-    raise ConfigError(f"unknown adapter loss {cfg.loss!r}")
+    """``LOSSES[cfg.loss]`` over the batch of the policy pass and the reference (None: SimPO needs none)."""
+    return LOSSES[cfg.loss](PreferenceBatch.from_passes(pol, ref), **loss_hparams(cfg))
 
 
 def _fpo_setup(cfg: AdapterConfig, bb: Any) -> tuple[Any, int, str]:

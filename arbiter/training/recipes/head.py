@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arbiter.training.batch import PreferenceBatch
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
 
@@ -214,7 +215,8 @@ def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
     head.eval()
     with torch.no_grad():
         r_w, r_l = head(fw[idx]), head(fl[idx])  # [n], [n]
-        m = preference_metrics(loss_fn(r_w, r_l, eps=eps), prefix=prefix)
+        m = preference_metrics(loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=eps),
+                               prefix=prefix)
     head.train(was_training)
     return m
 
@@ -262,8 +264,9 @@ def train_on_features(
     from tqdm.auto import tqdm
 
     from arbiter.heads import HeadConfig, build_head
+    from arbiter.training.batch import LOSSES
     from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
-    from arbiter.training.losses import LOSSES, preference_metrics
+    from arbiter.training.losses import preference_metrics
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +338,7 @@ def train_on_features(
             b = st["batch"]
             idx = train_idx[perm[b * bs : (b + 1) * bs]]  # [b]
             r_w, r_l = head(fw[idx]), head(fl[idx])  # [b], [b]
-            out = loss_fn(r_w, r_l, eps=cfg.eps)
+            out = loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=cfg.eps)
             loss = out.losses.mean()
             if not torch.isfinite(loss):
                 last = latest_checkpoint(run_dir)
@@ -483,8 +486,8 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
 
     from arbiter.heads import HeadConfig, num_parameters, save_head
     from arbiter.training.artifacts import atomic_write_json
+    from arbiter.training.batch import LOSSES
     from arbiter.training.feature_cache import pair_features
-    from arbiter.training.losses import LOSSES
 
     t_start = time.perf_counter()
     out = _prepare_out(cfg, resume)

@@ -29,9 +29,9 @@ from typing import Any, Literal
 from torch import Tensor
 
 from arbiter.training.artifacts import atomic_write_json
+from arbiter.training.batch import LOSSES, PreferenceBatch
 from arbiter.training.checkpoint import seed_everything
 from arbiter.training.config import ConfigError
-from arbiter.training.logprobs import split_pairs
 from arbiter.training.loop import (
     LoopSpec,
     build_optimizer,
@@ -50,7 +50,7 @@ from arbiter.training.lora import (
     save_adapter,
     trainable_parameters,
 )
-from arbiter.training.losses import LOSSES, LossOutput, prior_regularize_
+from arbiter.training.losses import LossOutput, prior_regularize_
 from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
 from arbiter.training.sections import DataConfig, LoraSection, OptimConfig, load_preference_data, validate_common
 
@@ -125,12 +125,9 @@ DESCRIPTION = "joint cDPO + DPH training (DPH paper recipe): a LoRA adapter and 
 
 
 def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor]) -> LossOutput:
-    pc, pr = split_pairs(pol["logps"])  # [B], [B]
-    rc, rr = split_pairs(ref["logps"].to(pc.device))
-    hc, hr = split_pairs(pol["head_rewards"])  # [B], [B]
-    return LOSSES["joint"](pc, pr, rc, rr, head_chosen_rewards=hc, head_rejected_rewards=hr, beta=cfg.beta,
-                           cdpo_eps=cfg.cdpo_eps, dph_eps=cfg.dph_eps, dph_loss=cfg.dph_loss,
-                           alpha1=cfg.alpha1, alpha2=cfg.alpha2)
+    """``LOSSES["joint"]`` (cDPO on the log-probs + DPH on the head rewards) over the policy pass and the reference."""
+    return LOSSES["joint"](PreferenceBatch.from_passes(pol, ref), beta=cfg.beta, cdpo_eps=cfg.cdpo_eps,
+                           dph_eps=cfg.dph_eps, dph_loss=cfg.dph_loss, alpha1=cfg.alpha1, alpha2=cfg.alpha2)
 
 
 def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,

@@ -1,0 +1,152 @@
+"""One micro-batch's preference quantities as a typed, frozen :class:`PreferenceBatch` (chosen and rejected already
+split, shapes checked once), and the batch-level loss registry every recipe dispatches through:
+
+    LOSSES[name](batch, **hparams) -> LossOutput
+
+Each entry is a :class:`BatchLoss` over a tensor function of ``losses.py`` (the formulas, with reference values and
+gradient checks in tests/test_losses.py; docs/methods.md): it names the batch fields the function reads and the
+hyper-parameters it takes, with their defaults. A loss asked of a batch that lacks a field it needs fails naming
+the field; an unknown hyper-parameter fails naming the loss's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from torch import Tensor
+
+from . import losses as L
+from .logprobs import split_pairs
+from .losses import LossOutput
+
+_PER_PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+             "chosen_lengths", "rejected_lengths", "head_chosen_rewards", "head_rejected_rewards")
+_PER_LAYER = ("layer_policy_chosen_logps", "layer_policy_rejected_logps", "layer_ref_chosen_logps",
+              "layer_ref_rejected_logps")
+_PER_FEATURE = ("policy_chosen_features", "policy_rejected_features", "ref_chosen_features", "ref_rejected_features")
+
+
+@dataclass(frozen=True)
+class PreferenceBatch:
+    """B preference pairs. Every field is optional (a recipe fills what its loss reads); present fields must agree
+    on B (and on K layers, F features), checked when the batch is made."""
+
+    policy_chosen_logps: Tensor | None = None  # [B] summed answer log-probs under the policy
+    policy_rejected_logps: Tensor | None = None  # [B]
+    ref_chosen_logps: Tensor | None = None  # [B] under the reference model
+    ref_rejected_logps: Tensor | None = None  # [B]
+    chosen_lengths: Tensor | None = None  # [B] answer tokens
+    rejected_lengths: Tensor | None = None  # [B]
+    layer_policy_chosen_logps: Tensor | None = None  # [K, B] intermediate-layer log-probs (intermediate DPO)
+    layer_policy_rejected_logps: Tensor | None = None  # [K, B]
+    layer_ref_chosen_logps: Tensor | None = None  # [K, B]
+    layer_ref_rejected_logps: Tensor | None = None  # [K, B]
+    policy_chosen_features: Tensor | None = None  # [B, F] pooled SAE features (FPO)
+    policy_rejected_features: Tensor | None = None  # [B, F]
+    ref_chosen_features: Tensor | None = None  # [B, F]
+    ref_rejected_features: Tensor | None = None  # [B, F]
+    head_chosen_rewards: Tensor | None = None  # [B] DPH head rewards
+    head_rejected_rewards: Tensor | None = None  # [B]
+
+    def __post_init__(self) -> None:
+        sizes: dict[str, int] = {}
+
+        def agree(what: str, n: int, name: str) -> None:
+            if sizes.setdefault(what, n) != n:
+                raise ValueError(f"PreferenceBatch: {name} has {what} = {n}, other fields have {sizes[what]}")
+
+        for name in _PER_PAIR:
+            t = getattr(self, name)
+            if t is not None:
+                if t.dim() != 1:
+                    raise ValueError(f"PreferenceBatch: {name} must be [B], got {tuple(t.shape)}")
+                agree("B", t.shape[0], name)
+        for name in _PER_LAYER:
+            t = getattr(self, name)
+            if t is not None:
+                if t.dim() != 2:
+                    raise ValueError(f"PreferenceBatch: {name} must be [K, B], got {tuple(t.shape)}")
+                agree("K", t.shape[0], name)
+                agree("B", t.shape[1], name)
+        for name in _PER_FEATURE:
+            t = getattr(self, name)
+            if t is not None:
+                if t.dim() != 2:
+                    raise ValueError(f"PreferenceBatch: {name} must be [B, F], got {tuple(t.shape)}")
+                agree("B", t.shape[0], name)
+                agree("F", t.shape[1], name)
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    def need(self, *names: str) -> tuple[Tensor, ...]:
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"this loss needs {', '.join(missing)}; the batch has {', '.join(self.present) or 'nothing'}")
+        return tuple(getattr(self, n) for n in names)
+
+    @classmethod
+    def from_passes(cls, policy: Mapping[str, Tensor], ref: Mapping[str, Tensor] | None = None) -> PreferenceBatch:
+        """From the policy pass (``PolicyModule``: ``logps`` / ``lengths`` [2B], ``layer_logps`` [K, 2B],
+        ``features`` [2B, F], ``head_rewards`` [2B]) and the reference (``logps``, ``layer_logps``, ``features``),
+        all in collate_pairs row order (chosen rows, then rejected rows)."""
+        kw: dict[str, Tensor] = {}
+
+        def put(prefix: str, suffix: str, t: Tensor | None, *, rows_last: bool = False) -> None:
+            if t is None:
+                return
+            c, r = split_pairs(t) if rows_last else t.chunk(2, dim=0)
+            kw[f"{prefix}chosen{suffix}"], kw[f"{prefix}rejected{suffix}"] = c, r
+
+        put("policy_", "_logps", policy.get("logps"))
+        put("", "_lengths", policy.get("lengths"))
+        put("layer_policy_", "_logps", policy.get("layer_logps"), rows_last=True)
+        put("policy_", "_features", policy.get("features"))
+        put("head_", "_rewards", policy.get("head_rewards"))
+        if ref is not None:
+            device = policy["logps"].device if "logps" in policy else None
+            ref = {k: (v.to(device) if device is not None else v) for k, v in ref.items()}
+            put("ref_", "_logps", ref.get("logps"))
+            put("layer_ref_", "_logps", ref.get("layer_logps"), rows_last=True)
+            put("ref_", "_features", ref.get("features"))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    """A loss over a :class:`PreferenceBatch`: ``fn(*batch[inputs], **batch[named], **hparams)``."""
+
+    fn: Callable[..., LossOutput]  # the tensor function (losses.py)
+    inputs: tuple[str, ...]  # batch fields passed positionally
+    named: tuple[str, ...] = ()  # batch fields passed by name (the function's keyword of the same name)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # hyper-parameters and the function's defaults
+
+    def __call__(self, batch: PreferenceBatch, **hparams: Any) -> LossOutput:
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{self.fn.__name__} takes no hyper-parameter {', '.join(unknown)} "
+                            f"(it takes {', '.join(self.defaults) or 'none'})")
+        named = dict(zip(self.named, batch.need(*self.named)))
+        return self.fn(*batch.need(*self.inputs), **named, **hparams)
+
+
+_LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+_LENGTHS = ("chosen_lengths", "rejected_lengths")
+_HEAD = ("head_chosen_rewards", "head_rejected_rewards")
+
+LOSSES: dict[str, BatchLoss] = {
+    "dpo": BatchLoss(L.dpo, _LOGPS, (), {"beta": 0.1}),
+    "cdpo": BatchLoss(L.cdpo, _LOGPS, (), {"beta": 0.1, "eps": 0.1}),
+    "ipo": BatchLoss(L.ipo, _LOGPS, _LENGTHS, {"beta": 0.1}),
+    "simpo": BatchLoss(L.simpo, _LOGPS[:2], _LENGTHS, {"beta": 2.0, "gamma": 0.5}),
+    "mipo": BatchLoss(L.mipo, _LOGPS, _LENGTHS, {"beta": 20.0, "modulation": "softplus"}),
+    "fpo": BatchLoss(L.fpo, _LOGPS, _LENGTHS + _PER_FEATURE, {"beta": 0.1, "alpha": 0.5, "top_k": 50}),
+    "intermediate_dpo": BatchLoss(L.intermediate_dpo, _LOGPS, _PER_LAYER,
+                                  {"beta": 0.1, "inter_weight": 0.9, "weight_on": "intermediate"}),
+    "dph_separable": BatchLoss(L.dph_separable, _HEAD, (), {"eps": 0.1}),
+    "dph_contrastive": BatchLoss(L.dph_contrastive, _HEAD, (), {"eps": 0.1}),
+    "joint": BatchLoss(L.joint, _LOGPS, _HEAD, {"beta": 0.6, "cdpo_eps": 0.25, "dph_eps": 0.1, "dph_loss": "separable",
+                                                "alpha1": 1.0, "alpha2": 1.0}),
+}
