@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import served_fake
 from fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
 
 from arbiter.heads import HeadRegistry
@@ -35,17 +36,9 @@ def heads_ab(**kw) -> HeadRegistry:
     return registry_with(linear_head("A", [1, 0, 0, 0]), linear_head("B", [0, 1, 0, 0]), **kw)
 
 
-@contextlib.contextmanager
 def served(engine: FakeEngine | None = None, heads: HeadRegistry | None = None, **settings):
-    engine = engine or FakeEngine()
-    heads = heads if heads is not None else heads_ab()
-    app = create_app(Settings(**settings), engine=engine, heads=heads, exit_on_engine_death=False)
-    with ServerThread(app) as srv:
-        try:
-            yield srv
-        finally:
-            if engine.gate is not None:
-                engine.gate.set()  # never leave the worker blocked (shutdown drains it) behind a failed assertion
+    """The shared in-process harness (tests/served_fake.py) with heads A and B loaded by default."""
+    return served_fake.served(engine, heads if heads is not None else heads_ab(), **settings)
 
 
 def client(srv: ServerThread, **kw) -> openai.OpenAI:
