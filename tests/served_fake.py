@@ -1,5 +1,7 @@
-"""Test-only helpers for the hardening tests (tests/test_bad_input_and_auth.py, tests/test_overload_and_faults.py, tests/test_fuzz.py) and the hardening
-benchmarks, built on tests/fakes.py; and a launcher run as a subprocess:
+"""The in-process live-server harness: ``served()`` runs the real app under uvicorn on 127.0.0.1 with a fake engine
+(tests/fakes.py), for every test of the HTTP surface without a model (rerank, bad input and auth, overload and
+faults, fuzzing) and the hardening benchmarks. Tests that need the real model start ``arbiter serve`` itself
+(``fakes.ArbiterProcess``). Also a launcher run as a subprocess:
 
     python tests/served_fake.py --mode die|slow --port PORT [--delay-s S]
 
