@@ -56,26 +56,15 @@ class PreferenceBatch:
             if sizes.setdefault(what, n) != n:
                 raise ValueError(f"PreferenceBatch: {name} has {what} = {n}, other fields have {sizes[what]}")
 
-        for name in _PER_PAIR:
-            t = getattr(self, name)
-            if t is not None:
-                if t.dim() != 1:
-                    raise ValueError(f"PreferenceBatch: {name} must be [B], got {tuple(t.shape)}")
-                agree("B", t.shape[0], name)
-        for name in _PER_LAYER:
-            t = getattr(self, name)
-            if t is not None:
-                if t.dim() != 2:
-                    raise ValueError(f"PreferenceBatch: {name} must be [K, B], got {tuple(t.shape)}")
-                agree("K", t.shape[0], name)
-                agree("B", t.shape[1], name)
-        for name in _PER_FEATURE:
-            t = getattr(self, name)
-            if t is not None:
-                if t.dim() != 2:
-                    raise ValueError(f"PreferenceBatch: {name} must be [B, F], got {tuple(t.shape)}")
-                agree("B", t.shape[0], name)
-                agree("F", t.shape[1], name)
+        for names, dims in ((_PER_PAIR, ("B",)), (_PER_LAYER, ("K", "B")), (_PER_FEATURE, ("B", "F"))):
+            for name in names:
+                t = getattr(self, name)
+                if t is None:
+                    continue
+                if t.dim() != len(dims):
+                    raise ValueError(f"PreferenceBatch: {name} must be [{', '.join(dims)}], got {tuple(t.shape)}")
+                for what, n in zip(dims, t.shape):
+                    agree(what, int(n), name)
 
     @property
     def present(self) -> tuple[str, ...]:
