@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from arbiter.fsutil import atomic_dir
 
 from .config import BackboneFingerprint, HeadConfig
 from .modules import DPHHead
@@ -33,38 +33,13 @@ class HeadLoadError(ValueError):
     """A head directory that cannot be loaded; the message says why."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike[str]) -> Path:
-    """Write the head atomically: temp dir beside the target, fsync, then rename over it."""
+    """Write the head atomically (``arbiter.fsutil.atomic_dir``: temp dir beside the target, fsync, rename over it)."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arbiter_head": str(config.format_version)})
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-        for f in _ALLOWED:
-            os.chmod(tmp / f, 0o644 & ~_umask())  # readable by a service running as another user
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700
-        if target.exists():
-            # Rename the old one away first so the swap is two renames, never a partial directory.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

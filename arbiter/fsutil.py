@@ -1,0 +1,62 @@
+"""Atomic directories, shared by the heads package (saving a head) and training (every artifact): build in a
+temporary sibling directory, fsync every file, make it readable by other users, rename it into place.
+
+A killed writer never leaves a partial directory where a loader would find it: the target either does not exist,
+or is the old complete version, or the new complete version. Imports nothing of arbiter, so ``arbiter.heads`` can
+use it without the training stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp: write files into tmp`` -> ``out`` appears whole or not at all.
+
+    On success the files are fsynced, made readable by other users (0644 / 0755 under the umask: the service may
+    run as another user than the trainer) and the directory renamed over ``out`` (the old one is renamed away
+    first, so the swap is two renames, never a partial directory). On any exception the temporary is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        mask = _umask()
+        for dirpath, dirs, files in os.walk(tmp):
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o644 & ~mask)
+            for d in dirs:
+                os.chmod(os.path.join(dirpath, d), 0o755 & ~mask)
+        fsync_tree(tmp)
+        os.chmod(tmp, 0o755 & ~mask)  # mkdtemp makes 0700
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
