@@ -104,7 +104,7 @@ def _log(run_dir):
 
 
 def test_train_overfits_and_saved_head_scores_like_training(cached, tiny_pairs_file, cache_dir, backbone, tmp_path):
-    from arbiter.heads import HeadConfig, HeadRegistry, build_head, score
+    from arbiter.heads import HeadConfig, HeadRegistry, build_head, head_rewards
     from arbiter.training.checkpoint import seed_everything
     from arbiter.training.recipes.head import run
 
@@ -135,7 +135,7 @@ def test_train_overfits_and_saved_head_scores_like_training(cached, tiny_pairs_f
     assert prov["metrics"]["n_train"] == 16 and prov["report"]["kept"] == 16
 
     # The loaded head scores the cached features exactly as training measured them ...
-    r = score(torch.cat([feats.chosen, feats.rejected]), [loaded])[:, 0]  # [32]
+    r = head_rewards(loaded.module, torch.cat([feats.chosen, feats.rejected]))  # [32]
     acc = (r[:16] > r[16:]).float().mean().item()
     assert acc == pytest.approx(metrics["train_accuracy"])
     # ... and a fresh standalone forward of one answer gives the same reward as its cached feature.
@@ -144,7 +144,7 @@ def test_train_overfits_and_saved_head_scores_like_training(cached, tiny_pairs_f
     p = tok[0]
     ids = torch.tensor([p.prompt_ids + p.chosen_ids])
     f = forward_features(backbone.model, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
-    assert score(f, [loaded])[0, 0].item() == pytest.approx(r[0].item(), abs=1e-3)
+    assert head_rewards(loaded.module, f)[0].item() == pytest.approx(r[0].item(), abs=1e-3)
 
 
 def test_resume_equals_uninterrupted(tiny_pairs_file, cache_dir, backbone, tmp_path):

@@ -6,11 +6,11 @@ Imports only torch, safetensors and pydantic (a test enforces it), so training a
 from .config import FINAL_NORM_LAYER, FORMAT_VERSION, POOLERS, BackboneFingerprint, HeadConfig
 from .features import end_features, end_positions
 from .io import HeadLoadError, load_head, read_config, save_head
-from .modules import DPHHead, build_head, num_parameters
-from .registry import HeadNotFound, HeadRegistry, LoadedHead, score
+from .modules import DPHHead, build_head, head_rewards, num_parameters
+from .registry import HeadNotFound, HeadRegistry, LoadedHead
 
 __all__ = [
     "FINAL_NORM_LAYER", "FORMAT_VERSION", "POOLERS", "BackboneFingerprint", "HeadConfig", "end_features",
     "end_positions", "HeadLoadError", "load_head", "read_config", "save_head", "DPHHead", "build_head",
-    "num_parameters", "HeadNotFound", "HeadRegistry", "LoadedHead", "score",
+    "head_rewards", "num_parameters", "HeadNotFound", "HeadRegistry", "LoadedHead",
 ]

@@ -82,3 +82,14 @@ def build_head(config: HeadConfig) -> DPHHead:
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def head_rewards(module: nn.Module, features: torch.Tensor, *, batch: int = 4096) -> torch.Tensor:
+    """THE way a head scores feature rows: [N, d] -> [N] float32 on the CPU, in the head's own device and dtype,
+    eval mode, no grad, ``batch`` rows at a time (serving, ``/v1/score``, evaluation and the recipes' reports)."""
+    p = next(module.parameters())
+    if module.training:
+        module.eval()
+    with torch.inference_mode():
+        out = [module(features[i : i + batch].to(p.device, p.dtype)).float().cpu() for i in range(0, len(features), batch)]
+    return torch.cat(out) if out else torch.zeros(0)

@@ -14,8 +14,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
-
 from .config import BackboneFingerprint, HeadConfig
 from .io import CONFIG_FILE, HeadLoadError, load_head
 from .modules import DPHHead
@@ -198,10 +196,3 @@ class HeadRegistry:
                 out["errors"].append(f"{d}: {e}")
             self._synced[d] = sig  # a broken version is not retried until its files change again
         return out
-
-
-def score(features: torch.Tensor, heads: list[LoadedHead]) -> torch.Tensor:
-    """Rewards for every feature row under every head: [B, d] -> [B, H]."""
-    with torch.inference_mode():
-        cols = [h.module(features.to(next(h.module.parameters()).device)).float().cpu() for h in heads]
-    return torch.stack(cols, dim=1) if cols else torch.empty(features.shape[0], 0)

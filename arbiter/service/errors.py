@@ -60,10 +60,6 @@ class Timeout(APIError):
     type = "timeout_error"
 
 
-class PayloadTooLarge(APIError):
-    status = 413
-
-
 class Conflict(APIError):
     status = 409
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from arbiter.heads import LoadedHead
+from arbiter.heads import LoadedHead, head_rewards
 
 from .engine.base import Candidate
 
@@ -29,13 +29,7 @@ def feature_layers(heads: Sequence[LoadedHead]) -> tuple[int, ...]:
 
 def score_features(features: dict[int, torch.Tensor], heads: Sequence[LoadedHead]) -> torch.Tensor:
     """features: layer -> [N, d]; returns rewards [N, H] (float32, CPU)."""
-    cols = []
-    with torch.inference_mode():
-        for h in heads:
-            x = features[h.config.layer]
-            p = next(h.module.parameters())
-            cols.append(h.module(x.to(p.device, p.dtype)).float().cpu())  # [N]
-    return torch.stack(cols, dim=1)  # [N, H]
+    return torch.stack([head_rewards(h.module, features[h.config.layer]) for h in heads], dim=1)  # [N, H]
 
 
 def _features(c: Candidate) -> dict[int, torch.Tensor]:

@@ -101,13 +101,10 @@ def _base(task: str, head: str, config: Any, data: str, backbone: Any) -> dict:
 
 
 def _rewards(module: Any, features: "torch.Tensor", batch: int = 4096) -> "torch.Tensor":
-    """Head rewards of feature rows, [N, d] -> [N] float32, eval mode, no grad."""
-    import torch
+    """Head rewards of feature rows, [N, d] -> [N] float32 (``arbiter.heads.head_rewards``, as the service scores)."""
+    from arbiter.heads import head_rewards
 
-    module.eval()
-    with torch.inference_mode():
-        return torch.cat([module(features[i : i + batch]).float() for i in range(0, len(features), batch)]) if len(
-            features) else torch.zeros(0)
+    return head_rewards(module, features, batch=batch)
 
 
 # --------------------------------------------------------------------------------------------------
