@@ -134,9 +134,17 @@ def run_trl(bb, args, tokenized, splits, out: Path) -> dict:
     train = [tokenized[i] for i in splits["train"][: args.train_pairs]]
     steps = math.ceil(args.epochs * len(train) / args.pairs_per_step)
     model = AutoModelForSequenceClassification.from_pretrained(bb.path, num_labels=1, dtype=torch.float32)
-    tok = bb.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.config.pad_token_id = pad
+    # A sequence-classification model reads its score at the rightmost token that is not the pad token. This
+    # tokenizer's pad token IS the closing <|im_end|>, so with it the model would score the token before the
+    # closing one (and padding could not be told apart from it); padding with <|endoftext|> instead makes TRL
+    # train and score at the closing token, the position the DPH heads read.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bb.path))
+    tok.pad_token = "<|endoftext|>"
+    if tok.pad_token_id == bb.end_id:
+        raise RuntimeError("the pad token must differ from the closing token")
+    model.config.pad_token_id = tok.pad_token_id
     ds = Dataset.from_list([{"chosen_ids": list(p.prompt_ids) + list(p.chosen_ids),
                              "rejected_ids": list(p.prompt_ids) + list(p.rejected_ids)} for p in train])
     rcfg = RewardConfig(
@@ -160,6 +168,17 @@ def run_trl(bb, args, tokenized, splits, out: Path) -> dict:
            "train_tokens": args.epochs * seq_tokens(train), "wall_s": round(wall, 1),
            "note": f"{trainer.state.global_step} steps; final train loss {losses[-1] if losses else float('nan'):.4f}"}
     assert base_model(merged) is merged.model
+    # The evaluation below reads features at the closing token through the shared extraction path; check on a
+    # few dev pairs that it gives the model's own sequence-classification scores (its pooling, no padding).
+    for p in [tokenized[i] for i in splits["dev"][:3]]:
+        ids = torch.tensor([list(p.prompt_ids) + list(p.chosen_ids)])
+        with torch.inference_mode():
+            own = merged(input_ids=ids).logits.float()[0, 0]
+        c, _ = prompt_once_features(fm, [p], progress=False)
+        with torch.inference_mode():
+            mine = score(c.to(score.weight.dtype)).float()[0, 0]
+        if abs(own - mine) > 0.05 * max(1.0, abs(own)):
+            raise RuntimeError(f"TRL model scored {own:.4f} by itself but {mine:.4f} through the feature path")
     for split in ("dev", "test"):
         pairs = [tokenized[i] for i in splits[split]]
         c, r = prompt_once_features(fm, pairs, progress=False)  # last hidden state (after the final norm)
