@@ -133,6 +133,29 @@ class IntermediateSection:
     apply_final_norm: bool = True  # the model's own final norm before the projection
 
 
+@dataclass
+class LoraRun:
+    """The run fields every LoRA training recipe shares (``adapter``, ``joint``): backbone, reference, run
+    directory, checkpoints, logging, device and precision, and the data / LoRA / optimiser sections."""
+
+    model: str | None = None  # None: the embedded default (or ARBITER_MODEL)
+    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"  # auto: precomputed if present
+    out: str = "runs/lora"  # the run directory (CLI: --out)
+    overwrite: bool = False  # allow replacing a finished/old run in out (without --resume)
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval_every: int = 0  # dev-set metrics every N steps (needs data.dev_fraction > 0); always at the end
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
 def validate_common(cfg: Any) -> None:
     """Checks shared by every LoRA recipe config (sections validate themselves when loaded from YAML)."""
     for section in ("data", "lora", "optim"):

@@ -66,12 +66,10 @@ from arbiter.training.reference import (
 )
 from arbiter.training.sections import (
     CdpoSection,
-    DataConfig,
     FpoSection,
     IntermediateSection,
-    LoraSection,
+    LoraRun,
     MipoSection,
-    OptimConfig,
     SimpoSection,
     load_preference_data,
     validate_common,
@@ -83,25 +81,10 @@ ADAPTER_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dp
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(LoraRun):
     loss: Literal["dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dpo"] = "dpo"
     beta: float | None = None  # None: the loss function's own default (dpo 0.1, simpo 2.0, mipo 20, ...)
-    model: str | None = None  # None: the embedded default (or ARBITER_MODEL)
-    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"  # auto: precomputed if present
     out: str = "runs/adapter"  # the run directory (CLI: --out)
-    overwrite: bool = False  # allow replacing a finished/old run in out (without --resume)
-    seed: int = 0
-    save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    eval_every: int = 0  # dev-set metrics every N steps (needs data.dev_fraction > 0); always at the end
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
-    progress: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     cdpo: CdpoSection = field(default_factory=CdpoSection)
     simpo: SimpoSection = field(default_factory=SimpoSection)
     mipo: MipoSection = field(default_factory=MipoSection)

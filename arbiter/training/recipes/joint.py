@@ -52,7 +52,7 @@ from arbiter.training.lora import (
 )
 from arbiter.training.losses import LossOutput, prior_regularize_
 from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
-from arbiter.training.sections import DataConfig, LoraSection, OptimConfig, load_preference_data, validate_common
+from arbiter.training.sections import LoraRun, load_preference_data, validate_common
 
 log = logging.getLogger("arbiter.training.joint")
 
@@ -67,7 +67,7 @@ class HeadSection:
 
 
 @dataclass
-class JointConfig:
+class JointConfig(LoraRun):
     beta: float = 0.6  # cDPO beta (the paper's)
     cdpo_eps: float = 0.25
     dph_eps: float = 0.1
@@ -76,22 +76,7 @@ class JointConfig:
     alpha2: float = 1.0  # weight of L_DPH
     prior_lambda: float = 0.5  # prior regularisation towards the starting weights (replaces weight decay)
     detach_features: bool = False  # true: L_DPH trains only the head, not the backbone's LoRA
-    model: str | None = None
-    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"
     out: str = "runs/joint"  # the run directory (CLI: --out)
-    overwrite: bool = False
-    seed: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    eval_every: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    progress: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     head: HeadSection = field(default_factory=HeadSection)
 
     def validate(self) -> None:
