@@ -100,7 +100,7 @@ def test_corrupted_cache_is_detected_and_rebuilt(cached, backbone, tmp_path, cap
 
 
 def _log(run_dir):
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_overfits_and_saved_head_scores_like_training(cached, tiny_pairs_file, cache_dir, backbone, tmp_path):
@@ -189,7 +189,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_pairs_f
                                                                     monkeypatch):
     from arbiter.training import batch
     from arbiter.training.checkpoint import latest_checkpoint
-    from arbiter.training.recipes.head import TrainingError, run
+    from arbiter.training.loop import TrainingDiverged
+    from arbiter.training.recipes.head import run
 
     real = batch.LOSSES["dph_contrastive"]
     calls = {"n": 0}
@@ -203,7 +204,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_pairs_f
 
     monkeypatch.setitem(batch.LOSSES, "dph_contrastive", poisoned)
     cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path / "run", dev_fraction=0.0, checkpoint_every=1)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 4.*last good checkpoint.*step-3"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint.*step-3"):
         run(cfg, backbone=backbone)
     assert latest_checkpoint(tmp_path / "run").name == "step-3"
     assert not (tmp_path / "run" / "head").exists()

@@ -178,7 +178,7 @@ def test_head_kill9_then_resume_equals_uninterrupted_and_leaves_nothing_partial(
     # The training log reads like one run: steps logged after the last checkpoint by the killed process are
     # dropped on resume, not repeated, and the per-step losses are the uninterrupted run's.
     def log_rows(d):
-        return [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines() if '"step"' in x]
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
 
     rows, rows_full = log_rows(run_dir), log_rows(tmp_path / "full")
     assert [r["step"] for r in rows] == list(range(1, HEAD_STEPS + 1))

@@ -35,7 +35,8 @@ log = logging.getLogger("arbiter.training.loop")
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm; the message names the step and the last good checkpoint."""
+    """A non-finite loss or gradient norm, in any recipe (adapter, joint, head); the message names the step and
+    the last good checkpoint."""
 
 
 def step_metrics(out: LossOutput, pol: dict[str, Tensor]) -> dict[str, float]:
@@ -157,17 +158,20 @@ def prepare_out_dir(cfg: Any, resume: bool) -> Path:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we continue from."""
+METRICS_FILE = "metrics.jsonl"  # every recipe's per-step log (TRL metric names), one JSON object a line
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
-            continue
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line torn by the kill
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
@@ -214,7 +218,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
     cfg, acc = spec.cfg, spec.accelerator
     optim: OptimConfig = cfg.optim
     main = acc.is_main_process
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS_FILE
     cfg_dict = dataclasses.asdict(cfg)
     step = 0
     history: list[dict[str, Any]] = []
@@ -242,7 +246,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
         step = ckpt.step
         resumed_metrics = dict(ckpt.state.get("metrics") or {})
         if main:
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
         log.info("resumed from %s (step %d of %d)", ckpt_path, step, spec.total_steps)
 
     n = len(spec.train)

@@ -1,6 +1,6 @@
 """PNG plots beside every training and evaluation report (matplotlib, headless Agg backend).
 
-* ``training_curves``: loss, accuracy and margin per step from a run's ``log.jsonl`` (train, and dev at each
+* ``training_curves``: loss, accuracy and margin per step from a run's ``metrics.jsonl`` (train, and dev at each
   evaluation when present).
 * ``reward_histograms``: chosen vs rejected rewards, and the margin ``r_chosen - r_rejected``.
 * ``reliability_diagram``: calibration of ``sigmoid(margin)`` read as P(chosen is preferred). Each pair is
@@ -48,7 +48,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(log_path: str | os.PathLike, png: str | os.PathLike, title: str = "") -> Path | None:
-    """Loss / accuracy / margin curves of a ``log.jsonl`` (TRL metric names); None when it holds no steps."""
+    """Loss / accuracy / margin curves of a ``metrics.jsonl`` (TRL metric names); None when it holds no steps."""
     rows = []
     for line in Path(log_path).read_text(encoding="utf-8").splitlines():
         try:

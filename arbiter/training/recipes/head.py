@@ -14,7 +14,7 @@ setup -> features -> train -> save:
    ``sweep``: train several variants (pooler / loss / eps / lr / dropout / weight_decay) on the same cached
    features and keep the best by dev accuracy (cheap: the backbone runs once).
 4. Save the head atomically (``arbiter.heads.save_head``) with its provenance (data, counts, loss, metrics);
-   ``<out>/result.json`` holds every variant's metrics, ``<out>/.../log.jsonl`` the TRL-named training log.
+   ``<out>/result.json`` holds every variant's metrics, ``<out>/.../metrics.jsonl`` the TRL-named training log (as every recipe).
 
 If ``test_fraction > 0`` the chosen head is also scored on a test split that neither training, early stopping
 nor the sweep's selection saw: the dev accuracy of a selected variant is optimistic, the test accuracy is not.
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from arbiter.training.batch import PreferenceBatch
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
+from arbiter.training.loop import METRICS_FILE, TrainingDiverged, truncate_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +46,6 @@ DESCRIPTION = "train a DPH reward head (pooler + reward vector) on cached featur
 HEAD_LOSSES = ("dph_separable", "dph_contrastive")
 _POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue (NaN/Inf loss, ...); the message says what to do."""
 
 
 @dataclass
@@ -221,22 +218,6 @@ def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
     return m
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
-    from arbiter.training.artifacts import atomic_write_text
-
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line torn by the kill
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
-
-
 def _better(metric: str, cand: dict, best: dict | None) -> bool:
     if best is None:
         return True
@@ -306,7 +287,7 @@ def train_on_features(
             step = c.step
             st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
             log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
-            _truncate_log(run_dir / "log.jsonl", step)  # lines a killed run wrote after this checkpoint
+            truncate_metrics(run_dir / METRICS_FILE, step)  # lines a killed run wrote after this checkpoint
 
     def checkpoint() -> Path:
         log_f.flush()  # the log holds every step up to the checkpoint (a kill -9 loses only later lines)
@@ -320,7 +301,7 @@ def train_on_features(
         return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
 
     total = nb * cfg.epochs if cfg.max_steps is None else min(nb * cfg.epochs, cfg.max_steps)
-    log_f = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+    log_f = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
     bar = tqdm(total=total, initial=min(step, total), desc=f"train head {cfg.pooler}/{cfg.loss}", unit="step",
                disable=not cfg.progress)
     last_ckpt_step = step if resume and step else -1
@@ -342,7 +323,7 @@ def train_on_features(
             loss = out.losses.mean()
             if not torch.isfinite(loss):
                 last = latest_checkpoint(run_dir)
-                raise TrainingError(
+                raise TrainingDiverged(
                     f"loss is {loss.item()} at step {step + 1} (epoch {st['epoch']}): stopping before the update. "
                     + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written. ")
                     + f"Try a lower lr (now {cfg.lr}) or check the features for extreme values."
@@ -403,7 +384,7 @@ def train_on_features(
         acc = best_ev["eval_rewards/accuracies"]
         metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
                        dev_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / max(len(dev_idx), 1)))
-    with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps({"final": metrics}) + "\n")
     return TrainResult(head, head_config, metrics, run_dir)
 
@@ -428,7 +409,7 @@ def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl,
         r_w, r_l = best.head(fw[idx]).float().tolist(), best.head(fl[idx]).float().tolist()
     title = f"head {cfg.name}: {split} split ({len(idx)} pairs)"
     figs = {
-        "training curves": plots.safely(plots.training_curves, best.run_dir / "log.jsonl", out / "training_curves.png",
+        "training curves": plots.safely(plots.training_curves, best.run_dir / METRICS_FILE, out / "training_curves.png",
                                         f"head {cfg.name} (winning variant)"),
         f"{split} rewards": plots.safely(plots.reward_histograms, r_w, r_l, out / f"{split}_rewards.png", title),
     }
@@ -464,7 +445,7 @@ def _variants(cfg: HeadRecipeConfig) -> list[HeadRecipeConfig]:
 
 def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:
     out = Path(cfg.out)
-    stale = [p for p in (out / "checkpoints", out / "sweep", out / "log.jsonl") if p.exists()]
+    stale = [p for p in (out / "checkpoints", out / "sweep", out / METRICS_FILE) if p.exists()]
     if stale and not resume:
         if not cfg.overwrite:
             raise ConfigError(
