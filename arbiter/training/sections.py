@@ -184,3 +184,20 @@ def load_preference_data(cfg: DataConfig) -> tuple[list, list, dict]:
     log.info("data: %s", report.summary())
     train, dev = split_data(pairs, dev_fraction=cfg.dev_fraction, seed=cfg.seed)
     return train, dev, report.to_dict()
+
+
+def tokenize_splits(train_pairs: list[Any], dev_pairs: list[Any], tokenizer: Any, end_id: int,
+                    data: DataConfig) -> tuple[list[Any], list[Any]]:
+    """(train, dev) TokenizedPairs with the shared chat encoding at ``data.max_length`` / ``truncate_prompt``;
+    logs what each split kept and dropped."""
+    from arbiter.training.data import tokenize_pairs
+
+    out = []
+    for name, pairs in (("train", train_pairs), ("dev", dev_pairs)):
+        tok: list[Any] = []
+        if pairs:
+            tok, report = tokenize_pairs(pairs, tokenizer, end_id, max_length=data.max_length,
+                                         truncate_prompt=data.truncate_prompt)
+            log.info("%s pairs: %s", name, report.summary())
+        out.append(tok)
+    return out[0], out[1]

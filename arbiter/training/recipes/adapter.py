@@ -72,6 +72,7 @@ from arbiter.training.sections import (
     MipoSection,
     SimpoSection,
     load_preference_data,
+    tokenize_splits,
     validate_common,
 )
 
@@ -183,8 +184,6 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
     log.info("loss %s (beta %.4g), reference: %s", cfg.loss, loss_beta(cfg.loss, cfg.beta), ref_mode)
 
     bb = resolve_backbone(cfg.model, backbone)
-    from arbiter.training.data import tokenize_pairs
-
     sae = sae_layer = digest = None
     if cfg.loss == "fpo":
         sae, sae_layer, digest = _fpo_setup(cfg, bb)
@@ -195,14 +194,7 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
         check_ref_columns(train_pairs + dev_pairs, layers=None, apply_final_norm=None, sae_digest=digest,
                           sae_layer=sae_layer, need_features=True)
 
-    train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                       truncate_prompt=cfg.data.truncate_prompt)
-    log.info("train pairs: %s", tok_report.summary())
-    dev = []
-    if dev_pairs:
-        dev, dev_report = tokenize_pairs(dev_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                         truncate_prompt=cfg.data.truncate_prompt)
-        log.info("dev pairs: %s", dev_report.summary())
+    train, dev = tokenize_splits(train_pairs, dev_pairs, bb.tokenizer, bb.end_id, cfg.data)
     if ref_mode == "precomputed":
         check_ref_tokens(train + dev, bb.fingerprint)
 

@@ -52,7 +52,7 @@ from arbiter.training.lora import (
 )
 from arbiter.training.losses import LossOutput, prior_regularize_
 from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
-from arbiter.training.sections import LoraRun, load_preference_data, validate_common
+from arbiter.training.sections import LoraRun, load_preference_data, tokenize_splits, validate_common
 
 log = logging.getLogger("arbiter.training.joint")
 
@@ -124,7 +124,6 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
     compares recipes on one split); they are used as given (no max_length filtering).
     """
     from arbiter.heads import HeadConfig, build_head, save_head
-    from arbiter.training.data import tokenize_pairs
 
     cfg.validate()
     t_start = time.perf_counter()
@@ -138,13 +137,7 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
 
     bb = resolve_backbone(cfg.model, backbone)
     if pairs is None:
-        train, tok_report = tokenize_pairs(train_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                           truncate_prompt=cfg.data.truncate_prompt)
-        log.info("train pairs: %s", tok_report.summary())
-        dev = []
-        if dev_pairs:
-            dev, _ = tokenize_pairs(dev_pairs, bb.tokenizer, bb.end_id, max_length=cfg.data.max_length,
-                                    truncate_prompt=cfg.data.truncate_prompt)
+        train, dev = tokenize_splits(train_pairs, dev_pairs, bb.tokenizer, bb.end_id, cfg.data)
     else:
         train, dev = train_pairs, dev_pairs
     if ref_mode == "precomputed":
