@@ -42,3 +42,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+METRICS_FILE = "metrics.jsonl"  # every recipe's per-step log (TRL metric names), one JSON object a line
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line torn by the kill
+    atomic_write_text(path, "".join(x + "\n" for x in keep))

@@ -4,14 +4,15 @@ split, shapes checked once), and the batch-level loss registry every recipe disp
     LOSSES[name](batch, **hparams) -> LossOutput
 
 Each entry is a :class:`BatchLoss` over a tensor function of ``losses.py`` (the formulas, with reference values and
-gradient checks in tests/test_losses.py; docs/methods.md): it names the batch fields the function reads and the
-hyper-parameters it takes, with their defaults. A loss asked of a batch that lacks a field it needs fails naming
-the field; an unknown hyper-parameter fails naming the loss's own.
+gradient checks in tests/test_losses.py; docs/methods.md): it names the batch fields the function reads; its
+hyper-parameters and their defaults are the function's own keyword arguments. A loss asked of a batch that lacks
+a field it needs fails naming the field; an unknown hyper-parameter fails naming the loss's own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import inspect
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
@@ -110,7 +111,12 @@ class BatchLoss:
     fn: Callable[..., LossOutput]  # the tensor function (losses.py)
     inputs: tuple[str, ...]  # batch fields passed positionally
     named: tuple[str, ...] = ()  # batch fields passed by name (the function's keyword of the same name)
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # hyper-parameters and the function's defaults
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The hyper-parameters the function takes (its keyword arguments with a default) and their defaults."""
+        return {p.name: p.default for p in inspect.signature(self.fn).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
 
     def __call__(self, batch: PreferenceBatch, **hparams: Any) -> LossOutput:
         unknown = sorted(set(hparams) - set(self.defaults))
@@ -126,16 +132,14 @@ _LENGTHS = ("chosen_lengths", "rejected_lengths")
 _HEAD = ("head_chosen_rewards", "head_rejected_rewards")
 
 LOSSES: dict[str, BatchLoss] = {
-    "dpo": BatchLoss(L.dpo, _LOGPS, (), {"beta": 0.1}),
-    "cdpo": BatchLoss(L.cdpo, _LOGPS, (), {"beta": 0.1, "eps": 0.1}),
-    "ipo": BatchLoss(L.ipo, _LOGPS, _LENGTHS, {"beta": 0.1}),
-    "simpo": BatchLoss(L.simpo, _LOGPS[:2], _LENGTHS, {"beta": 2.0, "gamma": 0.5}),
-    "mipo": BatchLoss(L.mipo, _LOGPS, _LENGTHS, {"beta": 20.0, "modulation": "softplus"}),
-    "fpo": BatchLoss(L.fpo, _LOGPS, _LENGTHS + _PER_FEATURE, {"beta": 0.1, "alpha": 0.5, "top_k": 50}),
-    "intermediate_dpo": BatchLoss(L.intermediate_dpo, _LOGPS, _PER_LAYER,
-                                  {"beta": 0.1, "inter_weight": 0.9, "weight_on": "intermediate"}),
-    "dph_separable": BatchLoss(L.dph_separable, _HEAD, (), {"eps": 0.1}),
-    "dph_contrastive": BatchLoss(L.dph_contrastive, _HEAD, (), {"eps": 0.1}),
-    "joint": BatchLoss(L.joint, _LOGPS, _HEAD, {"beta": 0.6, "cdpo_eps": 0.25, "dph_eps": 0.1, "dph_loss": "separable",
-                                                "alpha1": 1.0, "alpha2": 1.0}),
+    "dpo": BatchLoss(L.dpo, _LOGPS),
+    "cdpo": BatchLoss(L.cdpo, _LOGPS),
+    "ipo": BatchLoss(L.ipo, _LOGPS, _LENGTHS),
+    "simpo": BatchLoss(L.simpo, _LOGPS[:2], _LENGTHS),
+    "mipo": BatchLoss(L.mipo, _LOGPS, _LENGTHS),
+    "fpo": BatchLoss(L.fpo, _LOGPS, _LENGTHS + _PER_FEATURE),
+    "intermediate_dpo": BatchLoss(L.intermediate_dpo, _LOGPS, _PER_LAYER),
+    "dph_separable": BatchLoss(L.dph_separable, _HEAD),
+    "dph_contrastive": BatchLoss(L.dph_contrastive, _HEAD),
+    "joint": BatchLoss(L.joint, _LOGPS, _HEAD),
 }

@@ -82,6 +82,12 @@ class PairFeatures:
     tokens: int  # tokens fed forward (0 on a hit)
 
 
+def _pad_id(backbone: Any) -> int:
+    """The id padding positions hold (never read: masks and causality hide them): the tokenizer's, else the closing id."""
+    pad = backbone.tokenizer.pad_token_id
+    return int(backbone.end_id if pad is None else pad)
+
+
 def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
     """Indices grouped by similar length (sorted, longest first) so padding stays small; B * T_max <= budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -123,8 +129,7 @@ def compute_features(
     if min(lengths) < 1:
         raise ValueError("cannot compute features of an empty sequence")
     device = next(backbone.model.parameters()).device
-    pad = backbone.tokenizer.pad_token_id
-    pad = backbone.end_id if pad is None else pad
+    pad = _pad_id(backbone)
     out = torch.empty(len(sequences), backbone.hidden_size, dtype=torch.float32)  # [N, d]
     bar = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
     for idx in _batches(lengths, batch_tokens, max_batch):
@@ -219,8 +224,7 @@ def shared_prompt_features(
     device = next(backbone.model.parameters()).device
     dec = base_model(backbone.model)  # the decoder stack: last_hidden_state is after the final norm
     d = int(backbone.hidden_size)
-    pad = backbone.tokenizer.pad_token_id
-    pad = backbone.end_id if pad is None else pad
+    pad = _pad_id(backbone)
     out = torch.empty(2 * len(pairs), d, dtype=torch.float32)  # [2N, d]: row 2i chosen, 2i + 1 rejected
     total = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
@@ -311,8 +315,7 @@ def packed_pair_features(
     device = next(backbone.model.parameters()).device
     dec = base_model(backbone.model)
     d = int(backbone.hidden_size)
-    pad = backbone.tokenizer.pad_token_id
-    pad = backbone.end_id if pad is None else pad
+    pad = _pad_id(backbone)
     lens = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     total = [a + b + c for a, b, c in lens]
     out = torch.empty(2 * len(pairs), d, dtype=torch.float32)  # [2N, d]: row 2i chosen, 2i + 1 rejected

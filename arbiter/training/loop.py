@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from arbiter.training.artifacts import atomic_write_text
+from arbiter.training.artifacts import METRICS_FILE, truncate_metrics
 from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import split_pairs
@@ -146,7 +146,7 @@ def prepare_out_dir(cfg: Any, resume: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         return out
-    existing = [p for p in ("checkpoints", "adapter", "metrics.jsonl") if (out / p).exists()]
+    existing = [p for p in ("checkpoints", "adapter", METRICS_FILE) if (out / p).exists()]
     if existing:
         if not cfg.overwrite:
             raise ConfigError(
@@ -154,25 +154,8 @@ def prepare_out_dir(cfg: Any, resume: bool) -> Path:
                 "overwrite=true to replace it, or choose another out directory"
             )
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
     return out
-
-
-METRICS_FILE = "metrics.jsonl"  # every recipe's per-step log (TRL metric names), one JSON object a line
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line torn by the kill
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:

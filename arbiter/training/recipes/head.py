@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arbiter.training.batch import PreferenceBatch
+from arbiter.training.artifacts import METRICS_FILE, truncate_metrics
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
-from arbiter.training.loop import METRICS_FILE, TrainingDiverged, truncate_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -206,6 +205,7 @@ def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
     """Loss and TRL metrics of ``head`` on pairs ``idx`` (eval mode, no grad). fw, fl: [N, d]."""
     import torch
 
+    from arbiter.training.batch import PreferenceBatch
     from arbiter.training.losses import preference_metrics
 
     was_training = head.training
@@ -245,8 +245,9 @@ def train_on_features(
     from tqdm.auto import tqdm
 
     from arbiter.heads import HeadConfig, build_head
-    from arbiter.training.batch import LOSSES
+    from arbiter.training.batch import LOSSES, PreferenceBatch
     from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+    from arbiter.training.loop import TrainingDiverged
     from arbiter.training.losses import preference_metrics
 
     run_dir = Path(run_dir)
