@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from arbiter.training import loop, lora
 from arbiter.training.config import ConfigError, load_config
 from arbiter.training.data import collate_pairs, load_pairs, save_pairs, tokenize_pairs
-from arbiter.training.logprobs import sequence_logps
+from arbiter.training.logprobs import forward_logps
 from arbiter.training.recipes import adapter, ref
 from arbiter.training.reference import REF, check_ref_tokens
 from arbiter.training.sections import DEFAULT_TARGETS
@@ -75,7 +75,8 @@ def test_ref_columns_equal_base_model_logps(backbone, tiny):
     tokenized, _ = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=MAX_LEN)
     batch = collate_pairs(tokenized, backbone.end_id)
     with torch.no_grad():
-        logps, lengths = sequence_logps(backbone.model, batch)
+        o = forward_logps(backbone.model, batch)
+        logps, lengths = o.logps, o.lengths
     b = len(tokenized)
     stored = torch.tensor([tp.meta[REF.chosen_logp] for tp in tokenized] + [tp.meta[REF.rejected_logp] for tp in tokenized])
     torch.testing.assert_close(stored, logps, atol=1e-3, rtol=2e-5)

@@ -31,6 +31,7 @@ from arbiter.training.data import (
     load_math,
     load_pairs,
     math_prompt,
+    pair_math_samples,
     sample_math_pairs,
     save_pairs,
     split_pairs,
@@ -515,50 +516,24 @@ def test_sample_math_pairs_accounting(backbone):
         sample_math_pairs(backbone, problems, k=1, max_new_tokens=4, temperature=1.0, seed=0)
 
 
-class _ScriptedLM(torch.nn.Module):
-    """Returns fixed continuations (real tokenizer ids) instead of sampling, to check the pairing rules."""
-
-    def __init__(self, tokenizer, scripts):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device
-        self.tok, self.scripts, self.calls = tokenizer, list(scripts), []
-
-    def generate(self, *, input_ids, attention_mask, num_return_sequences, pad_token_id, eos_token_id, **kw):
-        self.calls.append(kw)
-        rows = []
-        for i in range(input_ids.shape[0]):
-            for text in self.scripts.pop(0):
-                finished = text.endswith("<END>")
-                ids = self.tok(text.removesuffix("<END>"), add_special_tokens=False)["input_ids"]
-                rows.append(input_ids[i].tolist() + ids + ([eos_token_id[0]] if finished else []))
-        # Like generate: finished rows are padded after their stop token; an unfinished row would have run
-        # to the full width, so it is filled with spaces (which decode away) rather than pad (= <|im_end|>).
-        width = max(len(r) for r in rows)
-        space = self.tok(" ", add_special_tokens=False)["input_ids"][0]
-        filled = [r + [pad_token_id if r[-1] == eos_token_id[0] else space] * (width - len(r)) for r in rows]
-        return torch.tensor(filled)
-
-
-def test_sample_math_pairs_pairing_rules(backbone):
-    from types import SimpleNamespace
-
+def test_pair_math_samples_pairing_rules():
     problems = [MathProblem(f"q{i}", a, {"source": "t", "row": i}) for i, a in enumerate(["5", "2", "9", "4"])]
-    scripts = [
-        ["So the answer is 5.<END>", "The answer is 7.<END>", "The answer is 5<END>"],  # pair
-        ["The answer is 2<END>", "It is 2.<END>", "#### 2<END>"],  # no_incorrect
-        ["The answer is 9 and", "I do not know.<END>", "The answer is 8<END>"],  # unfinished 9 is not correct
-        ["<END>", "The answer is 4<END>", "The answer is 3"],  # empty sample never used; unfinished can be rejected
+    samples = [  # (text, finished)
+        [("So the answer is 5.", True), ("The answer is 7.", True), ("The answer is 5", True)],  # pair
+        [("The answer is 2", True), ("It is 2.", True), ("#### 2", True)],  # no_incorrect
+        [("The answer is 9 and", False), ("I do not know.", True), ("The answer is 8", True)],  # unfinished 9 is wrong
+        [("", True), ("The answer is 4", True), ("The answer is 3", False)],  # empty never used; unfinished can be rejected
     ]
-    fake = SimpleNamespace(tokenizer=backbone.tokenizer, end_id=backbone.end_id, model=_ScriptedLM(backbone.tokenizer, scripts))
-    pairs, rep = sample_math_pairs(fake, problems, k=3, max_new_tokens=8, temperature=0.7, seed=0, batch_size=3)
+    pairs, rep = pair_math_samples(problems, samples, seed=0, sampler={"k": 3})
     _accounted(rep)
     assert rep.total == 4 and rep.kept == 2 and rep.dropped == {"no_incorrect": 1, "no_correct": 1}
     assert rep.stats == {"samples": 12, "correct": 6, "unfinished": 2, "empty": 1}
     by_row = {p.meta["row"]: p for p in pairs}
     assert by_row[0].chosen in {"So the answer is 5.", "The answer is 5"} and by_row[0].rejected == "The answer is 7."
     assert (by_row[3].chosen, by_row[3].rejected, by_row[3].meta["rejected_finished"]) == ("The answer is 4", "The answer is 3", False)
-    assert all(c["do_sample"] and c["temperature"] == 0.7 and c["max_new_tokens"] == 8 for c in fake.model.calls)
-    assert len(fake.model.calls) == 2  # batches of 3 + 1
+    assert by_row[0].prompt == math_prompt(problems[0]) and by_row[0].meta["sampler"] == {"k": 3}
+    with pytest.raises(ValueError, match="sample groups"):
+        pair_math_samples(problems, samples[:2], seed=0)
 
 
 def test_user_jsonl_for_choice_and_math(tmp_path):

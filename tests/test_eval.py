@@ -112,11 +112,3 @@ def test_eval_bestofn_tiny(head_dir, backbone, tmp_path):
     assert "oracle pass@N" in open(rep["paths"]["markdown"]).read()
 
 
-def test_vote_rules():
-    from arbiter.training.evaluate import _vote
-
-    assert _vote(["3", "4", "4", None], [1, 1, 1, 5]) == "4"
-    assert _vote(["3", "4", "4"], [0.9, 0.05, 0.05]) == "3"  # weights beat counts
-    assert _vote(["12", "12.0", "7"], [0.3, 0.3, 0.4]) == "12"  # equal numbers vote together
-    assert _vote(["5", "6"], [1, 1]) == "5"  # ties: the earliest answer
-    assert _vote([None, None], [1, 1]) is None

@@ -6,9 +6,6 @@ import torch
 from arbiter.training.data import collate_pairs, load_pairs, tokenize_pairs
 from arbiter.training.logprobs import (
     forward_logps,
-    layer_logps,
-    per_token_logps,
-    sequence_logps,
     split_pairs,
 )
 
@@ -40,7 +37,8 @@ def raw_logits(raw):
 
 def test_sequence_logps_match_hand_computation(backbone, batch, raw_logits):
     with torch.no_grad():
-        logps, lengths = sequence_logps(backbone.model, batch)
+        o = forward_logps(backbone.model, batch)
+        logps, lengths = o.logps, o.lengths
     assert logps.shape == (4,) and logps.dtype == torch.float32
     assert torch.equal(lengths.cpu(), batch["answer_lengths"])
     # Row 0 by hand: for each answer token t, log_softmax of the logits at t - 1, read at input_ids[t].
@@ -61,8 +59,9 @@ def test_sequence_logps_match_hand_computation(backbone, batch, raw_logits):
 
 def test_per_token_logps_are_aligned_with_input_ids(backbone, batch, raw_logits):
     with torch.no_grad():
-        tok, mask = per_token_logps(backbone.model, batch)
-        seq, _ = sequence_logps(backbone.model, batch)
+        o = forward_logps(backbone.model, batch, token_level=True)
+        tok, mask = o.token_logps, batch["answer_mask"].bool()
+        seq = forward_logps(backbone.model, batch).logps
     assert tok.shape == batch["input_ids"].shape and torch.equal(mask, batch["answer_mask"].bool())
     assert torch.all(tok[~mask] == 0) and torch.all(tok[mask] < 0)
     torch.testing.assert_close(tok.sum(-1), seq, atol=1e-4, rtol=1e-5)
@@ -77,8 +76,8 @@ def test_padding_does_not_change_a_rows_logps(backbone, batch):
     row = int(lengths.argmin())  # the most padded row
     alone = {k: v[row : row + 1, : int(lengths[row])] if v.dim() == 2 else v[row : row + 1] for k, v in batch.items()}
     with torch.no_grad():
-        full, _ = sequence_logps(backbone.model, batch)
-        single, _ = sequence_logps(backbone.model, alone)
+        full = forward_logps(backbone.model, batch).logps
+        single = forward_logps(backbone.model, alone).logps
     assert single[0].item() == pytest.approx(full[row].item(), rel=2e-5, abs=1e-3)
 
 
@@ -87,7 +86,7 @@ def test_layer_logps_logit_lens(backbone, batch, raw):
     hidden = raw[1]
     with torch.no_grad():
         out = forward_logps(backbone.model, batch, layers=[10, last], end_features=True, capture_layers=[10])
-        no_norm = layer_logps(backbone.model, batch, [10], apply_final_norm=False)
+        no_norm = forward_logps(backbone.model, batch, layers=[10], apply_final_norm=False).layer_logps
     assert out.layer_logps.shape == (2, 4)
     # The last block + the final norm is exactly what the LM head reads: the final-layer log-probs.
     torch.testing.assert_close(out.layer_logps[1], out.logps, atol=1e-4, rtol=1e-5)
@@ -137,11 +136,11 @@ def test_errors_and_split(backbone, batch):
     bad["answer_mask"] = batch["answer_mask"].clone()
     bad["answer_mask"][0, 0] = 1
     with pytest.raises(ValueError, match="position 0"):
-        sequence_logps(backbone.model, bad)
+        forward_logps(backbone.model, bad)
     with pytest.raises(KeyError, match="answer_mask"):
-        sequence_logps(backbone.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        forward_logps(backbone.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     with pytest.raises(ValueError, match="outside"):
-        layer_logps(backbone.model, batch, [backbone.num_layers])
+        forward_logps(backbone.model, batch, layers=[backbone.num_layers])
     c, r = split_pairs(torch.arange(6.0))
     assert c.tolist() == [0, 1, 2] and r.tolist() == [3, 4, 5]
     c, r = split_pairs(torch.arange(8.0).view(2, 4))

@@ -9,6 +9,7 @@ Generations are kept to 8 tokens so the file stays fast on two CPU cores.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -209,6 +210,25 @@ def test_rerank_stream_returns_the_winner(live, reranked):
     final = next(ch for ch in chunks if ch.choices and ch.choices[0].finish_reason)
     assert final.rerank["chosen"] == reranked.rerank["chosen"]
     assert [c["text"] for c in final.rerank["candidates"]] == [c["text"] for c in reranked.rerank["candidates"]]
+
+
+def test_offline_bestofn_samples_and_picks_what_the_server_returns(live, backbone, tmp_path):
+    """``arbiter eval bestofn`` problem j == a rerank request with seed + j: the same candidates, rewards and pick."""
+    from arbiter.training.data import load_math, math_prompt
+    from arbiter.training.evaluate import eval_bestofn
+
+    rep = eval_bestofn(head=str(live.heads_dir / "h1"), data="svamp", n=3, limit=2, seed=40, max_new_tokens=8,
+                       temperature=0.9, out=str(tmp_path), backbone=backbone, progress=False)
+    ex = json.loads(open(rep["paths"]["json"]).read())["examples"]
+    problems, _ = load_math("svamp", limit=2, seed=40)
+    for j, (problem, e) in enumerate(zip(problems, ex)):
+        r = live.client().chat.completions.create(
+            model=live.model, messages=math_prompt(problem), max_tokens=8, temperature=0.9, seed=40 + j,
+            extra_body={"rerank": {"candidates": 3, "heads": ["h1"], "return_candidates": True}})
+        cands = r.rerank["candidates"]
+        assert [c["text"] for c in cands] == e["texts"]
+        assert [c["rewards"]["h1"] for c in cands] == pytest.approx(e["rewards"], rel=1e-3, abs=1e-3)
+        assert r.rerank["chosen"] == [e["head_pick"]]
 
 
 def test_score_endpoint(live, reranked, backbone, local_heads):

@@ -13,8 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from arbiter.fsutil import atomic_dir, fsync_tree  # noqa: F401 (re-exported: training's artifacts use it)
-
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifacts import atomic_dir
+from arbiter.fsutil import atomic_dir
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain lists, so ``torch.load(weights_only=True)`` can read them."""
     py = random.getstate()
-    npst = np.random.get_state()
+    npst: Any = np.random.get_state()
     return {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], torch.from_numpy(np.asarray(npst[1], dtype=np.int64)), npst[2], npst[3], npst[4]],

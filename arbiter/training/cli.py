@@ -102,13 +102,13 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += config_help(tp, f"{prefix}{f.name}.")
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
             default = "(required)"
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}) = {default!r}")
@@ -143,7 +143,7 @@ def _train_overview() -> str:
 
 def _recipe_parser(name: str, module: Any) -> argparse.ArgumentParser:
     config_cls = getattr(module, "CONFIG", None)
-    if config_cls is None or not dataclasses.is_dataclass(config_cls) or not callable(getattr(module, "run", None)):
+    if not isinstance(config_cls, type) or not dataclasses.is_dataclass(config_cls) or not callable(getattr(module, "run", None)):
         raise CLIError(f"recipe module {module.__name__} does not follow the recipe protocol (CONFIG dataclass + run)")
     desc = getattr(module, "DESCRIPTION", None) or (module.__doc__ or RECIPES[name][1]).strip().splitlines()[0]
     epilog = "config keys (override with key=value):\n" + "\n".join(config_help(config_cls))

@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -206,7 +206,7 @@ def score_answers(
             batch = collate_texts([rows[i] for i in idx], pad)
             out = forward_logps(backbone.model, batch, end_features=layer < 0,
                                 capture_layers=[layer] if layer >= 0 else ())
-            if layer < 0:
+            if out.end_hidden is not None:  # layer < 0
                 feats = out.end_hidden  # [b, d]
             else:
                 feats = end_features(out.captured[layer], batch["end_positions"].to(out.captured[layer].device))
@@ -254,8 +254,9 @@ def eval_choice(
     for i, qi in enumerate(owner):
         per_q[qi].append(i)
     head_ok = avg_ok = sum_ok = agree = 0
-    examples = []
-    correct_r, best_wrong_r = [], []  # per question: the correct option's reward, the best wrong option's
+    examples: list[dict[str, Any]] = []
+    correct_r: list[float] = []
+    best_wrong_r: list[float] = []  # per question: the correct option's reward, the best wrong option's
     for qi, q in enumerate(questions):
         ix = torch.tensor(per_q[qi])
         correct_r.append(float(rewards[ix][q.answer]))
@@ -294,28 +295,6 @@ def eval_choice(
 # --------------------------------------------------------------------------------------------------
 
 
-def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> str | None:
-    """The answer with the largest total weight (None answers ignored); ties go to the earliest answer."""
-    from decimal import Decimal, InvalidOperation
-
-    total: dict[str, float] = {}
-    first: dict[str, int] = {}
-    for i, (a, w) in enumerate(zip(answers, weights)):
-        if a is None:
-            continue
-        try:
-            key = str(Decimal(a).normalize())  # "12" and "12.0" vote together
-        except InvalidOperation:
-            key = a
-        total[key] = total.get(key, 0.0) + float(w)
-        first.setdefault(key, i)
-        first[key] = min(first[key], i)
-    if not total:
-        return None
-    best = max(total, key=lambda k: (total[k], -first[k]))
-    return answers[first[best]]
-
-
 def eval_bestofn(
     *,
     head: str,
@@ -333,93 +312,66 @@ def eval_bestofn(
     backbone: Any = None,
     progress: bool = True,
 ) -> dict:
-    """Sample ``n`` answers per math problem, score them with the head, compare selection rules."""
+    """Sample ``n`` answers per math problem, score them with the head, compare selection rules.
+
+    Exactly what the server does for a rerank request (docs/architecture.md "One sampler"): problem j is sampled
+    by the HF engine as a request with ``seed + j`` (``arbiter.training.sampling``), every candidate is scored by
+    the head on the engine's own features, and ``head_pick`` / ``weighted_vote`` / ``majority_vote`` are the
+    candidate the server returns under ``rerank.select`` = argmax / weighted_vote / majority_vote with the
+    ``last_number`` extractor (``arbiter.service.rerank.select``). A picked candidate is right when it finished
+    and its final number equals the gold answer."""
     import torch
-    from tqdm.auto import tqdm
 
-    from arbiter.backbone import prompt_ids
+    from arbiter.answers import extractor
+    from arbiter.chat import prompt_ids
+    from arbiter.heads import head_rewards
+    from arbiter.service.engine.base import SamplingParams
+    from arbiter.service.rerank import select
 
-    from .data import extract_final_answer, is_correct, load_math, math_prompt
-    from .feature_cache import compute_features
+    from .data import is_correct, load_math, math_prompt
+    from .sampling import sample
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     t0 = time.perf_counter()
     backbone, module, config = _setup(head, model, backbone)
     problems, report = load_math(data, limit=limit, seed=seed)
-    tok, lm, end_id = backbone.tokenizer, backbone.model, backbone.end_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    stop_ids = sorted({end_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-    device = next(lm.parameters()).device
-
-    samples: list[list[dict]] = []  # per problem: n dicts {text, ids, finished, answer, correct}
-    bar = tqdm(total=len(problems), desc=f"sampling {n} per problem", unit="problem", disable=not progress)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     t_gen = time.perf_counter()
-    for b0 in range(0, len(problems), gen_batch):
-        chunk = problems[b0 : b0 + gen_batch]
-        ids = [prompt_ids(tok, math_prompt(p)) for p in chunk]
-        width = max(len(x) for x in ids)
-        # Left padding: every prompt ends at the same column, generation continues right after it.
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # [b, P]
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # [b, P]
-        fork = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork), torch.inference_mode():
-            torch.manual_seed(seed * 1_000_003 + b0)  # seeded per batch; the global RNG is left alone
-            gen = lm.generate(input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature,
-                              top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                              pad_token_id=pad, eos_token_id=stop_ids)  # [b * n, P + new]
-        new = gen[:, width:].tolist()
-        for i, problem in enumerate(chunk):
-            group = []
-            for row in new[i * n : (i + 1) * n]:
-                stop = next((t for t, x in enumerate(row) if x in stop_ids), None)
-                body = row if stop is None else row[:stop]
-                text = tok.decode(body, skip_special_tokens=True).strip()
-                finished = stop is not None
-                group.append({"prompt": ids[i], "ids": body + [end_id], "text": text, "finished": finished,
-                              "answer": extract_final_answer(text), "correct": finished and is_correct(text, problem)})
-            samples.append(group)
-        bar.update(len(chunk))
-    bar.close()
+    results = sample(backbone, [prompt_ids(backbone.tokenizer, math_prompt(p)) for p in problems], n=n, params=params,
+                     seeds=[seed + j for j in range(len(problems))], feature_layers=(config.layer,),
+                     batch_prompts=gen_batch, progress=progress, desc=f"sampling {n} per problem")
     gen_seconds = time.perf_counter() - t_gen
 
-    flat = [s for g in samples for s in g]
-    feats = compute_features(backbone, [s["prompt"] + s["ids"] for s in flat], layer=config.layer,
-                             batch_tokens=batch_tokens, progress=progress, desc=f"scoring {len(flat)} samples")
-    rewards = _rewards(module, feats)  # [P * n]
-    k = 0
-    hits = Counter()
-    examples = []
-    for problem, group in zip(problems, samples):
-        r = rewards[k : k + len(group)]  # [n]
-        k += len(group)
-        w = torch.softmax(r.double(), dim=0).tolist()
-        answers = [s["answer"] if s["finished"] else None for s in group]
-        correct = [s["correct"] for s in group]
-        pick = int(r.argmax())
-        weighted = _vote(answers, w)
-        majority = _vote(answers, [1.0] * len(group))
-
-        def ok(a: str | None, gold: str = problem.answer) -> bool:
-            from decimal import Decimal
-
-            return a is not None and Decimal(a) == Decimal(gold)
-
+    last_number = extractor("last_number")
+    hits: defaultdict[str, float] = defaultdict(float)
+    examples: list[dict[str, Any]] = []
+    for problem, result in zip(problems, results):
+        cands = result.candidates
+        feats = torch.stack([c.features[config.layer] for c in cands if c.features is not None])  # [n, d]
+        r = head_rewards(module, feats)  # [n]
+        found = [last_number(c.text) for c in cands]
+        correct = [c.finish_reason == "stop" and is_correct(c.text, problem) for c in cands]
+        picks = {policy: select(r[:, None], policy, found).order[0]
+                 for policy in ("argmax", "weighted_vote", "majority_vote")}
         hits["pass@1"] += correct[0]
-        hits["sample_accuracy"] += sum(correct) / len(group)
-        hits["head_pick"] += correct[pick]
-        hits["weighted_vote"] += ok(weighted)
-        hits["majority_vote"] += ok(majority)
+        hits["sample_accuracy"] += sum(correct) / len(cands)
+        hits["head_pick"] += correct[picks["argmax"]]
+        hits["weighted_vote"] += correct[picks["weighted_vote"]]
+        hits["majority_vote"] += correct[picks["majority_vote"]]
         hits["oracle"] += any(correct)
-        hits["finished"] += sum(s["finished"] for s in group) / len(group)
-        hits["answered"] += sum(a is not None for a in answers) / len(group)
+        hits["finished"] += sum(c.finish_reason == "stop" for c in cands) / len(cands)
+        hits["answered"] += sum(a is not None for a in found) / len(cands)
         if len(examples) < 3:
-            examples.append({"question": problem.question[:200], "gold": problem.answer, "answers": answers,
-                             "rewards": [round(float(x), 4) for x in r], "head_pick": pick,
-                             "weighted_vote": weighted, "majority_vote": majority})
+            examples.append({"question": problem.question[:200], "gold": problem.answer, "texts": [c.text for c in cands],
+                             "answers": found,
+                             "finished": [c.finish_reason == "stop" for c in cands],
+                             "rewards": [round(float(x), 4) for x in r], "head_pick": picks["argmax"],
+                             "weighted_vote": picks["weighted_vote"], "majority_vote": picks["majority_vote"]})
     m = len(problems)
     res = _base("bestofn", head, config, data, backbone)
-    res.update(n=m, n_samples=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    res.update(n=m, n_samples=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+               sampler="hf engine: problem j sampled as a request with seed + j")
     for key in ("pass@1", "sample_accuracy", "head_pick", "weighted_vote", "majority_vote", "oracle"):
         res[key] = hits[key] / m
         res[f"{key}_se"] = _se(hits[key] / m, m)

@@ -28,7 +28,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .artifacts import atomic_dir, file_sha256
+from arbiter.fsutil import atomic_dir
+
+from .artifacts import file_sha256
 
 log = logging.getLogger("arbiter.training.feature_cache")
 
@@ -259,7 +261,7 @@ def shared_prompt_features(
                     prow = torch.tensor([r // 2 for r in rows])  # [R] the prompt row of each answer row
                     sub = DynamicCache(config=backbone.model.config)
                     for k, lay in enumerate(cache.layers):  # this sub-batch's rows of the prompt cache
-                        sub.update(lay.keys[prow.to(device)], lay.values[prow.to(device)], k)
+                        sub.update(lay.keys[prow.to(device)], lay.values[prow.to(device)], k)  # type: ignore[union-attr, index]
                     alen = torch.tensor([len(answers[r]) for r in rows])  # [R]
                     A = int(alen.max())
                     aids = torch.full((len(rows), A), pad, dtype=torch.long)  # [R, A] right-padded answers

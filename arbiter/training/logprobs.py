@@ -37,10 +37,7 @@ __all__ = [
     "PROJECTIONS",
     "causal_lm",
     "forward_logps",
-    "layer_logps",
     "lm_head_projection",
-    "per_token_logps",
-    "sequence_logps",
     "split_pairs",
 ]
 
@@ -205,7 +202,7 @@ def forward_logps(
         per_layer = []
         for layer in layers:
             h = captured[int(layer)]  # [N, T, d]
-            if apply_final_norm:
+            if norm is not None and apply_final_norm:
                 h = norm(h)
             t = _gathered_logps(h, input_ids, predict, layer_project, vocab=vocab, chunk_tokens=chunk_tokens)
             per_layer.append(summed(t))  # [N]
@@ -218,43 +215,6 @@ def forward_logps(
         out.end_hidden = gather_end(hidden, batch["end_positions"].to(device))  # [N, d] float32
     out.captured = {k: v for k, v in captured.items() if k in set(int(x) for x in capture_layers)}
     return out
-
-
-def sequence_logps(model: Any, batch: dict[str, Tensor], **kw: Any) -> tuple[Tensor, Tensor]:
-    """(summed answer log-probs [N] float32, answer lengths [N] long)."""
-    out = forward_logps(model, batch, **kw)
-    return out.logps, out.lengths
-
-
-def per_token_logps(model: Any, batch: dict[str, Tensor], **kw: Any) -> tuple[Tensor, Tensor]:
-    """(token log-probs [N, T] float32, answer mask [N, T] bool), aligned with ``input_ids``.
-
-    Entry [n, t] is log p(input_ids[n, t] | input_ids[n, :t]) where ``answer_mask[n, t]`` is set, 0 elsewhere.
-    """
-    out = forward_logps(model, batch, token_level=True, **kw)
-    device = out.token_logps.device
-    return out.token_logps, batch["answer_mask"].to(device).bool()
-
-
-def layer_logps(
-    model: Any,
-    batch: dict[str, Tensor],
-    layers: Sequence[int],
-    *,
-    projection: Literal["lm_head"] | nn.Module | Callable[[Tensor], Tensor] = "lm_head",
-    apply_final_norm: bool = True,
-    **kw: Any,
-) -> Tensor:
-    """Summed answer log-probs read from intermediate blocks, [K, N] (docs/methods.md "Intermediate DPO").
-
-    Default = logit lens: the raw output of block l -> the model's own final norm -> its LM head.
-    ``apply_final_norm=False`` projects the raw residual stream; ``projection`` may be a module
-    [M, d] -> [M, V] (a new shared linear layer) instead of ``"lm_head"``.
-    """
-    if not layers:
-        raise ValueError("layer_logps needs at least one layer")
-    out = forward_logps(model, batch, layers=layers, projection=projection, apply_final_norm=apply_final_norm, **kw)
-    return out.layer_logps
 
 
 def split_pairs(x: Tensor) -> tuple[Tensor, Tensor]:

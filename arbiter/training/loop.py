@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ class LoopSpec:
     policy: nn.Module  # prepared PolicyModule
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    trainables: dict[str, nn.Parameter]  # checkpointed tensors, by stable name
+    trainables: Mapping[str, Tensor]  # checkpointed tensors, by stable name
     train: list  # TokenizedPair
     dev: list
     pad_id: int
@@ -122,7 +122,7 @@ def total_optimizer_steps(n_train: int, optim: OptimConfig, world: int) -> int:
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]), weight_decay=optim.weight_decay)
     warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, optim.schedule, optim.min_lr_ratio))
     return opt, sched

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from arbiter.training.artifacts import atomic_dir
+from arbiter.fsutil import atomic_dir
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import forward_logps, split_pairs
 from arbiter.training.sections import LoraSection
+
+if TYPE_CHECKING:
+    from arbiter.training.sae import SparseAutoencoder
 
 ADAPTER_META_FILE = "arbiter_adapter.json"
 
@@ -28,7 +31,7 @@ def resolve_backbone(model_spec: str | None, backbone: Any | None) -> Any:
     return load_backbone(model_spec)
 
 
-def attach_lora(model: nn.Module, section: LoraSection, *, gradient_checkpointing: bool = False) -> tuple[Any, Callable[[], None]]:
+def attach_lora(model: Any, section: LoraSection, *, gradient_checkpointing: bool = False) -> tuple[Any, Callable[[], None]]:
     """Wrap ``model`` with a fresh trainable LoRA adapter; returns (peft model, restore) where ``restore()``
     removes the adapter again and restores requires_grad / train mode (the backbone object is shared)."""
     from peft import LoraConfig, get_peft_model
@@ -42,13 +45,13 @@ def attach_lora(model: nn.Module, section: LoraSection, *, gradient_checkpointin
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pcfg = LoraConfig(
-        r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+        r=section.r, lora_alpha=section.alpha,  # type: ignore[arg-type]  # peft takes a float alpha lora_dropout=section.dropout,
         target_modules=list(section.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, pcfg)
 
     def restore() -> None:
-        base = peft_model.unload()  # removes the LoRA layers (no merge): the base weights are untouched
+        base: Any = peft_model.unload()  # removes the LoRA layers (no merge): the base weights are untouched
         if hasattr(base, "peft_config"):
             del base.peft_config
         if gradient_checkpointing:
@@ -77,9 +80,11 @@ class PolicyModule(nn.Module):
         apply_final_norm: bool = True,
         head: nn.Module | None = None,
         detach_head_features: bool = False,
-        sae: nn.Module | None = None,
+        sae: SparseAutoencoder | None = None,
         sae_layer: int | None = None,
     ):
+        if (sae is None) != (sae_layer is None):
+            raise ValueError("PolicyModule: give sae and sae_layer together")
         super().__init__()
         self.model = model
         self.layers = list(layers)
@@ -97,15 +102,15 @@ class PolicyModule(nn.Module):
             projection=self.projection if self.projection is not None else "lm_head",
             apply_final_norm=self.apply_final_norm,
             end_features=self.head is not None,
-            capture_layers=[self.sae_layer] if self.sae is not None else (),
+            capture_layers=[self.sae_layer] if self.sae_layer is not None else (),
         )
         res = {"logps": out.logps, "lengths": out.lengths}  # [2B], [2B]
-        if self.layers:
+        if out.layer_logps is not None:
             res["layer_logps"] = out.layer_logps  # [K, 2B]
-        if self.head is not None:
+        if self.head is not None and out.end_hidden is not None:
             feats = out.end_hidden.detach() if self.detach_head_features else out.end_hidden  # [2B, d]
             res["head_rewards"] = self.head(feats).float()  # [2B]
-        if self.sae is not None:
+        if self.sae is not None and self.sae_layer is not None:
             from arbiter.training.sae import pool_answer_features
 
             hidden = out.captured[self.sae_layer]  # [2B, T, d]
@@ -120,7 +125,7 @@ def reference_pass(peft_model: Any, batch: dict[str, Tensor], *, layers: Sequenc
     with torch.no_grad(), peft_model.disable_adapter():
         out = forward_logps(peft_model, batch, layers=layers, apply_final_norm=apply_final_norm)
     res = {"logps": out.logps}
-    if layers:
+    if out.layer_logps is not None:
         res["layer_logps"] = out.layer_logps
     return res
 
@@ -200,7 +205,12 @@ def adapter_pair_accuracy(
     else:
         tokenized, rep = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=max_length)
         report = rep.to_dict()
-    pol_c, pol_r, ref_c, ref_r, len_c, len_r = [], [], [], [], [], []
+    pol_c: list[Tensor] = []
+    pol_r: list[Tensor] = []
+    ref_c: list[Tensor] = []
+    ref_r: list[Tensor] = []
+    len_c: list[Tensor] = []
+    len_r: list[Tensor] = []
     with loaded_adapter(backbone, adapter_dir) as peft_model:
         with torch.no_grad():
             for s in tqdm(range(0, len(tokenized), batch_size), desc="adapter pairs", disable=not progress):

@@ -120,7 +120,7 @@ def check_ref_columns(pairs: Sequence[Any], *, layers: Sequence[int] | None, app
         if sae_digest is not None:
             if m.get(REF.sae) != sae_digest:
                 raise ConfigError(f"{where}: reference features were computed with another SAE ({m.get(REF.sae)!r})")
-            if int(m.get(REF.sae_layer, -1)) != int(sae_layer):
+            if int(m.get(REF.sae_layer, -1)) != sae_layer:
                 raise ConfigError(f"{where}: reference features come from layer {m.get(REF.sae_layer)}, not {sae_layer}")
 
 

@@ -128,7 +128,7 @@ def _mc_rows(name: str, report: DataReport) -> Iterator[tuple[int, ChoiceQuestio
             try:
                 if not isinstance(row, dict):
                     raise _RowError("unparseable", "row is not an object")
-                choices = row.get("choices")
+                choices = row.get("choices")  # type: ignore[assignment]  # checked by _choice_index
                 gold = _choice_index(row.get("answer"), choices)
                 prompt, options, gold, texts = _lettered(row.get("question"), choices, gold)
             except _RowError as e:

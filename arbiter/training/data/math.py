@@ -119,95 +119,84 @@ def sample_math_pairs(
     temperature: float,
     seed: int,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Sample k answers per problem from the backbone and pair a correct one with an incorrect one.
 
-    A sample is correct if it finished (emitted <|im_end|> within max_new_tokens) and its extracted final
-    answer equals the problem's. Every other non-empty sample is incorrect (an unfinished sample is
-    incorrect: it gave no answer in the budget; ``meta["rejected_finished"]`` tells them apart). For each
-    problem with at least one correct and one incorrect sample, chosen and rejected are drawn uniformly
-    among each (seeded per problem). Report: total = problems, kept = pairs, dropped "no_correct" /
-    "no_incorrect"; stats count samples, correct, unfinished and empty ones. Never raises on zero pairs.
+    Sampling is the server's (``arbiter.training.sampling.sample``: the HF engine, temperature, top_p 1): problem j
+    is sampled like a request with ``seed + j``. The pairing rules are :func:`pair_math_samples`.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from arbiter.backbone import prompt_ids
+    from arbiter.chat import prompt_ids
+    from arbiter.service.engine.base import SamplingParams
+    from arbiter.training.sampling import sample
 
     if k < 2:
         raise ValueError(f"k must be >= 2 to get both a correct and an incorrect sample, got {k}")
     if max_new_tokens < 1 or temperature <= 0 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1 and temperature > 0")
-    tok, model, end_id = backbone.tokenizer, backbone.model, backbone.end_id
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    stop_ids = sorted({end_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-    device = next(model.parameters()).device
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
+    results = sample(backbone, [prompt_ids(backbone.tokenizer, math_prompt(p)) for p in problems], n=k, params=params,
+                     seeds=[seed + j for j in range(len(problems))], batch_prompts=batch_size, progress=progress,
+                     desc="sampling math answers")
+    samples = [[(c.text.strip(), c.finish_reason == "stop") for c in r.candidates] for r in results]
+    sampler = {"k": k, "temperature": temperature, "top_p": 1.0, "max_new_tokens": max_new_tokens, "seed": seed,
+               "engine": "hf"}
+    return pair_math_samples(problems, samples, seed=seed, sampler=sampler)
+
+
+def pair_math_samples(
+    problems: Sequence[MathProblem],
+    samples: Sequence[Sequence[tuple[str, bool]]],
+    *,
+    seed: int,
+    sampler: dict[str, Any] | None = None,
+) -> tuple[list[PreferencePair], DataReport]:
+    """Pairs from sampled answers: ``samples[j]`` = (text, finished) of problem j's samples.
+
+    A sample is correct if it finished (ended with <|im_end|> within the token budget) and its extracted final
+    answer equals the problem's. Every other non-empty sample is incorrect (an unfinished sample is incorrect: it
+    gave no answer in the budget; ``meta["rejected_finished"]`` tells them apart). For each problem with at least
+    one correct and one incorrect sample, chosen and rejected are drawn uniformly among each (seeded per problem).
+    Report: total = problems, kept = pairs, dropped "no_correct" / "no_incorrect"; stats count samples, correct,
+    unfinished and empty ones. Never raises on zero pairs.
+    """
+    if len(samples) != len(problems):
+        raise ValueError(f"{len(samples)} sample groups for {len(problems)} problems")
     report = DataReport("math-samples")
     report.stats.update(samples=0, correct=0, unfinished=0, empty=0)
     pairs: list[PreferencePair] = []
-    sampler = {"k": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-
-    bar = tqdm(total=len(problems), desc="sampling math answers", unit="problem")
-    for b0 in range(0, len(problems), batch_size):
-        chunk = problems[b0 : b0 + batch_size]
-        prompts = [math_prompt(p) for p in chunk]
-        ids = [prompt_ids(tok, m) for m in prompts]
-        width = max(len(x) for x in ids)
-        # Left padding so every prompt ends at the same column and generation continues right after it.
-        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)  # [b, P]
-        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # [b, P]
-        fork = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork), torch.inference_mode():
-            torch.manual_seed(seed * 1_000_003 + b0)  # seeded per batch, global RNG left untouched
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                pad_token_id=pad_id,
-                eos_token_id=stop_ids,
-            )  # [b * k, P + new]; rows i*k .. i*k+k-1 belong to prompt i
-        new = out[:, width:].tolist()
-        for i, problem in enumerate(chunk):
-            texts, finished = [], []
-            for row in new[i * k : (i + 1) * k]:
-                stop = next((t for t, x in enumerate(row) if x in stop_ids), None)
-                finished.append(stop is not None)
-                texts.append(tok.decode(row if stop is None else row[:stop], skip_special_tokens=True).strip())
-            correct = [f and is_correct(t, problem) for t, f in zip(texts, finished)]
-            report.total += 1
-            report.stats["samples"] += k
-            report.stats["correct"] += sum(correct)
-            report.stats["unfinished"] += finished.count(False)
-            report.stats["empty"] += sum(1 for t in texts if not t)
-            good = [j for j in range(k) if correct[j] and texts[j]]
-            bad = [j for j in range(k) if not correct[j] and texts[j]]
-            where = f"{problem.meta.get('source', '?')} row {problem.meta.get('row', '?')}"
-            answers = [extract_final_answer(t) for t in texts]
-            if not good:
-                report.drop("no_correct", f"{where}: gold {problem.answer}, sampled {answers}")
-                continue
-            if not bad:
-                report.drop("no_incorrect", f"{where}: all {len(good)} non-empty samples correct ({problem.answer})")
-                continue
-            rng = random.Random(f"{seed}:{problem.meta.get('source')}:{problem.meta.get('row', b0 + i)}")
-            c, r = rng.choice(good), rng.choice(bad)
-            meta = {
-                "source": problem.meta.get("source"),
-                "row": problem.meta.get("row"),
-                "gold": problem.answer,
-                "chosen_answer": answers[c],
-                "rejected_answer": answers[r],
-                "rejected_finished": finished[r],
-                "n_correct": len(good),
-                "sampler": sampler,
-            }
-            pairs.append(PreferencePair(math_prompt(problem), texts[c], texts[r], meta))
-            report.kept += 1
-        bar.update(len(chunk))
-    bar.close()
+    for j, (problem, group) in enumerate(zip(problems, samples)):
+        texts = [t for t, _ in group]
+        finished = [f for _, f in group]
+        n = len(group)
+        correct = [f and is_correct(t, problem) for t, f in zip(texts, finished)]
+        report.total += 1
+        report.stats["samples"] += n
+        report.stats["correct"] += sum(correct)
+        report.stats["unfinished"] += finished.count(False)
+        report.stats["empty"] += sum(1 for t in texts if not t)
+        good = [i for i in range(n) if correct[i] and texts[i]]
+        bad = [i for i in range(n) if not correct[i] and texts[i]]
+        where = f"{problem.meta.get('source', '?')} row {problem.meta.get('row', '?')}"
+        answers = [extract_final_answer(t) for t in texts]
+        if not good:
+            report.drop("no_correct", f"{where}: gold {problem.answer}, sampled {answers}")
+            continue
+        if not bad:
+            report.drop("no_incorrect", f"{where}: all {len(good)} non-empty samples correct ({problem.answer})")
+            continue
+        rng = random.Random(f"{seed}:{problem.meta.get('source')}:{problem.meta.get('row', j)}")
+        c, r = rng.choice(good), rng.choice(bad)
+        meta = {
+            "source": problem.meta.get("source"),
+            "row": problem.meta.get("row"),
+            "gold": problem.answer,
+            "chosen_answer": answers[c],
+            "rejected_answer": answers[r],
+            "rejected_finished": finished[r],
+            "n_correct": len(good),
+            "sampler": sampler or {},
+        }
+        pairs.append(PreferencePair(math_prompt(problem), texts[c], texts[r], meta))
+        report.kept += 1
     return pairs, report

@@ -24,11 +24,13 @@ def _load_hh(split: str) -> tuple[list[PreferencePair], DataReport]:
 def _builtin_pairs(name: str, seed: int) -> tuple[list[PreferencePair], DataReport] | None:
     """Pairs of a builtin source, or None if ``name`` is not a builtin."""
     if name == "hh-rlhf":
-        out, rep = [], None
+        out: list[PreferencePair] = []
+        rep: DataReport | None = None
         for split in ("helpful-online", "helpful-rejection-sampled"):
             p, r = _load_hh(split)
             out += p
             rep = r if rep is None else rep.merge(r)
+        assert rep is not None
         rep.source = "hh-rlhf"
         return out, rep
     if name.startswith("hh-rlhf/"):

@@ -153,6 +153,7 @@ def adapter_loss(cfg: AdapterConfig, pol: dict[str, Tensor], ref: dict[str, Tens
 def _fpo_setup(cfg: AdapterConfig, bb: Any) -> tuple[Any, int, str]:
     from arbiter.training.sae import load_sae, sae_digest
 
+    assert cfg.fpo.sae is not None  # validate() requires fpo.sae for the fpo loss
     sae = load_sae(cfg.fpo.sae, expect_d_in=bb.hidden_size)
     layer = cfg.fpo.layer if cfg.fpo.layer is not None else sae.hook_layer
     if layer is None:
@@ -219,7 +220,7 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
             sae.to(acc.device)
         policy = PolicyModule(peft_model, layers=layers, projection=projection,
                               apply_final_norm=cfg.intermediate.apply_final_norm, sae=sae, sae_layer=sae_layer)
-        trainables = {f"lora.{k}": v for k, v in trainable_parameters(peft_model).items()}
+        trainables: dict[str, Tensor] = {f"lora.{k}": v for k, v in trainable_parameters(peft_model).items()}
         if projection is not None:
             trainables["projection.weight"] = projection.weight
         total = total_optimizer_steps(len(train), cfg.optim, acc.num_processes)

@@ -331,7 +331,7 @@ def train_on_features(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None))
+            grad_norm = torch.stack([(p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None]).sum().sqrt()
             opt.step()
             step += 1
             st["batch"] += 1

@@ -150,12 +150,12 @@ def reference_rows(
                 batch = collate_pairs(chunk, bb.end_id)
                 with autocast() if autocast is not None else nullcontext():
                     out = forward_logps(model, batch, layers=layers, apply_final_norm=apply_final_norm,
-                                        capture_layers=[sae_layer] if sae is not None else ())
+                                        capture_layers=[sae_layer] if sae_layer is not None else ())
                 b = len(idx)
                 logps = out.logps.float().cpu()  # [2B]
-                layer_lp = out.layer_logps.float().cpu() if layers else None  # [K, 2B]
+                layer_lp = out.layer_logps.float().cpu() if out.layer_logps is not None else None  # [K, 2B]
                 feats = None
-                if sae is not None:
+                if sae is not None and sae_layer is not None:
                     from arbiter.training.sae import pool_answer_features
 
                     hidden = out.captured[sae_layer]  # [2B, T, d]
@@ -169,14 +169,14 @@ def reference_rows(
                     row[REF.rejected_length] = len(tp.rejected_ids)
                     row[REF.ids_sha] = ids_sha(tp.prompt_ids, tp.chosen_ids, tp.rejected_ids)
                     row[REF.model] = mid
-                    if layers:
+                    if layer_lp is not None:
                         row[REF.layers] = [int(x) for x in layers]
                         row[REF.apply_final_norm] = bool(apply_final_norm)
                         row[REF.chosen_layer_logps] = layer_lp[:, j].tolist()
                         row[REF.rejected_layer_logps] = layer_lp[:, b + j].tolist()
                     if feats is not None:
                         row[REF.sae] = sae_digest
-                        row[REF.sae_layer] = int(sae_layer)
+                        row[REF.sae_layer] = sae_layer
                         row[REF.chosen_features] = feats[j].tolist()
                         row[REF.rejected_features] = feats[b + j].tolist()
                     rows[i] = row

@@ -380,7 +380,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
     # The SAE trains where the model runs; chunks of activations wait on the CPU, one batch at a time moves.
     device = next(model.parameters()).device
     sae = _sae_for(cfg, d_in, backbone.name).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=t.lr, betas=tuple(t.betas))
+    opt = torch.optim.Adam(sae.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]))
     config_dict = to_dict(cfg)
 
     if resume and ckpt_path is not None:

@@ -142,7 +142,7 @@ def _pairs_digest(tokenized_pairs: Sequence[Any]) -> str:
 
 def ref_cache_key(backbone: Any, tokenized_pairs: Sequence[Any], sae: SparseAutoencoder, layer: int) -> str:
     """What the cached reference features depend on: model weights, SAE, layer and every token id."""
-    fp = getattr(backbone, "fingerprint", None)
+    fp: Any = getattr(backbone, "fingerprint", None)
     fp = fp.model_dump() if hasattr(fp, "model_dump") else repr(fp)
     parts = {
         "version": REF_CACHE_VERSION,
@@ -270,7 +270,7 @@ def precompute_ref_features(
                 rejected[ix] = pooled[b:]
     finally:
         model.train(was_training)
-    if path is not None:
+    if path is not None and key is not None:
         _write_ref_cache(path, key, chosen, rejected, layer)
         log.info("reference features: wrote %s", path)
     return chosen, rejected

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from ..artifacts import atomic_dir
+from arbiter.fsutil import atomic_dir
+
 from .model import _PICKLE_SUFFIXES, CFG_FILE, MAX_CFG_BYTES, WEIGHTS_FILE, Activation, SAELoadError, SparseAutoencoder
 
 log = logging.getLogger("arbiter.training.sae")
@@ -82,11 +84,11 @@ def save_sae(sae: SparseAutoencoder, directory: str | os.PathLike, cfg_dict: dic
         **{k: cfg[k] for k in meta_keys if k in cfg},
         **(extra.get("metadata") or {}),
     }
-    tensors = {
+    params: dict[str, Tensor] = {
         "W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
         **({"threshold": sae.threshold} if sae.threshold is not None else {}),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"save_sae: tensor {name} has non-finite values; refusing to write it")

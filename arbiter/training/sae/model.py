@@ -80,6 +80,7 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+        self.threshold: nn.Parameter | None
         if activation == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         else:
@@ -111,9 +112,11 @@ class SparseAutoencoder(nn.Module):
     def activate(self, pre: Tensor) -> Tensor:
         """The sparse nonlinearity, [..., d_sae] -> [..., d_sae]."""
         if self.activation == "topk":
+            assert self.k is not None  # __init__ requires k for topk
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)  # [..., k]
             return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
         if self.activation == "jumprelu":
+            assert self.threshold is not None  # __init__ makes it for jumprelu
             return pre.relu() * (pre > self.threshold.relu()).to(pre.dtype)
         return pre.relu()
 

@@ -139,7 +139,7 @@ def fold_input_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
         out.W_dec.copy_(sae.W_dec)
         out.b_enc.copy_(sae.b_enc / scale)
         out.b_dec.copy_(sae.b_dec / scale)
-        if sae.threshold is not None:
+        if sae.threshold is not None and out.threshold is not None:
             out.threshold.copy_(sae.threshold / scale)
     return out
 
