@@ -227,8 +227,8 @@ def test_nan_loss_through_the_cli_exits_1_and_keeps_last_good_checkpoint(tiny_pa
                                      "max_steps=20")])
     err = capsys.readouterr().err
     assert e.value.code == 1, err
-    assert "loss is nan at step 5" in err and "stopping before the update" in err, err
-    assert f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-4'}" in err, err
+    assert "non-finite loss (nan)" in err and "at optimiser step 5: stopped before the update" in err, err
+    assert f"Last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-4'}" in err, err
     assert "lower lr" in err and "Traceback" not in err
     assert latest_checkpoint(tmp_path / "run").name == "step-4"
     assert not (tmp_path / "run" / "head").exists() and not (tmp_path / "run" / "result.json").exists()

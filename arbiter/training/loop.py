@@ -1,6 +1,10 @@
-"""The training loop of the LoRA recipes (``adapter``, ``joint``): AdamW with warmup and linear / cosine decay,
-gradient accumulation and clipping, autocast, TRL-named metrics to ``<out>/metrics.jsonl`` (+ tqdm), checkpoints
-with exact resume, a divergence stop that keeps the last good checkpoint, and dev evaluation.
+"""The training loop: :class:`StepDriver` runs every recipe's optimiser steps (head, adapter, joint, sae): the
+step counter, tqdm, ``<out>/metrics.jsonl`` (``rundir.MetricsLog``), checkpoints every N steps and at the end,
+and the divergence stop (``TrainingDiverged``, naming the last good checkpoint). A recipe supplies one step
+function and its checkpoint writer; the run directory and resume rule are ``rundir``'s.
+
+:func:`train_loop` is the LoRA recipes' step (``adapter``, ``joint``) on the driver: AdamW with warmup and linear /
+cosine decay, gradient accumulation and clipping, autocast, TRL-named metrics, exact resume and dev evaluation.
 
 Distributed: it runs on ``accelerate.Accelerator``, so ``accelerate launch -m arbiter.cli train adapter`` runs
 data-parallel without code changes (each process takes its own slice of every global batch; the policy pass
@@ -10,10 +14,8 @@ multi-process resume restores rank 0's RNG state on every rank."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from arbiter.training.artifacts import METRICS_FILE, truncate_metrics
-from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from arbiter.training.checkpoint import load_checkpoint, save_checkpoint
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import split_pairs
 from arbiter.training.losses import LossOutput, preference_metrics
+from arbiter.training.rundir import MetricsLog, prepare_run_dir, resumable_checkpoint
 from arbiter.training.sections import OptimConfig
 
 log = logging.getLogger("arbiter.training.loop")
@@ -128,34 +130,78 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, total: int) -> tuple
     return opt, sched
 
 
-_RESUME_FREE_KEYS = {"save_every", "keep_checkpoints", "log_every", "eval_every", "progress", "overwrite"}
-
-
-def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+# Keys of the LoRA recipes' config that may change between a run and its --resume (rundir.config_diff).
+RESUME_FREE_KEYS = frozenset({"save_every", "keep_checkpoints", "log_every", "eval_every", "progress", "overwrite"})
 
 
 def prepare_out_dir(cfg: Any, resume: bool) -> Path:
-    """Refuse to silently mix runs: a new run needs an empty out_dir (or overwrite=true)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        return out
-    existing = [p for p in ("checkpoints", "adapter", METRICS_FILE) if (out / p).exists()]
-    if existing:
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                "overwrite=true to replace it, or choose another out directory"
-            )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)
-    return out
+    """The LoRA recipes' run directory (``rundir.prepare_run_dir``; the artifact is ``adapter/``)."""
+    return prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("adapter",))
+
+
+@dataclass
+class StepDriver:
+    """Drives optimiser steps ``step .. total - 1`` of one run (module docstring).
+
+    ``run(step_fn)`` calls ``step_fn(s)`` for each 0-based step s; it returns (the step's record, a stop reason or
+    None). The driver adds ``step`` (1-based) and ``time/step_s``, writes the record to the log every ``log_every``
+    steps and at the last step, updates the bar (``postfix``: record keys to show), and checkpoints through
+    ``save(step)`` every ``save_every`` steps (0: never) and once more at the end. A step function that finds a
+    non-finite loss raises ``driver.diverged(...)`` BEFORE it updates anything."""
+
+    total: int
+    log: MetricsLog
+    save: Callable[[int], Path] | None = None
+    save_every: int = 0
+    log_every: int = 1
+    step: int = 0  # steps done (a resumed run starts at its checkpoint's step)
+    last_good: Path | None = None  # the newest checkpoint written or resumed from
+    desc: str = "train"
+    progress: bool = True
+    postfix: tuple[str, ...] = ("loss",)
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def diverged(self, detail: str, hint: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{detail} at optimiser step {self.step + 1}: stopped before the update, nothing saved. Last good "
+            f"checkpoint: {self.last_good if self.last_good else 'none (checkpoints are off: set the save interval)'}. "
+            f"{hint} Then continue with --resume."
+        )
+
+    def _checkpoint(self) -> None:
+        if self.save is not None:
+            self.log.flush()  # the log holds every step up to the checkpoint (a kill loses only later lines)
+            self.last_good = self.save(self.step)
+
+    def run(self, step_fn: Callable[[int], tuple[dict[str, Any], str | None]]) -> str | None:
+        """Run the remaining steps; returns the stop reason a step gave, or None (the budget was used up)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total, initial=min(self.step, self.total), desc=self.desc, unit="step",
+                   disable=not self.progress)
+        stop: str | None = None
+        saved_at = self.step if self.last_good is not None else -1
+        try:
+            while self.step < self.total and stop is None:
+                t0 = time.perf_counter()
+                record, stop = step_fn(self.step)
+                self.step += 1
+                record = {"step": self.step, **record, "time/step_s": time.perf_counter() - t0}
+                self.last = record
+                if self.step % self.log_every == 0 or self.step == self.total or stop is not None:
+                    self.log.write(record)
+                bar.update(1)
+                shown = {k: record[k] for k in self.postfix if isinstance(record.get(k), (int, float))}
+                bar.set_postfix({k.rsplit("/", 1)[-1]: f"{v:.4g}" for k, v in shown.items()})
+                if self.save_every and self.step % self.save_every == 0:
+                    self._checkpoint()
+                    saved_at = self.step
+            if self.save_every and saved_at != self.step:
+                self._checkpoint()  # a finished run resumes as finished
+        finally:
+            bar.close()
+            self.log.flush()
+        return stop
 
 
 def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -194,27 +240,17 @@ def evaluate(spec: LoopSpec, pairs: list, prefix: str = "eval_") -> dict[str, fl
 
 def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]:
     """Optimiser steps with accumulation, clipping, logging, checkpoints, exact resume and divergence stop."""
-    from tqdm.auto import tqdm
-
     from arbiter.training.data import collate_pairs
 
     cfg, acc = spec.cfg, spec.accelerator
     optim: OptimConfig = cfg.optim
     main = acc.is_main_process
-    metrics_path = out_dir / METRICS_FILE
     cfg_dict = dataclasses.asdict(cfg)
     step = 0
-    history: list[dict[str, Any]] = []
     resumed_metrics: dict[str, Any] = {}
 
-    ckpt_path = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt_path is None:
-        log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir)
+    ckpt_path = resumable_checkpoint(out_dir, cfg_dict, RESUME_FREE_KEYS, resume)
     if ckpt_path is not None:
-        peek = json.loads((ckpt_path / "state.json").read_text())
-        diff = [d for d in _config_diff(peek.get("config", {}), cfg_dict) if d.split(":")[0] not in _RESUME_FREE_KEYS]
-        if diff:
-            raise ConfigError(f"cannot resume {ckpt_path}: the config changed ({'; '.join(diff)})")
         ckpt = load_checkpoint(ckpt_path, restore_rng=True)  # RNG restored last, right before the loop
         names = set(spec.trainables) | {f"extra.{k}" for k in spec.extra_state}
         if set(ckpt.tensors) != names:
@@ -228,16 +264,13 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
         spec.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
         step = ckpt.step
         resumed_metrics = dict(ckpt.state.get("metrics") or {})
-        if main:
-            truncate_metrics(metrics_path, step)
         log.info("resumed from %s (step %d of %d)", ckpt_path, step, spec.total_steps)
 
     n = len(spec.train)
     per_epoch = micro_batches_per_epoch(n, optim.batch_size, acc.num_processes)
-    params = [p for p in spec.trainables.values()]
-    last_good = ckpt_path
+    params = list(spec.trainables.values())
 
-    def checkpoint(at: int, metrics: dict[str, Any]) -> Path | None:
+    def save(at: int) -> Path:
         path = None
         if main:
             tensors = dict(spec.trainables) | {f"extra.{k}": v for k, v in spec.extra_state.items()}
@@ -245,82 +278,68 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
                 out_dir, at, tensors,
                 {"optimizer": spec.optimizer.state_dict(), "scheduler": spec.scheduler.state_dict()},
                 {"micro": at * optim.grad_accum, "epoch": at * optim.grad_accum / per_epoch, "config": cfg_dict,
-                 "metrics": metrics},
+                 "metrics": driver.last or resumed_metrics},
                 keep=cfg.keep_checkpoints,
             )
         acc.wait_for_everyone()
-        return path or latest_checkpoint(out_dir)
+        return path or out_dir / "checkpoints" / f"step-{at}"
+
+    driver = StepDriver(
+        total=spec.total_steps, log=MetricsLog(out_dir, resumed_at=step if ckpt_path else None, enabled=main),
+        save=save, save_every=cfg.save_every, log_every=cfg.log_every, step=step, last_good=ckpt_path,
+        desc=f"train {getattr(cfg, 'loss', 'joint')}", progress=main and cfg.progress,
+        postfix=("loss", "rewards/accuracies"), last=resumed_metrics,  # a resumed, finished run reports its last step
+    )
+
+    def one_step(s: int) -> tuple[dict[str, Any], str | None]:
+        micro_metrics = []
+        nonfinite = 0.0
+        for a in range(optim.grad_accum):
+            idx = micro_batch(n, s * optim.grad_accum + a, batch_size=optim.batch_size, seed=cfg.seed,
+                              rank=acc.process_index, world=acc.num_processes)
+            chunk = [spec.train[i] for i in idx]
+            batch = collate_pairs(chunk, spec.pad_id)
+            sync = a == optim.grad_accum - 1
+            with nullcontext() if sync else acc.no_sync(spec.policy):
+                with acc.autocast():
+                    out, metrics = spec.compute(batch, chunk, True)
+                loss = out.losses.float().mean()
+                if not torch.isfinite(loss):
+                    nonfinite = 1.0
+                # Backward even when non-finite so that every DDP rank reaches the same collectives;
+                # the step is then refused below on all ranks together.
+                acc.backward(loss / optim.grad_accum)
+            micro_metrics.append(metrics)
+        grad_norm = float(acc.clip_grad_norm_(params, optim.max_grad_norm if optim.max_grad_norm > 0 else float("inf")))
+        if not math.isfinite(grad_norm):
+            nonfinite = 1.0
+        flag = torch.tensor([nonfinite], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, "sum")
+        if flag.item() > 0:
+            bad = _mean_metrics(micro_metrics).get("loss", float("nan"))
+            raise driver.diverged(f"non-finite loss or gradient (loss {bad}, grad norm {grad_norm})",
+                                  "Lower optim.lr / beta or check the data.")
+        lr_used = spec.scheduler.get_last_lr()[0]  # the lr of this step (logged; the scheduler moves on)
+        spec.optimizer.step()
+        if spec.after_step is not None:
+            spec.after_step()  # before the scheduler moves: it sees this step's lr (decoupled, like AdamW's decay)
+        spec.scheduler.step()
+        spec.optimizer.zero_grad(set_to_none=True)
+        metrics = _mean_metrics(micro_metrics)
+        if acc.num_processes > 1:
+            keys = sorted(metrics)
+            t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
+            metrics = dict(zip(keys, t.tolist()))
+        record = {"epoch": round((s + 1) * optim.grad_accum / per_epoch, 4), "lr": lr_used, "grad_norm": grad_norm,
+                  **metrics}
+        if cfg.eval_every and (s + 1) % cfg.eval_every == 0 and s + 1 < spec.total_steps:
+            record.update(evaluate(spec, spec.dev))
+        return record, None
 
     spec.policy.train()
-    bar = tqdm(total=spec.total_steps, initial=step, desc=f"train {getattr(cfg, 'loss', 'joint')}",
-               unit="step", disable=not (main and cfg.progress))
-    last: dict[str, Any] = resumed_metrics  # a resumed, already finished run reports its last step
     try:
-        while step < spec.total_steps:
-            t0 = time.perf_counter()
-            micro_metrics = []
-            nonfinite = 0.0
-            for a in range(optim.grad_accum):
-                m = step * optim.grad_accum + a
-                idx = micro_batch(n, m, batch_size=optim.batch_size, seed=cfg.seed, rank=acc.process_index,
-                                  world=acc.num_processes)
-                chunk = [spec.train[i] for i in idx]
-                batch = collate_pairs(chunk, spec.pad_id)
-                sync = a == optim.grad_accum - 1
-                with nullcontext() if sync else acc.no_sync(spec.policy):
-                    with acc.autocast():
-                        out, metrics = spec.compute(batch, chunk, True)
-                    loss = out.losses.float().mean()
-                    if not torch.isfinite(loss):
-                        nonfinite = 1.0
-                    # Backward even when non-finite so that every DDP rank reaches the same collectives;
-                    # the step is then refused below on all ranks together.
-                    acc.backward(loss / optim.grad_accum)
-                micro_metrics.append(metrics)
-            grad_norm = acc.clip_grad_norm_(params, optim.max_grad_norm if optim.max_grad_norm > 0 else float("inf"))
-            grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm):
-                nonfinite = 1.0
-            flag = torch.tensor([nonfinite], device=acc.device)
-            if acc.num_processes > 1:
-                flag = acc.reduce(flag, "sum")
-            if flag.item() > 0:
-                bad = _mean_metrics(micro_metrics).get("loss", float("nan"))
-                raise TrainingDiverged(
-                    f"non-finite loss or gradient at optimiser step {step + 1} (loss {bad}, grad norm {grad_norm}); "
-                    "stopped without updating or saving. Last good checkpoint: "
-                    f"{last_good if last_good else 'none (set save_every to keep checkpoints)'}. "
-                    "Lower optim.lr / beta or check the data, then continue with --resume."
-                )
-            lr_used = spec.scheduler.get_last_lr()[0]  # the lr of this step (logged; the scheduler moves on)
-            spec.optimizer.step()
-            if spec.after_step is not None:
-                spec.after_step()  # before the scheduler moves: it sees this step's lr (decoupled, like AdamW's decay)
-            spec.scheduler.step()
-            spec.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = _mean_metrics(micro_metrics)
-            if acc.num_processes > 1:
-                keys = sorted(metrics)
-                t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
-                metrics = dict(zip(keys, t.tolist()))
-            record = {"step": step, "epoch": round(step * optim.grad_accum / per_epoch, 4),
-                      "lr": lr_used, "grad_norm": grad_norm, **metrics,
-                      "time/step_s": time.perf_counter() - t0}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < spec.total_steps:
-                record.update(evaluate(spec, spec.dev))
-            last = record
-            history.append(record)
-            if main and (step % cfg.log_every == 0 or step == spec.total_steps):
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                            acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                last_good = checkpoint(step, record)
-        if cfg.save_every and (last_good is None or not str(last_good).endswith(f"step-{step}")):
-            last_good = checkpoint(step, last)
+        driver.run(one_step)
     finally:
-        bar.close()
-    return {"step": step, "last": last, "history": history}
+        driver.log.close()
+    return {"step": driver.step, "last": driver.last}

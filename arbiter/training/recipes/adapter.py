@@ -64,6 +64,7 @@ from arbiter.training.reference import (
     decide_reference,
     precomputed_ref,
 )
+from arbiter.training.rundir import RESULT_FILE
 from arbiter.training.sections import (
     CdpoSection,
     FpoSection,
@@ -165,7 +166,7 @@ def _fpo_setup(cfg: AdapterConfig, bb: Any) -> tuple[Any, int, str]:
 
 
 def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None) -> dict[str, Any]:
-    """Train a LoRA adapter; returns the final metrics (also written to ``<out>/final_metrics.json``).
+    """Train a LoRA adapter; returns the final metrics (also written to ``<out>/result.json``).
 
     ``backbone``: an already loaded :class:`arbiter.backbone.Backbone` to train on (tests, notebooks); the
     adapter is removed from it again before returning, leaving the base model as it was.
@@ -260,7 +261,7 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
         if acc.is_main_process:
             extra = {"weight": projection.weight} if projection is not None else None
             save_adapter(acc.unwrap_model(policy).model, out_dir / "adapter", meta, extra)
-            atomic_write_json(out_dir / "final_metrics.json", final)
+            atomic_write_json(out_dir / RESULT_FILE, final)
             log.info("adapter saved to %s", out_dir / "adapter")
         acc.wait_for_everyone()
         final["adapter_dir"] = str(out_dir / "adapter")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arbiter.training.artifacts import METRICS_FILE, truncate_metrics
+from arbiter.training.artifacts import METRICS_FILE
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
 
@@ -183,14 +183,11 @@ def add_arguments(parser: Any) -> None:
 # training on cached features
 # --------------------------------------------------------------------------------------------------
 
-# Fields whose change alters the training trajectory: a checkpoint is only resumed under the same values.
-_TRAJECTORY_FIELDS = ("data", "limit", "max_length", "truncate_prompt", "dev_fraction", "test_fraction", "seed",
-                      "layer", "pooler", "loss", "eps", "dropout", "lr", "weight_decay", "batch_size",
-                      "select_metric", "patience")
-
-
-def _signature(cfg: HeadRecipeConfig, features_key: str) -> dict:
-    return {**{k: getattr(cfg, k) for k in _TRAJECTORY_FIELDS}, "features": features_key}
+# Config keys that may change between a run and its --resume (rundir.config_diff): they do not change the
+# steps already taken (epochs / max_steps only extend or shorten the run; the features are keyed separately).
+_RESUME_FREE = frozenset({"name", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "sweep", "out",
+                          "head_dir", "overwrite", "cache_dir", "share_prompt", "feature_batch_tokens", "threads",
+                          "progress", "model", "dtype"})
 
 
 @dataclass
@@ -242,13 +239,13 @@ def train_on_features(
 ) -> TrainResult:
     """Train one head on cached features fw/fl ([N, d] chosen/rejected) and return the best-on-dev head."""
     import torch
-    from tqdm.auto import tqdm
 
     from arbiter.heads import HeadConfig, build_head
     from arbiter.training.batch import LOSSES, PreferenceBatch
-    from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
-    from arbiter.training.loop import TrainingDiverged
+    from arbiter.training.checkpoint import load_checkpoint, save_checkpoint, seed_everything
+    from arbiter.training.loop import StepDriver
     from arbiter.training.losses import preference_metrics
+    from arbiter.training.rundir import MetricsLog, resumable_checkpoint
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,103 +263,80 @@ def train_on_features(
     dev_idx = torch.tensor(splits["dev"], dtype=torch.long)  # [n_dev]
     n, bs = len(train_idx), cfg.batch_size
     nb = math.ceil(n / bs)  # steps per epoch
-    signature = _signature(cfg, features_key)
-    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": 0, "bad_epochs": 0,
-                          "stopped": None, "signature": signature}
+    config = {**dataclasses.asdict(cfg), "features": features_key}
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": 0, "bad_epochs": 0, "stopped": None}
     step = 0
     best_state = None
 
-    if resume:
-        ck = latest_checkpoint(run_dir)
-        if ck is None:
-            log.warning("--resume: no checkpoint under %s; starting from scratch", run_dir)
-        else:
-            c = load_checkpoint(ck)  # restores python / numpy / torch RNG
-            if c.state.get("signature") != json.loads(json.dumps(signature)):
-                old, new = c.state.get("signature") or {}, json.loads(json.dumps(signature))
-                diff = [f"{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
-                raise ConfigError(f"cannot resume from {ck}: the config changed ({'; '.join(diff)})")
-            head.load_state_dict({k[5:]: v for k, v in c.tensors.items() if k.startswith("head.")})
-            best_state = {k[5:]: v for k, v in c.tensors.items() if k.startswith("best.")} or None
-            opt.load_state_dict(c.optimizer)
-            step = c.step
-            st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
-            log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
-            truncate_metrics(run_dir / METRICS_FILE, step)  # lines a killed run wrote after this checkpoint
+    ck = resumable_checkpoint(run_dir, config, _RESUME_FREE, resume)
+    if ck is not None:
+        c = load_checkpoint(ck)  # restores python / numpy / torch RNG
+        head.load_state_dict({k[5:]: v for k, v in c.tensors.items() if k.startswith("head.")})
+        best_state = {k[5:]: v for k, v in c.tensors.items() if k.startswith("best.")} or None
+        opt.load_state_dict(c.optimizer)
+        step = c.step
+        st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
+        log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
 
-    def checkpoint() -> Path:
-        log_f.flush()  # the log holds every step up to the checkpoint (a kill -9 loses only later lines)
+    def save(at: int) -> Path:
         tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
-        return save_checkpoint(run_dir, step, tensors, opt.state_dict(), st, keep=cfg.keep_checkpoints)
+        return save_checkpoint(run_dir, at, tensors, opt.state_dict(), {**st, "config": config},
+                               keep=cfg.keep_checkpoints)
 
     def perm_for(epoch: int) -> torch.Tensor:
         # Its own generator per epoch: the data order depends only on (seed, epoch), never on the global RNG.
         return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
 
     total = nb * cfg.epochs if cfg.max_steps is None else min(nb * cfg.epochs, cfg.max_steps)
-    log_f = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
-    bar = tqdm(total=total, initial=min(step, total), desc=f"train head {cfg.pooler}/{cfg.loss}", unit="step",
-               disable=not cfg.progress)
-    last_ckpt_step = step if resume and step else -1
-    t0 = time.perf_counter()
+    driver = StepDriver(total=total, log=MetricsLog(run_dir, resumed_at=step if ck else None), save=save,
+                        save_every=cfg.checkpoint_every, step=step, last_good=ck,
+                        desc=f"train head {cfg.pooler}/{cfg.loss}", progress=cfg.progress,
+                        postfix=("loss", "eval_rewards/accuracies"))
     perm = perm_for(st["epoch"])
-    try:
-        while True:
-            if st["stopped"]:
-                break
+
+    def one_step(s: int) -> tuple[dict[str, Any], str | None]:
+        nonlocal perm, best_state
+        idx = train_idx[perm[st["batch"] * bs : (st["batch"] + 1) * bs]]  # [b]
+        r_w, r_l = head(fw[idx]), head(fl[idx])  # [b], [b]
+        out = loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=cfg.eps)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            raise driver.diverged(f"non-finite loss ({loss.item()}) in epoch {st['epoch']}",
+                                  f"Try a lower lr (now {cfg.lr}) or check the features for extreme values.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.stack([(p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None]).sum().sqrt()
+        opt.step()
+        st["batch"] += 1
+        record = {"epoch": round(st["epoch"] + st["batch"] / nb, 4), **preference_metrics(out),
+                  "grad_norm": grad_norm.item(), "learning_rate": cfg.lr}
+        if st["batch"] == nb:  # end of epoch: dev evaluation, best weights, early stopping
+            st["epoch"] += 1
+            st["batch"] = 0
+            perm = perm_for(st["epoch"])
+            if len(dev_idx):
+                ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_")
+                record.update(ev)
+                if _better(cfg.select_metric, ev, st["best"]):
+                    st.update(best=ev, best_step=s + 1, bad_epochs=0)
+                    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                else:
+                    st["bad_epochs"] += 1
+                    if cfg.patience and st["bad_epochs"] >= cfg.patience:
+                        st["stopped"] = "early_stopping"
             if st["epoch"] >= cfg.epochs:
-                st["stopped"] = "epochs"
-                break
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break  # not recorded as stopped: a resume with a larger max_steps continues
-            b = st["batch"]
-            idx = train_idx[perm[b * bs : (b + 1) * bs]]  # [b]
-            r_w, r_l = head(fw[idx]), head(fl[idx])  # [b], [b]
-            out = loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=cfg.eps)
-            loss = out.losses.mean()
-            if not torch.isfinite(loss):
-                last = latest_checkpoint(run_dir)
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1} (epoch {st['epoch']}): stopping before the update. "
-                    + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written. ")
-                    + f"Try a lower lr (now {cfg.lr}) or check the features for extreme values."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.stack([(p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None]).sum().sqrt()
-            opt.step()
-            step += 1
-            st["batch"] += 1
-            record = {"step": step, "epoch": round(st["epoch"] + st["batch"] / nb, 4), **preference_metrics(out),
-                      "grad_norm": grad_norm.item(), "learning_rate": cfg.lr}
-            if st["batch"] == nb:  # end of epoch: dev evaluation, best weights, early stopping
-                st["epoch"] += 1
-                st["batch"] = 0
-                perm = perm_for(st["epoch"])
-                if len(dev_idx):
-                    ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_")
-                    record.update(ev)
-                    if _better(cfg.select_metric, ev, st["best"]):
-                        st.update(best=ev, best_step=step, bad_epochs=0)
-                        best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-                    else:
-                        st["bad_epochs"] += 1
-                        if cfg.patience and st["bad_epochs"] >= cfg.patience:
-                            st["stopped"] = "early_stopping"
-            log_f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", dev_acc=f"{(st['best'] or {}).get('eval_rewards/accuracies', float('nan')):.3f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint()
-                last_ckpt_step = step
-        # A final checkpoint (when checkpointing) so a finished variant resumes as finished.
-        if cfg.checkpoint_every and step != last_ckpt_step and step > 0:
-            checkpoint()
+                st["stopped"] = st["stopped"] or "epochs"
+        return record, st["stopped"]
+
+    t0 = time.perf_counter()
+    try:
+        if not st["stopped"]:  # a resumed run that had stopped early stays stopped (a larger max_steps continues)
+            driver.run(one_step)
     finally:
-        bar.close()
-        log_f.close()
+        driver.log.close()
+    step = driver.step
     seconds = time.perf_counter() - t0
 
     # The final weights compete with the best epoch (a max_steps stop may end between evaluations).
@@ -445,17 +419,12 @@ def _variants(cfg: HeadRecipeConfig) -> list[HeadRecipeConfig]:
 
 
 def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:
-    out = Path(cfg.out)
-    stale = [p for p in (out / "checkpoints", out / "sweep", out / METRICS_FILE) if p.exists()]
-    if stale and not resume:
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"out: {out} already holds a run ({', '.join(p.name for p in stale)}); "
-                "pass --resume to continue it, overwrite=true to start over, or choose another --out"
-            )
-        for p in stale:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    """The run directory (``rundir.prepare_run_dir``); overwrite also clears the sweep variants' run dirs."""
+    from arbiter.training.rundir import prepare_run_dir
+
+    out = prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("sweep",))
+    if not resume:
+        shutil.rmtree(out / "sweep", ignore_errors=True)
     return out
 
 
@@ -470,6 +439,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     from arbiter.training.artifacts import atomic_write_json
     from arbiter.training.batch import LOSSES
     from arbiter.training.feature_cache import pair_features
+    from arbiter.training.rundir import RESULT_FILE
 
     t_start = time.perf_counter()
     out = _prepare_out(cfg, resume)
@@ -568,7 +538,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     metrics["head_dir"] = str(head_dir)
     _write_report(out, cfg, best, fw, fl, splits, metrics, sweep_table if len(variants) > 1 else [])
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    atomic_write_json(out / "result.json", {"metrics": metrics, "chosen": sweep_table[best_i] if len(variants) > 1 else
+    atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "chosen": sweep_table[best_i] if len(variants) > 1 else
                                             None, "variants": sweep_table, "report": report.to_dict(),
                                             "config": dataclasses.asdict(cfg)})
     log.info("head %r written to %s: %s", cfg.name, head_dir, {k: metrics.get(k) for k in ("dev_accuracy", "test_accuracy")})

@@ -52,6 +52,7 @@ from arbiter.training.lora import (
 )
 from arbiter.training.losses import LossOutput, prior_regularize_
 from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
+from arbiter.training.rundir import RESULT_FILE
 from arbiter.training.sections import LoraRun, load_preference_data, tokenize_splits, validate_common
 
 log = logging.getLogger("arbiter.training.joint")
@@ -117,7 +118,7 @@ def joint_loss(cfg: JointConfig, pol: dict[str, Tensor], ref: dict[str, Tensor])
 
 def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
         pairs: tuple[list, list] | None = None) -> dict[str, Any]:
-    """Train LoRA + DPH head jointly; returns final metrics (also ``<out>/final_metrics.json``).
+    """Train LoRA + DPH head jointly; returns final metrics (also ``<out>/result.json``).
 
     ``backbone``: an already loaded Backbone (the adapter is removed from it again before returning).
     ``pairs``: (train, dev) TokenizedPairs to train on instead of loading ``data.source`` (e.g. a benchmark that
@@ -217,7 +218,7 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
                 "metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
             }})
             save_head(acc.unwrap_model(policy).head, head_cfg, head_dir)
-            atomic_write_json(out_dir / "final_metrics.json", final)
+            atomic_write_json(out_dir / RESULT_FILE, final)
             log.info("adapter saved to %s, head to %s", adapter_dir, head_dir)
         acc.wait_for_everyone()
         final["adapter_dir"] = str(adapter_dir)
