@@ -438,9 +438,13 @@ def test_recipe_resume_equals_uninterrupted_run(backbone, tmp_path):
         assert torch.equal(t, b.state_dict()[name]), name
     assert resumed["eval_mse"] == full["eval_mse"] and resumed["steps"] == full["steps"] == 7
     assert resumed["dead_latents"] == full["dead_latents"]
-    hist_full = json.loads((tmp_path / "full" / "metrics_history.json").read_text())
-    hist_split = json.loads((tmp_path / "split" / "metrics_history.json").read_text())
-    assert hist_full == hist_split
+    def history(run: str) -> list[dict]:  # the logged steps, without their wall-clock times
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+    assert [h["step"] for h in history("full")] == [2, 4, 6, 7]
+    assert history("full") == history("split")
+    assert json.loads((tmp_path / "full" / "result.json").read_text())["eval_mse"] == full["eval_mse"]
     # The saved SAE is SAELens layout and says where it reads.
     cfg = json.loads((tmp_path / "full" / "sae" / "cfg.json").read_text())
     assert (cfg["architecture"], cfg["k"], cfg["hook_name"]) == ("topk", 4, "blocks.1.hook_resid_post")
@@ -450,6 +454,27 @@ def test_recipe_resume_equals_uninterrupted_run(backbone, tmp_path):
         R.run(_text_cfg(tmp_path, "full", 7), backbone=backbone)
     with pytest.raises(ConfigError, match="train.lr"):
         R.run(_text_cfg(tmp_path, "full", 8, **{"train.lr": 1e-3}), resume=True, backbone=backbone)
+
+
+def test_recipe_divergence_stops_before_the_update_and_keeps_the_last_good_checkpoint(backbone, tmp_path, monkeypatch):
+    from arbiter.training.checkpoint import latest_checkpoint
+    from arbiter.training.loop import TrainingDiverged
+    from arbiter.training.recipes import sae as R
+
+    real, calls = R.train_step, {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise FloatingPointError("non-finite SAE loss (mse=nan, aux=0.0)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(R, "train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite SAE loss.*optimiser step 5.*Last good checkpoint: .*step-3"):
+        R.run(_text_cfg(tmp_path, "run", 7), backbone=backbone)
+    assert latest_checkpoint(tmp_path / "run").name == "step-3" and not (tmp_path / "run" / "sae").exists()
+    monkeypatch.setattr(R, "train_step", real)
+    assert R.run(_text_cfg(tmp_path, "run", 7), resume=True, backbone=backbone)["steps"] == 7
 
 
 def test_shipped_configs_validate():

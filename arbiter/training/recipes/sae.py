@@ -17,8 +17,9 @@ setup -> train -> save:
    activation scale; the scale is folded back into the biases when saving (``fold_input_scale``), so the
    saved SAE takes raw activations and keeps unit-norm decoder rows.
 4. Save ``<out>/sae`` in SAELens layout (cfg.json + sae_weights.safetensors) and
-   ``<out>/metrics.json``: held-out MSE (activation units), fraction of variance explained, L0,
-   dead latents. Checkpoints every ``train.checkpoint_every`` steps under ``<out>/checkpoints``.
+   ``<out>/result.json``: held-out MSE (activation units), fraction of variance explained, L0,
+   dead latents. The run directory is every recipe's (``training/rundir.py``): checkpoints every
+   ``train.checkpoint_every`` steps under ``<out>/checkpoints``, the training log in ``<out>/metrics.jsonl``.
 
 Defaults (SmolLM2-135M, d = 576, 30 blocks): layer 24 (0.8 of the depth: late enough for the high-level
 features FPO constrains, the paper read a late Gemma-2-2B layer; the last blocks' raw outputs carry very
@@ -41,7 +42,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from arbiter.training.artifacts import atomic_write_json
-from arbiter.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from arbiter.training.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from arbiter.training.config import ConfigError, to_dict
 from arbiter.training.sae import (
     SparseAutoencoder,
@@ -137,10 +138,12 @@ class SAETrainConfig:
 @dataclass
 class SAERecipeConfig:
     model: str | None = None  # backbone spec (default: the embedded SmolLM2-135M-Instruct)
-    out: str = "runs/sae"  # the run directory (CLI: --out): sae/, checkpoints/, metrics.json
+    out: str = "runs/sae"  # the run directory (CLI: --out): sae/, checkpoints/, metrics.jsonl, result.json
     device: str = "cpu"
     dtype: str = "float32"  # backbone dtype; the SAE itself is always float32
     threads: int | None = None
+    overwrite: bool = False  # allow starting fresh in a run directory that already holds a run
+    progress: bool = True
     data: SAEDataConfig = field(default_factory=SAEDataConfig)
     sae: SAEArchConfig = field(default_factory=SAEArchConfig)
     train: SAETrainConfig = field(default_factory=SAETrainConfig)
@@ -165,26 +168,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", dest="data.source", metavar="SRC", help="load_pairs source, or a text file with data.format=text")
     parser.add_argument("--device", dest="device", metavar="DEV", help="cpu, cuda, cuda:1, ...")
 
-# Settings that may change between a run and its --resume (they do not change what is computed).
-_RESUMABLE = {"train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints", "threads", "device",
-              "out"}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _config_diff(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
-    return [f"{k}: checkpoint has {a.get(k)!r}, now {b.get(k)!r}"
-            for k in sorted(set(a) | set(b)) if k not in _RESUMABLE and a.get(k) != b.get(k)]
+# Config keys that may change between a run and its --resume (rundir.config_diff): they do not change what is
+# computed (train.steps only extends or shortens the run).
+_RESUME_FREE = frozenset({"train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
+                          "threads", "device", "out", "overwrite", "progress"})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,17 +338,12 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
     ``backbone``: an already loaded ``arbiter.backbone.Backbone`` (tests and notebooks); default: load
     ``cfg.model``.
     """
-    from tqdm.auto import tqdm
+    from arbiter.training.loop import StepDriver
+    from arbiter.training.rundir import RESULT_FILE, MetricsLog, prepare_run_dir, resumable_checkpoint
 
-    out = Path(cfg.out)
-    ckpt_path = latest_checkpoint(out)
-    if ckpt_path is not None and not resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints (latest {ckpt_path.name}); pass --resume to continue that run "
-            "or choose another --out"
-        )
-    if resume and ckpt_path is None:
-        log.info("--resume: no checkpoint under %s, starting from scratch", out)
+    out = prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("sae",))
+    config_dict = to_dict(cfg)
+    ckpt_path = resumable_checkpoint(out, config_dict, _RESUME_FREE, resume)
     seed_everything(cfg.train.seed)
     if backbone is None:
         from arbiter.backbone import load_backbone
@@ -381,19 +363,16 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
     device = next(model.parameters()).device
     sae = _sae_for(cfg, d_in, backbone.name).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]))
-    config_dict = to_dict(cfg)
 
-    if resume and ckpt_path is not None:
+    last_log: dict[str, Any] = {}
+    if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
-        diff = _config_diff(ck.state.get("config", {}), config_dict)
-        if diff:
-            raise ConfigError(f"cannot resume {ckpt_path}: the config changed: " + "; ".join(diff))
         since_fired = ck.tensors.pop("since_fired").to(device)
         sae.load_state_dict(ck.tensors)
         opt.load_state_dict(ck.optimizer)
         step, scale = ck.step, float(ck.state["scale"])
-        position = tuple(ck.state["position"])
-        history = list(ck.state.get("history", []))
+        position: tuple[int, int, int] = tuple(ck.state["position"])
+        last_log = dict(ck.state.get("last_log") or {})
         tokens_seen = int(ck.state.get("tokens_seen", 0))
         log.info("resumed from %s (step %d)", ckpt_path, step)
     else:
@@ -406,55 +385,49 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
         g = torch.Generator().manual_seed(t.seed)
         sae.init_tied_(g, data_mean=(first * scale).mean(0))
         since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-        step, position, history, tokens_seen = 0, (0, 0, 0), [], 0
+        step, position, tokens_seen = 0, (0, 0, 0), 0
 
-    def checkpoint(step: int, position: tuple[int, int, int]) -> Path:
+    def save(at: int) -> Path:
         tensors = {k: v.detach() for k, v in sae.state_dict().items()}
         tensors["since_fired"] = since_fired
-        return save_checkpoint(out, step, tensors, opt.state_dict(), {
-            "position": list(position), "scale": scale, "history": history, "tokens_seen": tokens_seen,
+        return save_checkpoint(out, at, tensors, opt.state_dict(), {
+            "position": list(position), "scale": scale, "last_log": last_log, "tokens_seen": tokens_seen,
             "config": config_dict,
         }, keep=t.keep_checkpoints)
 
-    window: list[dict] = []
+    driver = StepDriver(total=t.steps, log=MetricsLog(out, resumed_at=step if ckpt_path else None), save=save,
+                        save_every=t.checkpoint_every, log_every=t.log_every, step=step, last_good=ckpt_path,
+                        desc=f"SAE layer {cfg.sae.layer}", progress=cfg.progress, postfix=("mse", "l0", "dead"))
+    window: list[dict[str, float]] = []
+    batches = stream.iterate(position)
+
+    def one_step(s: int) -> tuple[dict[str, Any], str | None]:
+        nonlocal position, tokens_seen, last_log
+        x, nxt = next(batches)
+        dead = since_fired >= t.dead_tokens
+        try:
+            r = train_step(sae, opt, x.to(device) * scale, dead=dead if t.aux_coef > 0 else None, aux_k=t.aux_k,
+                           aux_coef=t.aux_coef, max_grad_norm=t.max_grad_norm)
+        except FloatingPointError as e:  # raised before any update
+            raise driver.diverged(str(e), "Lower train.lr or set train.max_grad_norm.") from None
+        since_fired.add_(r.n_tokens)
+        since_fired[r.fired] = 0
+        tokens_seen += r.n_tokens
+        position = nxt
+        window.append({"mse": r.mse / scale**2, "aux": r.aux, "l0": r.l0})
+        if (s + 1) % t.log_every and s + 1 != t.steps:
+            return window[-1], None  # not a logged step: the bar shows this step alone
+        last_log = {"tokens": tokens_seen, **{k: sum(w[k] for w in window) / len(window) for k in ("mse", "aux", "l0")},
+                    "dead": int((since_fired >= t.dead_tokens).sum())}
+        window.clear()
+        return last_log, None
+
     t0 = time.time()
-    bar = tqdm(total=t.steps, initial=min(step, t.steps), desc=f"SAE layer {cfg.sae.layer}", unit="step")
     try:
-        if step < t.steps:
-            for x, nxt in stream.iterate(position):
-                dead = since_fired >= t.dead_tokens
-                try:
-                    r = train_step(sae, opt, x.to(device) * scale, dead=dead if t.aux_coef > 0 else None, aux_k=t.aux_k,
-                                   aux_coef=t.aux_coef, max_grad_norm=t.max_grad_norm)
-                except FloatingPointError as e:
-                    last = latest_checkpoint(out)
-                    raise FloatingPointError(
-                        f"SAE training stopped at step {step + 1}: {e}. Last good checkpoint: {last or 'none'} "
-                        "(lower train.lr or set train.max_grad_norm, then --resume)"
-                    ) from None
-                since_fired += r.n_tokens
-                since_fired[r.fired] = 0
-                tokens_seen += r.n_tokens
-                step += 1
-                position = nxt
-                window.append({"mse": r.mse / scale**2, "aux": r.aux, "l0": r.l0})
-                bar.update(1)
-                if step % t.log_every == 0 or step == t.steps:
-                    entry = {
-                        "step": step, "tokens": tokens_seen,
-                        **{k: sum(w[k] for w in window) / len(window) for k in ("mse", "aux", "l0")},
-                        "dead": int((since_fired >= t.dead_tokens).sum()),
-                    }
-                    history.append(entry)
-                    window.clear()
-                    bar.set_postfix(mse=f"{entry['mse']:.4g}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
-                    atomic_write_json(out / "metrics_history.json", history)
-                if step % t.checkpoint_every == 0 or step == t.steps:
-                    checkpoint(step, position)
-                if step >= t.steps:
-                    break
+        driver.run(one_step)
     finally:
-        bar.close()
+        driver.log.close()
+    step = driver.step
     train_seconds = time.time() - t0
 
     # Held-out evaluation with the saved (scale-folded) SAE on raw activations.
@@ -476,7 +449,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
         "eval_never_fired": int((~stats["fired"]).sum()),
         "dead_latents": int((since_fired >= t.dead_tokens).sum()),
         "dead_fraction": float((since_fired >= t.dead_tokens).float().mean()),
-        "train_mse_last": history[-1]["mse"] if history else None,
+        "train_mse_last": last_log.get("mse"),
         "train_seconds_this_session": train_seconds,
     }
     save_sae(final, out / "sae", {
@@ -487,7 +460,7 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
         "prepend_bos": False,
         "arbiter": {"recipe": "sae", "config": config_dict, "metrics": metrics, "data": data_report},
     })
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / RESULT_FILE, metrics)
     log.info("SAE saved to %s: %s", out / "sae", json.dumps({k: metrics[k] for k in ("eval_fve", "eval_l0", "dead_latents")}))
     return metrics
 
