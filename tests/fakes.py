@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from arbiter.heads import BackboneFingerprint, HeadConfig, HeadRegistry, build_head, save_head
-from arbiter.service.engine.base import Candidate, GenerationJob, GenerationResult
+from arbiter.service.engine.base import Candidate, Engine, GenerationJob, GenerationResult
 
 LOOPBACK = "127.0.0.1"
 FAKE_D = 4
@@ -78,7 +78,7 @@ DEFAULT_SCRIPT = (
 )
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """Scripted engine: job row ``i`` gets ``script[i % len(script)]`` (or, with ``echo``, the text
     ``"<last user message>#<i>"``); its features are known (``feature(text, layer)``).
 
@@ -99,6 +99,8 @@ class FakeEngine:
         self.end_id = 2
         self.vocab_size = 0x110000  # one token per Unicode code point
         self.tokenizer = FakeTokenizer()
+        self.adapter_name = None
+        self.adapters = None
         self.echo = echo
         self.gate = gate
         self.die = die

@@ -109,6 +109,8 @@ def test_request_picks_its_adapter_by_model(served, backbone, adapters):
     c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
     r = c.chat.completions.create(model="alpha", messages=MSG, max_tokens=4)
     assert r.model == "alpha"
+    chunks = list(c.chat.completions.create(model="alpha", messages=MSG, max_tokens=4, stream=True))
+    assert chunks and {ch.model for ch in chunks} == {"alpha"}  # every chunk names the adapter, as the response does
 
 
 def test_heads_are_tied_to_their_adapter(served, backbone):

@@ -204,10 +204,9 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
 
     def start(eng: Any) -> None:
         if state.registry is None:
-            supported = getattr(eng, "supported_layers", None)
             state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
                                           device=engine_mod.resolve_device(settings) if engine is None else "cpu",
-                                          supported_layers=supported() if callable(supported) else None,
+                                          supported_layers=eng.supported_features(),
                                           engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
             state.head_load_errors = errors

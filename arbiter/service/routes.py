@@ -221,7 +221,7 @@ async def unload_head(name: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_api_key)])
 async def list_adapters(request: Request) -> dict[str, Any]:
     st = ready_state(request)
-    ads = getattr(st.engine, "adapters", None)
+    ads = st.require_engine().adapters
     return {"object": "list", "data": [ads.get(n).card() for n in ads.names()] if ads is not None else []}
 
 
@@ -247,7 +247,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, 
     from arbiter.backbone import AdapterError
 
     st = ready_state(request)
-    ads = getattr(st.engine, "adapters", None)
+    ads = st.require_engine().adapters
     if ads is None:
         raise InvalidRequest("this engine serves no switchable adapters (HF engine only)", param="name",
                              code="adapters_unsupported")
@@ -269,7 +269,7 @@ async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     from .adapters import AdapterNotLoaded
 
     st = ready_state(request)
-    ads = getattr(st.engine, "adapters", None)
+    ads = st.require_engine().adapters
     try:
         if ads is None:
             raise AdapterNotLoaded(name)

@@ -17,7 +17,6 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from arbiter import answers
-from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import LoadedHead
 
 from .engine.base import Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
@@ -56,7 +55,7 @@ def _put_threadsafe(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Any], item
 
 
 def adapter_names(st: ServiceState) -> list[str]:
-    ads = getattr(st.engine, "adapters", None)
+    ads = st.engine.adapters if st.engine is not None else None
     return ads.names() if ads is not None else []
 
 
@@ -78,7 +77,7 @@ def _check_head_adapters(st: ServiceState, heads: list[LoadedHead], adapter: str
     """A head reads the hidden states it was trained on: those of its adapter (provenance.adapter) or the base's."""
     from .adapters import head_adapter
 
-    merged = (getattr(getattr(st.engine, "backbone", None), "adapter", None) or {}).get("name")
+    merged = st.require_engine().adapter_name
     for h in heads:
         trained = head_adapter(h.config)
         if adapter is not None and trained != adapter:
@@ -151,7 +150,7 @@ def _logit_bias(st: ServiceState, bias: dict[str, float] | None) -> tuple[tuple[
 
 def _encode_prompt(st: ServiceState, messages: list[dict[str, Any]], budget: int) -> list[int]:
     try:
-        ids = prompt_ids(st.require_engine().tokenizer, messages)
+        ids = st.require_engine().encode_prompt(messages)
     except Exception as e:  # template errors are the request's fault (e.g. roles out of order)
         raise InvalidRequest(f"messages could not be rendered with the chat template: {e}", param="messages") from None
     limit = st.require_engine().context_length
@@ -505,7 +504,7 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None, rerank: RerankInfo | None = None) -> str:
-        c = ChatCompletionChunk(id=reply.rid, created=reply.created, model=st.model_id,
+        c = ChatCompletionChunk(id=reply.rid, created=reply.created, model=_served_id(st, body.model),
                                 system_fingerprint=st.system_fingerprint, choices=choices, usage=usage, rerank=rerank)
         return _sse(c.model_dump_json(exclude=None if include_usage else {"usage"}))
 
@@ -570,10 +569,10 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
     heads = _resolve_heads(st, body.heads, "heads")
     _check_head_adapters(st, heads, adapter, "heads")
     messages = _messages(st, body.messages)
-    tok = st.require_engine().tokenizer
+    eng = st.require_engine()
 
     def encode() -> tuple[list[int], list[list[int]]]:  # off the event loop, as in chat_completions
-        answers = [answer_ids(tok, c, st.require_engine().end_id, close=False) for c in body.candidates]
+        answers = [eng.encode_answer(c) for c in body.candidates]
         return _encode_prompt(st, messages, max(len(a) for a in answers) + 1), answers
 
     ids, answers = await asyncio.to_thread(encode)

