@@ -1,5 +1,6 @@
 """Atomic directories, shared by the heads package (saving a head) and training (every artifact): build in a
-temporary sibling directory, fsync every file, make it readable by other users, rename it into place.
+temporary sibling directory, fsync every file, make it readable by other users, rename it into place. Also the
+bounded JSON-object reader both loaders use for their config files (head_config.json, an SAE's cfg.json).
 
 A killed writer never leaves a partial directory where a loader would find it: the target either does not exist,
 or is the old complete version, or the new complete version. Imports nothing of arbiter, so ``arbiter.heads`` can
@@ -9,11 +10,26 @@ use it without the training stack.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def read_json_object(path: Path, max_bytes: int, error: type[Exception], what: str = "config") -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` (the loader's exception type) for a file over ``max_bytes``, text that
+    is not UTF-8 JSON, or JSON that is not an object."""
+    if path.stat().st_size > max_bytes:
+        raise error(f"{path}: {what} larger than {max_bytes} bytes")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object")
+    return raw
 
 
 def _umask() -> int:

@@ -8,7 +8,6 @@ crash never leaves a half-written head where a loader would find it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from arbiter.fsutil import atomic_dir
+from arbiter.fsutil import atomic_dir, read_json_object
 
 from .config import BackboneFingerprint, HeadConfig
 from .modules import DPHHead
@@ -47,14 +46,7 @@ def read_config(directory: str | os.PathLike[str]) -> HeadConfig:
     d = Path(directory)
     _check_dir(d)
     path = d / CONFIG_FILE
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise HeadLoadError(f"{path}: config larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadLoadError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise HeadLoadError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, MAX_CONFIG_BYTES, HeadLoadError)
     version = raw.get("format_version")
     if version != HeadConfig.model_fields["format_version"].default:
         raise HeadLoadError(

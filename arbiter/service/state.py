@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from arbiter import __version__
 from arbiter.heads import HeadRegistry
@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from .engine.base import Engine
     from .worker import Worker
 
+
+
+T = TypeVar("T")
+
+
+def _ready(value: T | None, what: str) -> T:
+    if value is None:
+        raise RuntimeError(f"{what} is not ready yet (routes check readiness first)")
+    return value
 
 @dataclass
 class ServiceState:
@@ -46,24 +55,16 @@ class ServiceState:
 
     # Typed access for code that runs only once the service is ready (routes check readiness first).
     def require_engine(self) -> Engine:
-        if self.engine is None:
-            raise RuntimeError("no engine is bound yet")
-        return self.engine
+        return _ready(self.engine, "the engine")
 
     def require_worker(self) -> Worker:
-        if self.worker is None:
-            raise RuntimeError("no engine worker is running yet")
-        return self.worker
+        return _ready(self.worker, "the engine worker")
 
     def require_registry(self) -> HeadRegistry:
-        if self.registry is None:
-            raise RuntimeError("no head registry yet")
-        return self.registry
+        return _ready(self.registry, "the head registry")
 
     def require_token_text(self) -> TokenText:
-        if self.token_text is None:
-            raise RuntimeError("no engine is bound yet")
-        return self.token_text
+        return _ready(self.token_text, "the engine's token text")
 
     def bind_engine(self, engine: Any) -> None:
         self.engine = engine

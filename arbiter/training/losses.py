@@ -107,6 +107,20 @@ def _same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"shape mismatch between inputs: {shapes}")
 
 
+def _check_inputs(pc: Tensor, pr: Tensor, rc: Tensor | None = None, rr: Tensor | None = None, *,
+                  chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> None:
+    """The one shape check of a loss's per-pair inputs: policy (and reference) log-probs and lengths, all [B]."""
+    given = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
+             "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+    _same_shape(**{k: v for k, v in given.items() if v is not None})
+
+
+def _normalised_ratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, chosen_lengths: Tensor,
+                       rejected_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log-ratios (logp_theta(y) - logp_ref(y)) / |y| of the chosen and rejected answers, [B] each."""
+    return (_up(pc) - _up(rc)) / _lengths(chosen_lengths), (_up(pr) - _up(rr)) / _lengths(rejected_lengths)
+
+
 def _check_eps(eps: float, *, name: str, allow_zero: bool) -> None:
     lo_ok = eps >= 0.0 if allow_zero else eps > 0.0
     if not (lo_ok and eps <= 0.5):
@@ -144,17 +158,10 @@ def dpo(
     h = (logp_theta(y_w) - logp_ref(y_w)) - (logp_theta(y_l) - logp_ref(y_l));  L = -log sigma(beta h).
     Rewards: r(y) = beta (logp_theta(y) - logp_ref(y)). Equals TRL's ``loss_type="sigmoid"``.
     """
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h = _dpo_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # [B]
     losses = -F.logsigmoid(beta * h)  # [B]
-    chosen, rejected = _implicit_rewards(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return LossOutput(losses, chosen, rejected)
 
 
@@ -176,17 +183,10 @@ def cdpo(
     estimator). Rewards as in DPO.
     """
     _check_eps(eps, name="cdpo eps", allow_zero=True)
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h = _dpo_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # [B]
     losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)  # [B]
-    chosen, rejected = _implicit_rewards(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return LossOutput(losses, chosen, rejected)
 
 
@@ -212,21 +212,13 @@ def ipo(
     """
     if beta <= 0:
         raise ValueError(f"ipo beta must be > 0, got {beta}")
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
-    chosen_ratio = (_up(policy_chosen_logps) - _up(ref_chosen_logps)) / _lengths(chosen_lengths)  # [B]
-    rejected_ratio = (_up(policy_rejected_logps) - _up(ref_rejected_logps)) / _lengths(rejected_lengths)  # [B]
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_ratio, rejected_ratio = _normalised_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                                      chosen_lengths, rejected_lengths)  # [B], [B]
     h = chosen_ratio - rejected_ratio  # [B]
     losses = (h - 1.0 / (2.0 * beta)) ** 2  # [B]
-    chosen, rejected = _implicit_rewards(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return LossOutput(losses, chosen, rejected)
 
 
@@ -247,12 +239,8 @@ def simpo(
     margin gamma (gamma = 0 and a reference with equal average log-probs on y_w and y_l gives
     length-normalised DPO). Rewards: r(y) = beta avg logp_theta(y) (SimPO's implicit reward).
     """
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
     chosen_avg = _up(policy_chosen_logps) / _lengths(chosen_lengths)  # [B]
     rejected_avg = _up(policy_rejected_logps) / _lengths(rejected_lengths)  # [B]
     losses = -F.logsigmoid(beta * chosen_avg - beta * rejected_avg - gamma)  # [B]
@@ -288,14 +276,8 @@ def mipo(
     beta is large (authors: 20, 5-25 safe). Rewards: r(y) = beta avg logp_theta(y) (the authors' code
     builds on SimPO's trainer); ``metrics`` carries K and q(K).
     """
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     len_w, len_l = _lengths(chosen_lengths), _lengths(rejected_lengths)  # [B], [B]
     chosen_avg = _up(policy_chosen_logps) / len_w  # [B]
     rejected_avg = _up(policy_rejected_logps) / len_l  # [B]
@@ -363,23 +345,16 @@ def fpo(
     """
     if top_k < 1:
         raise ValueError(f"fpo top_k must be >= 1, got {top_k}")
-    _same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
+    _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     _same_shape(
         policy_chosen_features=policy_chosen_features,
         policy_rejected_features=policy_rejected_features,
         ref_chosen_features=ref_chosen_features,
         ref_rejected_features=ref_rejected_features,
     )
-    len_w, len_l = _lengths(chosen_lengths), _lengths(rejected_lengths)  # [B], [B]
-    chosen_ratio = (_up(policy_chosen_logps) - _up(ref_chosen_logps)) / len_w  # [B]
-    rejected_ratio = (_up(policy_rejected_logps) - _up(ref_rejected_logps)) / len_l  # [B]
+    chosen_ratio, rejected_ratio = _normalised_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                                      chosen_lengths, rejected_lengths)  # [B], [B]
     u = chosen_ratio - rejected_ratio  # [B]
     mse_w = _topk_mse(_up(policy_chosen_features), _up(ref_chosen_features), top_k)  # [B]
     mse_l = _topk_mse(_up(policy_rejected_features), _up(ref_rejected_features), top_k)  # [B]

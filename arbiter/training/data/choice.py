@@ -170,13 +170,7 @@ def load_choices(source: str, *, limit: int | None = None, seed: int = 0) -> tup
     for _, q in _mc_rows(source, report):
         questions.append(q)
         report.kept += 1
-    report.raise_if_empty()
-    random.Random(seed).shuffle(questions)
-    if limit is not None and len(questions) > limit:
-        report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + len(questions) - limit
-        report.kept = limit
-        questions = questions[:limit]
-    return questions, report
+    return report.take(questions, seed=seed, limit=limit), report
 
 
 def choices_to_pairs(questions: Sequence[ChoiceQuestion], *, seed: int) -> list[PreferencePair]:

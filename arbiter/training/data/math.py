@@ -101,13 +101,7 @@ def load_math(source: str, *, limit: int | None = None, seed: int = 0) -> tuple[
     for p in _math_rows(source, report):
         problems.append(p)
         report.kept += 1
-    report.raise_if_empty()
-    random.Random(seed).shuffle(problems)
-    if limit is not None and len(problems) > limit:
-        report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + len(problems) - limit
-        report.kept = limit
-        problems = problems[:limit]
-    return problems, report
+    return report.take(problems, seed=seed, limit=limit), report
 
 
 def sample_math_pairs(

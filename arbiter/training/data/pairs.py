@@ -100,13 +100,7 @@ def load_pairs(source: str, *, limit: int | None = None, seed: int = 0) -> tuple
             )
         report = DataReport(str(path))
         pairs = _rows_to_pairs(_read_table(path, report), report, str(path), _trl_convert)
-    report.raise_if_empty()
-    random.Random(seed).shuffle(pairs)
-    if limit is not None and len(pairs) > limit:
-        report.dropped["beyond_limit"] = report.dropped.get("beyond_limit", 0) + len(pairs) - limit
-        report.kept = limit
-        pairs = pairs[:limit]
-    return pairs, report
+    return report.take(pairs, seed=seed, limit=limit), report
 
 
 def save_pairs(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:

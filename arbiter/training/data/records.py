@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 MAX_EXAMPLES = 3  # examples kept per drop reason
 _EXAMPLE_CHARS = 160
@@ -75,6 +79,19 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def take(self, items: list[T], *, seed: int, limit: int | None) -> list[T]:
+        """Every loader's order and limit: raise if nothing is usable, a seeded shuffle of all usable items, then
+        the first ``limit`` (the rest counted as ``beyond_limit``, so total == kept + sum(dropped) holds and
+        ``limit=n`` is a prefix of the unlimited order for the same seed)."""
+        self.raise_if_empty()
+        items = list(items)
+        random.Random(seed).shuffle(items)
+        if limit is not None and len(items) > limit:
+            self.dropped["beyond_limit"] = self.dropped.get("beyond_limit", 0) + len(items) - limit
+            self.kept = limit
+            items = items[:limit]
+        return items
 
     def raise_if_empty(self) -> None:
         if self.kept == 0:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from arbiter.fsutil import atomic_dir
+from arbiter.fsutil import atomic_dir, read_json_object
 
 from .model import _PICKLE_SUFFIXES, CFG_FILE, MAX_CFG_BYTES, WEIGHTS_FILE, Activation, SAELoadError, SparseAutoencoder
 
@@ -114,15 +114,7 @@ def read_sae_config(directory: str | os.PathLike) -> dict:
     path = d / CFG_FILE
     if not path.is_file():
         raise SAELoadError(f"{d} has no {CFG_FILE}: an SAE directory holds cfg.json + {WEIGHTS_FILE} (SAELens layout)")
-    if path.stat().st_size > MAX_CFG_BYTES:
-        raise SAELoadError(f"{path}: larger than {MAX_CFG_BYTES} bytes, not an SAE config")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SAELoadError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SAELoadError(f"{path}: expected a JSON object")
-    return cfg
+    return read_json_object(path, MAX_CFG_BYTES, SAELoadError, "SAE config")
 
 
 def _cfg_get(cfg: dict, key: str, default: Any = None) -> Any:
