@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +34,9 @@ from .routes import router
 from .settings import Settings
 from .state import ServiceState
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .engine.base import Engine
 
 log = logging.getLogger("arbiter.service")
 
@@ -187,7 +190,7 @@ def _watch_heads(state: ServiceState, every_s: float) -> None:
     threading.Thread(target=loop, name="arbiter-heads-watch", daemon=True).start()
 
 
-def create_app(settings: Settings | None = None, *, engine: Any = None, heads: HeadRegistry | None = None,
+def create_app(settings: Settings | None = None, *, engine: "Engine | None" = None, heads: HeadRegistry | None = None,
                exit_on_engine_death: bool = True) -> FastAPI:
     settings = settings or Settings()
     state = ServiceState(settings=settings, metrics=Metrics(), registry=heads)
@@ -202,7 +205,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, heads: H
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def start(eng: Any) -> None:
+    def start(eng: Engine) -> None:
         if state.registry is None:
             state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
                                           device=engine_mod.resolve_device(settings) if engine is None else "cpu",

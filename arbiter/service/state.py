@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from arbiter import __version__
 from arbiter.heads import HeadRegistry
@@ -66,7 +66,7 @@ class ServiceState:
     def require_token_text(self) -> TokenText:
         return _ready(self.token_text, "the engine's token text")
 
-    def bind_engine(self, engine: Any) -> None:
+    def bind_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.model_id = self.settings.served_model_name or engine.model_name
         self.model_aliases = frozenset({engine.model_name, self.model_id})

@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import Engine
 
 log = logging.getLogger("arbiter.service")
 
@@ -19,7 +22,7 @@ def resolve_device(settings: Any) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_engine(settings: Any) -> Any:
+def load_engine(settings: Any) -> "Engine":
     """Load the backbone and the engine ``settings.engine`` names (ARBITER_ENGINE). vLLM is imported only when chosen."""
     device = resolve_device(settings)
     if settings.engine == "vllm":
