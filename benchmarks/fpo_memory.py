@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("load", "precompute", "dpo_full", "fpo_full", "dpo_lora", "fpo_lora")
 MiB = 1024 * 1024
@@ -247,7 +250,8 @@ def _section(run: dict) -> list[str]:
         f"parameters). Batch: {any_r['pairs']} hh-rlhf pairs ({2 * any_r['pairs']} sequences, padded length "
         f"{any_r['seq_len']}, {any_r['tokens']} real tokens). SAE: layer {a['layer']}, "
         f"{'from ' + a['sae'] if a.get('sae') else 'random top-k, d_sae = 4608, k = 32'}. AdamW, {a['steps']} steps "
-        "per variant, each variant in a fresh process.",
+        "per variant, each variant in a fresh process."
+        + (f" Command: `{env['command']}` on commit `{env['commit']}`." if env.get("command") else ""),
         "",
         "| variant | peak RSS MiB |" + (" CUDA max allocated MiB |" if cuda else "")
         + " trainable MiB | grads MiB | AdamW state MiB | reference copy MiB | SAE MiB | cached ref feats MiB |"
@@ -353,6 +357,7 @@ def main() -> None:
     if "load" not in wanted:
         wanted.insert(0, "load")
     results = {}
+    env = {**_env(args), "commit": git_commit(), "command": "python benchmarks/fpo_memory.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="fpo-mem-") as work:
         for v in [v for v in VARIANTS if v in wanted]:
             results[v] = _run_child(args, v, work)
@@ -363,7 +368,7 @@ def main() -> None:
     js = out.with_suffix(".json")
     runs = json.loads(js.read_text()).get("runs", {}) if js.is_file() else {}
     keep = {k: v for k, v in vars(args).items() if k not in ("child", "variant", "workdir", "out")}
-    runs[args.device.split(":")[0]] = {"args": keep, "env": _env(args), "results": results}
+    runs[args.device.split(":")[0]] = {"args": keep, "env": env, "results": results}
     js.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     _report(runs, out)
     print(out.read_text())
