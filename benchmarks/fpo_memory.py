@@ -357,7 +357,7 @@ def main() -> None:
     if "load" not in wanted:
         wanted.insert(0, "load")
     results = {}
-    env = {**_env(args), "commit": git_commit(), "command": "python benchmarks/fpo_memory.py " + " ".join(sys.argv[1:])}
+    env = {**_env(args), "commit": git_commit(), "command": " ".join(["python benchmarks/fpo_memory.py", *sys.argv[1:]])}
     with tempfile.TemporaryDirectory(prefix="fpo-mem-") as work:
         for v in [v for v in VARIANTS if v in wanted]:
             results[v] = _run_child(args, v, work)

@@ -369,3 +369,16 @@ def test_adapter_kill9_then_resume_equals_uninterrupted(backbone, tmp_path):
     ref = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref]
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
+    """Lines a killed run wrote after its checkpoint, a torn last line and a finished run's closing summary go;
+    the steps up to the checkpoint stay, in order."""
+    from arbiter.training.artifacts import truncate_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)] + [json.dumps({"final": {"steps": 5}}),
+                                                                                '{"step": 6, "lo']
+    log.write_text("\n".join(lines) + "\n")
+    truncate_metrics(log, 3)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]

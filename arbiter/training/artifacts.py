@@ -46,14 +46,16 @@ METRICS_FILE = "metrics.jsonl"  # every recipe's per-step log (TRL metric names)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the step lines written after the checkpoint we continue from (they are redone)."""
+    """On resume, drop the step lines written after the checkpoint we continue from (they are redone), and any
+    line without a step (a finished run's closing summary, written again when the resumed run finishes)."""
     if not path.is_file():
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            at = json.loads(line).get("step")
         except (json.JSONDecodeError, AttributeError):
             continue  # a line torn by the kill
+        if isinstance(at, int) and at <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(x + "\n" for x in keep))
