@@ -1,7 +1,7 @@
 """The in-process live-server harness: ``served()`` runs the real app under uvicorn on 127.0.0.1 with a fake engine
-(tests/fakes.py), for every test of the HTTP surface without a model (rerank, bad input and auth, overload and
-faults, fuzzing) and the hardening benchmarks. Tests that need the real model start ``arbiter serve`` itself
-(``fakes.ArbiterProcess``). Also a launcher run as a subprocess:
+(tests/fakes.py) or a real one, for every test of the HTTP surface (rerank, bad input and auth, overload and
+faults, adapters) and the hardening benchmarks. Tests of the process itself (the real CLI, its settings from the
+environment, exit codes) start ``arbiter serve`` (``fakes.ArbiterProcess``). Also a launcher run as a subprocess:
 
     python tests/served_fake.py --mode die|slow --port PORT [--delay-s S]
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ (for fakes), 
 from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, save_random_head  # noqa: E402
 
 from arbiter.heads import HeadRegistry  # noqa: E402
+from arbiter.service.engine.base import Engine  # noqa: E402
 
 MODEL = "fake-backbone"
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -71,20 +72,23 @@ def heads_dir(root: str | os.PathLike, *names: str) -> HeadRegistry:
 
 
 @contextlib.contextmanager
-def served(engine: FakeEngine | None = None, heads: HeadRegistry | None = None, **settings) -> Iterator[ServerThread]:
-    """The real app on 127.0.0.1 with a fake engine (no model)."""
+def served(engine: Engine | None = None, heads: HeadRegistry | None = None, *, start_timeout_s: float = 30.0,
+           **settings) -> Iterator[ServerThread]:
+    """The real app on 127.0.0.1 with ``engine`` (default a fake engine: no model; a real ``HFEngine`` works too)
+    and ``heads`` (default: none), ``settings`` as ``Settings`` fields."""
     from arbiter.service.app import create_app
     from arbiter.service.settings import Settings
 
     engine = engine or FakeEngine()
-    heads = heads if heads is not None else HeadRegistry(None, FAKE_FINGERPRINT)
+    heads = heads if heads is not None else HeadRegistry(None, engine.fingerprint)
     app = create_app(Settings(**settings), engine=engine, heads=heads, exit_on_engine_death=False)
-    with ServerThread(app) as srv:
+    with ServerThread(app, start_timeout_s=start_timeout_s) as srv:
         try:
             yield srv
         finally:
-            if engine.gate is not None:
-                engine.gate.set()  # never leave the worker blocked behind a failed assertion
+            gate = getattr(engine, "gate", None)
+            if gate is not None:
+                gate.set()  # never leave a fake engine's worker blocked behind a failed assertion
 
 
 # --- subprocess launcher ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from fakes import ServerThread
+from served_fake import served as serve_app
 
 peft = pytest.importorskip("peft")
 ADMIN = "admin-key"
@@ -61,9 +61,7 @@ def test_switching_is_exact_and_equals_merging(backbone, adapters):
 @pytest.fixture(scope="module")
 def served(backbone, adapters):
     from arbiter.heads import HeadConfig, HeadRegistry, build_head
-    from arbiter.service.app import create_app
     from arbiter.service.engine.hf import HFEngine
-    from arbiter.service.settings import Settings
 
     engine = HFEngine(backbone)
     engine.adapters.load("alpha", adapters["alpha"])
@@ -72,10 +70,8 @@ def served(backbone, adapters):
     for name, prov in (("base_head", {}), ("alpha_head", {"adapter": str(adapters["alpha"])})):
         cfg = HeadConfig(name=name, backbone=backbone.fingerprint, hidden_size=backbone.hidden_size, provenance=prov)
         reg.add(build_head(cfg), cfg)
-    settings = Settings(admin_key=ADMIN, adapters_dir=str(adapters["root"]))
-    app = create_app(settings, engine=engine, heads=reg, exit_on_engine_death=False)
     try:
-        with ServerThread(app, start_timeout_s=60) as srv:
+        with serve_app(engine, reg, start_timeout_s=60, admin_key=ADMIN, adapters_dir=str(adapters["root"])) as srv:
             yield srv, engine
     finally:
         engine.adapters.activate(None)  # the shared backbone goes back to its base weights
