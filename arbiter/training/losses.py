@@ -161,7 +161,9 @@ def dpo(
     _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h = _dpo_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # [B]
     losses = -F.logsigmoid(beta * h)  # [B]
-    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    chosen, rejected = _implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )  # [B], [B]
     return LossOutput(losses, chosen, rejected)
 
 
@@ -186,7 +188,9 @@ def cdpo(
     _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h = _dpo_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # [B]
     losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)  # [B]
-    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    chosen, rejected = _implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )  # [B], [B]
     return LossOutput(losses, chosen, rejected)
 
 
@@ -214,11 +218,14 @@ def ipo(
         raise ValueError(f"ipo beta must be > 0, got {beta}")
     _check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    chosen_ratio, rejected_ratio = _normalised_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                                      chosen_lengths, rejected_lengths)  # [B], [B]
+    chosen_ratio, rejected_ratio = _normalised_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths
+    )  # [B], [B]
     h = chosen_ratio - rejected_ratio  # [B]
     losses = (h - 1.0 / (2.0 * beta)) ** 2  # [B]
-    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    chosen, rejected = _implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )  # [B], [B]
     return LossOutput(losses, chosen, rejected)
 
 
@@ -353,8 +360,9 @@ def fpo(
         ref_chosen_features=ref_chosen_features,
         ref_rejected_features=ref_rejected_features,
     )
-    chosen_ratio, rejected_ratio = _normalised_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                                      chosen_lengths, rejected_lengths)  # [B], [B]
+    chosen_ratio, rejected_ratio = _normalised_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths
+    )  # [B], [B]
     u = chosen_ratio - rejected_ratio  # [B]
     mse_w = _topk_mse(_up(policy_chosen_features), _up(ref_chosen_features), top_k)  # [B]
     mse_l = _topk_mse(_up(policy_rejected_features), _up(ref_rejected_features), top_k)  # [B]
