@@ -45,6 +45,11 @@ def sample(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     engine = HFEngine(backbone)
+    too_long = [j for j, p in enumerate(prompts) if len(p) + params.max_tokens > engine.context_length]
+    if too_long:
+        j = too_long[0]
+        raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's {engine.context_length}-token context with "
+                         f"max_tokens {params.max_tokens} (the first: prompt {j}, {len(prompts[j])} tokens)")
     was_training = backbone.model.training
     backbone.model.eval()
     out: list[GenerationResult] = []
