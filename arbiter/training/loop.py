@@ -278,7 +278,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
                 out_dir, at, tensors,
                 {"optimizer": spec.optimizer.state_dict(), "scheduler": spec.scheduler.state_dict()},
                 {"micro": at * optim.grad_accum, "epoch": at * optim.grad_accum / per_epoch, "config": cfg_dict,
-                 "metrics": driver.last or resumed_metrics},
+                 "metrics": driver.last},
                 keep=cfg.keep_checkpoints,
             )
         acc.wait_for_everyone()

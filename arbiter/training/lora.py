@@ -63,6 +63,23 @@ def attach_lora(model: Any, section: LoraSection, *, gradient_checkpointing: boo
     return peft_model, restore
 
 
+@contextmanager
+def training_lora(bb: Any, section: LoraSection, device: Any, *, gradient_checkpointing: bool = False,
+                  caller_owned: bool = False) -> Iterator[Any]:
+    """The backbone moved to ``device`` with a fresh trainable LoRA adapter (``attach_lora``), for one training run;
+    on exit the adapter is removed and, when the caller lent the backbone (``caller_owned``), the model goes back
+    to the device it came from."""
+    home = next(bb.model.parameters()).device
+    bb.model.to(device)
+    peft_model, detach = attach_lora(bb.model, section, gradient_checkpointing=gradient_checkpointing)
+    try:
+        yield peft_model
+    finally:
+        detach()
+        if caller_owned:
+            bb.model.to(home)
+
+
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 
+from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import BackboneFingerprint
 
 if TYPE_CHECKING:
@@ -105,14 +106,10 @@ class Engine(Protocol):
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Prompt token ids of OpenAI-style messages, ending with the assistant header (docs/features.md)."""
-        from arbiter.chat import prompt_ids
-
         return prompt_ids(self.tokenizer, messages)
 
     def encode_answer(self, text: str) -> list[int]:
         """Token ids of an assistant answer, without the closing token (the feature passes add it)."""
-        from arbiter.chat import answer_ids
-
         return answer_ids(self.tokenizer, text, self.end_id, close=False)
 
     def supported_features(self) -> frozenset[int] | None:

@@ -50,11 +50,11 @@ from arbiter.training.loop import (
 )
 from arbiter.training.lora import (
     PolicyModule,
-    attach_lora,
     reference_pass,
     resolve_backbone,
     save_adapter,
     trainable_parameters,
+    training_lora,
 )
 from arbiter.training.losses import LossOutput
 from arbiter.training.reference import (
@@ -202,15 +202,8 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
 
     acc = make_accelerator(cfg.device, cfg.precision)
     seed_everything(cfg.seed)  # the LoRA init (and so a resumed run's structure) is reproducible
-    home = next(bb.model.parameters()).device  # a caller's backbone goes back where it was
-    bb.model.to(acc.device)
-    peft_model, detach = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-
-    def restore() -> None:
-        detach()
-        if backbone is not None:
-            bb.model.to(home)
-    try:
+    with training_lora(bb, cfg.lora, acc.device, gradient_checkpointing=cfg.gradient_checkpointing,
+                       caller_owned=backbone is not None) as peft_model:
         projection = None
         if inter and cfg.intermediate.projection == "linear":
             head_w = peft_model.get_output_embeddings().weight  # [V, d]
@@ -266,5 +259,3 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
         acc.wait_for_everyone()
         final["adapter_dir"] = str(out_dir / "adapter")
         return final
-    finally:
-        restore()

@@ -44,11 +44,11 @@ from arbiter.training.loop import (
 )
 from arbiter.training.lora import (
     PolicyModule,
-    attach_lora,
     reference_pass,
     resolve_backbone,
     save_adapter,
     trainable_parameters,
+    training_lora,
 )
 from arbiter.training.losses import LossOutput, prior_regularize_
 from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
@@ -146,15 +146,8 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
 
     acc = make_accelerator(cfg.device, cfg.precision)
     seed_everything(cfg.seed)  # LoRA and head initialisation are reproducible (prior weights, resume)
-    home = next(bb.model.parameters()).device  # a caller's backbone goes back where it was
-    bb.model.to(acc.device)
-    peft_model, detach = attach_lora(bb.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-
-    def restore() -> None:
-        detach()
-        if backbone is not None:
-            bb.model.to(home)
-    try:
+    with training_lora(bb, cfg.lora, acc.device, gradient_checkpointing=cfg.gradient_checkpointing,
+                       caller_owned=backbone is not None) as peft_model:
         head_cfg = HeadConfig(
             name=cfg.head.name, backbone=bb.fingerprint, layer=-1, pooler=cfg.head.pooler,
             hidden_size=bb.hidden_size, ffn_size=bb.ffn_size if cfg.head.pooler == "swiglu_tanh" else None,
@@ -224,5 +217,3 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
         final["adapter_dir"] = str(adapter_dir)
         final["head_dir"] = str(head_dir)
         return final
-    finally:
-        restore()
