@@ -124,8 +124,12 @@ def test_dpo_overfits_tiny_set(dpo_run):
     weights = _lora(run_dir)
     b_norms = [t.norm().item() for k, t in weights.items() if "lora_B" in k]
     assert len(b_norms) == 30 * 7 and min(b_norms) > 0
-    targets = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
-    assert sorted(targets) == sorted(DEFAULT_TARGETS)
+    # The LoRA hyper-parameters the run was configured with are the ones PEFT trained with: read back from
+    # PEFT's own adapter_config.json (lora.dropout=0.1, lora.r=4, lora.alpha=8 in _cfg / the fixture).
+    peft_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert peft_cfg["lora_dropout"] == pytest.approx(0.1)
+    assert peft_cfg["r"] == 4 and peft_cfg["lora_alpha"] == pytest.approx(8)
+    assert sorted(peft_cfg["target_modules"]) == sorted(DEFAULT_TARGETS)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-8"]
 
 

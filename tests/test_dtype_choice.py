@@ -56,3 +56,25 @@ def test_the_real_measurement_and_the_logged_choice(fresh, caplog):
     want = B.resolve_dtype("auto", "cpu")[0]
     assert bb.dtype == want
     assert any(f"backbone dtype {want}" in rec.getMessage() for rec in caplog.records)
+
+
+def test_eval_runs_a_bf16_head_in_float32_where_bf16_is_emulated(fresh, caplog, tmp_path):
+    """``arbiter eval`` loads the backbone with ``dtype=auto`` like the server, not in the head's feature dtype:
+    on a CPU without native bf16 (an AVX2 AMD EPYC, say) the shipped bf16 heads run on a float32 backbone,
+    and the dtype difference is logged and recorded in the report."""
+    import json
+    from pathlib import Path
+
+    from arbiter.heads import read_config
+    from arbiter.training import evaluate
+
+    head = Path(__file__).resolve().parents[1] / "heads" / "sst2"
+    assert read_config(head).feature_dtype == "bfloat16"
+    fresh.setattr(B, "cpu_bf16_flags", lambda cpuinfo=None: [])
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "Sentiment of: 'a joy to watch'", "choices": ["positive", "negative"],
+                                "answer": 0}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="arbiter.training.evaluate"):
+        report = evaluate.eval_choice(head=str(head), data=str(data), out=str(tmp_path / "out"), progress=False)
+    assert report["backbone_dtype"] == "float32" and report["head_feature_dtype"] == "bfloat16"
+    assert any("trained on bfloat16 features and runs on float32" in r.getMessage() for r in caplog.records)

@@ -71,3 +71,12 @@ class HeadConfig(BaseModel):
             raise ValueError("pooler 'swiglu_tanh' needs ffn_size")
         if self.layer < FINAL_NORM_LAYER or self.layer >= self.backbone.num_layers:
             raise ValueError(f"layer {self.layer} is outside [-1, {self.backbone.num_layers - 1}]")
+
+    def dtype_warning(self, running_dtype: str | None) -> str | None:
+        """The warning to log when the backbone runs in another dtype than the head's training features were
+        made in (serving and evaluation both pick ``dtype=auto``: float32 where bf16 is not native and faster),
+        or None when they agree. docs/features.md says what the difference changes."""
+        if not running_dtype or running_dtype == self.feature_dtype:
+            return None
+        return (f"head {self.name} was trained on {self.feature_dtype} features and runs on {running_dtype} ones "
+                "(benchmarks/reports/feature_extraction.md measures what that changes)")

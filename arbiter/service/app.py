@@ -222,11 +222,9 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
             served = getattr(getattr(eng, "backbone", None), "adapter", None)
             served_dtype = getattr(getattr(eng, "backbone", None), "dtype", None)
             for name in loaded:
-                feature_dtype = state.registry.get(name).config.feature_dtype
-                if served_dtype and feature_dtype != served_dtype:
-                    log.warning("head %s was trained on %s features and is served on %s ones (see "
-                                "benchmarks/reports/feature_extraction.md for what that changes)", name, feature_dtype,
-                                served_dtype)
+                dtype_warning = state.registry.get(name).config.dtype_warning(served_dtype)
+                if dtype_warning:
+                    log.warning("%s", dtype_warning)
                 trained_with = state.registry.get(name).config.provenance.get("adapter")
                 if trained_with and (served is None or Path(trained_with).name != served["name"]):
                     log.warning("head %s was trained jointly with adapter %s, which is not the one served (%s): "

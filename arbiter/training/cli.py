@@ -261,6 +261,9 @@ def _eval_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=None, metavar="DIR", help="report directory (default runs/eval/<head name>)")
         sp.add_argument("--model", default=None, help="backbone (default: the embedded SmolLM2-135M-Instruct)")
         sp.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+        sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone dtype (auto, as the server: bfloat16 only where this CPU multiplies it "
+                             "natively and faster, float32 otherwise)")
 
     sp = sub.add_parser("pairs", help=EVAL_TASKS["pairs"], description=EVAL_TASKS["pairs"])
     common(sp, "preference pairs: a .jsonl/.json/.parquet file or a builtin (hh-rlhf, hh-rlhf/harmless-base, "

@@ -45,21 +45,23 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(s).name if Path(s).suffix else s).strip("-") or "data"
 
 
-def _setup(head: str, model: str | None, backbone: Any):
-    """(backbone, head module, head config); the head is checked against the backbone's fingerprint."""
+def _setup(head: str, model: str | None, backbone: Any, dtype: str = "auto"):
+    """(backbone, head module, head config); the head is checked against the backbone's fingerprint.
+
+    The backbone loads in ``dtype`` (default ``auto``, as the server picks it: bfloat16 only where this CPU
+    multiplies it natively and measurably faster, float32 otherwise), not in the head's ``feature_dtype``:
+    on a CPU without native bf16 a bfloat16 backbone is emulated and several times slower. When the two
+    differ the same warning as the server's is logged, and the report records both dtypes."""
     from arbiter.heads import load_head
 
     if backbone is None:
         from arbiter.backbone import load_backbone
-        from arbiter.heads.io import CONFIG_FILE
 
-        # The backbone runs in the dtype the head's training features were made in (its feature_dtype).
-        try:
-            dtype = json.loads((Path(head) / CONFIG_FILE).read_text()).get("feature_dtype", "float32")
-        except (OSError, ValueError):
-            dtype = "float32"  # load_head below reports what is wrong with the head
-        backbone = load_backbone(model, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+        backbone = load_backbone(model, dtype=dtype)
     module, config = load_head(head, expected_backbone=backbone.fingerprint)
+    warning = config.dtype_warning(backbone.dtype)
+    if warning:
+        log.warning("%s", warning)
     return backbone, module, config
 
 
@@ -96,6 +98,8 @@ def _base(task: str, head: str, config: Any, data: str, backbone: Any) -> dict:
         "head_layer": config.layer,
         "data": data,
         "backbone": backbone.name,
+        "backbone_dtype": backbone.dtype,
+        "head_feature_dtype": config.feature_dtype,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -120,6 +124,7 @@ def eval_pairs(
     seed: int = 0,
     out: str | None = None,
     model: str | None = None,
+    dtype: str = "auto",
     batch_tokens: int = 4096,
     max_length: int = 1024,
     truncate_prompt: bool = False,
@@ -132,7 +137,7 @@ def eval_pairs(
     from .feature_cache import pair_features
 
     t0 = time.perf_counter()
-    backbone, module, config = _setup(head, model, backbone)
+    backbone, module, config = _setup(head, model, backbone, dtype)
     pairs, report = load_pairs(data, limit=limit, seed=seed)
     tok, trep = tokenize_pairs(pairs, backbone.tokenizer, backbone.end_id, max_length=max_length,
                                truncate_prompt=truncate_prompt)
@@ -227,6 +232,7 @@ def eval_choice(
     seed: int = 0,
     out: str | None = None,
     model: str | None = None,
+    dtype: str = "auto",
     batch_tokens: int = 4096,
     backbone: Any = None,
     progress: bool = True,
@@ -239,7 +245,7 @@ def eval_choice(
     from .data import load_choices
 
     t0 = time.perf_counter()
-    backbone, module, config = _setup(head, model, backbone)
+    backbone, module, config = _setup(head, model, backbone, dtype)
     questions, report = load_choices(data, limit=limit, seed=seed)
     rows, owner = [], []
     for qi, q in enumerate(questions):
@@ -304,6 +310,7 @@ def eval_bestofn(
     seed: int = 0,
     out: str | None = None,
     model: str | None = None,
+    dtype: str = "auto",
     batch_tokens: int = 4096,
     max_new_tokens: int = 256,
     temperature: float = 0.7,
@@ -334,7 +341,7 @@ def eval_bestofn(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     t0 = time.perf_counter()
-    backbone, module, config = _setup(head, model, backbone)
+    backbone, module, config = _setup(head, model, backbone, dtype)
     problems, report = load_math(data, limit=limit, seed=seed)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     t_gen = time.perf_counter()

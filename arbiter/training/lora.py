@@ -45,7 +45,9 @@ def attach_lora(model: Any, section: LoraSection, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pcfg = LoraConfig(
-        r=section.r, lora_alpha=section.alpha,  # type: ignore[arg-type]  # peft takes a float alpha lora_dropout=section.dropout,
+        r=section.r,
+        lora_alpha=section.alpha,  # type: ignore[arg-type]  # peft takes a float alpha
+        lora_dropout=section.dropout,
         target_modules=list(section.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, pcfg)
