@@ -1,5 +1,6 @@
 """Answer extraction shared by serving (vote-based selection, ``rerank.select``) and training / evaluation
-(math pairs, best-of-N): the final number of a solution, an option letter, a regex group, a JSON field.
+(math pairs, best-of-N, verifier heads): the final number of a solution, an option letter, a label word, a regex
+group, a JSON field.
 
 Every extractor maps a candidate's text to a canonical answer string or None (no answer found); votes group
 candidates by that string.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -77,6 +78,17 @@ def extract_choice_letter(text: str, k: int = 26) -> str | None:
     return m.group(1).upper() if m else None
 
 
+def extract_label_word(text: str, labels: Sequence[str]) -> str | None:
+    """The label (as spelled in ``labels``) that occurs first in the text as a whole word, case-insensitively:
+    "The sentiment is Positive." -> "positive" for labels ("negative", "positive"); None if none occurs."""
+    best: tuple[int, str] | None = None
+    for label in labels:
+        m = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", text, re.IGNORECASE)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), label)
+    return best[1] if best else None
+
+
 def extract_json_field(text: str, path: str) -> str | None:
     """``path`` (dotted, e.g. "answer" or "result.value") of the first JSON object in the text, as a string."""
     start = text.find("{")
@@ -109,12 +121,22 @@ def compile_regex(pattern: str) -> Any:
     return rx
 
 
-def extractor(name: str, *, pattern: str | None = None, field: str | None = None, k: int = 26) -> Callable[[str], str | None]:
-    """The extractor ``name`` as a function text -> answer | None. Raises ValueError for a bad pattern / field."""
+EXTRACTORS = ("last_number", "choice_letter", "label_words", "regex", "json_field")
+
+
+def extractor(name: str, *, pattern: str | None = None, field: str | None = None, labels: Sequence[str] | None = None,
+              k: int = 26) -> Callable[[str], str | None]:
+    """The extractor ``name`` as a function text -> answer | None. Raises ValueError for a bad pattern / field /
+    label list."""
     if name == "last_number":
         return extract_final_answer
     if name == "choice_letter":
         return lambda t: extract_choice_letter(t, k)
+    if name == "label_words":
+        if not labels or any(not isinstance(x, str) or not x.strip() for x in labels):
+            raise ValueError("the label_words extractor needs a non-empty list of non-empty labels")
+        words = [x.strip() for x in labels]
+        return lambda t: extract_label_word(t, words)
     if name == "regex":
         if not pattern:
             raise ValueError("the regex extractor needs a pattern")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from fakes import FakeEngine, Scripted, ServerThread, linear_head, registry_with
 
-from arbiter.answers import extract_choice_letter, extract_json_field, extractor
+from arbiter.answers import extract_choice_letter, extract_json_field, extract_label_word, extractor
+from arbiter.heads import SelectionRule
 from arbiter.service.rerank import select
 
 # Six candidates: answers 7, 7, 9, 9, 9 and one with no number. Rewards (head A = feature[0]):
@@ -81,13 +82,21 @@ SCRIPT = tuple(Scripted(t, (r, 0.0, 0.0, 0.0)) for t, r in zip(TEXTS, REWARDS))
 MSG = [{"role": "user", "content": "what is it"}]
 
 
+def _voter(name, rule):
+    """Head A's weights with a selection rule of its own in its config."""
+    module, cfg = linear_head(name, [1, 0, 0, 0])
+    return module, cfg.model_copy(update={"selection": SelectionRule(**rule)})
+
+
 @pytest.fixture(scope="module")
 def srv():
     from arbiter.service.app import create_app
     from arbiter.service.settings import Settings
 
-    app = create_app(Settings(), engine=FakeEngine(SCRIPT), heads=registry_with(linear_head("A", [1, 0, 0, 0])),
-                     exit_on_engine_death=False)
+    heads = registry_with(linear_head("A", [1, 0, 0, 0]),
+                          _voter("A_majority", {"select": "majority_vote", "extractor": "last_number"}),
+                          _voter("A_weighted", {"select": "weighted_vote", "extractor": "regex", "pattern": r"(\d)"}))
+    app = create_app(Settings(), engine=FakeEngine(SCRIPT), heads=heads, exit_on_engine_death=False)
     with ServerThread(app) as s:
         yield s
 
@@ -109,6 +118,54 @@ def test_api_argmax_majority_and_weighted_pick_what_the_policies_say(srv):
     r = _call(srv, select="weighted_vote", extractor="last_number")
     assert r.choices[0].message.content == "so 7" and r.rerank["groups"][0]["answer"] == "7"
     assert r.rerank["rewards"] == pytest.approx([2.0])
+
+
+def test_a_head_carries_its_rule_and_an_explicit_select_wins(srv):
+    # Head A_majority's own rule (majority vote, last number) picks "it is 9" where argmax would pick "no idea".
+    r = _call(srv, heads=["A_majority"])
+    assert r.choices[0].message.content == "it is 9" and r.rerank["policy"] == "majority_vote"
+    assert r.rerank["rule"] == {"select": "majority_vote", "extractor": "last_number", "source": "head"}
+    # An explicit select wins over the head's rule; the extractor then still comes from the head.
+    r = _call(srv, heads=["A_majority"], select="weighted_vote")
+    assert r.choices[0].message.content == "so 7" and r.rerank["rule"]["source"] == "request"
+    assert r.rerank["rule"]["extractor"] == "last_number"
+    r = _call(srv, heads=["A_majority"], select="argmax")
+    assert r.choices[0].message.content == "no idea" and r.rerank["rule"] == {"select": "argmax", "source": "request"}
+    # The first head named picks, with its own rule; a head without one is argmax, source "default".
+    r = _call(srv, heads=["A_weighted", "A"])
+    assert r.rerank["rule"] == {"select": "weighted_vote", "extractor": "regex", "pattern": r"(\d)", "source": "head"}
+    assert r.choices[0].message.content == "so 7"
+    assert _call(srv, heads=["A"]).rerank["rule"] == {"select": "argmax", "source": "default"}
+    # The rule is also applied to streamed rerank, and /v1/heads shows each head's rule.
+    c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=20)
+    chunks = list(c.chat.completions.create(model="fake-backbone", messages=MSG, max_tokens=16, stream=True,
+                                            extra_body={"rerank": {"candidates": 6, "heads": ["A_majority"]}}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "it is 9"
+    cards = {h["id"]: h for h in httpx.get(f"{srv.url}/v1/heads", timeout=10).json()["data"]}
+    assert cards["A_majority"]["selection"] == {"select": "majority_vote", "extractor": "last_number"}
+    assert cards["A"]["selection"] is None
+
+
+def test_label_words_extractor_in_a_request(srv):
+    assert extract_label_word("The sentiment is Positive, not negative.", ["negative", "positive"]) == "positive"
+    assert extract_label_word("negatively", ["negative", "positive"]) is None  # whole words only
+    assert extract_label_word("pos or neg?", ["negative", "positive"]) is None
+    r = _call(srv, select="majority_vote", extractor="label_words", labels=["7", "9"])
+    assert r.choices[0].message.content == "it is 9" and [g["answer"] for g in r.rerank["groups"]] == ["9", "7"]
+    base = {"model": "fake-backbone", "messages": MSG, "max_tokens": 8}
+    resp = httpx.post(f"{srv.url}/v1/chat/completions", timeout=10,
+                      json={**base, "rerank": {"candidates": 4, "select": "majority_vote", "extractor": "label_words"}})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "rerank.labels", resp.text
+
+
+def test_a_head_rule_is_validated_when_the_config_is_read():
+    with pytest.raises(ValueError, match="needs an extractor"):
+        SelectionRule(select="weighted_vote")
+    with pytest.raises(ValueError, match="capturing group"):
+        SelectionRule(select="majority_vote", extractor="regex", pattern="(a)(b)")
+    with pytest.raises(ValueError, match="labels"):
+        SelectionRule(select="majority_vote", extractor="label_words")
+    assert SelectionRule().describe() == {"select": "argmax"}
 
 
 def test_api_regex_extractor_and_bad_vote_requests_are_400(srv):

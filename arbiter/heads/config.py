@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FORMAT_VERSION = 1
 POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
@@ -37,6 +37,40 @@ class BackboneFingerprint(BaseModel):
         return out
 
 
+POLICIES = ("argmax", "weighted_vote", "majority_vote")
+PolicyName = Literal["argmax", "weighted_vote", "majority_vote"]
+ExtractorName = Literal["last_number", "choice_letter", "label_words", "regex", "json_field"]
+
+
+class SelectionRule(BaseModel):
+    """How a rerank request that names this head (first) and gives no ``select`` picks among the candidates:
+    the policy, and for the vote policies how an answer is read from a candidate (``arbiter.answers``).
+    ``arbiter train verifier`` records the rule that won on its dev questions (README "Heads carry their rule")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    select: PolicyName = "argmax"
+    extractor: ExtractorName | None = None
+    pattern: str | None = Field(None, min_length=1, max_length=256)  # extractor=regex: one capturing group
+    field: str | None = Field(None, min_length=1, max_length=128)  # extractor=json_field: a dotted path
+    labels: list[str] | None = Field(None, min_length=1, max_length=32)  # extractor=label_words
+
+    @model_validator(mode="after")
+    def _usable(self) -> "SelectionRule":
+        from arbiter.answers import extractor
+
+        if self.select != "argmax" and self.extractor is None:
+            raise ValueError(f"select {self.select} needs an extractor")
+        if self.labels is not None and any(len(x) > 64 for x in self.labels):
+            raise ValueError("labels must be at most 64 characters each")
+        if self.extractor is not None:
+            extractor(self.extractor, pattern=self.pattern, field=self.field, labels=self.labels)  # ValueError if unusable
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class HeadConfig(BaseModel):
     """Everything needed to rebuild a head's modules and to check it fits a backbone."""
 
@@ -52,6 +86,8 @@ class HeadConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # The dtype the backbone ran in when the training features were made (heads are float32 themselves).
     feature_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The selection rule rerank applies when the request names this head first and gives no ``select``.
+    selection: SelectionRule | None = None
     # Free-form record of how the head was made: data, loss, eps, metrics (dev accuracy, margins).
     provenance: dict[str, Any] = Field(default_factory=dict)
 

@@ -35,6 +35,7 @@ class LoadedHead:
             "backbone": self.config.backbone.model_name,
             "path": self.path,
             "metrics": self.config.provenance.get("metrics", {}),
+            "selection": self.config.selection.describe() if self.config.selection else None,
         }
 
 

@@ -157,11 +157,15 @@ class RerankOptions(BaseModel):
     heads: list[str] | None = Field(None, min_length=1, description="Heads to score with; the first picks")
     head: str | None = Field(None, description="Shorthand for heads=[head]")
     return_candidates: bool = Field(False, description="Return every candidate with its rewards in `rerank`")
-    select: Literal["argmax", "weighted_vote", "majority_vote"] = Field(
-        "argmax", description="Selection policy: argmax of the first head's reward, or a vote over extracted answers "
-                              "(weighted by softmax of the rewards, or one vote each)")
-    extractor: Literal["last_number", "choice_letter", "regex", "json_field"] | None = Field(
-        None, description="How an answer is read from a candidate for the vote policies (required by them)")
+    select: Literal["argmax", "weighted_vote", "majority_vote"] | None = Field(
+        None, description="Selection policy: argmax of the first head's reward, or a vote over extracted answers "
+                          "(weighted by softmax of the rewards, or one vote each). Absent: the picking head's own "
+                          "rule (its config's `selection`), else argmax")
+    extractor: Literal["last_number", "choice_letter", "label_words", "regex", "json_field"] | None = Field(
+        None, description="How an answer is read from a candidate for the vote policies (default: the picking "
+                          "head's extractor, if its rule has one)")
+    labels: list[str] | None = Field(None, min_length=1, max_length=32,
+                                     description="extractor=label_words: the answer words (the first one in the text wins)")
     pattern: str | None = Field(None, min_length=1, max_length=256,
                                 description="extractor=regex: a pattern with exactly one capturing group")
     field: str | None = Field(None, min_length=1, max_length=128,
@@ -305,12 +309,27 @@ class RerankGroup(BaseModel):
     candidates: list[int]
 
 
+class RerankRule(_Response):
+    """The selection rule a rerank response applied, and where it came from."""
+
+    select: str
+    extractor: str | None = None
+    pattern: str | None = None
+    field: str | None = None
+    labels: list[str] | None = None
+    source: Literal["request", "head", "default"] = Field(
+        description="request: the request's `select`; head: the picking head's own rule; default: argmax")
+
+    _omit_if_none = ("extractor", "pattern", "field", "labels")
+
+
 class RerankInfo(_Response):
     """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen, and how."""
 
     heads: list[str]
     candidates_scored: int
     policy: str = "argmax"
+    rule: RerankRule | None = Field(None, description="The selection rule applied and its source")
     chosen: list[int]
     rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
     groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
@@ -318,7 +337,7 @@ class RerankInfo(_Response):
                                                     "sampled, the maximum allowed")
     candidates: list[RerankCandidate] | None = None
 
-    _omit_if_none = ("groups", "adaptive", "candidates")
+    _omit_if_none = ("rule", "groups", "adaptive", "candidates")
 
 
 class TopLogprob(BaseModel):

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -33,6 +33,7 @@ from .protocol import (
     RerankCandidate,
     RerankInfo,
     RerankOptions,
+    RerankRule,
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
@@ -257,6 +258,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
 
     rr = body.rerank
     heads: list[LoadedHead] = []
+    rule = DEFAULT_RULE
     n_sample = body.n
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
@@ -267,7 +269,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
             raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
         if n_sample < body.n:
             raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
-        _answer_extractor(rr)  # a vote policy without a usable extractor is refused before any work
+        rule = _rule(rr, heads)  # a vote policy without a usable extractor is refused before any work
         cap_candidates, cap_tokens = _budget(request, rr)
         if cap_candidates is not None:
             n_sample = min(n_sample, cap_candidates)
@@ -302,11 +304,11 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         job = GenerationJob(ids, body.n, params, adapter=adapter, on_delta=on_delta)
         fut = _submit(st, st.require_worker().submit_generate, job, ())
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, None))
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0), deltas)
+        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule), deltas)
 
     if rr is not None and rr.adaptive:
-        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter)
-        resp = _completion(st, body, outcome, rid, created, heads, adaptive=adaptive_info)
+        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter, rule)
+        resp = _completion(st, body, outcome, rid, created, heads, rule, adaptive=adaptive_info)
         log_fields["adaptive"] = adaptive_info
         _account(st, "chat", outcome, log_fields, t0)
         return resp
@@ -314,7 +316,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
     job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads), adapter=adapter)
     fut = _submit(st, st.require_worker().submit_generate, job, heads)
     if body.stream:
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0))
+        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule))
     try:
         done: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
     except APIError:
@@ -323,7 +325,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         raise
     except Exception as e:
         raise _worker_error(e) from None
-    resp = _completion(st, body, done, rid, created, heads)
+    resp = _completion(st, body, done, rid, created, heads, rule)
     _account(st, "chat", done, log_fields, t0)
     return resp
 
@@ -354,7 +356,7 @@ def _budget(request: Request, rr: RerankOptions) -> tuple[int | None, int | None
 
 async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
                     params: SamplingParams, heads: list[LoadedHead], n_max: int,
-                    adapter: str | None) -> tuple[GenerateOutcome, dict[str, Any]]:
+                    adapter: str | None, rule: "Rule") -> tuple[GenerateOutcome, dict[str, Any]]:
     """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
     is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
     import dataclasses
@@ -367,16 +369,16 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     rr = body.rerank
     assert rr is not None  # adaptive rounds run only for rerank requests
     opts = rr.adaptive if not isinstance(rr.adaptive, bool) else None
-    rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
+    stop_rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
     _, cap_tokens = _budget(request, rr)
-    ex = _answer_extractor(rr)
+    ex = rule.extract
     # One base seed for every round, so round r continues the candidate sequence instead of repeating it.
     params = dataclasses.replace(params, seed=params.seed if params.seed is not None else secrets.randbits(62))
     cands: list[Candidate] = []
     rewards: list[torch.Tensor] = []
     queue_s, run_s, rounds, stopped = 0.0, 0.0, 0, "max_candidates"
     while len(cands) < n_max:
-        k = min(max(rule.round, body.n - len(cands)), n_max - len(cands))
+        k = min(max(stop_rule.round, body.n - len(cands)), n_max - len(cands))
         job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands), adapter=adapter)
         fut = _submit(st, st.require_worker().submit_generate, job, heads)
         try:
@@ -393,7 +395,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
         r = torch.cat(rewards)
         spent = sum(len(c.token_ids) for c in cands)
         found = [ex(c.text) for c in cands] if ex is not None else None
-        if len(cands) >= body.n and settled(r, rr.select, found, rule):
+        if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule):
             stopped = "settled"
             break
         if cap_tokens is not None and spent >= cap_tokens:
@@ -405,32 +407,56 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
-def _answer_extractor(rr: RerankOptions) -> Callable[[str], str | None] | None:
-    """The request's answer extractor (None for argmax); InvalidRequest naming the field when it cannot be built."""
-    if rr.select == "argmax":
-        return None
-    if rr.extractor is None:
-        raise InvalidRequest(f"rerank.select={rr.select} needs rerank.extractor (last_number, choice_letter, regex or "
-                             "json_field)", param="rerank.extractor")
+@dataclass(frozen=True)
+class Rule:
+    """The selection rule of one rerank request, resolved once: the policy, the answer extractor (None for
+    argmax) and where the rule came from (README "Heads carry their rule")."""
+
+    policy: str
+    extract: Callable[[str], str | None] | None
+    info: RerankRule
+
+
+DEFAULT_RULE = Rule("argmax", None, RerankRule(select="argmax", source="default"))
+
+
+def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
+    """The request's rule: ``rerank.select`` when given (source "request"), else the picking head's own rule
+    (source "head"), else argmax ("default"). The extractor fields are the request's when it gives an
+    extractor, else the head's. InvalidRequest naming the field when a vote policy has no usable extractor."""
+    own = heads[0].config.selection if heads else None
+    policy = rr.select or (own.select if own else "argmax")
+    source: Literal["request", "head", "default"] = "request" if rr.select else ("head" if own else "default")
+    spec: tuple[str | None, str | None, str | None, list[str] | None] = (None, None, None, None)
+    if rr.extractor is not None:
+        spec = (rr.extractor, rr.pattern, rr.field, rr.labels)
+    elif own is not None and own.extractor is not None:
+        spec = (own.extractor, own.pattern, own.field, own.labels)
+    name, pattern, field, labels = spec
+    if policy == "argmax":
+        return Rule(policy, None, RerankRule(select=policy, source=source))
+    info = RerankRule(select=policy, source=source, extractor=name, pattern=pattern, field=field, labels=labels)
+    if name is None:
+        raise InvalidRequest(f"rerank.select={policy} needs rerank.extractor ({', '.join(answers.EXTRACTORS)})",
+                             param="rerank.extractor")
     try:
-        return answers.extractor(rr.extractor, pattern=rr.pattern, field=rr.field)
-    except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field
-        param = "rerank.field" if rr.extractor == "json_field" else "rerank.pattern"
-        raise InvalidRequest(f"rerank.extractor={rr.extractor}: {e}", param=param) from None
+        return Rule(policy, answers.extractor(name, pattern=pattern, field=field, labels=labels), info)
+    except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field / labels
+        param = {"json_field": "rerank.field", "label_words": "rerank.labels"}.get(name, "rerank.pattern")
+        raise InvalidRequest(f"rerank.extractor={name}: {e}", param=param) from None
 
 
-def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[LoadedHead],
+def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[LoadedHead], rule: Rule,
              return_candidates: bool) -> tuple[list[Candidate], RerankInfo | None]:
     """(the candidates to return, the ``rerank`` info or None): all candidates without heads, else the selection's."""
     cands = outcome.result.candidates
     if not heads:
         return list(cands), None
-    ex = _answer_extractor(body.rerank) if body.rerank is not None else None
-    found = [ex(c.text) for c in cands] if ex is not None else None
-    sel = select(outcome.rewards, body.rerank.select if body.rerank is not None else "argmax", found)
+    found = [rule.extract(c.text) for c in cands] if rule.extract is not None else None
+    sel = select(outcome.rewards, rule.policy, found)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
-    info = RerankInfo(heads=names, candidates_scored=len(cands), policy=sel.policy, chosen=chosen,
+    info = RerankInfo(heads=names, candidates_scored=len(cands), policy=sel.policy, rule=rule.info, chosen=chosen,
                       rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=sel.groups)
     if return_candidates:
         info.candidates = [
@@ -450,8 +476,8 @@ def _usage(outcome: GenerateOutcome) -> Usage:
 
 
 def _completion(st: ServiceState, body: ChatCompletionRequest, outcome: GenerateOutcome, rid: str, created: int,
-                heads: list[LoadedHead], adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
-    picked, info = _choices(body, outcome, heads, bool(body.rerank and body.rerank.return_candidates))
+                heads: list[LoadedHead], rule: Rule, adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
+    picked, info = _choices(body, outcome, heads, rule, bool(body.rerank and body.rerank.return_candidates))
     if info is not None and adaptive is not None:
         info.adaptive = adaptive
     return ChatCompletionResponse(
@@ -483,6 +509,7 @@ class Reply:
     heads: list[LoadedHead]
     log_fields: dict[str, Any]
     t0: float
+    rule: Rule
 
 
 def _sse(data: str) -> str:
@@ -535,7 +562,8 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
                 yield _error_event(e)
                 yield "data: [DONE]\n\n"
                 return
-            picked, info = _choices(body, outcome, reply.heads, bool(body.rerank and body.rerank.return_candidates))
+            picked, info = _choices(body, outcome, reply.heads, reply.rule,
+                                    bool(body.rerank and body.rerank.return_candidates))
             if reply.heads:
                 for i, c in enumerate(picked):
                     yield chunk([content(i, c.text, c.logprobs)])

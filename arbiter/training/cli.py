@@ -40,6 +40,8 @@ from typing import Any, Sequence
 # name -> (module, one-line description). Modules are imported only when their recipe is chosen.
 RECIPES: dict[str, tuple[str, str]] = {
     "head": ("arbiter.training.recipes.head", "train a DPH reward head on a frozen backbone (cached features)"),
+    "verifier": ("arbiter.training.recipes.verifier", "train a verifier head on the model's own samples, with its "
+                                                      "selection rule"),
     "joint": ("arbiter.training.recipes.joint", "joint cDPO + DPH training (LoRA adapter and head together)"),
     "adapter": ("arbiter.training.recipes.adapter", "align a LoRA adapter: DPO, cDPO, IPO, SimPO, MIPO, FPO, "
                 "intermediate DPO"),

@@ -1,0 +1,401 @@
+"""``arbiter train verifier``: a task head trained on the model's OWN samples, labelled right or wrong by an answer
+extractor against gold answers (docs/methods.md "Verifier heads"; Cobbe et al. 2021's verifier, as a DPH head).
+
+questions -> samples -> labels -> pairs -> heads -> rule -> report:
+1. Questions with gold answers (builtins: sst2, commonsense_qa, arc_challenge, openbookqa, svamp, gsm8k; or a
+   JSONL of ``{"question" | "messages", "answer"}`` with the config's extractor), de-duplicated by text, split
+   train / dev / test by a hash of the question text (``verifier.split_of``).
+2. ``n`` candidates per question through THE serving sampler (the HF engine the server runs, each question a
+   request seeded by its text), with the serving features at the closing token of every candidate, in an
+   on-disk sample cache (``verifier.SampleCache``): an interrupted run continues where it stopped.
+3. Each candidate is right when its extracted answer equals the gold one (unanswered = wrong).
+4. Pairs: a right vs a wrong candidate of one question (identical texts once; at most ``pairs_per_question``,
+   balanced round-robin).
+5. The head recipe's trainer (``head.train_on_features``) on those features, for every ``sweep`` variant.
+6. For every variant, best-of-N on the dev questions under the server's selection code (argmax, weighted vote,
+   majority over all N candidates as the server sees them); the variant and rule with the best dev pick win,
+   and the rule is written into the head (``selection``), so the server applies it by default.
+7. The test questions (never trained on, never used to pick): n=1, each rule, oracle, wins / losses vs n=1,
+   standard errors, in ``<out>/report.md`` (+ plots) and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arbiter.training.config import ConfigError
+from arbiter.training.recipes.head import (
+    HEAD_LOSSES,
+    HeadRecipeConfig,
+    Variant,
+    _check_variant_fields,
+)
+
+log = logging.getLogger("arbiter.training.recipes.verifier")
+
+DESCRIPTION = "train a verifier head on the model's own samples (right vs wrong answers), with its selection rule"
+
+
+def _default_sweep() -> list[Variant]:
+    return [Variant(layer=layer, pooler=p, loss=loss, lr=lr)
+            for layer in (-1, 20)
+            for p, loss, lr in (("identity", "dph_contrastive", 1e-3), ("affine_tanh", "dph_contrastive", 1e-4))]
+
+
+@dataclass
+class VerifierConfig:
+    """Config of ``arbiter train verifier`` (YAML + key=value overrides)."""
+
+    name: str = "verifier"  # the head's name
+    data: list[str] = field(default_factory=lambda: ["sst2"])  # question sources (builtins or JSONL files)
+    limit: int | None = 1000  # questions per source (after the seeded shuffle and text de-duplication)
+    seed: int = 0  # question order, request seeds, pairing
+    # The answer extractor for user files (builtins bring theirs: label_words for sst2, choice_letter for the
+    # multiple-choice sets, last_number for math): last_number | choice_letter | label_words | regex | json_field.
+    extractor: str | None = None
+    pattern: str | None = None  # extractor=regex
+    answer_field: str | None = None  # extractor=json_field: the dotted path
+    labels: list[str] | None = None  # extractor=label_words
+    model: str | None = None  # backbone (None: the embedded SmolLM2-135M-Instruct)
+    dtype: str = "auto"  # as the server: bfloat16 only where this CPU multiplies it natively and faster
+    threads: int | None = None
+    # Sampling: what the server does for a rerank request with these parameters.
+    n: int = 8  # candidates per question
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    batch_prompts: int = 8  # questions per generation batch (x n rows)
+    layers: list[int] = field(default_factory=lambda: [-1, 12, 20])  # features captured while sampling
+    cache_dir: str | None = None  # sample cache (default ~/.cache/arbiter/samples)
+    # Pairs and splits
+    pairs_per_question: int = 4
+    dev_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    # The head trainer (arbiter train head's keys) and its sweep
+    layer: int = -1
+    pooler: str = "identity"
+    loss: str = "dph_contrastive"
+    eps: float = 0.1
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 40
+    batch_size: int = 64
+    patience: int = 8
+    sweep: list[Variant] = field(default_factory=_default_sweep)
+    out: str = "runs/verifier"
+    head_dir: str | None = None  # default <out>/head
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        from arbiter.answers import EXTRACTORS
+        from arbiter.training.verifier import VERIFIER_BUILTINS, default_spec
+
+        HeadRecipeConfig(name=self.name, out=self.out).validate()  # the name rules
+        if not self.data:
+            raise ConfigError("data: give at least one source")
+        for src in self.data:
+            if src not in VERIFIER_BUILTINS and not Path(src).expanduser().is_file():
+                raise ConfigError(f"data: {src!r} is neither an existing file nor a builtin ({', '.join(VERIFIER_BUILTINS)})")
+            if default_spec(src) is None and self.extractor is None:
+                raise ConfigError(f"data: {src!r} is a user file: set 'extractor' ({', '.join(EXTRACTORS)})")
+        specs = {self.spec(s) for s in self.data}
+        if len(specs) > 1:
+            raise ConfigError(f"data: the sources read answers differently ({sorted(str(s) for s in specs)}); one head "
+                              "has one selection rule, so train one verifier per kind of answer")
+        if self.extractor is not None:
+            if self.extractor not in EXTRACTORS:
+                raise ConfigError(f"extractor: {self.extractor!r} is not one of {list(EXTRACTORS)}")
+            try:
+                self.spec(self.data[0]).fn()
+            except ValueError as e:
+                raise ConfigError(f"extractor {self.extractor}: {e}") from None
+        if self.limit is not None and self.limit < 4:
+            raise ConfigError(f"limit: must be >= 4 or null, got {self.limit}")
+        if self.n < 2:
+            raise ConfigError(f"n: must be >= 2 (a pair needs a right and a wrong candidate), got {self.n}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be > 0 and top_p in (0, 1] (greedy candidates are all alike)")
+        for k in ("max_tokens", "batch_prompts", "pairs_per_question", "epochs", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if not self.layers or any(l < -1 for l in self.layers):
+            raise ConfigError(f"layers: give -1 (final norm) and/or block indices >= 0, got {self.layers}")
+        if not 0 < self.dev_fraction < 1 or not 0 <= self.test_fraction < 1 or self.dev_fraction + self.test_fraction >= 0.9:
+            raise ConfigError("dev_fraction in (0, 1) (the rule and variant are picked on dev), test_fraction in [0, 1), "
+                              "together < 0.9")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        _check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
+        for i, v in enumerate(self.sweep):
+            _check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
+            if (self.layer if v.layer is None else v.layer) not in self.layers:
+                raise ConfigError(f"sweep[{i}].layer: {v.layer} is not among the sampled feature layers {self.layers}")
+        if not self.sweep and self.layer not in self.layers:
+            raise ConfigError(f"layer: {self.layer} is not among the sampled feature layers {self.layers}")
+        if self.loss not in HEAD_LOSSES:
+            raise ConfigError(f"loss: {self.loss!r} is not one of {list(HEAD_LOSSES)}")
+        if not self.out:
+            raise ConfigError("out: give a run directory")
+
+    def spec(self, source: str) -> Any:
+        from arbiter.training.verifier import AnswerSpec, default_spec
+
+        if self.extractor is not None:
+            return AnswerSpec(self.extractor, self.pattern, self.answer_field, tuple(self.labels) if self.labels else None,
+                              finished_only=self.extractor == "last_number")
+        return default_spec(source)
+
+    def head_config(self) -> HeadRecipeConfig:
+        """The head trainer's config (the keys this recipe shares with ``arbiter train head``)."""
+        return HeadRecipeConfig(name=self.name, seed=self.seed, layer=self.layer, pooler=self.pooler, loss=self.loss,
+                                eps=self.eps, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+                                epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
+                                dev_fraction=self.dev_fraction, test_fraction=self.test_fraction, out=self.out,
+                                progress=self.progress)
+
+
+CONFIG = VerifierConfig
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--data", action="append", metavar="SRC", help="question source (repeatable; replaces 'data')")
+    parser.add_argument("--limit", type=int, help="questions per source")
+    parser.add_argument("--name", help="head name")
+    parser.add_argument("--head-dir", dest="head_dir", metavar="DIR", help="where to write the head")
+
+
+def held_out_questions(provenance: dict[str, Any], split: str = "test") -> list[Any]:
+    """The questions of ``split`` of a verifier head, re-derived from its provenance (sources, limit, seed, split
+    rule): what a benchmark evaluates on without ever touching the training questions."""
+    from arbiter.training.verifier import AnswerSpec, load_questions, split_of
+
+    s = provenance["splits"]
+    spec = AnswerSpec(**{**provenance["answers"], "labels": tuple(provenance["answers"]["labels"])
+                         if provenance["answers"].get("labels") else None})
+    out = []
+    for src in provenance["data"]:
+        qs, _ = load_questions(src, limit=provenance["limit"], seed=provenance["seed"], spec=spec)
+        out += [q for q in qs if split_of(q.key, dev_fraction=s["dev_fraction"], test_fraction=s["test_fraction"],
+                                          seed=s["seed"]) == split]
+    return out
+
+
+def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> dict:
+    """Sample (or resume sampling), train the variants, pick variant and rule on dev, report on test, save the head."""
+    import torch
+
+    from arbiter.backbone import default_cache_dir
+    from arbiter.heads import HeadConfig, SelectionRule, head_rewards, num_parameters, save_head
+    from arbiter.service.engine.base import SamplingParams
+    from arbiter.training import verifier as V
+    from arbiter.training.artifacts import atomic_write_json
+    from arbiter.training.recipes.head import _variants, train_on_features
+    from arbiter.training.rundir import RESULT_FILE, prepare_run_dir
+
+    t_start = time.perf_counter()
+    out = prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("sweep",))
+    shutil.rmtree(out / "sweep", ignore_errors=True)  # the heads retrain in seconds; only sampling resumes
+    spec = cfg.spec(cfg.data[0])
+    questions, reports = [], {}
+    for src in cfg.data:
+        qs, rep = V.load_questions(src, limit=cfg.limit, seed=cfg.seed, spec=spec)
+        questions += qs
+        reports[src] = {"total": rep.total, "kept": len(qs), "dropped": dict(rep.dropped)}
+    seen, uniq = set(), []
+    for q in questions:  # the same text in two sources is one question
+        if q.key not in seen:
+            seen.add(q.key)
+            uniq.append(q)
+    questions = uniq
+    split = [V.split_of(q.key, dev_fraction=cfg.dev_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+             for q in questions]
+    if backbone is None:
+        from arbiter.backbone import load_backbone
+
+        backbone = load_backbone(cfg.model, threads=cfg.threads, dtype=cfg.dtype)
+    for l in cfg.layers:
+        if l >= backbone.num_layers:
+            raise ConfigError(f"layers: {l} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    samples, sampler = V.sample_questions(
+        backbone, questions, n=cfg.n, params=params, seed=cfg.seed, feature_layers=tuple(sorted(set(cfg.layers))),
+        cache_dir=cfg.cache_dir or default_cache_dir() / "samples", batch_prompts=cfg.batch_prompts,
+        progress=cfg.progress)
+    sampler["plain_tokens_per_s"] = _plain_throughput(backbone, questions[: min(8, len(questions))], params)
+    fn = spec.fn()
+    labelled = [V.label(s, q.gold, spec, fn) for q, s in zip(questions, samples)]
+    answers = [a for a, _ in labelled]
+    rights = [r for _, r in labelled]
+    pairs, pair_stats = V.make_pairs(questions, samples, rights, per_question=cfg.pairs_per_question, seed=cfg.seed)
+    idx = {k: [i for i, p in enumerate(pairs) if split[p.question] == k] for k in ("train", "dev", "test")}
+    if not idx["train"] or not idx["dev"]:
+        raise ConfigError(f"too few pairs to train and pick a head: {pair_stats} (train {len(idx['train'])}, dev "
+                          f"{len(idx['dev'])}); sample more questions (limit) or candidates (n)")
+    qs_of = {k: [i for i, s in enumerate(split) if s == k] for k in ("train", "dev", "test")}
+    labels_stats = {"candidates": sum(len(r) for r in rights), "right": sum(sum(r) for r in rights),
+                    "unanswered": sum(a is None for aa in answers for a in aa)}
+    log.info("questions %d (train %d, dev %d, test %d); candidates %d, right %d; pairs %d", len(questions),
+             *(len(qs_of[k]) for k in ("train", "dev", "test")), labels_stats["candidates"], labels_stats["right"],
+             len(pairs))
+
+    def feats(layer: int, which: str) -> torch.Tensor:  # [P, d]
+        return torch.stack([samples[p.question].features[layer][getattr(p, which)] for p in pairs])
+
+    hcfg = cfg.head_config()
+    base = dataclasses.replace(hcfg, sweep=list(cfg.sweep))
+    variants = _variants(base)
+    by_layer = {l: (feats(l, "chosen"), feats(l, "rejected")) for l in dict.fromkeys(v.layer for v in variants)}
+    rows, trained = [], []
+    for i, v in enumerate(variants):
+        fw, fl = by_layer[v.layer]
+        tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}"
+        res = train_on_features(v, fw, fl, idx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
+                                run_dir=out / "sweep" / tag, feature_dtype=backbone.dtype)
+        rewards = _all_rewards(res.head, samples, v.layer, head_rewards)
+        dev = V.best_of_n([rewards[q] for q in qs_of["dev"]], [answers[q] for q in qs_of["dev"]],
+                          [rights[q] for q in qs_of["dev"]])
+        rule = V.pick_rule(dev)
+        rows.append({"variant": i, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
+                     "dev_pair_accuracy": res.metrics.get("dev_accuracy"), "train_pair_accuracy": res.metrics.get("train_accuracy"),
+                     "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
+                     **{f"dev_{r}": dev[r]["accuracy"] for r in V.RULES}})
+        trained.append((res, rewards, dev))
+        log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag, res.metrics.get("dev_accuracy", float("nan")),
+                 dev[rule]["accuracy"], rule)
+    best_i = max(range(len(rows)), key=lambda i: (rows[i]["dev_pick"], rows[i]["dev_pair_accuracy"] or 0.0, -i))
+    best, rewards, dev = trained[best_i]
+    bv, rule = variants[best_i], rows[best_i]["dev_rule"]
+    test = (V.best_of_n([rewards[q] for q in qs_of["test"]], [answers[q] for q in qs_of["test"]],
+                        [rights[q] for q in qs_of["test"]]) if qs_of["test"] else None)
+    test_pairs = None
+    if idx["test"]:
+        fw, fl = by_layer[bv.layer]
+        with torch.no_grad():
+            t = torch.tensor(idx["test"])
+            test_pairs = float((best.head(fw[t]) > best.head(fl[t])).float().mean())
+    selection = SelectionRule(**spec.rule(rule))
+    metrics = {**{k: best.metrics.get(k) for k in ("train_accuracy", "dev_accuracy", "n_train", "n_dev")},
+               "test_pair_accuracy": test_pairs, "n_test_pairs": len(idx["test"]), "rule": rule,
+               "dev_best_of_n": dev, "test_best_of_n": test, "parameters": num_parameters(best.head)}
+    provenance = {
+        "recipe": "verifier", "data": list(cfg.data), "limit": cfg.limit, "seed": cfg.seed,
+        "answers": {"extractor": spec.extractor, "pattern": spec.pattern, "field": spec.field,
+                    "labels": list(spec.labels) if spec.labels else None, "finished_only": spec.finished_only},
+        "sampling": {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                     "engine": "hf", "dtype": backbone.dtype, "seed_rule": "verifier.question_seed(text, seed)"},
+        "splits": {"by": "sha256 of the question text (verifier.split_of)", "dev_fraction": cfg.dev_fraction,
+                   "test_fraction": cfg.test_fraction, "seed": cfg.split_seed,
+                   "questions": {k: len(v) for k, v in qs_of.items()}},
+        "layer": bv.layer, "pooler": bv.pooler, "loss": bv.loss, "eps": bv.eps, "lr": bv.lr,
+        "feature_dtype": backbone.dtype, "pairs": pair_stats, "labels": labels_stats,
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+        "test_best_of_n": test, "sweep": rows,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    head_config = HeadConfig(**{**best.head_config.model_dump(), "selection": selection,
+                                "provenance": json.loads(json.dumps(provenance, default=str))})
+    head_dir = Path(cfg.head_dir) if cfg.head_dir else out / "head"
+    save_head(best.head, head_config, head_dir)
+    metrics["head_dir"] = str(head_dir)
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    _write_report(out, cfg, best, rows, best_i, metrics, sampler, pair_stats, labels_stats, qs_of, rewards, rights)
+    atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "sampler": sampler, "pairs": pair_stats,
+                                           "labels": labels_stats, "data": reports, "variants": rows,
+                                           "chosen": rows[best_i], "config": dataclasses.asdict(cfg)})
+    log.info("verifier head %r written to %s: rule %s, test %s", cfg.name, head_dir, rule,
+             test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", rule, "oracle")})
+    return metrics
+
+
+def _all_rewards(head: Any, samples: list[Any], layer: int, head_rewards: Any) -> list[Any]:
+    """Rewards of every candidate of every question ([N] each), as the server scores them."""
+    import torch
+
+    flat = torch.cat([s.features[layer] for s in samples])  # [Q*N, d]
+    r = head_rewards(head, flat)
+    out, k = [], 0
+    for s in samples:
+        n = len(s.texts)
+        out.append(r[k : k + n])
+        k += n
+    return out
+
+
+def _plain_throughput(backbone: Any, questions: list[Any], params: Any) -> float | None:
+    """Tokens/s of plain one-at-a-time requests (n=1, no features) on the same engine, for comparison with the
+    sampler's batched candidates/s."""
+    from arbiter.chat import prompt_ids
+    from arbiter.training.sampling import sample
+
+    if not questions:
+        return None
+    t0 = time.perf_counter()
+    res = [sample(backbone, [prompt_ids(backbone.tokenizer, q.messages)], n=1, params=params, seeds=[j], progress=False)[0]
+           for j, q in enumerate(questions)]
+    dt = time.perf_counter() - t0
+    return round(sum(len(c.token_ids) for r in res for c in r.candidates) / dt, 1) if dt > 0 else None
+
+
+def _write_report(out: Path, cfg: VerifierConfig, best: Any, rows: list[dict], best_i: int, metrics: dict,
+                  sampler: dict, pair_stats: dict, labels_stats: dict, qs_of: dict, rewards: list, rights: list) -> None:
+    from arbiter.training import plots
+    from arbiter.training.artifacts import METRICS_FILE, atomic_write_text
+    from arbiter.training.verifier import RULES
+
+    lines = [f"# arbiter train verifier: `{cfg.name}`", "",
+             f"Data: {', '.join(cfg.data)} (limit {cfg.limit} per source, seed {cfg.seed}); questions train "
+             f"{len(qs_of['train'])} / dev {len(qs_of['dev'])} / test {len(qs_of['test'])} (split by question text).",
+             f"Sampling: n={cfg.n}, temperature {cfg.temperature}, top_p {cfg.top_p}, max_tokens {cfg.max_tokens} "
+             f"(the serving HF engine); {labels_stats['candidates']} candidates, {labels_stats['right']} right, "
+             f"{labels_stats['unanswered']} unanswered; pairs {pair_stats['pairs']} from {pair_stats['with_pairs']} "
+             f"questions ({pair_stats['all_right']} all right, {pair_stats['all_wrong']} all wrong, "
+             f"{pair_stats['duplicates']} duplicate texts).",
+             f"Sampler: {sampler.get('questions_sampled')} questions sampled now in {sampler.get('sample_seconds')} s "
+             f"({sampler.get('candidates_per_s')} candidates/s, {sampler.get('tokens_per_s')} tokens/s; plain one-at-a-"
+             f"time n=1 requests on the same engine: {sampler.get('plain_tokens_per_s')} tokens/s); "
+             f"{sampler.get('questions_cached_before')} came from the sample cache.", ""]
+    for name in ("dev", "test"):
+        t = metrics.get(f"{name}_best_of_n")
+        if not t:
+            continue
+        lines += [f"Best-of-{cfg.n} on the {name} questions ({t['questions']}), the server's selection code"
+                  + (" (the rule and variant were picked here, so optimistic)" if name == "dev" else " (held out)") + ":",
+                  "", "| rule | accuracy | wins vs n=1 | losses vs n=1 |", "|---|---|---|---|"]
+        for rname in ("n=1", *RULES, "oracle"):
+            cell = t[rname]
+            mark = " (the head's rule)" if rname == metrics["rule"] else ""
+            lines.append(f"| {rname}{mark} | {cell['accuracy']:.3f} +- {cell['se']:.3f} | {cell.get('wins', '')} | "
+                         f"{cell.get('losses', '')} |")
+        lines.append("")
+    lines += ["Pairwise accuracy of the chosen head: train {:.3f}, dev {:.3f}, test {}.".format(
+        metrics.get("train_accuracy") or float("nan"), metrics.get("dev_accuracy") or float("nan"),
+        f"{metrics['test_pair_accuracy']:.3f}" if metrics.get("test_pair_accuracy") is not None else "-"), "",
+        "Variants (picked by the dev best-of-N pick under their best rule, then dev pair accuracy):", "",
+        "| variant | layer | pooler | loss | lr | dev pairs | dev argmax | dev weighted | dev majority | rule |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']}{' (chosen)' if r['variant'] == best_i else ''} | {r['layer']} | {r['pooler']} | "
+                     f"{r['loss']} | {r['lr']} | {(r['dev_pair_accuracy'] or 0):.3f} | {r['dev_argmax']:.3f} | "
+                     f"{r['dev_weighted_vote']:.3f} | {r['dev_majority_vote']:.3f} | {r['dev_rule']} |")
+    split = "test" if qs_of["test"] else "dev"
+    good = [float(rewards[q][i]) for q in qs_of[split] for i in range(len(rights[q])) if rights[q][i]]
+    bad = [float(rewards[q][i]) for q in qs_of[split] for i in range(len(rights[q])) if not rights[q][i]]
+    figs = {"training curves": plots.safely(plots.training_curves, best.run_dir / METRICS_FILE, out / "training_curves.png",
+                                            f"verifier {cfg.name} (chosen variant)"),
+            f"{split} candidate rewards": plots.safely(plots.reward_histograms, good, bad, out / f"{split}_rewards.png",
+                                                       f"{cfg.name}: {split} candidates", ("right", "wrong"))}
+    for name, path in figs.items():
+        if path is not None:
+            lines += ["", f"![{name}]({Path(path).name})"]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+

@@ -1,0 +1,166 @@
+"""``arbiter train verifier`` and its library (``arbiter.training.verifier``): questions, the split by text, the
+sample cache, labelling, pairing, best-of-N under the server's selection code; then the recipe on the real model
+(a few SST-2 questions), including an interrupted sampling run that resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arbiter.training import verifier as V
+
+
+def _sampled(texts, finish=None, d=3):
+    n = len(texts)
+    return V.Sampled(list(texts), [[1]] * n, finish or ["stop"] * n, {-1: torch.arange(n * d, dtype=torch.float32).view(n, d)})
+
+
+def _q(key, gold="positive"):
+    return V.Question([{"role": "user", "content": key}], gold, "test", 0, key, key)
+
+
+def test_question_key_and_split_are_by_text_alone():
+    a = [{"role": "system", "content": "x"}, {"role": "user", "content": "  What   IS it?\n"}]
+    assert V.question_key(a) == "what is it?"
+    keys = [f"question {i}" for i in range(2000)]
+    splits = [V.split_of(k, dev_fraction=0.15, test_fraction=0.15) for k in keys]
+    # the same text always lands in the same split, whatever else is in the data
+    assert splits[:100] == [V.split_of(k, dev_fraction=0.15, test_fraction=0.15) for k in keys[:100]]
+    frac = {s: splits.count(s) / len(splits) for s in ("train", "dev", "test")}
+    assert abs(frac["test"] - 0.15) < 0.03 and abs(frac["dev"] - 0.15) < 0.03
+    assert V.question_seed("q", 0) == V.question_seed("q", 0) != V.question_seed("q", 1)
+
+
+def test_load_questions_dedups_by_text_and_reads_gold_answers(tmp_path):
+    path = tmp_path / "q.jsonl"
+    rows = [{"question": "2+2?", "answer": 4}, {"question": "2 + 2?", "answer": "4"}, {"question": "2+2?", "answer": 4},
+            {"messages": [{"role": "user", "content": "3+3?"}], "answer": "6.0"}, {"question": "no answer"}, [1]]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = V.AnswerSpec("last_number", finished_only=True)
+    qs, rep = V.load_questions(str(path), spec=spec)
+    assert sorted(q.gold for q in qs) == ["4", "4", "6"]  # "2 + 2?" is another text; the exact repeat is dropped
+    assert rep.dropped["duplicate_text"] == 1 and rep.dropped["missing_field"] == 1 and rep.dropped["unparseable"] == 1
+    sst, _ = V.load_questions("sst2", limit=5)
+    assert len(sst) == 5 and all(q.gold in ("negative", "positive") for q in sst)
+    assert all(q.text in q.messages[-1]["content"] for q in sst)
+    mc, _ = V.load_questions("openbookqa", limit=3)
+    assert all(q.gold in "ABCD" and q.text in q.messages[-1]["content"] for q in mc)
+
+
+def test_labels_unanswered_and_cut_off_candidates_are_wrong():
+    s = _sampled(["It is positive.", "negative", "hmm", "Positive!"], ["stop", "stop", "stop", "length"])
+    answers, right = V.label(s, "positive", V.SST2_SPEC)
+    assert answers == ["positive", "negative", None, "positive"] and right == [True, False, False, True]
+    m = _sampled(["so 12", "The answer is 12", "13"], ["stop", "length", "stop"])
+    answers, right = V.label(m, "12", V.MATH_SPEC)
+    assert answers == ["12", None, "13"] and right == [True, False, False]  # a cut-off solution gave no answer
+
+
+def test_pairs_are_right_vs_wrong_within_a_question_deduplicated_capped_and_balanced():
+    qs = [_q("a"), _q("b"), _q("c")]
+    samples = [_sampled(["r1", "R1 ", "r2", "w1", "w2", "w3", ""]), _sampled(["r", "r2"]), _sampled(["w", "w2"])]
+    rights = [[True, True, True, False, False, False, False], [True, True], [False, False]]
+    pairs, stats = V.make_pairs(qs, samples, rights, per_question=4, seed=0)
+    assert stats == {"questions": 3, "with_pairs": 1, "all_right": 1, "all_wrong": 1, "duplicates": 1, "pairs": 4}
+    assert all(p.question == 0 and rights[0][p.chosen] and not rights[0][p.rejected] for p in pairs)
+    assert len({(p.chosen, p.rejected) for p in pairs}) == 4 and 1 not in {p.chosen for p in pairs}  # "R1 " == "r1"
+    assert 6 not in {p.rejected for p in pairs}  # the empty text is never used
+    # balanced: 2 right x 3 wrong, 4 pairs -> each right used twice, each wrong at least once
+    used = [p.chosen for p in pairs]
+    assert sorted(used.count(i) for i in set(used)) == [2, 2] and len({p.rejected for p in pairs}) == 3
+    again, _ = V.make_pairs(qs, samples, rights, per_question=4, seed=0)
+    assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in pairs]
+    everything, _ = V.make_pairs(qs, samples, rights, per_question=100, seed=0)
+    assert len(everything) == 2 * 3
+
+
+def test_best_of_n_by_hand():
+    # q0: candidates right, wrong, wrong; the head prefers candidate 2 (wrong) -> argmax loses to n=1
+    # q1: n=1 wrong, the head picks candidate 1 (right)
+    rewards = [torch.tensor([0.0, 0.1, 2.0]), torch.tensor([0.0, 1.0, -1.0])]
+    answers = [["a", "b", "b"], ["x", "y", "x"]]
+    rights = [[True, False, False], [False, True, False]]
+    t = V.best_of_n(rewards, answers, rights)
+    assert t["n=1"]["accuracy"] == 0.5 and t["oracle"]["accuracy"] == 1.0
+    assert t["argmax"] | {} == {"accuracy": 0.5, "se": 0.5 ** 0.5 * 0.5, "wins": 1, "losses": 1}
+    assert t["majority_vote"]["accuracy"] == 0.0  # "b" and "x" win their votes, both wrong
+    assert V.pick_rule(t) == "argmax"  # ties with weighted_vote's 0.5 go to the simpler rule
+    assert t["weighted_vote"]["accuracy"] == 0.5
+
+
+def test_sample_cache_round_trip_and_a_torn_shard(tmp_path):
+    c = V.SampleCache(tmp_path, {"x": 1})
+    c.add([("e1", _sampled(["a", "b"])), ("e2", _sampled(["c"]))])
+    c.add([("e3", _sampled(["d", "e", "f"]))])
+    (c.dir / "shard-00009.safetensors").write_bytes(b"not a shard")
+    again = V.SampleCache(tmp_path, {"x": 1})
+    assert again.load() == 3
+    assert again.entries["e3"].texts == ["d", "e", "f"]
+    torch.testing.assert_close(again.entries["e2"].features[-1], _sampled(["c"]).features[-1])
+    assert V.SampleCache(tmp_path, {"x": 2}).load() == 0  # another setting, another key
+
+
+# --- the recipe on the real model -----------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cfg(tmp_path, name, *overrides):
+    from arbiter.training.config import load_config
+    from arbiter.training.recipes.verifier import VerifierConfig
+
+    return load_config(VerifierConfig, None, [
+        "data=[sst2]", "limit=12", "n=4", "max_tokens=8", "layers=[-1]", "batch_prompts=4", "epochs=3",
+        "sweep=[{pooler: identity}, {pooler: affine_tanh, lr: 1.0e-4}]", "dev_fraction=0.3", "test_fraction=0.3",
+        f"cache_dir={tmp_path / 'samples'}", f"out={tmp_path / name}", "progress=false", *overrides])
+
+
+def test_recipe_trains_a_head_with_its_rule_and_resumes_sampling(tmp_path, backbone, monkeypatch):
+    from arbiter.heads import load_head, read_config
+    from arbiter.training.config import ConfigError
+    from arbiter.training.recipes import verifier as R
+
+    real_add = V.SampleCache.add
+    calls = {"n": 0}
+
+    def crash_after_one_shard(self, batch):
+        real_add(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(V.SampleCache, "add", crash_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        R.run(_cfg(tmp_path, "run"), backbone=backbone)
+    monkeypatch.setattr(V.SampleCache, "add", real_add)
+    with pytest.raises(ConfigError, match="resume"):  # the run dir holds a run (its sweep): --resume continues it
+        (tmp_path / "run" / "result.json").write_text("{}")
+        R.run(_cfg(tmp_path, "run"), backbone=backbone)
+    m = R.run(_cfg(tmp_path, "run"), resume=True, backbone=backbone)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["sampler"]["questions_cached_before"] == 4 and result["sampler"]["questions_sampled"] == 8
+    # The resumed samples are the ones an uninterrupted run draws.
+    fresh = R.run(_cfg(tmp_path, "fresh", f"cache_dir={tmp_path / 'samples2'}"), backbone=backbone)
+    a = V.SampleCache(tmp_path / "samples", {})
+    b = V.SampleCache(tmp_path / "samples2", {})
+    a.dir, b.dir = next((tmp_path / "samples").iterdir()), next((tmp_path / "samples2").iterdir())
+    a.load(), b.load()
+    assert {k: v.texts for k, v in a.entries.items()} == {k: v.texts for k, v in b.entries.items()}
+    assert fresh["rule"] in V.RULES and (tmp_path / "fresh" / "head" / "head_config.json").is_file()
+
+    head_dir = tmp_path / "run" / "head"
+    cfg = read_config(head_dir)
+    assert cfg.selection is not None and cfg.selection.select == m["rule"] in V.RULES
+    if cfg.selection.select != "argmax":
+        assert cfg.selection.extractor == "label_words" and cfg.selection.labels == ["negative", "positive"]
+    prov = cfg.provenance
+    assert prov["recipe"] == "verifier" and prov["sampling"]["n"] == 4 and prov["labels"]["candidates"] == 48
+    load_head(head_dir, expected_backbone=backbone.fingerprint)
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# arbiter train verifier")
+    # The held-out questions come back from the provenance alone, and none of them was trained on.
+    held = R.held_out_questions(prov, "test")
+    train = R.held_out_questions(prov, "train")
+    assert held and not {q.key for q in held} & {q.key for q in train}
+    assert len(held) == prov["splits"]["questions"]["test"]
