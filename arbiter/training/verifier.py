@@ -367,7 +367,7 @@ def make_pairs(questions: Sequence[Question], samples: Sequence[Sampled], rights
         m = min(per_question, len(good) * len(bad))
         left = [(g, b) for g in good for b in bad]  # in shuffled order
         used = dict.fromkeys(good + bad, 0)
-        combos = []
+        combos: list[tuple[int, int]] = []
         while len(combos) < m:  # greedy: the unused pair whose two candidates were used least so far
             g, b = min(left, key=lambda gb: (max(used[gb[0]], used[gb[1]]), used[gb[0]] + used[gb[1]]))
             left.remove((g, b))
