@@ -35,29 +35,23 @@ from typing import TYPE_CHECKING, Any
 from arbiter.training.artifacts import METRICS_FILE
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
+from arbiter.training.head_trainer import (  # noqa: F401  (HEAD_LOSSES, Variant: part of this recipe's config API)
+    HEAD_LOSSES,
+    TrainResult,
+    Variant,
+    check_variant_fields,
+    evaluate_head,
+    train_on_features,
+)
+from arbiter.training.head_trainer import variants as sweep_variants
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger("arbiter.training.recipes.head")
 
 DESCRIPTION = "train a DPH reward head (pooler + reward vector) on cached features of a frozen backbone"
-HEAD_LOSSES = ("dph_separable", "dph_contrastive")
-_POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-@dataclass
-class Variant:
-    """One sweep entry: fields left unset keep the base config's value."""
-
-    pooler: str | None = None
-    loss: str | None = None
-    eps: float | None = None
-    lr: float | None = None
-    dropout: float | None = None
-    weight_decay: float | None = None
-    layer: int | None = None  # features from another layer (computed and cached once per distinct layer)
 
 
 @dataclass
@@ -119,9 +113,9 @@ class HeadRecipeConfig:
             raise ConfigError("dev_fraction / test_fraction: each in [0, 1) and together < 0.9")
         if self.layer < -1:
             raise ConfigError(f"layer: must be -1 (final norm) or a block index >= 0, got {self.layer}")
-        _check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
+        check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
         for i, v in enumerate(self.sweep):
-            _check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
+            check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
             if v.layer is not None and v.layer < -1:
                 raise ConfigError(f"sweep[{i}].layer: must be -1 (final norm) or a block index >= 0, got {v.layer}")
         if self.sweep and self.dev_fraction <= 0:
@@ -148,21 +142,6 @@ class HeadRecipeConfig:
             raise ConfigError("out: give a run directory")
 
 
-def _check_variant_fields(pooler, loss, eps, lr, dropout, weight_decay, where: str) -> None:
-    if pooler is not None and pooler not in _POOLERS:
-        raise ConfigError(f"{where}pooler: {pooler!r} is not one of {list(_POOLERS)}")
-    if loss is not None and loss not in HEAD_LOSSES:
-        raise ConfigError(f"{where}loss: {loss!r} is not one of {list(HEAD_LOSSES)} (head recipes train DPH losses)")
-    if eps is not None and not 0 < eps <= 0.5:
-        raise ConfigError(f"{where}eps: must lie in (0, 0.5], got {eps}")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"{where}lr: must be > 0, got {lr}")
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ConfigError(f"{where}dropout: must lie in [0, 1), got {dropout}")
-    if weight_decay is not None and weight_decay < 0:
-        raise ConfigError(f"{where}weight_decay: must be >= 0, got {weight_decay}")
-
-
 CONFIG = HeadRecipeConfig
 
 
@@ -182,187 +161,6 @@ def add_arguments(parser: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 # training on cached features
 # --------------------------------------------------------------------------------------------------
-
-# Config keys that may change between a run and its --resume (rundir.config_diff): they do not change the
-# steps already taken (epochs / max_steps only extend or shorten the run; the features are keyed separately).
-_RESUME_FREE = frozenset({"name", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "sweep", "out",
-                          "head_dir", "overwrite", "cache_dir", "share_prompt", "feature_batch_tokens", "threads",
-                          "progress", "model", "dtype"})
-
-
-@dataclass
-class TrainResult:
-    head: Any  # DPHHead with the selected (best-on-dev) weights, eval mode
-    head_config: Any  # HeadConfig
-    metrics: dict
-    run_dir: Path
-
-
-def _evaluate(head, fw, fl, idx, loss_fn, eps: float, prefix: str) -> dict:
-    """Loss and TRL metrics of ``head`` on pairs ``idx`` (eval mode, no grad). fw, fl: [N, d]."""
-    import torch
-
-    from arbiter.training.batch import PreferenceBatch
-    from arbiter.training.losses import preference_metrics
-
-    was_training = head.training
-    head.eval()
-    with torch.no_grad():
-        r_w, r_l = head(fw[idx]), head(fl[idx])  # [n], [n]
-        m = preference_metrics(loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=eps),
-                               prefix=prefix)
-    head.train(was_training)
-    return m
-
-
-def _better(metric: str, cand: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    if metric == "loss":
-        return cand["eval_loss"] < best["eval_loss"]
-    acc_c, acc_b = cand["eval_rewards/accuracies"], best["eval_rewards/accuracies"]
-    return acc_c > acc_b + 1e-12 or (abs(acc_c - acc_b) <= 1e-12 and cand["eval_loss"] < best["eval_loss"])
-
-
-def train_on_features(
-    cfg: HeadRecipeConfig,
-    fw: "torch.Tensor",
-    fl: "torch.Tensor",
-    splits: dict[str, list[int]],
-    *,
-    fingerprint: Any,
-    ffn_size: int | None,
-    run_dir: str | Path,
-    feature_dtype: str = "float32",
-    resume: bool = False,
-    features_key: str = "",
-) -> TrainResult:
-    """Train one head on cached features fw/fl ([N, d] chosen/rejected) and return the best-on-dev head."""
-    import torch
-
-    from arbiter.heads import HeadConfig, build_head
-    from arbiter.training.batch import LOSSES, PreferenceBatch
-    from arbiter.training.checkpoint import load_checkpoint, save_checkpoint, seed_everything
-    from arbiter.training.loop import StepDriver
-    from arbiter.training.losses import preference_metrics
-    from arbiter.training.rundir import MetricsLog, resumable_checkpoint
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = int(fw.shape[1])
-    loss_fn = LOSSES[cfg.loss]
-    head_config = HeadConfig(
-        name=cfg.name, backbone=fingerprint, layer=cfg.layer, pooler=cfg.pooler, hidden_size=d,
-        ffn_size=ffn_size if cfg.pooler == "swiglu_tanh" else None, dropout=cfg.dropout, feature_dtype=feature_dtype,
-    )
-    seed_everything(cfg.seed)
-    head = build_head(head_config)
-    head.train()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_idx = torch.tensor(splits["train"], dtype=torch.long)  # [n_train]
-    dev_idx = torch.tensor(splits["dev"], dtype=torch.long)  # [n_dev]
-    n, bs = len(train_idx), cfg.batch_size
-    nb = math.ceil(n / bs)  # steps per epoch
-    config = {**dataclasses.asdict(cfg), "features": features_key}
-    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": 0, "bad_epochs": 0, "stopped": None}
-    step = 0
-    best_state = None
-
-    ck = resumable_checkpoint(run_dir, config, _RESUME_FREE, resume)
-    if ck is not None:
-        c = load_checkpoint(ck)  # restores python / numpy / torch RNG
-        head.load_state_dict({k[5:]: v for k, v in c.tensors.items() if k.startswith("head.")})
-        best_state = {k[5:]: v for k, v in c.tensors.items() if k.startswith("best.")} or None
-        opt.load_state_dict(c.optimizer)
-        step = c.step
-        st.update({k: c.state[k] for k in ("epoch", "batch", "best", "best_step", "bad_epochs", "stopped")})
-        log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, step, st["epoch"], st["batch"])
-
-    def save(at: int) -> Path:
-        tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
-        if best_state is not None:
-            tensors.update({f"best.{k}": v for k, v in best_state.items()})
-        return save_checkpoint(run_dir, at, tensors, opt.state_dict(), {**st, "config": config},
-                               keep=cfg.keep_checkpoints)
-
-    def perm_for(epoch: int) -> torch.Tensor:
-        # Its own generator per epoch: the data order depends only on (seed, epoch), never on the global RNG.
-        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-
-    total = nb * cfg.epochs if cfg.max_steps is None else min(nb * cfg.epochs, cfg.max_steps)
-    driver = StepDriver(total=total, log=MetricsLog(run_dir, resumed_at=step if ck else None), save=save,
-                        save_every=cfg.checkpoint_every, step=step, last_good=ck,
-                        desc=f"train head {cfg.pooler}/{cfg.loss}", progress=cfg.progress,
-                        postfix=("loss", "eval_rewards/accuracies"))
-    perm = perm_for(st["epoch"])
-
-    def one_step(s: int) -> tuple[dict[str, Any], str | None]:
-        nonlocal perm, best_state
-        idx = train_idx[perm[st["batch"] * bs : (st["batch"] + 1) * bs]]  # [b]
-        r_w, r_l = head(fw[idx]), head(fl[idx])  # [b], [b]
-        out = loss_fn(PreferenceBatch(head_chosen_rewards=r_w, head_rejected_rewards=r_l), eps=cfg.eps)
-        loss = out.losses.mean()
-        if not torch.isfinite(loss):
-            raise driver.diverged(f"non-finite loss ({loss.item()}) in epoch {st['epoch']}",
-                                  f"Try a lower lr (now {cfg.lr}) or check the features for extreme values.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.stack([(p.grad.detach() ** 2).sum() for p in head.parameters() if p.grad is not None]).sum().sqrt()
-        opt.step()
-        st["batch"] += 1
-        record = {"epoch": round(st["epoch"] + st["batch"] / nb, 4), **preference_metrics(out),
-                  "grad_norm": grad_norm.item(), "learning_rate": cfg.lr}
-        if st["batch"] == nb:  # end of epoch: dev evaluation, best weights, early stopping
-            st["epoch"] += 1
-            st["batch"] = 0
-            perm = perm_for(st["epoch"])
-            if len(dev_idx):
-                ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_")
-                record.update(ev)
-                if _better(cfg.select_metric, ev, st["best"]):
-                    st.update(best=ev, best_step=s + 1, bad_epochs=0)
-                    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-                else:
-                    st["bad_epochs"] += 1
-                    if cfg.patience and st["bad_epochs"] >= cfg.patience:
-                        st["stopped"] = "early_stopping"
-            if st["epoch"] >= cfg.epochs:
-                st["stopped"] = st["stopped"] or "epochs"
-        return record, st["stopped"]
-
-    t0 = time.perf_counter()
-    try:
-        if not st["stopped"]:  # a resumed run that had stopped early stays stopped (a larger max_steps continues)
-            driver.run(one_step)
-    finally:
-        driver.log.close()
-    step = driver.step
-    seconds = time.perf_counter() - t0
-
-    # The final weights compete with the best epoch (a max_steps stop may end between evaluations).
-    final_ev = _evaluate(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_") if len(dev_idx) else None
-    if final_ev is not None and _better(cfg.select_metric, final_ev, st["best"]):
-        best_state, best_step, best_ev = {k: v.detach().clone() for k, v in head.state_dict().items()}, step, final_ev
-    else:
-        best_step, best_ev = st["best_step"], st["best"]
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    head.eval().requires_grad_(False)
-    tr = _evaluate(head, fw, fl, train_idx, loss_fn, cfg.eps, "train_")
-    metrics = {
-        "train_accuracy": tr["train_rewards/accuracies"], "train_margin": tr["train_rewards/margins"],
-        "train_loss": tr["train_loss"], "n_train": n, "n_dev": len(dev_idx), "steps": step, "best_step": best_step,
-        "stop_reason": st["stopped"] or ("max_steps" if cfg.max_steps is not None and step >= cfg.max_steps else "done"),
-        "train_seconds": round(seconds, 2),
-    }
-    if best_ev is not None:
-        acc = best_ev["eval_rewards/accuracies"]
-        metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
-                       dev_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / max(len(dev_idx), 1)))
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"final": metrics}) + "\n")
-    return TrainResult(head, head_config, metrics, run_dir)
-
 
 # --------------------------------------------------------------------------------------------------
 # the recipe
@@ -408,16 +206,6 @@ def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl,
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-def _variants(cfg: HeadRecipeConfig) -> list[HeadRecipeConfig]:
-    if not cfg.sweep:
-        return [cfg]
-    out = []
-    for v in cfg.sweep:
-        changes = {k: val for k, val in dataclasses.asdict(v).items() if val is not None}
-        out.append(dataclasses.replace(cfg, sweep=[], **changes))
-    return out
-
-
 def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:
     """The run directory (``rundir.prepare_run_dir``); overwrite also clears the sweep variants' run dirs."""
     from arbiter.training.rundir import prepare_run_dir
@@ -453,7 +241,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         backbone = load_backbone(cfg.model, threads=cfg.threads, dtype=cfg.dtype)
     if cfg.layer >= backbone.num_layers:
         raise ConfigError(f"layer: {cfg.layer} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
-    if any(v.pooler == "swiglu_tanh" for v in _variants(cfg)) and not backbone.ffn_size:
+    if any(v.pooler == "swiglu_tanh" for v in sweep_variants(cfg)) and not backbone.ffn_size:
         raise ConfigError("pooler swiglu_tanh needs the backbone's FFN width (config.intermediate_size)")
 
     t0 = time.perf_counter()
@@ -461,7 +249,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     splits = split_indices(tokenized, cfg)
     tok_seconds = load_seconds + time.perf_counter() - t0
     log.info("pairs: %d (train %d, dev %d, test %d)", len(tokenized), *(len(splits[k]) for k in ("train", "dev", "test")))
-    variants = _variants(cfg)
+    variants = sweep_variants(cfg)
     by_layer = {}  # layer -> PairFeatures: each distinct layer of the sweep is extracted (and cached) once
     for layer in dict.fromkeys(v.layer for v in variants):
         if layer >= backbone.num_layers:
@@ -495,7 +283,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     fw, fl = feats.chosen, feats.rejected  # the winner's features, for its test split
     metrics = dict(best.metrics)
     if splits["test"]:
-        te = _evaluate(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
+        te = evaluate_head(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
         acc = te["test_rewards/accuracies"]
         metrics.update(test_accuracy=acc, test_margin=te["test_rewards/margins"], n_test=len(splits["test"]),
                        test_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / len(splits["test"])))

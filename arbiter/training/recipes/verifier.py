@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,14 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.training.config import ConfigError
-from arbiter.training.recipes.head import (
-    HEAD_LOSSES,
-    HeadRecipeConfig,
-    Variant,
-    _check_variant_fields,
-)
+from arbiter.training.head_trainer import HEAD_LOSSES, HeadTrainSettings, Variant, check_variant_fields
 
 log = logging.getLogger("arbiter.training.recipes.verifier")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a head name (HeadConfig.name)
 
 DESCRIPTION = "train a verifier head on the model's own samples (right vs wrong answers), with its selection rule"
 
@@ -100,7 +97,9 @@ class VerifierConfig:
         from arbiter.answers import EXTRACTORS
         from arbiter.training.verifier import VERIFIER_BUILTINS, default_spec
 
-        HeadRecipeConfig(name=self.name, out=self.out).validate()  # the name rules
+        if not _NAME.fullmatch(self.name or ""):
+            raise ConfigError(f"name: {self.name!r} must be 1-64 chars of letters, digits, '_', '.', '-' "
+                              "starting with a letter or digit")
         if not self.data:
             raise ConfigError("data: give at least one source")
         for src in self.data:
@@ -135,9 +134,9 @@ class VerifierConfig:
                               "together < 0.9")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
-        _check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
+        check_variant_fields(self.pooler, self.loss, self.eps, self.lr, self.dropout, self.weight_decay, "")
         for i, v in enumerate(self.sweep):
-            _check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
+            check_variant_fields(v.pooler, v.loss, v.eps, v.lr, v.dropout, v.weight_decay, f"sweep[{i}].")
             if (self.layer if v.layer is None else v.layer) not in self.layers:
                 raise ConfigError(f"sweep[{i}].layer: {v.layer} is not among the sampled feature layers {self.layers}")
         if not self.sweep and self.layer not in self.layers:
@@ -155,13 +154,12 @@ class VerifierConfig:
                               finished_only=self.extractor == "last_number")
         return default_spec(source)
 
-    def head_config(self) -> HeadRecipeConfig:
-        """The head trainer's config (the keys this recipe shares with ``arbiter train head``)."""
-        return HeadRecipeConfig(name=self.name, seed=self.seed, layer=self.layer, pooler=self.pooler, loss=self.loss,
-                                eps=self.eps, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
-                                epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
-                                dev_fraction=self.dev_fraction, test_fraction=self.test_fraction, out=self.out,
-                                progress=self.progress)
+    def head_config(self) -> HeadTrainSettings:
+        """The head trainer's settings (the keys this recipe shares with ``arbiter train head``)."""
+        return HeadTrainSettings(name=self.name, seed=self.seed, layer=self.layer, pooler=self.pooler, loss=self.loss,
+                                 eps=self.eps, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+                                 epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
+                                 sweep=list(self.sweep), progress=self.progress)
 
 
 CONFIG = VerifierConfig
@@ -199,7 +197,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     from arbiter.service.engine.base import SamplingParams
     from arbiter.training import verifier as V
     from arbiter.training.artifacts import atomic_write_json
-    from arbiter.training.recipes.head import _variants, train_on_features
+    from arbiter.training.head_trainer import train_on_features, variants
     from arbiter.training.rundir import RESULT_FILE, prepare_run_dir
 
     t_start = time.perf_counter()
@@ -251,12 +249,10 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     def feats(layer: int, which: str) -> torch.Tensor:  # [P, d]
         return torch.stack([samples[p.question].features[layer][getattr(p, which)] for p in pairs])
 
-    hcfg = cfg.head_config()
-    base = dataclasses.replace(hcfg, sweep=list(cfg.sweep))
-    variants = _variants(base)
-    by_layer = {l: (feats(l, "chosen"), feats(l, "rejected")) for l in dict.fromkeys(v.layer for v in variants)}
+    sweep = variants(cfg.head_config())
+    by_layer = {l: (feats(l, "chosen"), feats(l, "rejected")) for l in dict.fromkeys(v.layer for v in sweep)}
     rows, trained = [], []
-    for i, v in enumerate(variants):
+    for i, v in enumerate(sweep):
         fw, fl = by_layer[v.layer]
         tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}"
         res = train_on_features(v, fw, fl, idx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
@@ -274,7 +270,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
                  dev[rule]["accuracy"], rule)
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["dev_pick"], rows[i]["dev_pair_accuracy"] or 0.0, -i))
     best, rewards, dev = trained[best_i]
-    bv, rule = variants[best_i], rows[best_i]["dev_rule"]
+    bv, rule = sweep[best_i], rows[best_i]["dev_rule"]
     test = (V.best_of_n([rewards[q] for q in qs_of["test"]], [answers[q] for q in qs_of["test"]],
                         [rights[q] for q in qs_of["test"]]) if qs_of["test"] else None)
     test_pairs = None
