@@ -95,6 +95,8 @@ def extract_json_field(text: str, path: str) -> str | None:
     while start >= 0:
         try:
             obj, _ = json.JSONDecoder().raw_decode(text[start:])
+        except RecursionError:  # nesting deeper than the interpreter's limit: no answer, never a crash
+            return None
         except ValueError:
             start = text.find("{", start + 1)
             continue

@@ -182,9 +182,26 @@ def test_prompt_beyond_the_context_window_is_400(srv):
     (chat(rerank={"heads": []}), "rerank.heads"),
     (chat(rerank={"heads": ["h1", "h1"]}), "rerank.heads"),  # duplicate heads
     (chat(rerank={"unknown_option": 1}), "rerank.unknown_option"),
+    (chat(logit_bias={"01": 1.0}), "logit_bias"),  # aliases of token 1 are refused, not merged
+    (chat(logit_bias={"+1": 1.0}), "logit_bias"),
+    (chat(logit_bias={" 1": 1.0}), "logit_bias"),
+    (chat(logit_bias={str(i): 1.0 for i in range(301)}), "logit_bias"),  # ARBITER_MAX_LOGIT_BIAS 300
 ])
 def test_out_of_range_values_are_400(srv, body, param):
     assert_error(post(srv, CHAT, body), 400, type_="invalid_request_error", param=param)
+
+
+def test_logit_bias_at_the_cap_and_duplicate_budget_headers(srv):
+    assert post(srv, CHAT, chat(logit_bias={str(i): 1.0 for i in range(300)} | {"0": -1.0})).status_code == 200
+    r = httpx.post(srv.url + CHAT, json=chat(rerank={"candidates": 2}), timeout=20,
+                   headers=[("X-Arbiter-Budget", "candidates=2"), ("X-Arbiter-Budget", "candidates=1")])
+    assert_error(r, 400, param="X-Arbiter-Budget")
+
+
+def test_deeply_nested_json_in_a_candidate_is_no_answer():
+    from arbiter.answers import extract_json_field
+
+    assert extract_json_field('{"a": ' * 5000 + "1" + "}" * 5000, "a") is None
 
 
 @pytest.mark.parametrize("raw", [b'{"temperature": NaN}', b'{"temperature": Infinity}', b'{"top_p": -Infinity}'])

@@ -137,11 +137,12 @@ def _check_output_options(body: ChatCompletionRequest) -> None:
 
 def _logit_bias(st: ServiceState, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     out = []
+    if bias and len(bias) > st.settings.max_logit_bias:
+        raise InvalidRequest(f"logit_bias may have at most {st.settings.max_logit_bias} entries, got {len(bias)}",
+                             param="logit_bias")
     for key, value in (bias or {}).items():
-        try:
-            tid = int(key)
-        except ValueError:
-            tid = -1
+        # Canonical decimal ids only: "01", "+1" or " 1" would alias token 1 and let one id appear twice.
+        tid = int(key) if key.isdigit() and key.isascii() and (key == "0" or not key.startswith("0")) else -1
         if not 0 <= tid < st.vocab_size:
             raise InvalidRequest(f"logit_bias keys must be token ids between 0 and {st.vocab_size - 1}, got {key[:20]!r}",
                                  param="logit_bias")
@@ -335,7 +336,10 @@ def _budget(request: Request, rr: RerankOptions) -> tuple[int | None, int | None
     (``tokens=1500``, ``candidates=4`` or both, comma-separated)."""
     cands = rr.budget.candidates if rr.budget else None
     tokens = rr.budget.tokens if rr.budget else None
-    header = request.headers.get("x-arbiter-budget")
+    values = request.headers.getlist("x-arbiter-budget")
+    if len(values) > 1:
+        raise InvalidRequest("X-Arbiter-Budget may be given once", param="X-Arbiter-Budget")
+    header = values[0] if values else None
     if header:
         for part in header.split(","):
             key, _, value = part.strip().partition("=")

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none (capped at max_tokens_limit)")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request")
     max_stop_length: int = Field(64, ge=1, description="Longest stop string (characters)")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
     max_messages: int = Field(256, ge=1, description="Most messages per request")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")

@@ -50,6 +50,13 @@ class TokenLogprob:
 DeltaCallback = Callable[[int, str, "list[TokenLogprob] | None"], None]
 
 
+def candidate_seed(request_seed: int, index: int) -> int:
+    """THE per-candidate seed rule of every engine: candidate ``index`` of a request seeded ``request_seed`` draws
+    from a generator seeded ``request_seed * 1_000_003 + index``, so candidate i never depends on N (and adaptive
+    rounds continue the sequence)."""
+    return (request_seed * 1_000_003 + index) % (2**63 - 1)
+
+
 @dataclass
 class GenerationJob:
     """One request's share of a generation batch."""

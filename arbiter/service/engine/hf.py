@@ -37,6 +37,7 @@ from .base import (
     JobError,
     SamplingParams,
     TokenLogprob,
+    candidate_seed,
 )
 
 log = logging.getLogger("arbiter.engine.hf")
@@ -151,7 +152,7 @@ class _Batch:
             sp = job.params
             base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
             for i in range(job.n):
-                g = torch.Generator(device=dev).manual_seed((base_seed * 1_000_003 + job.first_index + i) % (2**63 - 1))
+                g = torch.Generator(device=dev).manual_seed(candidate_seed(base_seed, job.first_index + i))
                 rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
                 src.append(p)
         sel = torch.tensor(src, device=dev)

@@ -32,7 +32,17 @@ from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
-from .base import Admit, Candidate, Deliver, Engine, GenerationJob, GenerationResult, JobError, TokenLogprob
+from .base import (
+    Admit,
+    Candidate,
+    Deliver,
+    Engine,
+    GenerationJob,
+    GenerationResult,
+    JobError,
+    TokenLogprob,
+    candidate_seed,
+)
 
 T = TypeVar("T")
 
@@ -285,7 +295,7 @@ class VLLMEngine(Engine):
         base = job.params.seed if job.params.seed is not None else secrets.randbits(62)
         k = 1 if greedy else job.n
         try:
-            params = [self._params(job, (base * 1_000_003 + job.first_index + i) % (2**63 - 1)) for i in range(k)]
+            params = [self._params(job, candidate_seed(base, job.first_index + i)) for i in range(k)]
         except JobError as e:
             return e
         rids = [f"arb-{uuid.uuid4().hex[:16]}-{i}" for i in range(k)]
