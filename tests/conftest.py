@@ -42,3 +42,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- markers: a fast default suite and the integration suite (README "Tests") ---------------------------------
+#
+# `python -m pytest` runs the pure and fake-engine tests (about a minute: the edit loop). Everything that loads the
+# real model, starts a subprocess server, a Ray cluster or the fuzzer is marked `integration` here, and so is every
+# `slow`, `gpu` and `vllm` test; the README's test command and .ci/run run all of them with `-m ''`.
+INTEGRATION_MODULES = {"test_service_live", "test_clients", "test_ray_serve", "test_fuzz", "test_cli",
+                       "test_overload_and_faults", "test_openai_conformance", "test_chat_templates"}
+REAL_MODEL_FIXTURES = {"backbone", "short_hh_pairs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (module in INTEGRATION_MODULES or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(item.get_closest_marker(m) for m in ("slow", "gpu", "vllm"))):
+            item.add_marker(pytest.mark.integration)

@@ -34,7 +34,9 @@ def code_in_comment(comment: str) -> str | None:
                 node = ast.parse(f"f({args})").body[0].value  # type: ignore[attr-defined]
             except SyntaxError:
                 continue
-            if node.keywords or (tail.endswith(",") and any(not isinstance(a, ast.Name) for a in node.args)):
+            # A joined line ends where its argument (",") or its call (")") did.
+            if (node.keywords and tail.endswith((",", ")"))) or (
+                    tail.endswith(",") and any(not isinstance(a, ast.Name) for a in node.args)):
                 return tail
     return None
 
@@ -45,6 +47,9 @@ def code_in_comment(comment: str) -> str | None:
     ("# type: ignore[arg-type]  # peft takes a float alpha", None),
     ("# [B, T] (1 = real token)", None),
     ("# policy == reference at step 1", None),
+    ("# extractor=regex", None),
+    ("# ids that end generation (end_id + the model's EOS ids); () = (end_id,)", None),
+    ("# (module, A, B, scale)", None),
 ])
 def test_the_detector(comment, code):
     assert code_in_comment(comment) == code
