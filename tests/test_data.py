@@ -558,3 +558,20 @@ def test_user_jsonl_for_choice_and_math(tmp_path):
                          '{"question": "x", "answer": "many"}\n')
     probs, report = load_math(str(math_file), seed=0)
     assert sorted(p.answer for p in probs) == ["1.5", "2"] and report.dropped == {"unparseable": 1}
+
+
+def test_autoj_pairs_follow_the_label_and_drop_ties():
+    """shared autoj README: 1391 rows = 519 (response 1 preferred) + 499 (response 2) + 373 ties."""
+    import gzip
+    import json as _json
+
+    from arbiter.training.data import load_pairs
+    from arbiter.training.data.io import _data_file
+
+    pairs, rep = load_pairs("autoj", seed=0)
+    assert rep.total == 1391 and rep.dropped["tie"] == 373
+    assert len(pairs) + sum(v for k, v in rep.dropped.items() if k != "tie") == 519 + 499
+    rows = [_json.loads(x) for x in gzip.open(_data_file("autoj", "autoj_pairwise.jsonl.gz"), "rt")]
+    first = next(r for r in rows if r["label"] == 1 and r["response 1"].strip() and r["response 2"].strip())
+    match = next(p for p in pairs if p.prompt[0]["content"] == first["prompt"].strip())
+    assert match.chosen == first["response 2"].strip() and match.rejected == first["response 1"].strip()

@@ -40,6 +40,10 @@ def _builtin_pairs(name: str, seed: int) -> tuple[list[PreferencePair], DataRepo
         return _load_hh(split)
     if name == "pandalm":
         return _load_pandalm()
+    if name == "autoj":
+        report = DataReport("autoj")
+        rows = _iter_jsonl(_data_file("autoj", "autoj_pairwise.jsonl.gz"), report)
+        return _rows_to_pairs(rows, report, "autoj", _autoj_convert), report
     if name in CHOICE_BUILTINS:
         questions, report = load_choices(name)
         # load_choices already counted the unusable rows; each usable question makes exactly one pair.
@@ -69,6 +73,25 @@ def _pandalm_convert(row: Any):
     chosen, rejected = (r1, r2) if winner == 1 else (r2, r1)
     extra = {"idx": row.get("idx"), "cmp_key": row.get("cmp_key"), "votes": votes}
     return prompt, chosen, rejected, extra
+
+
+def _autoj_convert(row: Any):
+    """Auto-J Eval-P: ``label`` 0 = "response 1" preferred, 1 = "response 2", 2 = tie (dropped); single-turn."""
+    if not isinstance(row, dict):
+        raise _RowError("unparseable", f"row is {type(row).__name__}, not an object")
+    for k in ("prompt", "response 1", "response 2", "label"):
+        if row.get(k) is None:
+            raise _RowError("missing_field", f"no {k!r} field")
+    if row["label"] == 2:
+        raise _RowError("tie", "label 2")
+    if row["label"] not in (0, 1):
+        raise _RowError("unparseable", f"label {row['label']!r} is not 0, 1 or 2")
+    prompt = str(row["prompt"]).strip()
+    if not prompt:
+        raise _RowError("missing_field", "empty prompt")
+    r1, r2 = str(row["response 1"]).strip(), str(row["response 2"]).strip()
+    chosen, rejected = (r1, r2) if row["label"] == 0 else (r2, r1)
+    return [{"role": "user", "content": prompt}], chosen, rejected, {"scenario": row.get("scenario")}
 
 
 def _load_pandalm() -> tuple[list[PreferencePair], DataReport]:
@@ -154,4 +177,4 @@ def split_pairs(pairs: Sequence, *, dev_fraction: float, seed: int) -> tuple[lis
 
 
 # Builtin names accepted by load_pairs.
-PAIR_BUILTINS = ["hh-rlhf", *(f"hh-rlhf/{s}" for s in HH_SPLITS), "pandalm", *CHOICE_BUILTINS]
+PAIR_BUILTINS = ["hh-rlhf", *(f"hh-rlhf/{s}" for s in HH_SPLITS), "pandalm", "autoj", *CHOICE_BUILTINS]
