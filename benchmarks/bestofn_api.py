@@ -36,7 +36,7 @@ import _serve  # noqa: E402
 import torch  # noqa: E402
 from _provenance import git_commit  # noqa: E402
 
-from arbiter.service.rerank import AdaptiveRule, select, settled  # noqa: E402
+from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import load_choices, load_math, math_prompt  # noqa: E402
 from arbiter.training.verifier import (  # noqa: E402
     CHOICE_SPEC,

@@ -26,34 +26,64 @@ def registry(backbone):
 
 def test_every_shipped_head_loads_and_records_its_making(registry):
     assert SHIPPED <= set(registry.names())
+    assert "sst2_sampled" not in registry.names()  # replaced by the sst2 verifier
     for name in SHIPPED:
         cfg = registry.get(name).config
-        m = cfg.provenance["metrics"]
-        assert cfg.provenance["recipe"] == "head" and 0.5 < m["test_accuracy"] <= 1 and m["n_test"] > 100
         assert cfg.feature_dtype in ("float32", "bfloat16")
+        if cfg.provenance["recipe"] == "head":
+            m = cfg.provenance["metrics"]
+            assert 0.5 < m["test_accuracy"] <= 1 and m["n_test"] > 100
+            continue
+        # Verifier heads: made on the model's own samples, with the rule that won on dev and a held-out table.
+        prov = cfg.provenance
+        assert prov["recipe"] == "verifier" and cfg.selection is not None
+        test = prov["test_best_of_n"]
+        assert test["questions"] > 100 and test[cfg.selection.select]["accuracy"] >= test["n=1"]["accuracy"]
+        assert prov["sampling"]["n"] == 8 and prov["labels"]["candidates"] == 8 * sum(prov["splits"]["questions"].values())
 
 
-def test_sst2_head_reads_sentiment_on_the_held_out_dev_split(registry, backbone):
-    """40 sentences of SST-2's dev split (never trained on): the head's pick beats chance clearly, also on
-    float32 features although it was trained on the features of whatever dtype its config records."""
+VERIFIERS = {"sst2": ("label_words", "sst2"), "mc": ("choice_letter", "commonsense_qa")}
+
+
+def test_verifier_heads_carry_the_rule_the_server_applies(registry):
+    for name, (extractor, source) in VERIFIERS.items():
+        cfg = registry.get(name).config
+        assert source in cfg.provenance["data"] and cfg.provenance["answers"]["extractor"] == extractor
+        if cfg.selection.select != "argmax":
+            assert cfg.selection.extractor == extractor
+
+
+def test_sst2_verifier_reads_sentiment_in_free_form_answers_on_text_disjoint_rows(registry, backbone):
+    """40 rows of SST-2's dev split that no head trained on (benchmarks/bestofn_api.py's filter), each with two
+    free-form answers like the model's own ("The sentiment of the sentence is positive."): the head prefers the
+    right one clearly more often than chance."""
+    import sys
+
+    sys.path.insert(0, str(HEADS_DIR.parent / "benchmarks"))
+    from bestofn_api import sst2_disjoint
+
     from arbiter.chat import answer_ids, prompt_ids
     from arbiter.service.engine.hf import HFEngine
-    from arbiter.training.data import load_choices
 
     engine = HFEngine(backbone)
     head = registry.get("sst2")
-    questions, _ = load_choices("sst2/dev", limit=40, seed=0)
+    questions, stats = sst2_disjoint(40)
+    assert len(questions) == 40 and stats["disjoint"] > 500
     prompts, answers = [], []
     for q in questions:
         p = prompt_ids(backbone.tokenizer, q.prompt)
         for opt in q.options:
             prompts.append(p)
-            answers.append(answer_ids(backbone.tokenizer, opt, backbone.end_id, close=False))
+            answers.append(answer_ids(backbone.tokenizer, f"The sentiment of the sentence is {opt}.", backbone.end_id,
+                                      close=False))
     feats = engine.features(prompts, answers, [head.config.layer])[head.config.layer]  # [2Q, d]
     with torch.no_grad():
-        r = head.module(feats).view(len(questions), 2)  # [Q, 2] rewards of "negative", "positive"
+        r = head.module(feats).view(len(questions), 2)  # [Q, 2] rewards of "... negative.", "... positive."
     acc = (r.argmax(1) == torch.tensor([q.answer for q in questions])).float().mean().item()
-    assert acc >= 0.7, acc
+    assert acc >= SST2_FREEFORM_MIN, acc
+
+
+SST2_FREEFORM_MIN = 0.6
 
 
 def test_math_head_records_its_sampled_pairs_and_reads_a_finished_right_answer(registry, backbone):

@@ -1,20 +1,14 @@
 """Sample N -> score -> pick. No FastAPI here: plain functions the worker and routes call.
 
-Every head scores every candidate from the same features; the first head's reward r_i drives selection
-(``select``), by one of three policies (``rerank.select``):
-  argmax         the highest r_i (the default);
-  weighted_vote  candidates grouped by their extracted answer (``arbiter.answers``), each group weighted by
-                 the sum of softmax(r)_i over its members; the heaviest group wins;
-  majority_vote  the group with the most members wins (its weight is its share of the answered candidates).
-Ties go to the group whose best member has the higher reward, then to the lower candidate index, so the
-same scores always pick the same candidate. Within a group, members are ordered by reward. Candidates with
-no extractable answer never vote; if none has one, the vote policies fall back to argmax.
+Every head scores every candidate from the same features; the first head's reward drives selection, by the
+policies of ``arbiter.selection`` (argmax, weighted_vote, majority_vote; the adaptive stopping rule), which
+training and evaluation share with the server.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -53,77 +47,8 @@ class Pick:
         return self.order[:n]
 
 
-POLICIES = ("argmax", "weighted_vote", "majority_vote")
-
-
-@dataclass
-class Selection:
-    policy: str
-    order: list[int]  # candidate indices, best first
-    groups: list[dict[str, Any]] | None  # vote policies: [{"answer", "votes", "weight", "candidates"}], winner first
-
-    def top(self, n: int) -> list[int]:
-        return self.order[:n]
-
-
-def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str | None] | None = None) -> Selection:
-    """Rank candidates under ``policy`` (module docstring); ``answers`` (one per candidate) for the vote policies."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown selection policy {policy!r}; available: {', '.join(POLICIES)}")
-    r = rewards[:, 0].double()
-    by_reward = sorted(range(len(r)), key=lambda i: (-float(r[i]), i))
-    if policy == "argmax":
-        return Selection(policy, by_reward, None)
-    if answers is None or len(answers) != len(r):
-        raise ValueError("vote policies need one extracted answer per candidate")
-    weights = torch.softmax(r, dim=0).tolist() if policy == "weighted_vote" else None
-    groups: dict[str, dict[str, Any]] = {}
-    for i in by_reward:  # members in reward order
-        a = answers[i]
-        if a is None:
-            continue
-        g = groups.setdefault(a, {"answer": a, "votes": 0, "weight": 0.0, "candidates": []})
-        g["votes"] += 1
-        g["candidates"].append(i)
-        if weights is not None:
-            g["weight"] += weights[i]
-    answered = sum(g["votes"] for g in groups.values())
-    if weights is None:
-        for g in groups.values():
-            g["weight"] = g["votes"] / answered
-    by = "weight" if weights is not None else "votes"
-    ranked = sorted(groups.values(), key=lambda g: (-g[by], -float(r[g["candidates"][0]]), g["candidates"][0]))
-    order = [i for g in ranked for i in g["candidates"]] + [i for i in by_reward if answers[i] is None]
-    return Selection(policy, order, ranked)
-
-
 def pick(rewards: torch.Tensor) -> Pick:
     """Rank candidates by the first head's reward, descending; stable on ties."""
     first = rewards[:, 0].tolist()
     order = sorted(range(len(first)), key=lambda i: (-first[i], i))
     return Pick(order, rewards)
-
-
-@dataclass(frozen=True)
-class AdaptiveRule:
-    """When adaptive rerank stops sampling (docs: README "Adaptive N"): after each round, the leader is settled
-    when (argmax) its reward beats the runner-up's by more than ``margin``, or (vote policies) the leading
-    answer group holds at least ``supermajority`` of the weight with at least two answered candidates."""
-
-    round: int = 2
-    margin: float = 1.0
-    supermajority: float = 0.75
-
-
-def settled(rewards: torch.Tensor, policy: str, answers: Sequence[str | None] | None, rule: AdaptiveRule) -> bool:
-    n = rewards.shape[0]
-    if n < 2:
-        return False
-    if policy == "argmax":
-        top = sorted(rewards[:, 0].tolist(), reverse=True)
-        return bool(top[0] - top[1] > rule.margin)
-    sel = select(rewards, policy, answers)
-    if not sel.groups or sum(g["votes"] for g in sel.groups) < 2:
-        return False
-    total = sum(g["weight"] for g in sel.groups)
-    return bool(sel.groups[0]["weight"] / total >= rule.supermajority)

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from arbiter import answers
 from arbiter.heads import LoadedHead
+from arbiter.selection import AdaptiveRule, select, settled
 
 from .engine.base import Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
@@ -39,7 +40,7 @@ from .protocol import (
     ScoreResponse,
     Usage,
 )
-from .rerank import AdaptiveRule, feature_layers, pick, select, settled
+from .rerank import feature_layers, pick
 from .state import ServiceState
 from .worker import GenerateOutcome, QueueFull, WorkerDead
 

@@ -325,15 +325,15 @@ def eval_bestofn(
     by the HF engine as a request with ``seed + j`` (``arbiter.training.sampling``), every candidate is scored by
     the head on the engine's own features, and ``head_pick`` / ``weighted_vote`` / ``majority_vote`` are the
     candidate the server returns under ``rerank.select`` = argmax / weighted_vote / majority_vote with the
-    ``last_number`` extractor (``arbiter.service.rerank.select``). A picked candidate is right when it finished
+    ``last_number`` extractor (``arbiter.selection.select``). A picked candidate is right when it finished
     and its final number equals the gold answer."""
     import torch
 
     from arbiter.answers import extractor
     from arbiter.chat import prompt_ids
     from arbiter.heads import head_rewards
+    from arbiter.selection import select
     from arbiter.service.engine.base import SamplingParams
-    from arbiter.service.rerank import select
 
     from .data import is_correct, load_math, math_prompt
     from .sampling import sample

@@ -3,7 +3,7 @@
 The library half of ``arbiter train verifier``: questions with gold answers, a resumable on-disk cache of the
 candidates the serving sampler draws for them (with the serving features at the closing token), labelling by
 an answer extractor, pairing right vs wrong candidates of one question, a split by question text, and the
-best-of-N evaluation of a head under the server's own selection code (``arbiter.service.rerank.select``).
+best-of-N evaluation of a head under the server's own selection code (``arbiter.selection.select``).
 """
 
 from __future__ import annotations
@@ -394,10 +394,10 @@ def se(p: float, n: int) -> float:
 
 def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]],
               rights: Sequence[Sequence[bool]]) -> dict[str, Any]:
-    """Accuracy of n=1 (candidate 0, plain sampling), each rule (``arbiter.service.rerank.select`` on the head's
+    """Accuracy of n=1 (candidate 0, plain sampling), each rule (``arbiter.selection.select`` on the head's
     rewards, exactly as the server picks), and oracle (any right), with paired wins / losses against n=1 and
     standard errors. ``rewards[q]``: [N] of question q's candidates."""
-    from arbiter.service.rerank import select
+    from arbiter.selection import select
 
     n = len(rewards)
     right: dict[str, list[bool]] = {"n=1": [bool(r[0]) for r in rights], "oracle": [any(r) for r in rights]}
