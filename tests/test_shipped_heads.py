@@ -1,5 +1,6 @@
-"""The heads committed under heads/ load on the embedded backbone, record how they were made, and the task heads
-do their task on data they were not trained on (SST-2's official dev split for `sst2`)."""
+"""The heads committed under heads/ load on the embedded backbone and record how they were made: the pair heads
+their held-out pair accuracy, the verifier heads their rule and its held-out best-of-N table (the end-to-end
+check on text-disjoint questions is benchmarks/bestofn_api.py)."""
 
 from __future__ import annotations
 
@@ -51,39 +52,6 @@ def test_verifier_heads_carry_the_rule_the_server_applies(registry):
         assert source in cfg.provenance["data"] and cfg.provenance["answers"]["extractor"] == extractor
         if cfg.selection.select != "argmax":
             assert cfg.selection.extractor == extractor
-
-
-def test_sst2_verifier_reads_sentiment_in_free_form_answers_on_text_disjoint_rows(registry, backbone):
-    """40 rows of SST-2's dev split that no head trained on (benchmarks/bestofn_api.py's filter), each with two
-    free-form answers like the model's own ("The sentiment of the sentence is positive."): the head prefers the
-    right one clearly more often than chance."""
-    import sys
-
-    sys.path.insert(0, str(HEADS_DIR.parent / "benchmarks"))
-    from bestofn_api import sst2_disjoint
-
-    from arbiter.chat import answer_ids, prompt_ids
-    from arbiter.service.engine.hf import HFEngine
-
-    engine = HFEngine(backbone)
-    head = registry.get("sst2")
-    questions, stats = sst2_disjoint(40)
-    assert len(questions) == 40 and stats["disjoint"] > 500
-    prompts, answers = [], []
-    for q in questions:
-        p = prompt_ids(backbone.tokenizer, q.prompt)
-        for opt in q.options:
-            prompts.append(p)
-            answers.append(answer_ids(backbone.tokenizer, f"The sentiment of the sentence is {opt}.", backbone.end_id,
-                                      close=False))
-    feats = engine.features(prompts, answers, [head.config.layer])[head.config.layer]  # [2Q, d]
-    with torch.no_grad():
-        r = head.module(feats).view(len(questions), 2)  # [Q, 2] rewards of "... negative.", "... positive."
-    acc = (r.argmax(1) == torch.tensor([q.answer for q in questions])).float().mean().item()
-    assert acc >= SST2_FREEFORM_MIN, acc
-
-
-SST2_FREEFORM_MIN = 0.6
 
 
 def test_math_head_records_its_sampled_pairs_and_reads_a_finished_right_answer(registry, backbone):
