@@ -68,7 +68,13 @@ def test_eval_runs_a_bf16_head_in_float32_where_bf16_is_emulated(fresh, caplog, 
     from arbiter.heads import read_config
     from arbiter.training import evaluate
 
-    head = Path(__file__).resolve().parents[1] / "heads" / "sst2"
+    import shutil
+
+    # A head made on bf16 features (as on an AMX machine): the shipped sst2 head with its config saying so.
+    head = tmp_path / "sst2_bf16"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "heads" / "sst2", head)
+    cfg = json.loads((head / "head_config.json").read_text())
+    (head / "head_config.json").write_text(json.dumps({**cfg, "feature_dtype": "bfloat16"}))
     assert read_config(head).feature_dtype == "bfloat16"
     fresh.setattr(B, "cpu_bf16_flags", lambda cpuinfo=None: [])
     data = tmp_path / "q.jsonl"
