@@ -63,12 +63,11 @@ def test_eval_runs_a_bf16_head_in_float32_where_bf16_is_emulated(fresh, caplog, 
     on a CPU without native bf16 (an AVX2 AMD EPYC, say) the shipped bf16 heads run on a float32 backbone,
     and the dtype difference is logged and recorded in the report."""
     import json
+    import shutil
     from pathlib import Path
 
     from arbiter.heads import read_config
     from arbiter.training import evaluate
-
-    import shutil
 
     # A head made on bf16 features (as on an AMX machine): the shipped sst2 head with its config saying so.
     head = tmp_path / "sst2_bf16"
