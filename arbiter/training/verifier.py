@@ -170,6 +170,23 @@ def load_questions(source: str, *, limit: int | None = None, seed: int = 0,
     return out, report
 
 
+def load_sources(sources: Sequence[str], *, limit: int | None, seed: int,
+                 spec: AnswerSpec) -> tuple[list[Question], dict[str, dict[str, Any]]]:
+    """The questions of several sources (``load_questions`` each), a text that two sources share kept once;
+    with each source's counts. The verifier recipe and ``held_out_questions`` both read questions through it."""
+    out: list[Question] = []
+    reports: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for src in sources:
+        qs, rep = load_questions(src, limit=limit, seed=seed, spec=spec)
+        reports[src] = {"total": rep.total, "kept": len(qs), "dropped": dict(rep.dropped)}
+        for q in qs:
+            if q.key not in seen:
+                seen.add(q.key)
+                out.append(q)
+    return out, reports
+
+
 def split_of(key: str, *, dev_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """train / dev / test by a hash of the question text: the same text always lands in the same split, whatever
     else is in the data (a benchmark re-derives the held-out questions from the head's provenance)."""
@@ -270,6 +287,7 @@ def sample_questions(backbone: Any, questions: Sequence[Question], *, n: int, pa
     server runs, each question a request with seed ``question_seed``), cached on disk (``SampleCache``): a second
     call, or a resumed run, samples only the questions not cached yet. Returns the samples in question order and
     the sampler's throughput (candidates/s, tokens/s, over what was sampled now)."""
+    import torch
     from tqdm.auto import tqdm
 
     from arbiter.chat import prompt_ids
@@ -294,8 +312,6 @@ def sample_questions(backbone: Any, questions: Sequence[Question], *, n: int, pa
             chunk = todo[b0 : b0 + batch_prompts]
             res = sample(backbone, [ids[j] for j in chunk], n=n, params=params, seeds=[seeds[j] for j in chunk],
                          feature_layers=feature_layers, batch_prompts=batch_prompts, progress=False)
-            import torch
-
             batch = []
             for j, r in zip(chunk, res):
                 feats = {l: torch.stack([c.features[l] for c in r.candidates]).float()  # type: ignore[index]

@@ -175,17 +175,14 @@ def add_arguments(parser: Any) -> None:
 def held_out_questions(provenance: dict[str, Any], split: str = "test") -> list[Any]:
     """The questions of ``split`` of a verifier head, re-derived from its provenance (sources, limit, seed, split
     rule): what a benchmark evaluates on without ever touching the training questions."""
-    from arbiter.training.verifier import AnswerSpec, load_questions, split_of
+    from arbiter.training.verifier import AnswerSpec, load_sources, split_of
 
     s = provenance["splits"]
     spec = AnswerSpec(**{**provenance["answers"], "labels": tuple(provenance["answers"]["labels"])
                          if provenance["answers"].get("labels") else None})
-    out = []
-    for src in provenance["data"]:
-        qs, _ = load_questions(src, limit=provenance["limit"], seed=provenance["seed"], spec=spec)
-        out += [q for q in qs if split_of(q.key, dev_fraction=s["dev_fraction"], test_fraction=s["test_fraction"],
-                                          seed=s["seed"]) == split]
-    return out
+    qs, _ = load_sources(provenance["data"], limit=provenance["limit"], seed=provenance["seed"], spec=spec)
+    return [q for q in qs if split_of(q.key, dev_fraction=s["dev_fraction"], test_fraction=s["test_fraction"],
+                                      seed=s["seed"]) == split]
 
 
 def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> dict:
@@ -204,17 +201,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     out = prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("sweep",))
     shutil.rmtree(out / "sweep", ignore_errors=True)  # the heads retrain in seconds; only sampling resumes
     spec = cfg.spec(cfg.data[0])
-    questions, reports = [], {}
-    for src in cfg.data:
-        qs, rep = V.load_questions(src, limit=cfg.limit, seed=cfg.seed, spec=spec)
-        questions += qs
-        reports[src] = {"total": rep.total, "kept": len(qs), "dropped": dict(rep.dropped)}
-    seen, uniq = set(), []
-    for q in questions:  # the same text in two sources is one question
-        if q.key not in seen:
-            seen.add(q.key)
-            uniq.append(q)
-    questions = uniq
+    questions, reports = V.load_sources(cfg.data, limit=cfg.limit, seed=cfg.seed, spec=spec)
     split = [V.split_of(q.key, dev_fraction=cfg.dev_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
              for q in questions]
     if backbone is None:
