@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Sequence
 
@@ -126,34 +127,66 @@ def compile_regex(pattern: str) -> Any:
 EXTRACTORS = ("last_number", "choice_letter", "label_words", "regex", "json_field")
 
 
+class ExtractionOverrun(Exception):
+    """Extracting a request's candidates took longer than its time budget (``Extractor.many``)."""
+
+
+class Extractor:
+    """One extractor: ``extractor(text)`` -> answer | None (a regex match is cut off after ``REGEX_TIMEOUT_S``
+    and then finds nothing), and ``many(texts, budget_s)`` under one time budget for all the texts, which raises
+    ``ExtractionOverrun`` instead of answering None once the budget is spent (serving: a 400)."""
+
+    def __init__(self, name: str, fn: Callable[[str], str | None], rx: Any = None):
+        self.name, self._fn, self._rx = name, fn, rx
+
+    def __call__(self, text: str) -> str | None:
+        if self._rx is None:
+            return self._fn(text)
+        try:
+            return self._regex(text, REGEX_TIMEOUT_S)
+        except TimeoutError:
+            return None
+
+    def _regex(self, text: str, timeout: float) -> str | None:
+        # concurrent=True: the regex module releases the GIL while it matches, so a slow pattern run in a worker
+        # thread (serving) never stalls the event loop.
+        m = self._rx.search(text, timeout=timeout, concurrent=True)
+        return m.group(1).strip() if m and m.group(1) is not None else None
+
+    def many(self, texts: Sequence[str], budget_s: float) -> list[str | None]:
+        deadline = time.monotonic() + budget_s
+        out: list[str | None] = []
+        for text in texts:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExtractionOverrun(f"extracting {len(texts)} answer(s) took more than {budget_s:g} s")
+            try:
+                out.append(self._fn(text) if self._rx is None else self._regex(text, left))
+            except TimeoutError:
+                raise ExtractionOverrun(f"extracting {len(texts)} answer(s) took more than {budget_s:g} s") from None
+        return out
+
+
 def extractor(name: str, *, pattern: str | None = None, field: str | None = None, labels: Sequence[str] | None = None,
-              k: int = 26) -> Callable[[str], str | None]:
-    """The extractor ``name`` as a function text -> answer | None. Raises ValueError for a bad pattern / field /
+              k: int = 26) -> Extractor:
+    """The extractor ``name`` (callable text -> answer | None). Raises ValueError for a bad pattern / field /
     label list."""
     if name == "last_number":
-        return extract_final_answer
+        return Extractor(name, extract_final_answer)
     if name == "choice_letter":
-        return lambda t: extract_choice_letter(t, k)
+        return Extractor(name, lambda t: extract_choice_letter(t, k))
     if name == "label_words":
         if not labels or any(not isinstance(x, str) or not x.strip() for x in labels):
             raise ValueError("the label_words extractor needs a non-empty list of non-empty labels")
         words = [x.strip() for x in labels]
-        return lambda t: extract_label_word(t, words)
+        return Extractor(name, lambda t: extract_label_word(t, words))
     if name == "regex":
         if not pattern:
             raise ValueError("the regex extractor needs a pattern")
         rx = compile_regex(pattern)
-
-        def by_regex(text: str) -> str | None:
-            try:
-                m = rx.search(text, timeout=REGEX_TIMEOUT_S)
-            except TimeoutError:
-                return None
-            return m.group(1).strip() if m and m.group(1) is not None else None
-
-        return by_regex
+        return Extractor(name, lambda t: None, rx)
     if name == "json_field":
         if not field:
             raise ValueError("the json_field extractor needs a field")
-        return lambda t: extract_json_field(t, field)
+        return Extractor(name, lambda t: extract_json_field(t, field))
     raise ValueError(f"unknown extractor {name!r}")

@@ -190,6 +190,40 @@ def _watch_heads(state: ServiceState, every_s: float) -> None:
     threading.Thread(target=loop, name="arbiter-heads-watch", daemon=True).start()
 
 
+def free_memory_bytes(device: str) -> int:
+    """Memory a batch may still take: free GPU memory on CUDA; on CPU the kernel's MemAvailable, or what the cgroup
+    (a container's limit) leaves, whichever is smaller."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    return max(int(avail), 0)
+
+
+def batch_token_budget(settings: Settings, eng: "Engine", device: str) -> int | None:
+    """ARBITER_MAX_BATCH_TOKENS, or its default: a quarter of the free memory over twice the KV bytes per token (a
+    decode step appends to the cache by copying it, so a batch briefly holds its cache twice); None when the engine
+    bounds its own KV memory."""
+    if settings.max_batch_tokens is not None:
+        return settings.max_batch_tokens
+    per = eng.kv_bytes_per_token()
+    if not per:
+        return None
+    return max(4096, free_memory_bytes(device) // 4 // (2 * per))
+
+
 def create_app(settings: Settings | None = None, *, engine: "Engine | None" = None, heads: HeadRegistry | None = None,
                exit_on_engine_death: bool = True) -> FastAPI:
     settings = settings or Settings()
@@ -230,8 +264,16 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                     log.warning("head %s was trained jointly with adapter %s, which is not the one served (%s): "
                                 "its rewards assume that adapter", name, trained_with, served and served["name"])
         state.bind_engine(eng)
+        device = engine_mod.resolve_device(settings) if engine is None else "cpu"
+        budget = batch_token_budget(settings, eng, device)
+        per = eng.kv_bytes_per_token()
+        if budget is None:
+            log.info("batch token budget: none (the %s engine bounds its own KV memory)", type(eng).__name__)
+        else:
+            log.info("batch token budget: %d tokens (rows x (prompt + max_tokens))%s", budget,
+                     f", ~{budget * per / 2**30:.1f} GiB of KV cache" if per else "")
         w = Worker(eng, max_queue=settings.max_queue, max_batch_rows=settings.max_batch_rows,
-                   continuous=settings.continuous_batching,
+                   continuous=settings.continuous_batching, max_batch_tokens=budget,
                    metrics=state.metrics, on_death=on_death)
         w.start()
         state.worker = w

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -42,7 +42,7 @@ from .protocol import (
 )
 from .rerank import feature_layers, pick
 from .state import ServiceState
-from .worker import GenerateOutcome, QueueFull, WorkerDead
+from .worker import GenerateOutcome, OverBudget, QueueFull, WorkerDead
 
 log = logging.getLogger("arbiter.service")
 access_log = logging.getLogger("arbiter.access")
@@ -216,6 +216,9 @@ def _submit(st: ServiceState, submit: Callable[..., asyncio.Future[Any]], *args:
                          headers={"Retry-After": "1"}) from None
     except WorkerDead:
         raise Unavailable("the engine worker is not running", code="engine_dead") from None
+    except OverBudget as e:
+        st.metrics.rejected.labels("batch_token_budget").inc()
+        raise InvalidRequest(str(e), code="batch_token_budget") from None
 
 
 def _worker_error(e: Exception) -> APIError:
@@ -306,10 +309,12 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         job = GenerationJob(ids, body.n, params, adapter=adapter, on_delta=on_delta)
         fut = _submit(st, st.require_worker().submit_generate, job, ())
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, None))
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule), deltas)
+        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule, _answers(st, rule)),
+                       deltas)
 
     if rr is not None and rr.adaptive:
-        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter, rule)
+        ans = _answers(st, rule)
+        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter, rule, ans)
         resp = _completion(st, body, outcome, rid, created, heads, rule, adaptive=adaptive_info)
         log_fields["adaptive"] = adaptive_info
         _account(st, "chat", outcome, log_fields, t0)
@@ -318,7 +323,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
     job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads), adapter=adapter)
     fut = _submit(st, st.require_worker().submit_generate, job, heads)
     if body.stream:
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule))
+        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule, _answers(st, rule)))
     try:
         done: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
     except APIError:
@@ -327,6 +332,8 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         raise
     except Exception as e:
         raise _worker_error(e) from None
+    if heads:
+        done.found = await _answers(st, rule).update(done.result.candidates)
     resp = _completion(st, body, done, rid, created, heads, rule)
     _account(st, "chat", done, log_fields, t0)
     return resp
@@ -361,7 +368,7 @@ def _budget(request: Request, rr: RerankOptions) -> tuple[int | None, int | None
 
 async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
                     params: SamplingParams, heads: list[LoadedHead], n_max: int,
-                    adapter: str | None, rule: "Rule") -> tuple[GenerateOutcome, dict[str, Any]]:
+                    adapter: str | None, rule: "Rule", ans: "Answers") -> tuple[GenerateOutcome, dict[str, Any]]:
     """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
     is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
     import dataclasses
@@ -376,7 +383,6 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     opts = rr.adaptive if not isinstance(rr.adaptive, bool) else None
     stop_rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
     _, cap_tokens = _budget(request, rr)
-    ex = rule.extract
     # One base seed for every round, so round r continues the candidate sequence instead of repeating it.
     params = dataclasses.replace(params, seed=params.seed if params.seed is not None else secrets.randbits(62))
     cands: list[Candidate] = []
@@ -399,7 +405,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
         run_s += out.run_s
         r = torch.cat(rewards)
         spent = sum(len(c.token_ids) for c in cands)
-        found = [ex(c.text) for c in cands] if ex is not None else None
+        found = await ans.update(cands)  # each candidate extracted once, off the event loop
         if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule):
             stopped = "settled"
             break
@@ -408,7 +414,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
             break
     if len(cands) < n_max:
         st.metrics.tokens_saved.inc((n_max - len(cands)) * spent / max(len(cands), 1))
-    merged = GenerateOutcome(GenerationResult(cands, len(ids)), torch.cat(rewards), queue_s, run_s)
+    merged = GenerateOutcome(GenerationResult(cands, len(ids)), torch.cat(rewards), queue_s, run_s, found=ans.found)
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
@@ -418,8 +424,43 @@ class Rule:
     argmax) and where the rule came from (README "Heads carry their rule")."""
 
     policy: str
-    extract: Callable[[str], str | None] | None
+    extract: answers.Extractor | None
     info: RerankRule
+
+
+class Answers:
+    """A rerank request's extracted answers: each candidate is extracted once (adaptive rounds add candidates),
+    in a worker thread, under one time budget for the whole request (ARBITER_EXTRACT_BUDGET_S); spending it is
+    a 400 naming the pattern (README "Selection rules")."""
+
+    def __init__(self, rule: Rule, budget_s: float):
+        self.rule, self.budget_s = rule, budget_s
+        self.found: list[str | None] = []
+        self.spent = 0.0
+
+    async def update(self, cands: Sequence[Candidate]) -> list[str | None] | None:
+        ex = self.rule.extract
+        if ex is None:
+            return None
+        todo = [c.text for c in cands[len(self.found):]]
+        if todo:
+            t0 = time.monotonic()
+            try:
+                self.found += await asyncio.to_thread(ex.many, todo, self.budget_s - self.spent)
+            except answers.ExtractionOverrun:
+                info = self.rule.info
+                what = f"rerank.pattern `{info.pattern}`" if info.extractor == "regex" else f"rerank.extractor {info.extractor}"
+                param = "rerank.pattern" if info.extractor == "regex" else "rerank.extractor"
+                raise InvalidRequest(f"{what}: extracting the candidates' answers took more than this request's budget "
+                                     f"of {self.budget_s:g} s (ARBITER_EXTRACT_BUDGET_S)",
+                                     param=param, code="extraction_timeout") from None
+            finally:
+                self.spent += time.monotonic() - t0
+        return self.found
+
+
+def _answers(st: ServiceState, rule: Rule) -> Answers:
+    return Answers(rule, st.settings.extract_budget_s)
 
 
 DEFAULT_RULE = Rule("argmax", None, RerankRule(select="argmax", source="default"))
@@ -457,7 +498,8 @@ def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[
     cands = outcome.result.candidates
     if not heads:
         return list(cands), None
-    found = [rule.extract(c.text) for c in cands] if rule.extract is not None else None
+    found = outcome.found if rule.extract is not None else None
+    assert rule.extract is None or found is not None, "answers are extracted off the event loop before selection"
     sel = select(outcome.rewards, rule.policy, found)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
@@ -515,6 +557,7 @@ class Reply:
     log_fields: dict[str, Any]
     t0: float
     rule: Rule
+    answers: "Answers"
 
 
 def _sse(data: str) -> str:
@@ -567,6 +610,13 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
                 yield _error_event(e)
                 yield "data: [DONE]\n\n"
                 return
+            if reply.heads:
+                try:
+                    outcome.found = await reply.answers.update(outcome.result.candidates)
+                except APIError as e:
+                    yield _error_event(e)
+                    yield "data: [DONE]\n\n"
+                    return
             picked, info = _choices(body, outcome, reply.heads, reply.rule,
                                     bool(body.rerank and body.rerank.return_candidates))
             if reply.heads:

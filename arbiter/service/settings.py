@@ -43,8 +43,14 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(64, ge=1, description="Longest stop string (characters)")
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
     max_messages: int = Field(256, ge=1, description="Most messages per request")
+    extract_budget_s: float = Field(1.0, gt=0, description="Time one rerank request may spend extracting its candidates' "
+                                    "answers (a client regex included; run off the event loop); past it the request gets 400")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
+    max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one batch: rows x the longest "
+                                         "(prompt + max_tokens), for generation and /v1/score. A request over it gets "
+                                         "400; one that fits later waits. Default: a quarter of the free memory at "
+                                         "start over twice the engine's KV bytes per token (logged); unbounded for vLLM")
     continuous_batching: bool = Field(True, description="Requests join the running decode batch between steps (HF engine); "
                                                         "false: they wait for the batch to finish (micro-batching)")
     max_queue: int = Field(64, ge=1, description="Queued requests beyond which new ones get 429")

@@ -5,7 +5,10 @@ generation request waiting at the start of a batch into one generation batch, up
 ``max_batch_rows`` sequences. With an engine that supports it (``engine.continuous``: the HF engine),
 batching is continuous: requests that arrive while the batch decodes join it between decode steps while
 rows are free, and each request is answered as soon as its own rows finish. Score requests are batched
-between generation batches. Results go back
+between generation batches. A batch is bounded by rows (``max_batch_rows``) and by tokens (``max_batch_tokens``:
+rows x the longest (prompt + max_tokens), README "Memory"); a request that can never fit is refused at submit
+(``OverBudget``, a 400). When the engine raises for a batch, the requests it had not answered run again one by
+one, so only the culprit fails; an unrecoverable device error kills the worker (below). Results go back
 to the event loop through futures; a request whose client went away is marked cancelled and dropped
 before it runs, or its rows leave the batch at the next decode step.
 
@@ -40,6 +43,29 @@ class WorkerDead(Exception):
     pass
 
 
+class OverBudget(Exception):
+    """A request that can never fit the token budget (``ARBITER_MAX_BATCH_TOKENS``): refused (400), never queued."""
+
+    def __init__(self, needed: int, limit: int):
+        super().__init__(f"this request needs {needed} batch tokens ((prompt + max_tokens) x rows), more than the "
+                         f"server's ARBITER_MAX_BATCH_TOKENS={limit}")
+        self.needed, self.limit = needed, limit
+
+
+class DeviceLost(BaseException):
+    """An error the device does not recover from (CUDA's sticky errors): the worker dies and the server exits
+    non-zero, so a supervisor restarts it. A BaseException: the batch handler must not treat it as one bad batch."""
+
+
+def is_fatal(e: BaseException) -> bool:
+    """CUDA reports an illegal address / device-side assert once and then fails every later call in the process
+    (a "sticky" error): only a restart recovers."""
+    name = type(e).__name__
+    text = str(e)
+    return name == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text \
+        or "CUBLAS_STATUS" in text or "cudaErrorIllegalAddress" in text
+
+
 @dataclass
 class _Item:
     kind: str  # "generate" | "score"
@@ -50,6 +76,17 @@ class _Item:
     score_args: tuple[list[int], list[list[int]]] | None = None
     score_adapter: str | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    streamed: bool = False  # text already went to the client: a failed batch cannot re-run this job unseen
+
+    @property
+    def span(self) -> int:
+        """Positions one row of this request may occupy: prompt + max_tokens + the closing token (generation),
+        the longest prompt + answer + closing token (scoring)."""
+        if self.job is not None:
+            return len(self.job.prompt_ids) + self.job.params.max_tokens + 1
+        assert self.score_args is not None
+        p, ans = self.score_args
+        return len(p) + max((len(a) for a in ans), default=0) + 1
 
     @property
     def adapter(self) -> str | None:
@@ -57,7 +94,10 @@ class _Item:
 
     @property
     def rows(self) -> int:
-        return self.job.n if self.job else 1
+        if self.job is not None:
+            return self.job.n
+        assert self.score_args is not None
+        return len(self.score_args[1])
 
     def cancelled(self) -> bool:
         return self.future.cancelled() or (self.job is not None and self.job.cancelled.is_set())
@@ -69,14 +109,23 @@ class GenerateOutcome:
     rewards: Any  # torch.Tensor [N, H] or None
     queue_s: float
     run_s: float
+    found: list[str | None] | None = None  # each candidate's extracted answer, when the rule votes (serving fills it)
+
+
+def batch_tokens(rows: int, span: int) -> int:
+    """What a batch costs under the token budget: every row padded to the longest span (the HF engine's KV cache is
+    one [rows, T] block, left padded, so a short prompt beside a long one pays the long one's length)."""
+    return rows * span
 
 
 class Worker:
     def __init__(self, engine: Engine, *, max_queue: int, max_batch_rows: int, metrics: Any = None,
-                 on_death: Callable[[BaseException], None] | None = None, continuous: bool = True):
+                 on_death: Callable[[BaseException], None] | None = None, continuous: bool = True,
+                 max_batch_tokens: int | None = None):
         self.engine = engine
         self.continuous = continuous and bool(getattr(engine, "continuous", False))
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens  # None: rows alone bound a batch
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._pending: deque[_Item] = deque()
         self._thread = threading.Thread(target=self._main, name="arbiter-worker", daemon=True)
@@ -108,9 +157,26 @@ class Worker:
         return self._q.qsize() + len(self._pending)
 
     # -- submitting (event loop side) --------------------------------------------------------------
+    def _fits(self, rows: int, span: int, item: _Item) -> bool:
+        """Whether ``item`` can join a batch of ``rows`` rows whose longest span is ``span``."""
+        if rows + item.rows > self.max_batch_rows:
+            return False
+        return self.max_batch_tokens is None or batch_tokens(rows + item.rows, max(span, item.span)) <= self.max_batch_tokens
+
     def _submit(self, item: _Item) -> asyncio.Future[Any]:
         if self.dead is not None or self._stop.is_set():
             raise WorkerDead("the engine worker is not running")
+        need = batch_tokens(item.rows, item.span)
+        if self.max_batch_tokens is not None and need > self.max_batch_tokens:
+            raise OverBudget(need, self.max_batch_tokens)
+        if item.job is not None and item.job.on_delta is not None:
+            emit = item.job.on_delta
+
+            def on_delta(i: int, text: str, lps: Any = None) -> None:
+                item.streamed = True
+                emit(i, text, lps)
+
+            item.job.on_delta = on_delta
         try:
             self._q.put_nowait(item)
         except queue.Full:
@@ -150,7 +216,7 @@ class Worker:
         if first is None:
             return []
         batch = [first]
-        rows = first.rows
+        rows, span = first.rows, first.span
         while True:
             try:
                 item = self._pending.popleft() if self._pending else self._q.get_nowait()
@@ -160,11 +226,11 @@ class Worker:
                 self._stop.set()
                 break
             # One batch = one kind and one adapter (the weights are switched per batch).
-            if item.kind != first.kind or item.adapter != first.adapter or rows + item.rows > self.max_batch_rows:
+            if item.kind != first.kind or item.adapter != first.adapter or not self._fits(rows, span, item):
                 self._pending.appendleft(item)  # first in line for the next batch (FIFO kept)
                 break
             batch.append(item)
-            rows += item.rows
+            rows, span = rows + item.rows, max(span, item.span)
         return batch
 
     def _main(self) -> None:
@@ -192,7 +258,9 @@ class Worker:
                         self._run_generate(live)
                     else:
                         self._run_score(live)
-                except Exception as e:  # a failed batch fails its requests, the worker goes on
+                except Exception as e:  # isolated by _run_generate; a failed score batch fails its requests
+                    if is_fatal(e):
+                        raise DeviceLost(f"unrecoverable device error: {e}") from e
                     log.exception("batch failed")
                     for it in live:
                         self._resolve(it, exc=e)
@@ -223,34 +291,75 @@ class Worker:
                 self._resolve(it, exc=exc)
 
     def _run_generate(self, items: list[_Item]) -> None:
+        """Run one generation batch; when the engine raises, isolate the culprit (below)."""
         t0 = time.monotonic()
-        jobs = [it.job for it in items if it.job is not None]  # generate items always carry their job
         if self.metrics:
-            self.metrics.batch_rows.observe(sum(j.n for j in jobs))
+            self.metrics.batch_rows.observe(sum(it.rows for it in items))
         started = {id(it.job): t0 for it in items}
         by_job = {id(it.job): it for it in items}
+        delivered: set[int] = set()
 
         def deliver(job: GenerationJob, res: GenerationResult | BaseException) -> None:
             it = by_job.get(id(job))
             if it is None:
                 return
+            delivered.add(id(job))
             if isinstance(res, BaseException):  # the engine refused this job alone (JobError)
                 self._resolve(it, exc=res)
             else:
                 self._deliver(it, res, started[id(job)])
 
-        if not self.continuous:
-            for it, res in zip(items, self.engine.generate(jobs)):
-                if isinstance(res, BaseException):  # the engine refused this job alone; the others go on
-                    self._resolve(it, exc=res)
-                    continue
+        try:
+            if not self.continuous:
+                jobs = [it.job for it in items if it.job is not None]  # generate items always carry their job
+                for it, res in zip(items, self.engine.generate(jobs)):
+                    assert it.job is not None
+                    deliver(it.job, res)
+                return
+            self.engine.generate([it.job for it in items if it.job is not None], admit=self._admitter(items, by_job, started, delivered),
+                                 deliver=deliver)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            self._isolate([it for it in by_job.values() if id(it.job) not in delivered], e)
+
+    def _isolate(self, undone: list[_Item], error: Exception) -> None:
+        """One failure fails one request: the batch raised, so each job it had not answered yet runs again alone.
+        A job whose text already streamed to its client fails with the batch's error (a re-run would repeat
+        text the client holds); an error that persists for a lone job is that job's alone (500)."""
+        log.error("generation batch of %d request(s) failed (%r): re-running them one by one", len(undone), error)
+        for it in undone:
+            if it.cancelled():
+                self._resolve(it, exc=asyncio.CancelledError())
+                continue
+            if it.streamed:
+                self._resolve(it, exc=error)
+                continue
+            assert it.job is not None
+            t0 = time.monotonic()
+            try:
+                res = self.engine.generate([it.job])[0]
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                log.error("request failed alone too: %r", e)
+                self._resolve(it, exc=e)
+                continue
+            if isinstance(res, BaseException):
+                self._resolve(it, exc=res)
+            else:
                 self._deliver(it, res, t0)
-            return
+
+    def _admitter(self, items: list[_Item], by_job: dict[int, _Item], started: dict[int, float],
+                  delivered: set[int]) -> Callable[[int], list[GenerationJob]]:
+        """Continuous batching: queued generation requests join the running batch while rows and tokens are free."""
+        adapter = items[0].adapter
 
         def admit(rows_in_batch: int) -> list[GenerationJob]:
-            """Continuous batching: queued generation requests join the running batch while rows are free."""
             out: list[GenerationJob] = []
             rows = rows_in_batch
+            # The running batch's longest span: of the requests still in it (a conservative bound on its cache).
+            span = max((it.span for k, it in by_job.items() if k not in delivered), default=0)
             while True:
                 try:
                     it = self._pending.popleft() if self._pending else self._q.get_nowait()
@@ -262,10 +371,10 @@ class Worker:
                 if it.cancelled():
                     self._resolve(it, exc=asyncio.CancelledError())
                     continue
-                if it.kind != "generate" or it.adapter != items[0].adapter or rows + it.rows > self.max_batch_rows:
+                if it.kind != "generate" or it.adapter != adapter or not self._fits(rows, span, it):
                     self._pending.appendleft(it)  # first in line once the batch has room / for the next batch
                     break
-                rows += it.rows
+                rows, span = rows + it.rows, max(span, it.span)
                 assert it.job is not None
                 by_job[id(it.job)] = it
                 started[id(it.job)] = time.monotonic()
@@ -276,12 +385,7 @@ class Worker:
                 self.metrics.admitted_rows.inc(sum(j.n for j in out))
             return out
 
-        try:
-            self.engine.generate(jobs, admit=admit, deliver=deliver)
-        except Exception as e:  # admitted requests fail with the batch too, never wait for their deadline
-            for it in by_job.values():
-                self._resolve(it, exc=e)
-            raise
+        return admit
 
     def _deliver(self, it: _Item, res: GenerationResult, started: float) -> None:
         rewards = None
@@ -316,6 +420,18 @@ class Worker:
             log.info("score pass abandoned: its %d request(s) are gone", len(items))
             for it in items:
                 self._resolve(it, exc=asyncio.CancelledError())
+            return
+        except Exception as e:
+            if is_fatal(e) or len(items) == 1:
+                raise  # one request's own failure (500), or the device is gone
+            log.error("score batch of %d request(s) failed (%r): re-running them one by one", len(items), e)
+            for it in items:
+                try:
+                    self._run_score([it])
+                except Exception as lone:
+                    if is_fatal(lone):
+                        raise
+                    self._resolve(it, exc=lone)
             return
         for k, it in enumerate(items):
             idx = [i for i, o in enumerate(owners) if o == k]

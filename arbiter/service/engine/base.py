@@ -123,6 +123,11 @@ class Engine(Protocol):
         """The layers whose head features this engine computes (-1: after the final norm); None: every layer."""
         return None
 
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of KV cache one sequence position of one row costs in this engine's own memory, which sizes the
+        default token budget (ARBITER_MAX_BATCH_TOKENS); None: the engine bounds its KV memory itself (vLLM)."""
+        return None
+
     def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
                  deliver: Deliver | None = None) -> Sequence[GenerationResult | BaseException]:
         """Sample every job's n candidates in one batch; features for jobs that ask for them. ``admit`` /

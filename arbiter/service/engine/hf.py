@@ -294,6 +294,13 @@ class HFEngine(Engine):
 
         self.adapters = AdapterSet(self.model)  # switchable LoRA adapters (ARBITER_ADAPTERS), one per batch
 
+    def kv_bytes_per_token(self) -> int:
+        """Keys + values of every layer for one position: 2 x layers x KV heads x head dim x element size."""
+        c = self.model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return int(2 * c.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size())
+
     # ------------------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
