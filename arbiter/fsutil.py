@@ -10,25 +10,30 @@ use it without the training stack.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 
-def read_json_object(path: Path, max_bytes: int, error: type[Exception], what: str = "config") -> dict[str, Any]:
+def read_json_object(path: Path, max_bytes: int, error: type[Exception], what: str = "config",
+                     shown: Path | str | None = None) -> dict[str, Any]:
     """The JSON object in ``path``; ``error`` (the loader's exception type) for a file over ``max_bytes``, text that
-    is not UTF-8 JSON, or JSON that is not an object."""
+    is not UTF-8 JSON, or JSON that is not an object. ``shown``: how messages name the file (default ``path``)."""
+    name = shown if shown is not None else path
     if path.stat().st_size > max_bytes:
-        raise error(f"{path}: {what} larger than {max_bytes} bytes")
+        raise error(f"{name}: {what} larger than {max_bytes} bytes")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{name}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise error(f"{path}: expected a JSON object")
+        raise error(f"{name}: expected a JSON object")
     return raw
 
 
@@ -45,13 +50,37 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the file
+    system does not offer it (the caller then falls back to two renames)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # not supported here: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp: write files into tmp`` -> ``out`` appears whole or not at all.
 
     On success the files are fsynced, made readable by other users (0644 / 0755 under the umask: the service may
-    run as another user than the trainer) and the directory renamed over ``out`` (the old one is renamed away
-    first, so the swap is two renames, never a partial directory). On any exception the temporary is removed."""
+    run as another user than the trainer) and the directory swapped with ``out`` in one atomic exchange (Linux; elsewhere the old one is renamed away
+    first, two renames, never a partial directory). On any exception the temporary is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -66,11 +95,14 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         fsync_tree(tmp)
         os.chmod(tmp, 0o755 & ~mask)  # mkdtemp makes 0700
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            if exchange(tmp, target):  # one atomic step: ``target`` is never missing, even for a moment
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old version
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                old.rmdir()
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
     except BaseException:

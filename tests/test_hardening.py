@@ -186,3 +186,36 @@ def test_adaptive_rounds_extract_each_candidate_once(monkeypatch):
     info = r.json()["rerank"]
     assert info["adaptive"]["rounds"] == 8 and info["adaptive"]["candidates"] == 8, info["adaptive"]
     assert sorted(calls) == sorted(s.text for s in script), calls  # 8 calls, not 1 + 2 + ... + 8 = 36
+
+
+# --- 5. files and paths ----------------------------------------------------------------------------------
+
+
+def test_a_head_rewritten_200_times_under_a_50ms_watcher_is_listed_on_every_poll(tmp_path):
+    from fakes import FAKE_FINGERPRINT, save_random_head
+    from served_fake import heads_dir
+
+    reg = heads_dir(tmp_path, "h1")
+    done = threading.Event()
+    last: list = []
+
+    def rewrite() -> None:
+        try:
+            for k in range(200):
+                last[:] = [save_random_head(FAKE_FINGERPRINT, tmp_path / "h1", name="h1", seed=100 + k, scale=20.0)]
+                time.sleep(0.005)
+        finally:
+            done.set()
+
+    with served(FakeEngine(), reg, heads_dir=str(tmp_path), heads_watch_s=0.05) as srv, httpx.Client(timeout=30) as c:
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        listed = []
+        while not done.is_set():
+            listed.append([h["id"] for h in c.get(srv.url + "/v1/heads").json()["data"]])
+        writer.join()
+        wait_until(lambda: srv.state.registry.get("h1").module.reward.weight.equal(last[0].reward.weight),
+                   what="the last version swapped in")
+    assert len(listed) >= 20, len(listed)
+    assert all(ids == ["h1"] for ids in listed), [ids for ids in listed if ids != ["h1"]][:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h1"]  # no temporary or old directory left behind

@@ -339,8 +339,107 @@ def test_sync_follows_the_heads_directory(tmp_path):
     res = reg.sync()
     assert res["swapped"] == [] and "b" in res["errors"][0] and "b" in reg.names()
     shutil.rmtree(tmp_path / "b")
+    # missing from one scan could be a replacement in progress: unloaded when the next scan misses it too
+    assert reg.sync()["removed"] == [] and reg.names() == ["a", "b"]
     assert reg.sync()["removed"] == ["b"] and reg.names() == ["a"]
+    saved(tmp_path, "c", seed=5)
+    assert reg.sync()["added"] == ["c"]
+    shutil.rmtree(tmp_path / "c")
+    assert reg.sync()["removed"] == []
+    saved(tmp_path, "c", seed=6)  # back before the second scan: never unloaded, swapped to the new files
+    assert reg.sync() == {"added": [], "swapped": ["c"], "removed": [], "errors": []}
+    assert reg.sync() == {"added": [], "swapped": [], "removed": [], "errors": []}
+    shutil.rmtree(tmp_path / "c")
+    reg.sync()
+    reg.sync()
     # A head the admin API loaded from another path under its own name is not the directory's to manage.
     saved(tmp_path / "staging", "x", seed=4)
     reg.load("staging/x", "custom")
     assert reg.sync()["removed"] == [] and "custom" in reg.names()
+
+
+# --- size caps: checked before anything is allocated ------------------------------------------------------------
+
+
+def _no_allocation(monkeypatch):
+    """Make building a head module or reading its tensors fail loudly: a refusal must come before either."""
+
+    def never(*a, **k):
+        raise AssertionError("allocated before the sizes were checked")
+
+    monkeypatch.setattr(hio, "DPHHead", never)
+    monkeypatch.setattr(hio, "load_file", never)
+
+
+@pytest.mark.parametrize("edit, where", [
+    ({"pooler": "swiglu_tanh", "ffn_size": 10**7}, "ffn_size"),  # ~69 GB of float32 before the cap
+    ({"pooler": "swiglu_tanh", "ffn_size": 10**12}, "ffn_size"),  # more than any machine: a RuntimeError before
+    ({"hidden_size": 10**6, "backbone": {**FP.model_dump(), "hidden_size": 10**6}}, "hidden_size"),
+    ({"backbone": {**FP.model_dump(), "num_layers": 10**9}}, "num_layers"),
+    # each size within its own cap, the parameter count (65536^2 for affine_tanh) over the total
+    ({"pooler": "affine_tanh", "hidden_size": 65536, "backbone": {**FP.model_dump(), "hidden_size": 65536}}, "config"),
+])
+def test_oversized_head_configs_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, edit, where):
+    d = saved(tmp_path, "h")
+    cfg = json.loads((d / "head_config.json").read_text())
+    (d / "head_config.json").write_text(json.dumps({**cfg, **edit}))
+    assert (d / "head_config.json").stat().st_size < 1024  # a 1 KB file decides what the loader would allocate
+    _no_allocation(monkeypatch)
+    msg = refuse(d, "invalid head config")
+    assert where in msg
+
+
+def test_tensor_shapes_are_checked_from_the_safetensors_header(tmp_path, monkeypatch):
+    d = saved(tmp_path, "h")
+    w = d / "head.safetensors"
+    save_file({"reward.weight": torch.zeros(1, 9)}, str(w))
+    _no_allocation(monkeypatch)
+    msg = refuse(d, "reward.weight")
+    assert "[1, 9]" in msg and "[1, 8]" in msg
+    # A header that claims a huge tensor the file does not hold (offsets past its end), per the safetensors format:
+    # u64 little-endian header length, then the JSON header.
+    header = json.dumps({"reward.weight": {"dtype": "F32", "shape": [1, 8], "data_offsets": [0, 4 * 10**9]}}).encode()
+    w.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 32)
+    refuse(d, "bad entry for tensor 'reward.weight'")
+    w.write_bytes((10**12).to_bytes(8, "little") + b"{}")  # a header length past the file
+    refuse(d, "header length")
+
+
+def test_a_bad_head_never_stops_the_scan_of_the_heads_after_it(tmp_path):
+    reg = HeadRegistry(tmp_path, FP)
+    assert reg.load_all() == ([], {})
+    d = saved(tmp_path, "aaa")
+    cfg = json.loads((d / "head_config.json").read_text())
+    (d / "head_config.json").write_text(json.dumps({**cfg, "pooler": "swiglu_tanh", "ffn_size": 10**12}))
+    saved(tmp_path, "zzz", seed=1)
+    res = reg.sync()
+    assert res["added"] == ["zzz"] and len(res["errors"]) == 1 and res["errors"][0].startswith("aaa:"), res
+    assert str(tmp_path) not in res["errors"][0]  # relative to the heads directory
+
+
+def test_every_registry_refusal_names_paths_relative_to_the_heads_directory(tmp_path):
+    reg = HeadRegistry(tmp_path, FP)
+    d = saved(tmp_path, "h")
+    msgs = []
+    for damage in ("config", "weights", "extra", "missing", "backbone"):
+        saved(tmp_path, "h")
+        if damage == "config":
+            (d / "head_config.json").write_text("{not json")
+        elif damage == "weights":
+            (d / "head.safetensors").write_bytes(b"garbage!")
+        elif damage == "extra":
+            (d / "model.pt").write_bytes(b"x")
+        elif damage == "missing":
+            (d / "head.safetensors").unlink()
+        else:
+            cfg = json.loads((d / "head_config.json").read_text())
+            (d / "head_config.json").write_text(json.dumps({**cfg, "backbone": {**cfg["backbone"], "model_name": "x"}}))
+        with pytest.raises(HeadLoadError) as ei:
+            reg.load("h")
+        msgs.append(str(ei.value))
+    with pytest.raises(HeadLoadError) as ei:
+        reg.load("nope")
+    msgs.append(str(ei.value))
+    for m in msgs:
+        assert str(tmp_path) not in m and "/tmp" not in m, m
+        assert m.startswith(("h", "'h'", "nope", "'nope'")), m

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -12,6 +13,12 @@ PoolerName = Literal["identity", "affine_tanh", "swiglu_tanh"]
 # Layer convention: -1 means "the hidden state the LM head reads" (after the final norm). A value
 # 0 <= l < num_layers means the raw output of block l (captured with a forward hook).
 FINAL_NORM_LAYER = -1
+# Size caps, checked before anything is allocated (SECURITY.md "Heads"): a head config is a small file anyone who
+# can write the heads directory controls, and its sizes decide what the loader allocates.
+MAX_HIDDEN_SIZE = 1 << 16
+MAX_FFN_SIZE = 1 << 18
+MAX_LAYERS = 1024
+MAX_HEAD_PARAMETERS = 1 << 29  # 2 GiB of float32, the weights file's own cap (heads/io.py MAX_WEIGHTS_BYTES)
 
 
 class BackboneFingerprint(BaseModel):
@@ -20,8 +27,8 @@ class BackboneFingerprint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_name: str
-    hidden_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0, le=MAX_HIDDEN_SIZE)
+    num_layers: int = Field(gt=0, le=MAX_LAYERS)
     vocab_hash: str = Field(min_length=8)
     # The token that closes an assistant turn, where the feature is read (derived from the chat template;
     # heads written before it was recorded were all made on ChatML models).
@@ -81,8 +88,8 @@ class HeadConfig(BaseModel):
     backbone: BackboneFingerprint
     layer: int = FINAL_NORM_LAYER
     pooler: PoolerName = "identity"
-    hidden_size: int = Field(gt=0)
-    ffn_size: int | None = Field(default=None, gt=0)  # SwiGLU pooler width (the backbone's FFN width)
+    hidden_size: int = Field(gt=0, le=MAX_HIDDEN_SIZE)
+    ffn_size: int | None = Field(default=None, gt=0, le=MAX_FFN_SIZE)  # SwiGLU pooler width (the backbone's FFN width)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # The dtype the backbone ran in when the training features were made (heads are float32 themselves).
     feature_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -107,6 +114,22 @@ class HeadConfig(BaseModel):
             raise ValueError("pooler 'swiglu_tanh' needs ffn_size")
         if self.layer < FINAL_NORM_LAYER or self.layer >= self.backbone.num_layers:
             raise ValueError(f"layer {self.layer} is outside [-1, {self.backbone.num_layers - 1}]")
+        n = sum(prod(shape) for shape in self.tensor_shapes().values())
+        if n > MAX_HEAD_PARAMETERS:
+            raise ValueError(f"this head would have {n} parameters, more than the {MAX_HEAD_PARAMETERS} a head may have")
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The weights file's tensors and shapes for this config (the modules of heads/modules.py), known before
+        any module is built."""
+        d = self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"reward.weight": (1, d)}
+        if self.pooler == "affine_tanh":
+            shapes |= {"pooler.dense.weight": (d, d), "pooler.dense.bias": (d,)}
+        elif self.pooler == "swiglu_tanh":
+            f = self.ffn_size or 0
+            shapes |= {"pooler.w_in.weight": (2 * f, d), "pooler.w_in.bias": (2 * f,), "pooler.w_out.weight": (d, f),
+                       "pooler.w_out.bias": (d,)}
+        return shapes
 
     def dtype_warning(self, running_dtype: str | None) -> str | None:
         """The warning to log when the backbone runs in another dtype than the head's training features were

@@ -54,6 +54,7 @@ class HeadRegistry:
         self.supported_layers = supported_layers
         self.engine = engine
         self._synced: dict[str, tuple[tuple[str, int, int], ...]] = {}  # top-level directory -> file signature, for heads sync() manages
+        self._missing: set[str] = set()  # synced directories the last scan did not see
         self._heads: Mapping[str, LoadedHead] = MappingProxyType({})
         self._lock = threading.Lock()  # serialises writers; readers never take it
 
@@ -97,12 +98,13 @@ class HeadRegistry:
 
     # -- writing -----------------------------------------------------------------------------------
     def _load(self, directory: Path, name: str | None) -> LoadedHead:
-        module, config = load_head(directory, expected_backbone=self.backbone, device=self.device)
+        # Shown to clients (/v1/heads, admin answers, every error): relative to the heads directory, never the
+        # server's layout.
+        shown = directory.relative_to(self.root).as_posix() if self.root is not None else directory.name
+        module, config = load_head(directory, expected_backbone=self.backbone, device=self.device, shown=shown)
         why = self.unservable(config)
         if why:
             raise HeadLoadError(why)
-        # Shown to clients (/v1/heads, admin answers): relative to the heads directory, never the server's layout.
-        shown = directory.relative_to(self.root).as_posix() if self.root is not None else directory.name
         return LoadedHead(name or config.name, module, config, shown)
 
     def load(self, path: str, name: str | None = None, *, replace: bool = False) -> LoadedHead:
@@ -142,22 +144,18 @@ class HeadRegistry:
             self._heads = MappingProxyType({k: v for k, v in self._heads.items() if k != name})
 
     def _entries(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
-        """Top-level head directories under root -> a signature of their two files (mtime, size)."""
+        """Top-level head directories under root -> a signature of their two files (mtime, size). A directory that
+        vanishes or changes while it is read is left out of this scan (the next one sees it), never an error."""
         out: dict[str, tuple[tuple[str, int, int], ...]] = {}
         if self.root is None or not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
-            cfg = entry / CONFIG_FILE
-            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir() or not cfg.exists():
-                continue
-            sig = []
-            for f in sorted(entry.iterdir()):
-                try:
-                    st = f.stat()
-                except OSError:
+            try:
+                if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir() or not (entry / CONFIG_FILE).exists():
                     continue
-                sig.append((f.name, st.st_mtime_ns, st.st_size))
-            out[entry.name] = tuple(sig)
+                out[entry.name] = tuple(sorted((f.name, (st := f.stat()).st_mtime_ns, st.st_size) for f in entry.iterdir()))
+            except OSError:
+                continue
         return out
 
     def load_all(self) -> tuple[list[str], dict[str, str]]:
@@ -175,17 +173,21 @@ class HeadRegistry:
         """Make the loaded heads follow the heads directory (replicas sharing one directory stay in step).
 
         A new top-level head directory is loaded, a changed one swapped in (validated first: a broken version
-        leaves the old one serving), a removed one unloaded. Only heads that load_all / sync loaded from their own
+        leaves the old one serving), one removed (missing from two scans in a row) unloaded. Only heads that load_all / sync loaded from their own
         top-level directory are managed; heads loaded through the admin API from other paths are left alone.
         Returns {"added", "swapped", "removed", "errors"}."""
         out: dict[str, list[str]] = {"added": [], "swapped": [], "removed": [], "errors": []}
         now = self._entries()
-        for d in sorted(set(self._synced) - set(now)):
+        gone = set(self._synced) - set(now)
+        # A directory missing from one scan may be mid-replacement (two renames where the exchange is not
+        # available, a copy tool): it is unloaded only when the next scan misses it too.
+        for d in sorted(gone & self._missing):
             del self._synced[d]
             for name, head in list(self._heads.items()):
                 if head.path == d:
                     self.unload(name)
                     out["removed"].append(name)
+        self._missing = gone - self._missing
         for d, sig in now.items():
             if self._synced.get(d) == sig:
                 continue
@@ -193,7 +195,7 @@ class HeadRegistry:
                 current = next((n for n, h in self._heads.items() if h.path == d), None)
                 head = self.load(d, current, replace=current is not None)
                 out["swapped" if current else "added"].append(head.name)
-            except (HeadLoadError, OSError) as e:
+            except Exception as e:  # one bad head never stops the scan: the heads after it still sync
                 out["errors"].append(f"{d}: {e}")
             self._synced[d] = sig  # a broken version is not retried until its files change again
         return out

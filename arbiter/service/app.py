@@ -247,8 +247,6 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                                           engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
             state.head_load_errors = errors
-            if settings.heads_watch_s:
-                _watch_heads(state, settings.heads_watch_s)
             for d, err in errors.items():
                 log.error("head %s not loaded: %s", d, err)
             if loaded:
@@ -263,6 +261,8 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                 if trained_with and (served is None or Path(trained_with).name != served["name"]):
                     log.warning("head %s was trained jointly with adapter %s, which is not the one served (%s): "
                                 "its rewards assume that adapter", name, trained_with, served and served["name"])
+        if settings.heads_watch_s and state.registry.root is not None:  # also a registry the embedder passed in
+            _watch_heads(state, settings.heads_watch_s)
         state.bind_engine(eng)
         device = engine_mod.resolve_device(settings) if engine is None else "cpu"
         budget = batch_token_budget(settings, eng, device)
