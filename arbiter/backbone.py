@@ -442,32 +442,56 @@ class AdapterError(ValueError):
     pass
 
 
-def read_lora(model: Any, adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, Any, Any, float]]]:
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+MAX_ADAPTER_WEIGHTS_BYTES = 1 << 32  # 4 GiB: far above any LoRA of a model this server runs on one machine
+
+
+def read_lora(model: Any, adapter_dir: str | os.PathLike[str], *, shown: str | None = None,
+              ) -> tuple[dict[str, Any], list[tuple[str, Any, Any, float]]]:
     """Parse a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) against ``model``.
 
     Returns (info, [(module name, A [r, in], B [out, r], scale)]) with scale = alpha / r (alpha / sqrt(r) with
-    rsLoRA); every target is checked to exist and to fit. Only safetensors weights are read; DoRA,
-    ``modules_to_save`` and other variants are refused with a clear error rather than served wrong.
+    rsLoRA); every target is checked to exist and to fit. Only safetensors weights are read, from regular files
+    (never through a symlink) within size caps; DoRA, ``modules_to_save`` and other variants are refused with a
+    clear error rather than served wrong. ``shown``: how messages name the directory (the server passes the path
+    relative to ARBITER_ADAPTERS_DIR, so no error body reveals the server's layout).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from arbiter.fsutil import read_json_object
+
     d = Path(adapter_dir)
+    s = shown if shown is not None else str(d)
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterError(f"{d}: an adapter needs adapter_config.json and adapter_model.safetensors (PEFT format)")
-    cfg = json.loads(cfg_path.read_text())
+        raise AdapterError(f"{s}: an adapter needs adapter_config.json and adapter_model.safetensors (PEFT format)")
+    for f in (cfg_path, w_path):
+        if f.is_symlink():
+            raise AdapterError(f"{s}/{f.name} is a symlink; adapter files must be regular files")
+    if w_path.stat().st_size > MAX_ADAPTER_WEIGHTS_BYTES:
+        raise AdapterError(f"{s}/{w_path.name}: larger than {MAX_ADAPTER_WEIGHTS_BYTES} bytes")
+    cfg = read_json_object(cfg_path, MAX_ADAPTER_CONFIG_BYTES, AdapterError, shown=f"{s}/{cfg_path.name}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise AdapterError(f"{s}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key in ("use_dora", "fan_in_fan_out"):
         if cfg.get(key):
-            raise AdapterError(f"{d}: {key}=true adapters are not supported")
+            raise AdapterError(f"{s}: {key}=true adapters are not supported")
     if cfg.get("modules_to_save"):
-        raise AdapterError(f"{d}: adapters with modules_to_save are not supported")
+        raise AdapterError(f"{s}: adapters with modules_to_save are not supported")
     if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{d}: adapters with trained biases are not supported")
-    r_default, alpha_default = int(cfg["r"]), float(cfg["lora_alpha"])
+        raise AdapterError(f"{s}: adapters with trained biases are not supported")
+    try:
+        r_default, alpha_default = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{s}: adapter_config.json needs a numeric r and lora_alpha") from None
+    if r_default <= 0:
+        raise AdapterError(f"{s}: r must be positive, got {r_default}")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    state = load_file(str(w_path))
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{s}/{w_path.name}: not a valid safetensors file ({type(e).__name__})") from None
     modules = dict(model.named_modules())
     out = []
     for key, a in state.items():
@@ -476,21 +500,25 @@ def read_lora(model: Any, adapter_dir: str | os.PathLike[str]) -> tuple[dict[str
         prefix = key[: -len(".lora_A.weight")]
         b = state.get(prefix + ".lora_B.weight")
         if b is None:
-            raise AdapterError(f"{d}: {key} has no matching lora_B")
+            raise AdapterError(f"{s}: {key} has no matching lora_B")
         name = prefix.removeprefix("base_model.model.")
         target = modules.get(name)
         if target is None or not hasattr(target, "weight"):
-            raise AdapterError(f"{d}: adapter targets {name!r}, which this model does not have")
+            raise AdapterError(f"{s}: adapter targets {name!r}, which this model does not have")
         short = name.split(".")[-1]
         r = int(next((v for k, v in rank_pattern.items() if name.endswith(k) or short == k), r_default))
         alpha = float(next((v for k, v in alpha_pattern.items() if name.endswith(k) or short == k), alpha_default))
+        if r <= 0:
+            raise AdapterError(f"{s}: {name}: rank {r} must be positive")
         scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{s}: {name}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain")
         if (b.shape[0], a.shape[1]) != tuple(target.weight.shape):
-            raise AdapterError(f"{d}: {name}: LoRA delta {[b.shape[0], a.shape[1]]} does not fit weight "
+            raise AdapterError(f"{s}: {name}: LoRA delta {[b.shape[0], a.shape[1]]} does not fit weight "
                                f"{list(target.weight.shape)}")
         out.append((name, a, b, scale))
     if not out:
-        raise AdapterError(f"{d}: no LoRA weights found")
+        raise AdapterError(f"{s}: no LoRA weights found")
     info = {"name": d.name, "path": str(d.resolve()), "merged_modules": len(out), "r": r_default, "alpha": alpha_default}
     return info, out
 

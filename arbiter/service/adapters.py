@@ -24,6 +24,10 @@ class AdapterNotLoaded(KeyError):
     pass
 
 
+class AdapterBusy(RuntimeError):
+    """An unload that waited its bound for the adapter's running batch (the admin API answers 409)."""
+
+
 @dataclass
 class LoadedAdapter:
     name: str
@@ -45,6 +49,7 @@ class AdapterSet:
         self.active: str | None = None
         self._touched: set[str] = set()  # modules whose weights differ from the base now
         self._lock = threading.RLock()
+        self._draining: set[str] = set()  # adapters an unload is waiting for
 
     def names(self) -> list[str]:
         return sorted(self._adapters)
@@ -55,11 +60,12 @@ class AdapterSet:
         except KeyError:
             raise AdapterNotLoaded(name) from None
 
-    def load(self, name: str, path: str | Path) -> LoadedAdapter:
-        """Parse and check the adapter (arbiter.backbone.read_lora); nothing changes on error."""
+    def load(self, name: str, path: str | Path, *, shown: str | None = None) -> LoadedAdapter:
+        """Parse and check the adapter (arbiter.backbone.read_lora; ``shown`` names it in errors); nothing changes
+        on error."""
         from arbiter.backbone import read_lora
 
-        info, deltas = read_lora(self.model, path)
+        info, deltas = read_lora(self.model, path, shown=shown)
         dev = next(self.model.parameters()).device
         ad = LoadedAdapter(name, str(Path(path).resolve()),
                            [(m, a.float().to(dev), b.float().to(dev), s) for m, a, b, s in deltas], info)
@@ -67,12 +73,33 @@ class AdapterSet:
             self._adapters[name] = ad
         return ad
 
-    def unload(self, name: str) -> None:
-        with self._lock:
-            self.get(name)
-            if self.active == name:
-                self.activate(None)
-            del self._adapters[name]
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by the engine for a whole batch: the weights stay one adapter's while it runs."""
+        return self._lock
+
+    def draining(self, name: str | None) -> bool:
+        """Whether an unload of ``name`` is waiting: the worker then admits no more requests for it into the
+        running batch, so the batch drains and the unload gets the lock."""
+        return name is not None and name in self._draining
+
+    def unload(self, name: str, *, wait_s: float | None = None) -> None:
+        """Remove adapter ``name`` once no batch runs on it. With ``wait_s``, give up after that long
+        (``AdapterBusy``) instead of waiting for a batch that steady traffic keeps alive."""
+        self.get(name)
+        self._draining.add(name)
+        try:
+            if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+                raise AdapterBusy(f"adapter {name!r} is still serving a batch after {wait_s:g} s; retry the unload")
+            try:
+                self.get(name)
+                if self.active == name:
+                    self.activate(None)
+                del self._adapters[name]
+            finally:
+                self._lock.release()
+        finally:
+            self._draining.discard(name)
 
     @torch.no_grad()
     def activate(self, name: str | None) -> None:

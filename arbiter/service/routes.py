@@ -233,10 +233,20 @@ def _adapter_path(st: ServiceState, path: str) -> Path:
     if not path or "\x00" in path or Path(path).is_absolute():
         raise InvalidRequest("adapter path must be a relative path inside the adapters directory", param="path",
                              code="invalid_adapter")
-    cand = root_p / path
+    # Every component, not only the last, must be a real directory inside the root: a symlink anywhere on the
+    # way could point outside it (SECURITY.md "Adapters").
+    cand = root_p
+    for part in Path(path).parts:
+        if part in ("..", "."):
+            raise InvalidRequest(f"{path[:200]!r}: adapter paths may not contain '..' or '.'", param="path",
+                                 code="invalid_adapter")
+        cand = cand / part
+        if cand.is_symlink():
+            raise InvalidRequest(f"{path[:200]!r} goes through a symlink; adapter paths must be real directories",
+                                 param="path", code="invalid_adapter")
     real = cand.resolve()
-    if cand.is_symlink() or (real != root_p and root_p not in real.parents) or real == root_p:
-        raise InvalidRequest(f"{path!r} is not a sub-directory of the adapters directory", param="path",
+    if (real != root_p and root_p not in real.parents) or real == root_p:
+        raise InvalidRequest(f"{path[:200]!r} is not a sub-directory of the adapters directory", param="path",
                              code="invalid_adapter")
     return real
 
@@ -255,26 +265,32 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, 
         raise Conflict(f"a model named {body.name!r} is already served", param="name", code="adapter_exists")
     path = _adapter_path(st, body.path)
     try:
-        ad = await asyncio.to_thread(ads.load, body.name, path)
-    except (AdapterError, OSError, ValueError, KeyError) as e:
-        raise InvalidRequest(f"cannot load adapter {body.path!r}: {e}", param="path", code="invalid_adapter") from None
+        ad = await asyncio.to_thread(ads.load, body.name, path, shown=body.path)
+    except (AdapterError, ValueError, KeyError) as e:
+        raise InvalidRequest(f"cannot load adapter {body.path[:200]!r}: {e}", param="path", code="invalid_adapter") from None
+    except OSError as e:  # the message of an OSError names the absolute file: only its reason goes back
+        raise InvalidRequest(f"cannot load adapter {body.path[:200]!r}: {e.strerror or type(e).__name__}", param="path",
+                             code="invalid_adapter") from None
     log.info("loaded adapter %s from %s", body.name, body.path)
     card: dict[str, Any] = ad.card()
     return card
 
 
 @router.delete("/v1/admin/adapters/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
-               responses={**_errors(401, 403, 404, 503)})
+               responses={**_errors(401, 403, 404, 409, 503)})
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
-    from .adapters import AdapterNotLoaded
+    from .adapters import AdapterBusy, AdapterNotLoaded
 
     st = ready_state(request)
     ads = st.require_engine().adapters
     try:
         if ads is None:
             raise AdapterNotLoaded(name)
-        await asyncio.to_thread(ads.unload, name)  # waits for a running batch on it to finish
+        # Waits for a running batch on it to finish (no new request joins it meanwhile), at most the bound.
+        await asyncio.to_thread(ads.unload, name, wait_s=st.settings.adapter_unload_wait_s)
     except AdapterNotLoaded:
         raise NotFound(f"adapter {name!r} is not loaded", param="name", code="adapter_not_found") from None
+    except AdapterBusy as e:
+        raise Conflict(str(e), param="name", code="adapter_busy") from None
     log.info("unloaded adapter %s", name)
     return {"id": name, "object": "adapter", "deleted": True}

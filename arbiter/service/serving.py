@@ -20,7 +20,7 @@ from arbiter import answers
 from arbiter.heads import LoadedHead
 from arbiter.selection import AdaptiveRule, select, settled
 
-from .engine.base import Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
+from .engine.base import AdapterGone, Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
     ChatCompletionChunk,
@@ -224,6 +224,8 @@ def _submit(st: ServiceState, submit: Callable[..., asyncio.Future[Any]], *args:
 def _worker_error(e: Exception) -> APIError:
     if isinstance(e, WorkerDead):
         return Unavailable(str(e), code="engine_dead")
+    if isinstance(e, AdapterGone):
+        return NotFound(str(e), param="model", code="model_not_found")
     if isinstance(e, JobError):  # the engine refused this request's parameters (the vLLM engine validates per job)
         return InvalidRequest(str(e), code="invalid_sampling_parameters")
     log.error("request failed in the engine: %r", e)

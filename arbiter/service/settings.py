@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     adapters: str | None = Field(None, description="Switchable LoRA adapters on the one base model, name=dir,...: a request "
                                                    "picks one by `model`; batches are formed per adapter (HF engine)")
     adapters_dir: str | None = Field(None, description="Directory the admin API loads adapters from (paths relative to it)")
+    adapter_unload_wait_s: float = Field(30.0, gt=0, description="How long DELETE /v1/admin/adapters/{name} waits for "
+                                         "the batch running on that adapter (no request joins it meanwhile); then 409")
     served_model_name: str | None = Field(None, description="Model id clients send (default: the model's name)")
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA)")
     device: str = Field("auto", description="auto, cpu or cuda")

@@ -251,6 +251,9 @@ class Worker:
                     self.metrics.queue_depth.set(self.depth())
                 if not live:
                     continue
+                ads = getattr(self.engine, "adapters", None)
+                while ads is not None and ads.draining(live[0].adapter):
+                    time.sleep(0.005)  # an unload of this adapter is waiting for the lock: it goes first (bounded)
                 self.busy = True
                 self._running = live
                 try:
@@ -354,9 +357,12 @@ class Worker:
                   delivered: set[int]) -> Callable[[int], list[GenerationJob]]:
         """Continuous batching: queued generation requests join the running batch while rows and tokens are free."""
         adapter = items[0].adapter
+        adapters = getattr(self.engine, "adapters", None)
 
         def admit(rows_in_batch: int) -> list[GenerationJob]:
             out: list[GenerationJob] = []
+            if adapters is not None and adapters.draining(adapter):
+                return out  # an unload of this batch's adapter waits: let the batch drain (adapters.AdapterSet.unload)
             rows = rows_in_batch
             # The running batch's longest span: of the requests still in it (a conservative bound on its cache).
             span = max((it.span for k, it in by_job.items() if k not in delivered), default=0)

@@ -145,5 +145,9 @@ class JobError(ValueError):
     """An engine refused one job's parameters; only that request fails (400), never its batch."""
 
 
+class AdapterGone(JobError):
+    """The job's adapter was unloaded while the job waited in the queue (404, like a request naming it now)."""
+
+
 class Abandoned(Exception):
     """A feature pass stopped because nobody waits for its result any more."""

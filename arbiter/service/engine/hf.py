@@ -28,13 +28,13 @@ from arbiter.heads import end_features
 
 from .base import (
     Abandoned,
+    AdapterGone,
     Admit,
     Candidate,
     Deliver,
     Engine,
     GenerationJob,
     GenerationResult,
-    JobError,
     SamplingParams,
     TokenLogprob,
     candidate_seed,
@@ -403,7 +403,7 @@ class HFEngine(Engine):
         adapter = jobs[0].adapter if jobs else None
         if any(j.adapter != adapter for j in jobs):
             raise ValueError("one generation batch serves one adapter")
-        with self.adapters._lock:  # the weights stay this adapter's for the whole batch (admin unload waits)
+        with self.adapters.lock:  # the weights stay this adapter's for the whole batch (admin unload waits)
             self._activate(adapter)
             return self._generate(jobs, results, run, admit, deliver)
 
@@ -413,7 +413,7 @@ class HFEngine(Engine):
         try:
             self.adapters.activate(adapter)
         except AdapterNotLoaded:
-            raise JobError(f"adapter {adapter!r} is not loaded") from None
+            raise AdapterGone(f"adapter {adapter!r} is not loaded (it was unloaded while this request waited)") from None
 
     def _generate(self, jobs: list[GenerationJob], results: dict[int, GenerationResult], run: _Batch,
                   admit: Admit | None, deliver: Deliver | None) -> list[GenerationResult]:
@@ -463,7 +463,7 @@ class HFEngine(Engine):
 
         ``cancelled`` (a callable) is polled before every block of every chunk: a pass nobody waits for
         stops within one block and raises ``Abandoned``. ``adapter``: under that switchable adapter."""
-        with self.adapters._lock:
+        with self.adapters.lock:
             if adapter is not None or self.adapters.active is not None:
                 self._activate(adapter)
             return self._features(prompt_ids, answers, layers, batch_size=batch_size, cancelled=cancelled)
