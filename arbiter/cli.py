@@ -94,8 +94,13 @@ def serve_ray(argv: list[str]) -> int:
     except ImportError as e:
         print(f"arbiter serve-ray needs Ray Serve: pip install -e '.[ray]' ({e})", file=sys.stderr)
         return 2
-    from arbiter.service.ray_serve import deployment
+    from arbiter.service.ray_serve import deployment, replica_env
 
+    try:
+        replica_env()  # refuses keys given by value before a cluster starts
+    except ValueError as e:
+        print(f"arbiter serve-ray: {e}", file=sys.stderr)
+        return 2
     setup_logging("info")
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -91,6 +91,34 @@ class _TooLarge(StarletteHTTPException):
         return error_response(413, self.detail, "invalid_request_error", None, "body_too_large")
 
 
+class AllowedHosts:
+    """Pure ASGI middleware: with ARBITER_ALLOWED_HOSTS set, a request whose Host header names another host gets
+    400 (OpenAI's error shape). Against DNS rebinding: a web page on evil.example whose name a resolver points at
+    127.0.0.1 reaches a key-less local server from the victim's browser, but its requests carry Host: evil.example."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str]):
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.hosts:
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        if host_name(host) not in self.hosts:
+            resp = error_response(400, "the Host header names a host this server does not answer for "
+                                       "(ARBITER_ALLOWED_HOSTS)", "invalid_request_error", None, "host_not_allowed")
+            return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The host of a Host header, lower case, without its port: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class RequestMetrics:
     """Pure ASGI middleware: count every HTTP request by route and status, and time it to its last byte.
 
@@ -304,6 +332,7 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
     app.include_router(router)
     app.openapi = _openapi_with_400(app)  # type: ignore[method-assign]  # FastAPI's documented override
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AllowedHosts, hosts=settings.allowed_host_set())
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost of ours: counts 413s too
 
     @app.exception_handler(APIError)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Settings the replicas read from their environment (ARBITER_*), passed through Ray's runtime_env.
+# Settings the replicas read from their environment (ARBITER_*), passed through Ray's runtime_env (replica_env).
 DEFAULT_WATCH_S = "2"
 
 
@@ -28,9 +28,7 @@ def deployment(num_replicas: int = 2, *, env: dict[str, str] | None = None, ray_
     from ray import serve
 
 
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("ARBITER_")}
-    env_vars.update(env or {})
-    env_vars.setdefault("ARBITER_HEADS_WATCH_S", DEFAULT_WATCH_S)
+    env_vars = replica_env(env)
     opts = {"num_cpus": 0.5, **(ray_actor_options or {})}
     opts["runtime_env"] = {**opts.get("runtime_env", {}), "env_vars": {**env_vars, "PYTHONUNBUFFERED": "1"}}
 
@@ -45,6 +43,29 @@ def deployment(num_replicas: int = 2, *, env: dict[str, str] | None = None, ray_
                 raise RuntimeError("the engine worker is not running")
 
     return Arbiter.bind()  # type: ignore[attr-defined]  # added by @serve.deployment
+
+
+SECRET_SETTINGS = ("ARBITER_API_KEY", "ARBITER_ADMIN_KEY")
+
+
+def replica_env(env: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The ARBITER_* settings the replicas get through Ray's runtime environment: this process's, updated by ``env``.
+
+    Never the keys themselves: a runtime environment is readable by anyone who can reach the cluster (its
+    dashboard, job and state APIs). Keys go by reference, ARBITER_API_KEY_FILE / ARBITER_ADMIN_KEY_FILE naming a
+    file every node can read (a secret mount); a key given by value is refused with that advice."""
+    src = os.environ if environ is None else environ
+    out = {k: v for k, v in src.items() if k.startswith("ARBITER_")}
+    out.update(env or {})
+    given = [k for k in SECRET_SETTINGS if out.get(k, "").strip()]
+    if given:
+        raise ValueError(f"{', '.join(given)} would be copied into Ray's runtime environment, which anyone who can "
+                         f"reach the cluster can read: pass {', '.join(k + '_FILE' for k in given)} (a file on every "
+                         "node, e.g. a secret mount) instead")
+    for k in SECRET_SETTINGS:
+        out.pop(k, None)
+    out.setdefault("ARBITER_HEADS_WATCH_S", DEFAULT_WATCH_S)
+    return out
 
 
 _APP: dict[str, Any] = {}

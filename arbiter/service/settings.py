@@ -6,9 +6,10 @@ The README's settings table is generated from this class (``python -m arbiter.se
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,6 +61,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (bytes); larger gets 413")
     api_key: SecretStr | None = Field(None, description="If set, inference endpoints need `Authorization: Bearer <key>`")
     admin_key: SecretStr | None = Field(None, description="If set, enables /v1/admin/* (head management) with this bearer key")
+    api_key_file: str | None = Field(None, description="A file holding ARBITER_API_KEY (a secret mount; Ray replicas read "
+                                     "the keys this way, never from Ray's runtime environment)")
+    admin_key_file: str | None = Field(None, description="A file holding ARBITER_ADMIN_KEY")
+    allowed_hosts: str | None = Field(None, description="Comma-separated host names the Host header may carry (others "
+                                      "get 400): against DNS rebinding of a key-less local server. Unset: any")
     log_prompts: bool = Field(False, description="Log prompt and answer text (off: logs carry sizes and ids only)")
     log_level: str = Field("info", description="Python log level")
     vllm_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vLLM on CUDA: the GPU memory share vLLM may use (weights + KV cache)")
@@ -70,6 +76,29 @@ class Settings(BaseSettings):
         if isinstance(v, str) and not v.strip():
             return None
         return v
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> "Settings":
+        for name in ("api_key", "admin_key"):
+            path = getattr(self, f"{name}_file")
+            if not path:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"set ARBITER_{name.upper()} or ARBITER_{name.upper()}_FILE, not both")
+            p = Path(path)
+            try:
+                if p.stat().st_size > 4096:
+                    raise ValueError(f"ARBITER_{name.upper()}_FILE is larger than 4096 bytes")
+                key = p.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"ARBITER_{name.upper()}_FILE cannot be read: {type(e).__name__}") from None
+            if not key:
+                raise ValueError(f"ARBITER_{name.upper()}_FILE is empty")
+            setattr(self, name, SecretStr(key))
+        return self
+
+    def allowed_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip())
 
     vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (on CPU the default is 1; on CUDA the default is sized by vllm_gpu_memory_utilization)")
 
