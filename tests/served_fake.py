@@ -3,7 +3,7 @@
 faults, adapters) and the hardening benchmarks. Tests of the process itself (the real CLI, its settings from the
 environment, exit codes) start ``arbiter serve`` (``fakes.ArbiterProcess``). Also a launcher run as a subprocess:
 
-    python tests/served_fake.py --mode die|slow --port PORT [--delay-s S]
+    python tests/served_fake.py --mode die|slow --port PORT [--delay-s S] [--default-host]
 
 The launcher exists so that process-level behaviour (the exit code after the engine worker dies, SIGTERM
 draining in-flight requests) is tested through the real ``arbiter serve`` code path (``arbiter.cli.main``)
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="die: the engine worker thread dies on the first generation; slow: generations take --delay-s")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--delay-s", type=float, default=2.0)
+    p.add_argument("--default-host", action="store_true", help="pass no --host: the CLI's default bind")
     args = p.parse_args(argv)
 
     import arbiter.service.engine as engine_mod
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = FakeEngine(die=True) if args.mode == "die" else SlowEngine(args.delay_s)
     engine_mod.load_engine = lambda settings: engine  # the one substitution: no model load
     os.environ.setdefault("ARBITER_LOG_LEVEL", "warning")
-    return cli.main(["serve", "--host", LOOPBACK, "--port", str(args.port)])
+    return cli.main(["serve", *([] if args.default_host else ["--host", LOOPBACK]), "--port", str(args.port)])
 
 
 if __name__ == "__main__":

@@ -229,3 +229,24 @@ def test_no_admin_error_body_names_an_absolute_path(admin_server):
     # and the heads listing shows relative paths only
     listed = httpx.get(srv.url + "/v1/heads", timeout=30).json()["data"]
     assert listed and all(not os.path.isabs(x["path"]) for x in listed), listed
+
+
+def test_adapter_endpoints_need_their_keys(tmp_path):
+    root = tmp_path / "adapters"
+    write_adapter(root / "a")
+    eng = FakeEngine()
+    eng.adapters = AdapterSet(Tiny())
+    with served(eng, api_key="k", admin_key="adm", adapters_dir=str(root)) as srv, httpx.Client(timeout=30) as c:
+        url = srv.url + "/v1/admin/adapters"
+        load = {"name": "a", "path": "a"}
+        assert_error(c.get(srv.url + "/v1/adapters"), 401, code="missing_api_key")
+        assert c.get(srv.url + "/v1/adapters", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert_error(c.post(url, json=load), 401, code="missing_api_key")
+        assert_error(c.post(url, json=load, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+        assert_error(c.post(url, json=load, headers={"Authorization": "Bearer k"}), 403, code="not_admin")
+        assert_error(c.delete(url + "/a", headers={"Authorization": "Bearer k"}), 403, code="not_admin")
+        assert eng.adapters.names() == []  # nothing was loaded by the refused calls
+        assert c.post(url, json=load, headers=ADMIN).status_code == 200
+        assert c.delete(url + "/a", headers=ADMIN).status_code == 200
+    with served(eng, adapters_dir=str(root)) as srv:  # no admin key configured: the admin API does not exist
+        assert_error(httpx.post(srv.url + "/v1/admin/adapters", json=load, timeout=30), 404, code="admin_disabled")

@@ -153,6 +153,26 @@ def test_rows_of_one_prompt_differ_and_the_same_seed_repeats(engine, mixed):
     assert [c.token_ids for c in other.candidates] != texts
 
 
+def test_a_job_samples_the_same_tokens_alone_and_beside_adversarial_jobs(engine):
+    """Isolation between the requests of one batch (SECURITY.md): another request's logit_bias, penalties, top_p,
+    temperature, stop strings and prompt length change nothing in this one's tokens (each row has its own seeded
+    generator and its own sampler settings)."""
+    p = P(engine, "Name three animals.")
+    mine = SamplingParams(max_tokens=8, temperature=1.0, seed=11)
+    (alone,) = engine.generate([GenerationJob(p, 2, mine)])
+    banana = engine.tokenizer(" banana", add_special_tokens=False)["input_ids"][0]
+    first = alone.candidates[0].token_ids[0]
+    others = [
+        GenerationJob(P(engine, "Write a long story about a dragon who loves tea. " * 8), 3,
+                      SamplingParams(max_tokens=10, temperature=1.8, seed=11, logit_bias=((banana, 100.0), (first, -100.0)),
+                                     frequency_penalty=2.0, presence_penalty=2.0, top_p=0.3)),
+        GenerationJob(P(engine, "Hi"), 1, SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, stop=("e",))),
+    ]
+    results = engine.generate([others[0], GenerationJob(p, 2, mine), others[1]])
+    assert [c.token_ids for c in results[1].candidates] == [c.token_ids for c in alone.candidates]
+    assert all(c.token_ids[0] == banana for c in results[0].candidates)  # the neighbour's bias did act on its rows
+
+
 def test_streaming_and_cancellation_inside_a_batch(engine):
     streamed: dict[int, list[str]] = {}
     cancelled_job = GenerationJob(P(engine, "Count from one to twenty."), 2, SamplingParams(max_tokens=12, seed=1))
@@ -176,13 +196,15 @@ def test_streaming_and_cancellation_inside_a_batch(engine):
 
 def test_tiny_top_p_keeps_only_the_top_token_so_it_equals_greedy(engine):
     p = P(engine, "Name a colour.")
-    greedy, nucleus = engine.generate([
+    greedy, nucleus, zero = engine.generate([
         GenerationJob(p, 1, SamplingParams(max_tokens=6, temperature=0.0)),
         GenerationJob(p, 2, SamplingParams(max_tokens=6, temperature=1.5, top_p=1e-6, seed=9)),
+        GenerationJob(p, 2, SamplingParams(max_tokens=6, temperature=1.5, top_p=0.0, seed=9)),  # OpenAI allows 0
     ])
     want = greedy.candidates[0].token_ids
     assert len(want) >= 2
     assert [c.token_ids for c in nucleus.candidates] == [want, want]
+    assert [c.token_ids for c in zero.candidates] == [want, want]
 
 
 # --- OpenAI's sampler options: logprobs, logit_bias, frequency / presence penalties ------------------------

@@ -443,3 +443,10 @@ def test_every_registry_refusal_names_paths_relative_to_the_heads_directory(tmp_
     for m in msgs:
         assert str(tmp_path) not in m and "/tmp" not in m, m
         assert m.startswith(("h", "'h'", "nope", "'nope'")), m
+
+
+def test_weights_over_the_size_cap_are_refused_before_reading(tmp_path, monkeypatch):
+    d = saved(tmp_path, "h")
+    monkeypatch.setattr(hio, "MAX_WEIGHTS_BYTES", 64)
+    _no_allocation(monkeypatch)
+    refuse(d, "weights file larger than 64 bytes")

@@ -231,11 +231,12 @@ def test_client_disconnect_stops_a_long_real_generation_early(backbone):
 class Launched:
     """``tests/served_fake.py`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
 
-    def __init__(self, tmp_path: Path, *args: str):
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log = tmp_path / f"serve-{self.port}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}, "PYTHONUNBUFFERED": "1",
+               **(env or {})}
         self._fh = open(self.log, "wb")
         self.proc = subprocess.Popen([sys.executable, str(TESTS / "served_fake.py"), "--port", str(self.port), *args],
                                      stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=str(TESTS.parent))
@@ -369,3 +370,107 @@ def test_a_score_pass_past_its_deadline_is_abandoned_by_the_worker(tmp_path):
         assert eng.abandoned.wait(10) and not eng.finished.is_set()
         wait_until(lambda: not srv.state.worker.busy, timeout=10, what="idle")
         assert ask(c, srv.url, "next").status_code == 200  # the worker is free for the next request
+
+
+class PeakRss(threading.Thread):
+    """This process's peak RSS (the server runs in it), sampled every 5 ms."""
+
+    def __init__(self):
+        import psutil
+
+        super().__init__(daemon=True)
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self) -> "PeakRss":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        self.join(5)
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
+    """Two long prompts with 16 candidates each: alone one needs its prompt's KV cache copied to 16 rows
+    (~1.5 GB in float32 here); under a budget that fits one of them they run one after the other, and the peak
+    RSS stays near one request's, where without a budget the two share a batch and need about twice that."""
+    import gc
+
+    from arbiter.service.engine.hf import HFEngine
+
+    eng = HFEngine(backbone)
+    words = " ".join(f"item{k}" for k in range(1000))  # ~2000 tokens
+    bodies = [{"model": backbone.name, "messages": [{"role": "user", "content": f"{tag}: {words}"}], "n": 16,
+               "max_tokens": 4, "temperature": 1.0} for tag in ("first", "second")]
+    span = len(eng.tokenizer.apply_chat_template(bodies[0]["messages"], add_generation_prompt=True, tokenize=True)) + 5
+    kv = eng.kv_bytes_per_token() * 16 * span
+
+    def peak(budget: int | None, parallel: int) -> int:
+        gc.collect()
+        with served(eng, start_timeout_s=60, max_batch_tokens=budget, max_tokens_limit=4, max_batch_rows=32, max_n=16) as srv, \
+                cf.ThreadPoolExecutor(parallel) as pool:
+            httpx.post(srv.url + CHAT, json={**bodies[0], "n": 1}, timeout=300)  # warm-up
+            gc.collect()
+            with PeakRss() as rss:
+                replies = list(pool.map(lambda b: httpx.post(srv.url + CHAT, json=b, timeout=300), bodies[:parallel]))
+            for r in replies:
+                assert r.status_code == 200 and len(r.json()["choices"]) == 16, r.text[:300]
+            return rss.delta
+
+    one = peak(None, 1)
+    assert one > 0.5 * kv, (one, kv)  # the probe sees the cache: one request's peak is of the KV cache's size
+    bounded = peak(16 * span + 10, 2)  # fits one request, not two
+    unbounded = peak(None, 2)
+    assert bounded <= 1.5 * one, f"two requests under a one-request budget peaked at {bounded / 2**20:.0f} MiB, one alone at {one / 2**20:.0f} MiB"
+    assert unbounded > 1.5 * one, (unbounded, one)  # the control: without the budget they shared a batch
+
+
+def test_serve_binds_loopback_by_default_logs_admin_actions_and_never_a_key(tmp_path):
+    """SECURITY.md "Exposure" and "What is logged", through the real `arbiter serve` (fake engine)."""
+    import psutil
+
+    heads = tmp_path / "heads"
+    save_random_head(FAKE_FINGERPRINT, heads / "h1", name="h1", seed=0)
+    save_random_head(FAKE_FINGERPRINT, heads / "h1_v2", name="h1", seed=1)
+    api, admin, wrong = "api-3f9c1b7e", "adm-8d2e4a60", "guess-5b7c9d1f"
+    s = Launched(tmp_path, "--mode", "slow", "--delay-s", "0", "--default-host",
+                 env={"ARBITER_API_KEY": api, "ARBITER_ADMIN_KEY": admin, "ARBITER_HEADS_DIR": str(heads),
+                      "ARBITER_LOG_LEVEL": "info", "ARBITER_LOG_PROMPTS": "false"})
+    try:
+        s.wait_ready()
+        listening = [c.laddr for c in psutil.Process(s.proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "secret prompt text"}], "max_tokens": 4}
+        with httpx.Client(timeout=30) as c:
+            auth = {"Authorization": f"Bearer {api}"}
+            adm = {"Authorization": f"Bearer {admin}"}
+            assert c.post(s.url + CHAT, json=body, headers=auth).status_code == 200
+            assert c.post(s.url + CHAT, json=body, headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+            assert c.put(s.url + "/v1/admin/heads/h1", json={"path": "h1_v2"}, headers=auth).status_code == 403
+            assert c.put(s.url + "/v1/admin/heads/h1", json={"path": "h1_v2"}, headers=adm).status_code == 200
+            assert c.delete(s.url + "/v1/admin/heads/h1", headers=adm).status_code == 200
+            assert c.post(s.url + "/v1/admin/heads", json={"path": "h1"}, headers=adm).status_code == 200
+            assert c.post(s.url + "/v1/admin/adapters", json={"name": "x", "path": "a"}, headers=auth).status_code == 403
+            assert c.delete(s.url + "/v1/admin/adapters/x", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(30)
+    finally:
+        s.close()
+    log = s.log.read_text()
+    for secret in (api, admin, wrong, "secret prompt text"):
+        assert secret not in log, secret
+    for line in ("swapped head h1 to h1_v2", "unloaded head h1", "loaded head h1 from h1"):
+        assert line in log, (line, log[-3000:])

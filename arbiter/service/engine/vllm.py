@@ -276,7 +276,8 @@ class VLLMEngine(Engine):
         sp = job.params
         greedy = sp.temperature <= 1e-5
         try:
-            return VSP(n=1, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
+            # OpenAI's top_p is in [0, 1]; vLLM's in (0, 1]: 0 keeps only the top token, as a tiny top_p does.
+            return VSP(n=1, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else max(sp.top_p, 1e-9),
                        max_tokens=sp.max_tokens, stop=list(sp.stop) or None, stop_token_ids=self.stop_ids,
                        seed=None if greedy else seed, logprobs=sp.logprobs,
                        logit_bias=dict(sp.logit_bias) or None, frequency_penalty=sp.frequency_penalty,
