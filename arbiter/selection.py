@@ -64,7 +64,7 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
 
 @dataclass(frozen=True)
 class AdaptiveRule:
-    """When adaptive rerank stops sampling (docs: README "Adaptive N"): after each round, the leader is settled
+    """When adaptive rerank stops sampling (docs: README "Rerank extension", `adaptive`): after each round, the leader is settled
     when (argmax) its reward beats the runner-up's by more than ``margin``, or (vote policies) the leading
     answer group holds at least ``supermajority`` of the weight with at least two answered candidates."""
 

@@ -433,7 +433,7 @@ class Rule:
 class Answers:
     """A rerank request's extracted answers: each candidate is extracted once (adaptive rounds add candidates),
     in a worker thread, under one time budget for the whole request (ARBITER_EXTRACT_BUDGET_S); spending it is
-    a 400 naming the pattern (README "Selection rules")."""
+    a 400 naming the pattern (README "Rerank extension")."""
 
     def __init__(self, rule: Rule, budget_s: float):
         self.rule, self.budget_s = rule, budget_s

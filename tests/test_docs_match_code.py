@@ -1,4 +1,5 @@
-"""SECURITY.md names the test beside every promise (``file::test`` with the file abbreviations its header
+"""Docs that must match the code. The README's settings table is the generator's output
+(``python -m arbiter.service.settings``), verbatim. SECURITY.md names the test beside every promise (``file::test`` with the file abbreviations its header
 defines, or ``::test`` for the file named just before it in the same cell): every test it names must exist, so a
 renamed or deleted test cannot leave a promise standing on nothing."""
 
@@ -44,3 +45,9 @@ def test_every_test_security_md_names_exists():
         if name not in cache[file]:
             missing.append(f"{file}::{name}")
     assert not missing, missing
+
+
+def test_the_readme_settings_table_is_the_generated_one():
+    from arbiter.service.settings import settings_table
+
+    assert settings_table() in (ROOT / "README.md").read_text(), "regenerate it: python -m arbiter.service.settings"
