@@ -15,7 +15,7 @@ Every 5 s it samples the server's RSS and ``/health`` (its latency and ``queue_d
 over time and its least-squares slope after the first 5 minutes, p50 / p99 latency per kind in the first and the
 last 5 minutes, the count of 5xx and transport errors (goal: 0), 429s, and the queue depth.
 
-    python benchmarks/soak.py [--minutes 30] [--engine hf|vllm] [--python PY] [--out benchmarks/reports/soak.md]
+    python benchmarks/soak.py [--minutes 30] [--engine hf|vllm] [--python PY] [--out benchmarks/reports/soak_<engine>.md]
 
 writes the report (.md and .json); exits 1 if any request got a 5xx or a transport error, or a head swap failed.
 """
@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ARBITER_THREADS of the server")
     p.add_argument("--swap-every-s", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "soak.md"))
+    p.add_argument("--out", default=None, help="report path (default: benchmarks/reports/soak_<engine>.md)")
     args = p.parse_args(argv)
+    args.out = args.out or str(ROOT / "benchmarks" / "reports" / f"soak_{args.engine}.md")
 
     from fakes import save_random_head
 
@@ -289,6 +290,10 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
     transport = [r for r in records if r["status"] is None]
     other_errors = [r for r in records if r.get("error") and r["status"] is not None and r["status"] < 500]
     pts = [(s["t_s"], s["rss_mib"]) for s in samples if s["t_s"] >= window and s["rss_mib"] > 0]
+    half = [(s["t_s"], s["rss_mib"]) for s in samples if s["t_s"] >= duration / 2 and s["rss_mib"] > 0]
+    steps = [(b["t_s"], round(b["rss_mib"] - a["rss_mib"], 1)) for a, b in zip(samples, samples[1:])
+             if a["rss_mib"] > 0 and b["rss_mib"] > 0]
+    big = max(steps, key=lambda x: x[1], default=(None, None))
     depths = [s["queue_depth"] for s in samples if s["queue_depth"] is not None]
     rss_v = [s["rss_mib"] for s in samples if s["rss_mib"] > 0]
     health = [s["health_s"] for s in samples]
@@ -302,7 +307,9 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
         "window_s": window, "latency_all": {"first": lat(first), "last": lat(last)}, "latency_by_kind": by_kind,
         "rss_mib": {"first_sample": rss_v[0] if rss_v else None, "last_sample": rss_v[-1] if rss_v else None,
                     "max": max(rss_v, default=None), "slope_mib_per_h_after_first_window": (
-                        round(s, 1) if (s := slope_per_hour(pts)) is not None else None)},
+                        round(s, 1) if (s := slope_per_hour(pts)) is not None else None),
+                    "slope_mib_per_h_second_half": round(h, 1) if (h := slope_per_hour(half)) is not None else None,
+                    "largest_step_mib": big[1], "largest_step_at_s": big[0]},
         "queue_depth": {"mean": round(sum(depths) / len(depths), 2) if depths else None, "max": max(depths, default=None)},
         "health_s": {"p50": pct(health, 0.5), "max": max(health, default=None), "probes": len(health)},
         "swaps": {"made": len(swaps), "failed": len(swap_failed)}, "after": after, "server_exit_code": exit_code,
@@ -349,6 +356,8 @@ def report(s: dict, args) -> str:
         f"| 429 (queue full) | {s['rejected_queue_full']:g} |",
         f"| RSS first / last / max sample | {rs['first_sample']} / {rs['last_sample']} / {rs['max']} MiB |",
         f"| RSS slope after the first {w} {unit} (least squares, 5 s samples) | {rs['slope_mib_per_h_after_first_window']} MiB/h |",
+        f"| RSS slope over the second half | {rs['slope_mib_per_h_second_half']} MiB/h |",
+        f"| largest RSS rise between two samples 5 s apart | {rs['largest_step_mib']} MiB (at {rs['largest_step_at_s']} s) |",
         f"| queue depth mean / max (5 s samples) | {s['queue_depth']['mean']} / {s['queue_depth']['max']} |",
         f"| `/health` latency p50 / max ({s['health_s']['probes']} probes) | {s['health_s']['p50']} / {s['health_s']['max']} s |",
         f"| head swaps made / failed | {s['swaps']['made']} / {s['swaps']['failed']} |",

@@ -112,6 +112,27 @@ class GenerateOutcome:
     found: list[str | None] | None = None  # each candidate's extracted answer, when the rule votes (serving fills it)
 
 
+_LIBC: Any = None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``). A batch's tensors under glibc's mmap
+    threshold come from the heap, and freed heap memory stays with the process: without this, RSS steps up to the
+    largest batch seen and stays there (benchmarks/reports/soak.md measured +650 MiB). About 30 ms; a no-op
+    without glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def batch_tokens(rows: int, span: int) -> int:
     """What a batch costs under the token budget: every row padded to the longest span (the HF engine's KV cache is
     one [rows, T] block, left padded, so a short prompt beside a long one pays the long one's length)."""
@@ -128,6 +149,7 @@ class Worker:
         self.max_batch_tokens = max_batch_tokens  # None: rows alone bound a batch
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._pending: deque[_Item] = deque()
+        self._worked = False  # a batch ran since the worker last went idle
         self._thread = threading.Thread(target=self._main, name="arbiter-worker", daemon=True)
         self._stop = threading.Event()
         self.dead: BaseException | None = None
@@ -212,7 +234,12 @@ class Worker:
             pass
 
     def _next_batch(self) -> list[_Item]:
+        if not self._pending and self._q.empty():
+            if self._worked:
+                release_free_memory()  # going idle after work: hand the batch's freed heap back (README "Memory")
+                self._worked = False
         first = self._pending.popleft() if self._pending else self._q.get()
+        self._worked = True
         if first is None:
             return []
         batch = [first]

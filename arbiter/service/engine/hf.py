@@ -15,6 +15,7 @@ Prompts are prefilled once per request and the KV cache is then expanded to the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ class _Row:
     features: dict[int, torch.Tensor] | None = None
 
 
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_tensors(bias: tuple[tuple[int, float], ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (token ids [K], values [K]) on ``device``: cached by value, so each decode step of
+    each row reuses them."""
+    return (torch.tensor([i for i, _ in bias], device=device),
+            torch.tensor([b for _, b in bias], device=device, dtype=torch.float32))
 
 
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -311,8 +320,8 @@ class HFEngine(Engine):
         for k, r in enumerate(rows):
             sp = r.params
             if sp.logit_bias:
-                ids = torch.tensor([i for i, _ in sp.logit_bias], device=logits.device)
-                logits[k, ids] += torch.tensor([b for _, b in sp.logit_bias], device=logits.device, dtype=logits.dtype)
+                ids, vals = _bias_tensors(sp.logit_bias, str(logits.device))  # built once per request, not per step
+                logits[k, ids] += vals.to(logits.dtype)
             if (sp.frequency_penalty or sp.presence_penalty) and r.tokens:
                 count = torch.bincount(torch.tensor(r.tokens, device=logits.device), minlength=logits.shape[1])
                 count = count[: logits.shape[1]].to(logits.dtype)  # [V]
