@@ -210,9 +210,9 @@ def live_app(backbone, heads_root: str, *, context_length: int | None = CONTEXT,
     any one fuzzed request on a CPU; requests beyond it get the server's own 400 context_length_exceeded."""
     from fakes import save_random_head
 
+    from arbiter.generation.hf import HFEngine
     from arbiter.heads import HeadRegistry
     from arbiter.service.app import create_app
-    from arbiter.service.engine.hf import HFEngine
     from arbiter.service.settings import Settings
 
     fp = backbone.fingerprint

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from arbiter.backbone import load_backbone, prompt_ids
+from arbiter.generation.base import GenerationJob, SamplingParams
+from arbiter.generation.hf import HFEngine
 from arbiter.heads import HeadConfig, build_head
 from arbiter.heads.registry import LoadedHead
-from arbiter.service.engine.base import GenerationJob, SamplingParams
-from arbiter.service.engine.hf import HFEngine
 from arbiter.service.rerank import pick, score_candidates, score_features
 
 ROOT = Path(__file__).resolve().parents[1]

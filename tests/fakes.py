@@ -1,5 +1,5 @@
 """Test doubles for the service: a scripted ``FakeEngine`` (the Engine protocol of
-``arbiter/service/engine/base.py``), heads with known weights, and a uvicorn server in a background thread.
+``arbiter/generation/base.py``), heads with known weights, and a uvicorn server in a background thread.
 
 With the fake engine every candidate's text and feature vector are known in advance, so a head with known
 weights gives known rewards and the tests can check the exact argmax, tie-breaking, batching, back-pressure
@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
+from arbiter.generation.base import Candidate, Engine, GenerationJob, GenerationResult
 from arbiter.heads import BackboneFingerprint, HeadConfig, HeadRegistry, build_head, save_head
-from arbiter.service.engine.base import Candidate, Engine, GenerationJob, GenerationResult
 
 LOOPBACK = "127.0.0.1"
 FAKE_D = 4

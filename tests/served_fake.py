@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ (for fakes), 
 
 from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, save_random_head  # noqa: E402
 
+from arbiter.generation.base import Engine  # noqa: E402
 from arbiter.heads import HeadRegistry  # noqa: E402
-from arbiter.service.engine.base import Engine  # noqa: E402
 
 MODEL = "fake-backbone"
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -23,7 +23,7 @@ from served_fake import assert_error, heads_dir, served
 from torch import nn
 
 from arbiter.backbone import AdapterError, read_lora
-from arbiter.service.adapters import AdapterBusy, AdapterSet
+from arbiter.generation.adapters import AdapterBusy, AdapterSet
 
 ADMIN = {"Authorization": "Bearer adm"}
 

@@ -1,6 +1,6 @@
 """Package boundaries (docs/architecture.md): ``arbiter.heads`` imports neither the service, the training code nor
-transformers; ``arbiter.service`` never imports ``arbiter.training``; vLLM is imported only when the vLLM
-engine is chosen. Checked twice: in fresh interpreters (what actually gets imported) and statically (every
+transformers; ``arbiter.service`` never imports ``arbiter.training``, and neither training nor ``arbiter.generation``
+imports the service; vLLM is imported only when the vLLM engine is chosen. Checked twice: in fresh interpreters (what actually gets imported) and statically (every
 import statement, so a lazy import inside a function that is not exercised here is caught too).
 """
 
@@ -19,6 +19,8 @@ import arbiter
 PKG = Path(arbiter.__file__).resolve().parent
 SERVICE = PKG / "service"
 HEADS = PKG / "heads"
+GENERATION = PKG / "generation"
+TRAINING = PKG / "training"
 
 
 def _run(code: str) -> None:
@@ -41,7 +43,7 @@ def test_service_app_imports_no_training_and_no_vllm():
         "import arbiter.service.app as app\n"
         "from arbiter.service.settings import Settings\n"
         "app.create_app(Settings(_env_file=None))\n"
-        "import arbiter.service.engine.hf, arbiter.cli\n"
+        "import arbiter.generation.hf, arbiter.cli\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('arbiter.training', 'vllm')) or m == 'arbiter.service.engine.vllm')\n"
         "assert not bad, bad\n"
     )
@@ -116,6 +118,17 @@ def test_static_service_never_imports_training_and_vllm_only_lazily():
     assert not problems, "\n".join(problems)
 
 
+def test_static_training_and_generation_never_import_the_service():
+    """The one-way rule: generation (engine, jobs, adapter set) sits under both halves; training stands on it and
+    on selection, never on the service; generation imports neither half."""
+    problems = []
+    for root, banned in ((TRAINING, ("arbiter.service",)), (GENERATION, ("arbiter.service", "arbiter.training", "vllm"))):
+        for f in _files(root):
+            for name, _top, line in _imports(f):
+                problems += [f"{f.relative_to(PKG.parent)}:{line} imports {name}" for b in banned if _is(name, b)]
+    assert not problems, "\n".join(problems)
+
+
 def test_static_heads_imports_only_torch_safetensors_pydantic():
     problems = []
     for f in _files(HEADS):
@@ -138,8 +151,8 @@ def test_the_static_checker_sees_top_level_and_lazy_imports(source, expect):
     got = [(n, top) for n, top, _ in _imports(SERVICE / "probe.py", source) if n == "vllm"]
     assert got == expect
     # Relative imports resolve to absolute names (load_engine's lazy `from .vllm import VLLMEngine`).
-    rel = [(n, t) for n, t, _ in _imports(SERVICE / "engine" / "hf.py")]
-    assert ("arbiter.service.engine.base", True) in rel
+    rel = [(n, t) for n, t, _ in _imports(GENERATION / "hf.py")]
+    assert ("arbiter.generation.base", True) in rel
     factory = [(n, t) for n, t, _ in _imports(SERVICE / "engine" / "__init__.py")]
     assert ("arbiter.service.engine.vllm", False) in factory
     app = [(n, t) for n, t, _ in _imports(SERVICE / "app.py")]

@@ -131,8 +131,8 @@ def test_llama3_style_encoding_and_answers_close_with_eot(llama3):
 
 def test_llama3_style_generation_captures_the_feature_at_eot(llama3):
     from arbiter.backbone import forward_features, prompt_ids
-    from arbiter.service.engine.base import GenerationJob, SamplingParams
-    from arbiter.service.engine.hf import HFEngine
+    from arbiter.generation.base import GenerationJob, SamplingParams
+    from arbiter.generation.hf import HFEngine
 
     eng = HFEngine(llama3)
     job = GenerationJob(prompt_ids(llama3.tokenizer, [{"role": "user", "content": "Name a colour."}]), 2,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from arbiter.backbone import forward_features, prompt_ids
-from arbiter.service.engine.base import GenerationJob, SamplingParams
-from arbiter.service.engine.hf import HFEngine
+from arbiter.generation.base import GenerationJob, SamplingParams
+from arbiter.generation.hf import HFEngine
 
 BLOCK = 12
 
@@ -283,7 +283,7 @@ def test_streamed_logprobs_cover_every_token_once(engine):
 def test_a_score_pass_nobody_waits_for_is_abandoned_within_a_block(engine):
     """The worker's ``cancelled`` poll stops the feature pass at the next block, not at the end of the pass."""
     from arbiter.backbone import decoder_layers
-    from arbiter.service.engine.base import Abandoned
+    from arbiter.generation.base import Abandoned
 
     calls = []
     hook = decoder_layers(engine.model)[3].register_forward_hook(lambda *a: calls.append(1))
@@ -351,7 +351,7 @@ def test_continuous_batch_cache_stays_as_long_as_its_longest_live_row(engine):
             return [job]
         return []
 
-    import arbiter.service.engine.hf as hf
+    import arbiter.generation.hf as hf
 
     seen = {}
     real_step = hf._Batch.step

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def cuda_engine(request):
     from arbiter.backbone import load_backbone
-    from arbiter.service.engine.hf import HFEngine
+    from arbiter.generation.hf import HFEngine
 
     bb = load_backbone(os.environ.get("ARBITER_MODEL"), device="cuda", dtype=request.param)
     return HFEngine(bb), request.param
@@ -24,7 +24,7 @@ def cuda_engine(request):
 
 def test_cuda_feature_capture_equals_standalone_forward(cuda_engine):
     from arbiter.backbone import prompt_ids
-    from arbiter.service.engine.base import GenerationJob, SamplingParams
+    from arbiter.generation.base import GenerationJob, SamplingParams
 
     engine, dtype = cuda_engine
     p = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Give me one tip for learning to cook."}])
@@ -40,7 +40,7 @@ def test_cuda_feature_capture_equals_standalone_forward(cuda_engine):
 
 def test_cuda_seed_determinism(cuda_engine):
     from arbiter.backbone import prompt_ids
-    from arbiter.service.engine.base import GenerationJob, SamplingParams
+    from arbiter.generation.base import GenerationJob, SamplingParams
 
     engine, _ = cuda_engine
     p = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Name three colours."}])

@@ -39,7 +39,7 @@ def adapters(backbone, tmp_path_factory):
 
 def test_switching_is_exact_and_equals_merging(backbone, adapters):
     from arbiter.backbone import merge_lora
-    from arbiter.service.adapters import AdapterSet
+    from arbiter.generation.adapters import AdapterSet
 
     model = copy.deepcopy(backbone.model)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -60,8 +60,8 @@ def test_switching_is_exact_and_equals_merging(backbone, adapters):
 
 @pytest.fixture(scope="module")
 def served(backbone, adapters):
+    from arbiter.generation.hf import HFEngine
     from arbiter.heads import HeadConfig, HeadRegistry, build_head
-    from arbiter.service.engine.hf import HFEngine
 
     engine = HFEngine(backbone)
     engine.adapters.load("alpha", adapters["alpha"])
@@ -84,7 +84,7 @@ def _greedy(srv, model: str) -> str:
 
 def test_request_picks_its_adapter_by_model(served, backbone, adapters):
     from arbiter.backbone import merge_lora, prompt_ids
-    from arbiter.service.engine.base import GenerationJob, SamplingParams
+    from arbiter.generation.base import GenerationJob, SamplingParams
 
     srv, engine = served
     ids = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]

@@ -186,8 +186,8 @@ def test_unloading_a_head_lets_in_flight_requests_finish_and_later_ones_get_404(
 
 
 def test_client_disconnect_stops_a_long_real_generation_early(backbone):
+    from arbiter.generation.hf import HFEngine
     from arbiter.service.app import create_app
-    from arbiter.service.engine.hf import HFEngine
     from arbiter.service.settings import Settings
 
     engine = HFEngine(backbone)
@@ -347,7 +347,7 @@ class PollingScorer(FakeEngine):
         self.finished = threading.Event()
 
     def features(self, prompt_ids, answer_ids, layers, *, cancelled=None, adapter=None):
-        from arbiter.service.engine.base import Abandoned
+        from arbiter.generation.base import Abandoned
 
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -408,7 +408,7 @@ def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
     RSS stays near one request's, where without a budget the two share a batch and need about twice that."""
     import gc
 
-    from arbiter.service.engine.hf import HFEngine
+    from arbiter.generation.hf import HFEngine
 
     eng = HFEngine(backbone)
     words = " ".join(f"item{k}" for k in range(1000))  # ~2000 tokens

@@ -549,7 +549,7 @@ class RefusingEngine(FakeEngine):
     """Refuses, like the vLLM engine's per-job validation, every job whose prompt mentions 'bad'."""
 
     def generate(self, jobs):
-        from arbiter.service.engine.base import JobError
+        from arbiter.generation.base import JobError
 
         out = super().generate(jobs)
         return [JobError("vLLM refused the sampling parameters: test") if "bad" in self.tokenizer.decode(j.prompt_ids)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arbiter.chat import prompt_ids
-from arbiter.service.engine.base import SamplingParams
+from arbiter.generation.base import SamplingParams
 from arbiter.training.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

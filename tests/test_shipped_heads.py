@@ -58,7 +58,7 @@ def test_math_head_records_its_sampled_pairs_and_reads_a_finished_right_answer(r
     """heads/math came from the model's own SVAMP samples; on two hand-written answers to a held-aside SVAMP
     problem it prefers the finished right one to an unfinished rambling one."""
     from arbiter.chat import answer_ids, prompt_ids
-    from arbiter.service.engine.hf import HFEngine
+    from arbiter.generation.hf import HFEngine
     from arbiter.training.data import load_math, math_prompt
 
     head = registry.get("math")

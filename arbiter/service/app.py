@@ -36,7 +36,7 @@ from .state import ServiceState
 from .worker import Worker
 
 if TYPE_CHECKING:
-    from .engine.base import Engine
+    from arbiter.generation.base import Engine
 
 log = logging.getLogger("arbiter.service")
 
@@ -279,16 +279,14 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                 log.error("head %s not loaded: %s", d, err)
             if loaded:
                 log.info("heads loaded: %s", ", ".join(loaded))
-            served = getattr(getattr(eng, "backbone", None), "adapter", None)
-            served_dtype = getattr(getattr(eng, "backbone", None), "dtype", None)
             for name in loaded:
-                dtype_warning = state.registry.get(name).config.dtype_warning(served_dtype)
+                dtype_warning = state.registry.get(name).config.dtype_warning(eng.dtype)
                 if dtype_warning:
                     log.warning("%s", dtype_warning)
                 trained_with = state.registry.get(name).config.provenance.get("adapter")
-                if trained_with and (served is None or Path(trained_with).name != served["name"]):
+                if trained_with and Path(trained_with).name != eng.adapter_name:
                     log.warning("head %s was trained jointly with adapter %s, which is not the one served (%s): "
-                                "its rewards assume that adapter", name, trained_with, served and served["name"])
+                                "its rewards assume that adapter", name, trained_with, eng.adapter_name)
         if settings.heads_watch_s and state.registry.root is not None:  # also a registry the embedder passed in
             _watch_heads(state, settings.heads_watch_s)
         state.bind_engine(eng)

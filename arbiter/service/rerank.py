@@ -12,10 +12,9 @@ from typing import Sequence
 
 import torch
 
+from arbiter.generation.base import Candidate
 from arbiter.heads import LoadedHead, head_rewards
 from arbiter.selection import POLICIES, AdaptiveRule, Selection, select, settled
-
-from .engine.base import Candidate
 
 # The policies live in arbiter.selection; these names stay importable from here (code written against them).
 __all__ = ["POLICIES", "AdaptiveRule", "Selection", "select", "settled", "feature_layers", "score_features",

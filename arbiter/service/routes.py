@@ -279,7 +279,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, 
 @router.delete("/v1/admin/adapters/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
                responses={**_errors(401, 403, 404, 409, 503)})
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
-    from .adapters import AdapterBusy, AdapterNotLoaded
+    from arbiter.generation.adapters import AdapterBusy, AdapterNotLoaded
 
     st = ready_state(request)
     ads = st.require_engine().adapters

@@ -17,10 +17,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from arbiter import answers
+from arbiter.generation.base import AdapterGone, Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
 from arbiter.heads import LoadedHead
 from arbiter.selection import AdaptiveRule, select, settled
 
-from .engine.base import AdapterGone, Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
     ChatCompletionChunk,
@@ -378,7 +378,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
 
     import torch
 
-    from .engine.base import GenerationResult
+    from arbiter.generation.base import GenerationResult
 
     rr = body.rerank
     assert rr is not None  # adaptive rounds run only for rerank requests

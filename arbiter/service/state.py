@@ -15,7 +15,8 @@ from .settings import Settings
 from .tokens import TokenText
 
 if TYPE_CHECKING:
-    from .engine.base import Engine
+    from arbiter.generation.base import Engine
+
     from .worker import Worker
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Sequence
 
-from .engine.base import TokenLogprob
+from arbiter.generation.base import TokenLogprob
 
 
 @lru_cache(maxsize=1)

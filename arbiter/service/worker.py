@@ -27,9 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from arbiter.generation.base import Abandoned, Engine, GenerationJob, GenerationResult
 from arbiter.heads import LoadedHead
 
-from .engine.base import Abandoned, Engine, GenerationJob, GenerationResult
 from .rerank import score_candidates, score_features
 
 log = logging.getLogger("arbiter.worker")
@@ -144,7 +144,7 @@ class Worker:
                  on_death: Callable[[BaseException], None] | None = None, continuous: bool = True,
                  max_batch_tokens: int | None = None):
         self.engine = engine
-        self.continuous = continuous and bool(getattr(engine, "continuous", False))
+        self.continuous = continuous and engine.continuous
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens  # None: rows alone bound a batch
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
@@ -278,7 +278,7 @@ class Worker:
                     self.metrics.queue_depth.set(self.depth())
                 if not live:
                     continue
-                ads = getattr(self.engine, "adapters", None)
+                ads = self.engine.adapters
                 while ads is not None and ads.draining(live[0].adapter):
                     time.sleep(0.005)  # an unload of this adapter is waiting for the lock: it goes first (bounded)
                 self.busy = True
@@ -384,7 +384,7 @@ class Worker:
                   delivered: set[int]) -> Callable[[int], list[GenerationJob]]:
         """Continuous batching: queued generation requests join the running batch while rows and tokens are free."""
         adapter = items[0].adapter
-        adapters = getattr(self.engine, "adapters", None)
+        adapters = self.engine.adapters
 
         def admit(rows_in_batch: int) -> list[GenerationJob]:
             out: list[GenerationJob] = []

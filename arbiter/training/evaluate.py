@@ -331,9 +331,9 @@ def eval_bestofn(
 
     from arbiter.answers import extractor
     from arbiter.chat import prompt_ids
+    from arbiter.generation.base import SamplingParams
     from arbiter.heads import head_rewards
     from arbiter.selection import select
-    from arbiter.service.engine.base import SamplingParams
 
     from .data import is_correct, load_math, math_prompt
     from .sampling import sample

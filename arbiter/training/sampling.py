@@ -15,7 +15,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from arbiter.service.engine.base import GenerationResult, SamplingParams
+    from arbiter.generation.base import GenerationResult, SamplingParams
 
 
 def sample(
@@ -35,8 +35,8 @@ def sample(
     final norm), as the server computes them for reranking. One ``GenerationResult`` per prompt, in order."""
     from tqdm.auto import tqdm
 
-    from arbiter.service.engine.base import GenerationJob
-    from arbiter.service.engine.hf import HFEngine
+    from arbiter.generation.base import GenerationJob
+    from arbiter.generation.hf import HFEngine
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

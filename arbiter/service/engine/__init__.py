@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .base import Engine
+    from arbiter.generation.base import Engine
 
 log = logging.getLogger("arbiter.service")
 
@@ -34,8 +34,7 @@ def load_engine(settings: Any) -> "Engine":
 
         return VLLMEngine.from_settings(settings, device)
     from arbiter.backbone import load_backbone
-
-    from .hf import HFEngine
+    from arbiter.generation.hf import HFEngine
 
     # "auto": bfloat16 on CUDA; on CPU only with native bf16 matmul measured faster (arbiter.backbone.resolve_dtype).
     bb = load_backbone(settings.model, cache_dir=settings.cache_dir, device=device, dtype=settings.dtype,
@@ -47,7 +46,7 @@ def load_engine(settings: Any) -> "Engine":
         log.info("merged adapter %s (%d modules)", info["name"], info["merged_modules"])
         bb.adapter = info
     eng = HFEngine(bb)
-    from ..adapters import parse_adapters_setting
+    from arbiter.service.adapters import parse_adapters_setting
 
     for name, path in parse_adapters_setting(settings.adapters):
         ad = eng.adapters.load(name, path)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
-from .base import (
+from arbiter.generation.base import (
     Admit,
     Candidate,
     Deliver,
@@ -77,7 +77,7 @@ class VLLMEngine(Engine):
                  threads: int | None = None):
         from packaging.version import Version
 
-        from .hf import HFEngine
+        from arbiter.generation.hf import HFEngine
 
         ver = _vllm_version()
         if Version(ver.split("+")[0]) < Version(MIN_VLLM):
@@ -90,6 +90,7 @@ class VLLMEngine(Engine):
         self.stop_ids = sorted(set(backbone.stop_ids or (backbone.end_id,)))
         self.vocab_size = self.hf.vocab_size
         self.adapter_name: str | None = backbone.adapter["name"] if backbone.adapter else None
+        self.dtype = backbone.dtype
         self.model_name = self.adapter_name or backbone.name
         self.adapters = None  # no switchable adapters on vLLM (a merged ARBITER_ADAPTER is served)
         self.dtype = backbone.dtype

@@ -121,7 +121,7 @@ def sample_math_pairs(
     is sampled like a request with ``seed + j``. The pairing rules are :func:`pair_math_samples`.
     """
     from arbiter.chat import prompt_ids
-    from arbiter.service.engine.base import SamplingParams
+    from arbiter.generation.base import SamplingParams
     from arbiter.training.sampling import sample
 
     if k < 2:

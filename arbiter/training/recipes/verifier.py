@@ -190,8 +190,8 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     import torch
 
     from arbiter.backbone import default_cache_dir
+    from arbiter.generation.base import SamplingParams
     from arbiter.heads import HeadConfig, SelectionRule, head_rewards, num_parameters, save_head
-    from arbiter.service.engine.base import SamplingParams
     from arbiter.training import verifier as V
     from arbiter.training.artifacts import atomic_write_json
     from arbiter.training.head_trainer import train_on_features, variants

@@ -292,6 +292,7 @@ class HFEngine(Engine):
         self.fingerprint = backbone.fingerprint
         # A merged adapter is served under its own id: the weights are no longer the base model's.
         self.adapter_name: str | None = backbone.adapter["name"] if backbone.adapter else None
+        self.dtype = backbone.dtype
         self.model_name = self.adapter_name or backbone.name
         self.context_length = backbone.context_length
         self.end_id = backbone.end_id
@@ -299,7 +300,7 @@ class HFEngine(Engine):
         self.vocab_size = int(self.lm_head.out_features)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         self.device = next(self.model.parameters()).device
-        from arbiter.service.adapters import AdapterSet
+        from arbiter.generation.adapters import AdapterSet
 
         self.adapters = AdapterSet(self.model)  # switchable LoRA adapters (ARBITER_ADAPTERS), one per batch
 
@@ -417,7 +418,7 @@ class HFEngine(Engine):
             return self._generate(jobs, results, run, admit, deliver)
 
     def _activate(self, adapter: str | None) -> None:
-        from arbiter.service.adapters import AdapterNotLoaded
+        from arbiter.generation.adapters import AdapterNotLoaded
 
         try:
             self.adapters.activate(adapter)

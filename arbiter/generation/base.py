@@ -17,7 +17,7 @@ from arbiter.chat import answer_ids, prompt_ids
 from arbiter.heads import BackboneFingerprint
 
 if TYPE_CHECKING:
-    from arbiter.service.adapters import AdapterSet
+    from arbiter.generation.adapters import AdapterSet
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class Engine(Protocol):
     vocab_size: int  # logits per position (token ids 0 .. vocab_size - 1)
     adapter_name: str | None  # the LoRA adapter merged into the served weights (ARBITER_ADAPTER); None: the base
     adapters: AdapterSet | None  # switchable LoRA adapters (ARBITER_ADAPTERS, HF engine); None: none supported
+    continuous: bool = False  # generate() takes admit / deliver: queued jobs join the running batch
+    dtype: str | None = None  # the dtype the model runs in ("float32", "bfloat16", ...); None: not known
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Prompt token ids of OpenAI-style messages, ending with the assistant header (docs/features.md)."""
