@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from arbiter.training import losses as L
-from arbiter.training.losses import FUNCTIONS, LossOutput, preference_metrics
+from arbiter.training.batch import LOSSES
+from arbiter.training.losses import LossOutput, preference_metrics
+
+FUNCTIONS = {name: entry.fn for name, entry in LOSSES.items()}
 
 
 def logsig(x: float) -> float:

@@ -78,9 +78,8 @@ def test_each_loss_dispatches_to_its_tensor_function(name, hparams):
 
 
 def test_registry_covers_every_loss_with_the_functions_own_defaults():
-    assert set(LOSSES) == set(losses.FUNCTIONS)
     for name, entry in LOSSES.items():
-        params = inspect.signature(losses.FUNCTIONS[name]).parameters
+        params = inspect.signature(entry.fn).parameters
         tensors = {p for p, v in params.items() if v.default is inspect.Parameter.empty}
         positional = [p for p, v in params.items() if v.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         assert len(positional) == len(entry.inputs), name  # the positional tensors, in order
@@ -103,3 +102,27 @@ def test_shapes_are_checked_once_and_errors_name_the_field():
     assert LOSSES["simpo"](no_ref).losses.shape == (B,)  # reference-free
     with pytest.raises(TypeError, match="takes no hyper-parameter gamma"):
         LOSSES["dpo"](PreferenceBatch.from_passes(*_passes()), gamma=1.0)
+
+
+def test_each_losss_facts_come_from_its_one_registry_entry():
+    import dataclasses
+
+    from arbiter.training.head_trainer import HEAD_LOSSES
+    from arbiter.training.recipes.adapter import ADAPTER_LOSSES, AdapterConfig, loss_hparams
+    from arbiter.training.reference import decide_reference
+
+    assert ADAPTER_LOSSES == ("dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dpo")
+    assert HEAD_LOSSES == ("dph_separable", "dph_contrastive")
+    # "needs a reference" is derived from the inputs: SimPO (reference-free, Meng et al.) and the head losses
+    assert {n for n, e in LOSSES.items() if not e.needs_reference} == {"simpo", "dph_separable", "dph_contrastive"}
+    assert {n for n, e in LOSSES.items() if e.precomputed_reference} == {"mipo", "fpo"}
+    assert decide_reference("simpo", "auto", [], "x") == "none"
+    with pytest.raises(Exception, match="needs precomputed reference"):
+        decide_reference("mipo", "auto", [], "x")
+    # every hyper-parameter the tensor function takes is configured, by name, from its section (or beta)
+    for name in ADAPTER_LOSSES:
+        cfg = dataclasses.replace(AdapterConfig(), loss=name)
+        assert set(loss_hparams(cfg)) == set(LOSSES[name].defaults), name
+    cfg = dataclasses.replace(AdapterConfig(), loss="intermediate_dpo")
+    cfg.intermediate.weight = 0.25
+    assert loss_hparams(cfg)["inter_weight"] == 0.25

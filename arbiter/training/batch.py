@@ -5,7 +5,8 @@ split, shapes checked once), and the batch-level loss registry every recipe disp
 
 Each entry is a :class:`BatchLoss` over a tensor function of ``losses.py`` (the formulas, with reference values and
 gradient checks in tests/test_losses.py; docs/methods.md): it names the batch fields the function reads; its
-hyper-parameters and their defaults are the function's own keyword arguments. A loss asked of a batch that lacks
+hyper-parameters and their defaults are the function's own keyword arguments; the entry also says which recipe
+trains it, whether it needs a (precomputed) reference, and where its config section is. A loss asked of a batch that lacks
 a field it needs fails naming the field; an unknown hyper-parameter fails naming the loss's own.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from torch import Tensor
 
@@ -106,11 +107,29 @@ class PreferenceBatch:
 
 @dataclass(frozen=True)
 class BatchLoss:
-    """A loss over a :class:`PreferenceBatch`: ``fn(*batch[inputs], **batch[named], **hparams)``."""
+    """A loss over a :class:`PreferenceBatch`: ``fn(*batch[inputs], **batch[named], **hparams)``, and every fact the
+    recipes need about it, in one place: which recipe trains it (``family``), whether it reads a reference model
+    (derived from its inputs), whether that reference must be precomputed, and which config section holds its
+    hyper-parameters (``section``: hyper-parameter -> field of that section; beta is top-level)."""
 
     fn: Callable[..., LossOutput]  # the tensor function (losses.py)
     inputs: tuple[str, ...]  # batch fields passed positionally
     named: tuple[str, ...] = ()  # batch fields passed by name (the function's keyword of the same name)
+    family: Literal["adapter", "head", "joint"] = "adapter"  # the recipe that trains it
+    precomputed_reference: bool = False  # trained from `arbiter train ref` columns only, never a live reference
+    section: tuple[str, tuple[tuple[str, str], ...]] | None = None  # (config section, ((hparam, field), ...))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference-model quantities (any ``ref_`` field)."""
+        return any(f.startswith(("ref_", "layer_ref_")) for f in self.inputs + self.named)
+
+    def hparams_from(self, cfg: Any) -> dict[str, Any]:
+        """This loss's section hyper-parameters read from a recipe config (``cfg.<section>.<field>``)."""
+        if self.section is None:
+            return {}
+        sec = getattr(cfg, self.section[0])
+        return {hp: getattr(sec, f) for hp, f in self.section[1]}
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -133,13 +152,21 @@ _HEAD = ("head_chosen_rewards", "head_rejected_rewards")
 
 LOSSES: dict[str, BatchLoss] = {
     "dpo": BatchLoss(L.dpo, _LOGPS),
-    "cdpo": BatchLoss(L.cdpo, _LOGPS),
+    "cdpo": BatchLoss(L.cdpo, _LOGPS, section=("cdpo", (("eps", "eps"),))),
     "ipo": BatchLoss(L.ipo, _LOGPS, _LENGTHS),
-    "simpo": BatchLoss(L.simpo, _LOGPS[:2], _LENGTHS),
-    "mipo": BatchLoss(L.mipo, _LOGPS, _LENGTHS),
-    "fpo": BatchLoss(L.fpo, _LOGPS, _LENGTHS + _PER_FEATURE),
-    "intermediate_dpo": BatchLoss(L.intermediate_dpo, _LOGPS, _PER_LAYER),
-    "dph_separable": BatchLoss(L.dph_separable, _HEAD),
-    "dph_contrastive": BatchLoss(L.dph_contrastive, _HEAD),
-    "joint": BatchLoss(L.joint, _LOGPS, _HEAD),
+    "simpo": BatchLoss(L.simpo, _LOGPS[:2], _LENGTHS, section=("simpo", (("gamma", "gamma"),))),
+    "mipo": BatchLoss(L.mipo, _LOGPS, _LENGTHS, precomputed_reference=True,
+                      section=("mipo", (("modulation", "modulation"),))),
+    "fpo": BatchLoss(L.fpo, _LOGPS, _LENGTHS + _PER_FEATURE, precomputed_reference=True,
+                     section=("fpo", (("alpha", "alpha"), ("top_k", "top_k")))),
+    "intermediate_dpo": BatchLoss(L.intermediate_dpo, _LOGPS, _PER_LAYER,
+                                  section=("intermediate", (("inter_weight", "weight"), ("weight_on", "weight_on")))),
+    "dph_separable": BatchLoss(L.dph_separable, _HEAD, family="head"),
+    "dph_contrastive": BatchLoss(L.dph_contrastive, _HEAD, family="head"),
+    "joint": BatchLoss(L.joint, _LOGPS, _HEAD, family="joint"),
 }
+
+
+def losses_of(family: str) -> tuple[str, ...]:
+    """The names of the losses one recipe family trains, in registry order."""
+    return tuple(n for n, e in LOSSES.items() if e.family == family)

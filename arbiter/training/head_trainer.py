@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arbiter.training.artifacts import METRICS_FILE
+from arbiter.training.batch import losses_of
 from arbiter.training.config import ConfigError
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arbiter.training.head_trainer")
 
-HEAD_LOSSES = ("dph_separable", "dph_contrastive")
+HEAD_LOSSES = losses_of("head")  # the registry's (training/batch.py)
 POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
 
 

@@ -19,8 +19,8 @@ Each loss returns a :class:`LossOutput` with UNREDUCED per-example losses (the r
 detached chosen/rejected rewards for logging, and optional per-example diagnostics. Use
 :func:`preference_metrics` to turn it into TRL-named scalars (``rewards/chosen``, ``rewards/margins``...).
 
-Formulas: ``docs/methods.md`` (as the authors' code computes them). All of them are registered in
-:data:`LOSSES` by name.
+Formulas: ``docs/methods.md`` (as the authors' code computes them). All of them are registered, with every fact
+a recipe needs about each (family, reference, config section), in :data:`arbiter.training.batch.LOSSES`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "FUNCTIONS",
     "LossOutput",
     "cdpo",
     "dph_contrastive",
@@ -551,17 +550,3 @@ def prior_regularize_(params: Iterable[Tensor], ref_params: Iterable[Tensor], *,
         # lerp_(ref, w) = p + w (ref - p) = p - w (p - ref)
         p.lerp_(ref.to(device=p.device, dtype=p.dtype), step)
 
-
-# The tensor functions by name; recipes dispatch through arbiter.training.batch.LOSSES (over a PreferenceBatch).
-FUNCTIONS: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo,
-    "cdpo": cdpo,
-    "ipo": ipo,
-    "simpo": simpo,
-    "mipo": mipo,
-    "fpo": fpo,
-    "intermediate_dpo": intermediate_dpo,
-    "dph_separable": dph_separable,
-    "dph_contrastive": dph_contrastive,
-    "joint": joint,
-}

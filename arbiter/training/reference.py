@@ -20,8 +20,6 @@ from arbiter.training.config import ConfigError
 
 log = logging.getLogger("arbiter.training.reference")
 
-REF_REQUIRED = ("mipo", "fpo")  # trained from precomputed reference columns only
-REF_FREE = ("simpo",)
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,16 @@ def decide_reference(loss: str, mode: str, pairs: Sequence[Any], source: str) ->
 
     ``auto`` uses the precomputed columns only when every pair has all that this loss needs (per-layer
     log-probs for intermediate DPO); otherwise the adapter-disabled model is the reference."""
-    if loss in REF_FREE:
+    from arbiter.training.batch import LOSSES
+
+    entry = LOSSES[loss]
+    if not entry.needs_reference:
         return "none"
     present = has_precomputed_ref(pairs)
     if mode == "auto" and loss == "intermediate_dpo" and present and not has_precomputed_ref(pairs, (REF.chosen_layer_logps,)):
         log.warning("%s has reference log-probs but no per-layer ones: using the adapter-disabled reference", source)
         return "adapter_disabled"
-    if mode == "precomputed" or loss in REF_REQUIRED:
+    if mode == "precomputed" or entry.precomputed_reference:
         if not present:
             some = sum(REF.chosen_logp in p.meta for p in pairs)
             raise ConfigError(

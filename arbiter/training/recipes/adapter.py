@@ -29,13 +29,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from arbiter.training.artifacts import atomic_write_json
-from arbiter.training.batch import LOSSES, PreferenceBatch
+from arbiter.training.batch import LOSSES, PreferenceBatch, losses_of
 from arbiter.training.checkpoint import seed_everything
 from arbiter.training.config import ConfigError
 from arbiter.training.loop import (
@@ -58,7 +58,6 @@ from arbiter.training.lora import (
 )
 from arbiter.training.losses import LossOutput
 from arbiter.training.reference import (
-    REF_REQUIRED,
     check_ref_columns,
     check_ref_tokens,
     decide_reference,
@@ -79,12 +78,12 @@ from arbiter.training.sections import (
 
 log = logging.getLogger("arbiter.training.adapter")
 
-ADAPTER_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dpo")
+ADAPTER_LOSSES = losses_of("adapter")  # the registry's (training/batch.py)
 
 
 @dataclass
 class AdapterConfig(LoraRun):
-    loss: Literal["dpo", "cdpo", "ipo", "simpo", "mipo", "fpo", "intermediate_dpo"] = "dpo"
+    loss: str = "dpo"  # one of ADAPTER_LOSSES
     beta: float | None = None  # None: the loss function's own default (dpo 0.1, simpo 2.0, mipo 20, ...)
     out: str = "runs/adapter"  # the run directory (CLI: --out)
     cdpo: CdpoSection = field(default_factory=CdpoSection)
@@ -97,7 +96,7 @@ class AdapterConfig(LoraRun):
         validate_common(self)
         if self.loss not in ADAPTER_LOSSES:
             raise ConfigError(f"loss must be one of {list(ADAPTER_LOSSES)}, got {self.loss!r}")
-        if self.loss in REF_REQUIRED and self.reference == "adapter_disabled":
+        if LOSSES[self.loss].precomputed_reference and self.reference == "adapter_disabled":
             raise ConfigError(
                 f"loss {self.loss!r} trains from precomputed reference columns only (run `arbiter train ref` "
                 "first); reference=adapter_disabled is not allowed for it"
@@ -135,15 +134,8 @@ def loss_beta(loss: str, beta: float | None) -> float:
 
 
 def loss_hparams(cfg: AdapterConfig) -> dict[str, Any]:
-    """The hyper-parameters ``LOSSES[cfg.loss]`` takes, from the config's sections."""
-    extra: dict[str, dict[str, Any]] = {
-        "cdpo": {"eps": cfg.cdpo.eps},
-        "simpo": {"gamma": cfg.simpo.gamma},
-        "mipo": {"modulation": cfg.mipo.modulation},
-        "fpo": {"alpha": cfg.fpo.alpha, "top_k": cfg.fpo.top_k},
-        "intermediate_dpo": {"inter_weight": cfg.intermediate.weight, "weight_on": cfg.intermediate.weight_on},
-    }
-    return {"beta": loss_beta(cfg.loss, cfg.beta), **extra.get(cfg.loss, {})}
+    """The hyper-parameters ``LOSSES[cfg.loss]`` takes: beta, and its config section's (the registry says which)."""
+    return {"beta": loss_beta(cfg.loss, cfg.beta), **LOSSES[cfg.loss].hparams_from(cfg)}
 
 
 def adapter_loss(cfg: AdapterConfig, pol: dict[str, Tensor], ref: dict[str, Tensor] | None) -> LossOutput:
