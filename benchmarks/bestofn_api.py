@@ -38,13 +38,13 @@ from _provenance import git_commit  # noqa: E402
 
 from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import load_choices, load_math, math_prompt  # noqa: E402
+from arbiter.training.stats import accuracy_se  # noqa: E402
 from arbiter.training.verifier import (  # noqa: E402
     CHOICE_SPEC,
     MATH_SPEC,
     SST2_SPEC,
     AnswerSpec,
     normalise_text,
-    se,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def main() -> None:
                                    "rule": rows[0]["rule"] if rows else None, "tokens_fixed_n": sum(x["tokens"] for x in rows)}
             for k in cols:
                 acc = sum(x[k] for x in rows) / n
-                res[k] = {"acc": acc, "se": se(acc, n), "wins": sum(x[k] and not x["n1"] for x in rows),
+                res[k] = {"acc": acc, "se": accuracy_se(acc, n), "wins": sum(x[k] and not x["n1"] for x in rows),
                           "losses": sum(x["n1"] and not x[k] for x in rows)}
             for k in ("adaptive_argmax", "adaptive_majority_vote"):
                 res[k].update(mean_candidates=sum(x[f"{k}_k"] for x in rows) / n,

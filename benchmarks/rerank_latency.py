@@ -30,7 +30,8 @@ from arbiter.generation.base import GenerationJob, SamplingParams
 from arbiter.generation.hf import HFEngine
 from arbiter.heads import HeadConfig, build_head
 from arbiter.heads.registry import LoadedHead
-from arbiter.service.rerank import pick, score_candidates, score_features
+from arbiter.selection import select
+from arbiter.service.rerank import score_candidates, score_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,12 +98,12 @@ def main() -> None:
 
     def rerank(ids, seed):
         res = engine.generate([job(ids, seed, True)])[0]
-        return res, pick(score_candidates(res.candidates, [head]))
+        return res, select(score_candidates(res.candidates, [head]), "argmax")
 
     def naive(ids, seed):
         res = engine.generate([job(ids, seed, False)])[0]
         feats = engine.features([ids] * len(res.candidates), [c.token_ids for c in res.candidates], [-1])
-        return res, pick(score_features(feats, [head]))
+        return res, select(score_features(feats, [head]), "argmax")
 
     modes = {"plain": plain, "rerank": rerank, "naive": naive}
     plain(prompts[0], 0)  # warm-up

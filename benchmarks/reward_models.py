@@ -44,6 +44,7 @@ from arbiter.training.feature_cache import pair_features, prompt_once_features  
 from arbiter.training.recipes import head as head_recipe  # noqa: E402
 from arbiter.training.recipes import joint as joint_recipe  # noqa: E402
 from arbiter.training.sections import DEFAULT_TARGETS  # noqa: E402
+from arbiter.training.stats import accuracy_se  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "reward_models"
@@ -51,7 +52,7 @@ REPORT = ROOT / "benchmarks" / "reports" / "reward_models"
 
 def acc_se(margins: torch.Tensor) -> tuple[float, float]:
     a = float((margins > 0).float().mean())
-    return a, math.sqrt(max(a * (1 - a), 0.0) / max(1, len(margins)))
+    return a, accuracy_se(a, len(margins))
 
 
 def seq_tokens(pairs) -> int:

@@ -13,6 +13,9 @@ PoolerName = Literal["identity", "affine_tanh", "swiglu_tanh"]
 # Layer convention: -1 means "the hidden state the LM head reads" (after the final norm). A value
 # 0 <= l < num_layers means the raw output of block l (captured with a forward hook).
 FINAL_NORM_LAYER = -1
+# THE name rule for heads and served model / adapter ids: letters, digits, ``_.-``, at most 64 characters, not
+# starting with punctuation (safe as a path component, a URL segment and a metric label).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 # Size caps, checked before anything is allocated (SECURITY.md "Heads"): a head config is a small file anyone who
 # can write the heads directory controls, and its sizes decide what the loader allocates.
 MAX_HIDDEN_SIZE = 1 << 16
@@ -84,7 +87,7 @@ class HeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=64, pattern=rf"^{NAME_PATTERN}$")
     backbone: BackboneFingerprint
     layer: int = FINAL_NORM_LAYER
     pooler: PoolerName = "identity"

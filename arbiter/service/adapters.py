@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from arbiter.heads.config import NAME_PATTERN
+
 
 def parse_adapters_setting(value: str | None) -> list[tuple[str, str]]:
     """``name=dir,name2=dir2`` -> [(name, dir)]; names are model ids (letters, digits, ``._-``)."""
@@ -17,7 +19,7 @@ def parse_adapters_setting(value: str | None) -> list[tuple[str, str]]:
         if not part:
             continue
         name, sep, path = part.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name.strip()) or not path.strip():
+        if not sep or not re.fullmatch(NAME_PATTERN, name.strip()) or not path.strip():
             raise ValueError(f"ARBITER_ADAPTERS entries are name=directory, got {part!r}")
         out.append((name.strip(), path.strip()))
     names = [n for n, _ in out]

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from arbiter.heads.config import NAME_PATTERN
+
 
 def _valid_unicode(v: str) -> str:
     # JSON may carry lone UTF-16 surrogates ("\ud800"); Python keeps them, but the tokenizer cannot encode
@@ -255,7 +257,7 @@ class LoadHeadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_HEADS_DIR")
     # The same rule as a head config's name: it must be usable as one URL path segment (PUT/DELETE /v1/admin/heads/{name}).
-    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=rf"^{NAME_PATTERN}$")
 
 
 class SwapHeadRequest(BaseModel):
@@ -265,7 +267,7 @@ class SwapHeadRequest(BaseModel):
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="The model id clients will send")
+    name: str = Field(pattern=rf"^{NAME_PATTERN}$", description="The model id clients will send")
     path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_ADAPTERS_DIR")
 
 

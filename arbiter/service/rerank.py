@@ -7,7 +7,6 @@ training and evaluation share with the server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,7 +17,7 @@ from arbiter.selection import POLICIES, AdaptiveRule, Selection, select, settled
 
 # The policies live in arbiter.selection; these names stay importable from here (code written against them).
 __all__ = ["POLICIES", "AdaptiveRule", "Selection", "select", "settled", "feature_layers", "score_features",
-           "score_candidates", "Pick", "pick"]
+           "score_candidates"]
 
 
 def feature_layers(heads: Sequence[LoadedHead]) -> tuple[int, ...]:
@@ -40,19 +39,3 @@ def score_candidates(candidates: Sequence[Candidate], heads: Sequence[LoadedHead
     layers = feature_layers(heads)
     feats = {l: torch.stack([_features(c)[l] for c in candidates]) for l in layers}  # layer -> [N, d]
     return score_features(feats, heads)
-
-
-@dataclass
-class Pick:
-    order: list[int]  # candidate indices, best first
-    rewards: torch.Tensor  # [N, H]
-
-    def top(self, n: int) -> list[int]:
-        return self.order[:n]
-
-
-def pick(rewards: torch.Tensor) -> Pick:
-    """Rank candidates by the first head's reward, descending; stable on ties."""
-    first = rewards[:, 0].tolist()
-    order = sorted(range(len(first)), key=lambda i: (-first[i], i))
-    return Pick(order, rewards)

@@ -40,7 +40,7 @@ from .protocol import (
     ScoreResponse,
     Usage,
 )
-from .rerank import feature_layers, pick
+from .rerank import feature_layers
 from .state import ServiceState
 from .worker import GenerateOutcome, OverBudget, QueueFull, WorkerDead
 
@@ -171,10 +171,8 @@ def _resolve_heads(st: ServiceState, names: list[str] | None, param: str) -> lis
         raise InvalidRequest("reranking needs a reward head, and none is loaded (set ARBITER_HEADS_DIR or load one)",
                              param=param, code="no_head_loaded")
     if not names:
-        default = st.settings.default_head
-        if default is None or default not in snapshot:
-            default = sorted(snapshot)[0]
-        names = [default]
+        default = st.default_head()  # THE default-head rule (state.py), also shown by /v1/heads
+        names = [default if default is not None and default in snapshot else sorted(snapshot)[0]]  # (an unload between)
     if len(set(names)) != len(names):
         raise InvalidRequest(f"{param} names a head more than once", param=param)
     out = []
@@ -669,10 +667,10 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
     except Exception as e:
         raise _worker_error(e) from None
     names = [h.name for h in heads]
-    p = pick(rewards)
+    best = select(rewards, "argmax").order[0]  # the selection policies' argmax (arbiter/selection.py)
     total = len(ids) * len(answers) + sum(len(a) + 1 for a in answers)
     _account(st, "score", None, {"candidates": len(answers), "heads": names}, t0)
     return ScoreResponse(
         model=_served_id(st, body.model), heads=names,
         data=[ScoreItem(index=i, rewards={n: float(rewards[i, k]) for k, n in enumerate(names)}) for i in range(len(answers))],
-        best=p.order[0], usage={"prompt_tokens": total, "total_tokens": total})
+        best=best, usage={"prompt_tokens": total, "total_tokens": total})

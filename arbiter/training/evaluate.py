@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .artifacts import atomic_write_json, atomic_write_text
+from .stats import accuracy_se
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("arbiter.training.evaluate")
 
 
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
 def _slug(s: str) -> str:
@@ -151,7 +149,7 @@ def eval_pairs(
     res.update(
         n=n,
         accuracy=acc,
-        accuracy_se=_se(acc, n),
+        accuracy_se=accuracy_se(acc, n),
         ties=int((margin == 0).sum()),
         mean_margin=float(margin.mean()),
         mean_reward_chosen=float(r_w.mean()),
@@ -282,9 +280,9 @@ def eval_choice(
     res.update(
         n=n,
         head_accuracy=head_ok / n,
-        head_accuracy_se=_se(head_ok / n, n),
+        head_accuracy_se=accuracy_se(head_ok / n, n),
         logprob_accuracy=avg_ok / n,
-        logprob_accuracy_se=_se(avg_ok / n, n),
+        logprob_accuracy_se=accuracy_se(avg_ok / n, n),
         logprob_sum_accuracy=sum_ok / n,
         agreement=agree / n,
         chance=sum(1 / len(q.options) for q in questions) / n,
@@ -381,7 +379,7 @@ def eval_bestofn(
                sampler="hf engine: problem j sampled as a request with seed + j")
     for key in ("pass@1", "sample_accuracy", "head_pick", "weighted_vote", "majority_vote", "oracle"):
         res[key] = hits[key] / m
-        res[f"{key}_se"] = _se(hits[key] / m, m)
+        res[f"{key}_se"] = accuracy_se(hits[key] / m, m)
     res.update(
         finished_rate=hits["finished"] / m,
         answered_rate=hits["answered"] / m,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from arbiter.training.artifacts import METRICS_FILE
 from arbiter.training.batch import losses_of
 from arbiter.training.config import ConfigError
+from arbiter.training.stats import accuracy_se
 
 if TYPE_CHECKING:
     import torch
@@ -255,7 +256,7 @@ def train_on_features(
     if best_ev is not None:
         acc = best_ev["eval_rewards/accuracies"]
         metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
-                       dev_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / max(len(dev_idx), 1)))
+                       dev_accuracy_se=accuracy_se(acc, len(dev_idx)))
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps({"final": metrics}) + "\n")
     return TrainResult(head, head_config, metrics, run_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -24,6 +23,7 @@ from arbiter.answers import canonical_number, extractor
 from .data import CHOICE_BUILTINS, LETTERS, MATH_BUILTINS, SST2_LABELS, DataError, DataReport, load_choices, load_math
 from .data.io import _iter_jsonl
 from .data.math import math_prompt
+from .stats import accuracy_se
 
 if TYPE_CHECKING:
     import torch
@@ -403,9 +403,6 @@ def make_pairs(questions: Sequence[Question], samples: Sequence[Sampled], rights
 RULES = ("argmax", "weighted_vote", "majority_vote")
 
 
-def se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` over ``n`` items."""
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
 def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]],
@@ -423,7 +420,7 @@ def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str 
     out: dict[str, Any] = {"questions": n}
     for name, r in right.items():
         acc = sum(r) / n if n else float("nan")
-        row: dict[str, Any] = {"accuracy": acc, "se": se(acc, n)}
+        row: dict[str, Any] = {"accuracy": acc, "se": accuracy_se(acc, n)}
         if name != "n=1":
             row["wins"] = sum(a and not b for a, b in zip(r, right["n=1"]))
             row["losses"] = sum(b and not a for a, b in zip(r, right["n=1"]))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from arbiter.training.head_trainer import (  # noqa: F401  (HEAD_LOSSES, Variant
     train_on_features,
 )
 from arbiter.training.head_trainer import variants as sweep_variants
+from arbiter.training.stats import accuracy_se
 
 if TYPE_CHECKING:
     pass
@@ -286,7 +286,7 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         te = evaluate_head(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
         acc = te["test_rewards/accuracies"]
         metrics.update(test_accuracy=acc, test_margin=te["test_rewards/margins"], n_test=len(splits["test"]),
-                       test_accuracy_se=math.sqrt(max(acc * (1 - acc), 0.0) / len(splits["test"])))
+                       test_accuracy_se=accuracy_se(acc, len(splits["test"])))
     metrics.update(feature_seconds=round(sum(f.seconds for f in by_layer.values()), 2),
                    feature_tokens=sum(f.tokens for f in by_layer.values()), feature_cache=feats.status,
                    tokenize_seconds=round(tok_seconds, 2), parameters=num_parameters(best.head))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from arbiter.heads.config import NAME_PATTERN
 from arbiter.training.artifacts import atomic_write_json
 from arbiter.training.batch import LOSSES, PreferenceBatch
 from arbiter.training.checkpoint import seed_everything
@@ -102,7 +103,7 @@ class JointConfig(LoraRun):
         # HeadConfig's own rule for names, checked here so that it fails before the model loads.
         import re
 
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.head.name):
+        if not re.fullmatch(NAME_PATTERN, self.head.name):
             raise ConfigError(f"head.name {self.head.name!r}: letters, digits, '_', '.', '-' (max 64)")
 
 

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arbiter.heads.config import NAME_PATTERN
 from arbiter.training.config import ConfigError
 from arbiter.training.head_trainer import HEAD_LOSSES, HeadTrainSettings, Variant, check_variant_fields
 
 log = logging.getLogger("arbiter.training.recipes.verifier")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a head name (HeadConfig.name)
+_NAME = re.compile(NAME_PATTERN)  # a head name (HeadConfig.name)
 
 DESCRIPTION = "train a verifier head on the model's own samples (right vs wrong answers), with its selection rule"
 
