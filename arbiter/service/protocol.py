@@ -325,6 +325,15 @@ class RerankRule(_Response):
     _omit_if_none = ("extractor", "pattern", "field", "labels")
 
 
+class AdaptiveInfo(BaseModel):
+    """How an adaptive rerank request sampled."""
+
+    rounds: int = Field(description="Rounds run")
+    stopped: Literal["settled", "max_candidates", "token_budget"] = Field(description="Why sampling stopped")
+    candidates: int = Field(description="Candidates sampled")
+    max_candidates: int = Field(description="The most it could have sampled")
+
+
 class RerankInfo(_Response):
     """The extra ``rerank`` field of a response: which heads scored, which candidates were chosen, and how."""
 
@@ -335,8 +344,8 @@ class RerankInfo(_Response):
     chosen: list[int]
     rewards: list[float] = Field(description="Reward of each returned choice under the picking head")
     groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
-    adaptive: dict[str, Any] | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
-                                                    "sampled, the maximum allowed")
+    adaptive: AdaptiveInfo | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
+                                                  "sampled, the maximum allowed")
     candidates: list[RerankCandidate] | None = None
 
     _omit_if_none = ("rule", "groups", "adaptive", "candidates")
@@ -428,7 +437,14 @@ class ScoreResponse(BaseModel):
     heads: list[str]
     data: list[ScoreItem]
     best: int
-    usage: dict[str, int]
+    usage: "ScoreUsage"
+
+
+class ScoreUsage(BaseModel):
+    """Tokens a score request read: the prompt once per candidate plus every candidate (no completion tokens)."""
+
+    prompt_tokens: int
+    total_tokens: int
 
 
 class ModelCard(BaseModel):

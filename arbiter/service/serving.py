@@ -23,6 +23,7 @@ from arbiter.selection import AdaptiveRule, select, settled
 
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
+    AdaptiveInfo,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -38,6 +39,7 @@ from .protocol import (
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
+    ScoreUsage,
     Usage,
 )
 from .rerank import feature_layers
@@ -236,9 +238,41 @@ def _worker_error(e: Exception) -> APIError:
 # --- chat completions ---------------------------------------------------------------------------------
 
 
-async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
-                                 request: Request) -> ChatCompletionResponse | StreamingResponse:
-    """``POST /v1/chat/completions``: validate against the settings, build the job, await it, shape the answer."""
+@dataclass(frozen=True)
+class ChatPlan:
+    """A chat request resolved once, before any work: every check against the settings done, the heads, the
+    selection rule and its extractor, N and the caps, the adapter and the prompt ids. Everything downstream (the
+    one-batch path, adaptive rounds, the stream) reads it instead of re-reading the body."""
+
+    body: ChatCompletionRequest
+    adapter: str | None
+    heads: list[LoadedHead]
+    rule: "Rule"
+    n_sample: int  # candidates to sample (the maximum for adaptive requests)
+    cap_tokens: int | None  # the token budget (rerank.budget / X-Arbiter-Budget)
+    ids: list[int]
+    params: SamplingParams
+    rid: str
+    created: int
+    t0: float
+    log_fields: dict[str, Any]
+    answers: "Answers"  # the request's extracted answers (filled as candidates arrive)
+
+    @property
+    def return_candidates(self) -> bool:
+        return bool(self.body.rerank and self.body.rerank.return_candidates)
+
+    @property
+    def adaptive(self) -> AdaptiveRule | None:
+        rr = self.body.rerank
+        if rr is None or not rr.adaptive:
+            return None
+        return AdaptiveRule(**rr.adaptive.model_dump()) if not isinstance(rr.adaptive, bool) else AdaptiveRule()
+
+
+async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Request) -> ChatPlan:
+    """Check ``body`` against the settings and resolve it into a :class:`ChatPlan` (InvalidRequest / NotFound
+    naming the field otherwise). Tokenizes off the event loop."""
     s = st.settings
     t0 = time.monotonic()
     adapter = _check_model(st, body.model)
@@ -265,6 +299,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
     heads: list[LoadedHead] = []
     rule = DEFAULT_RULE
     n_sample = body.n
+    cap_tokens: int | None = None
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
         heads = _resolve_heads(st, names, "rerank.heads")
@@ -293,49 +328,58 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    log_fields = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids), "stream": body.stream,
-                  "heads": [h.name for h in heads]}
+    log_fields: dict[str, Any] = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids),
+                                  "stream": body.stream, "heads": [h.name for h in heads]}
     if s.log_prompts:
         log_fields["messages"] = messages
+    return ChatPlan(body, adapter, heads, rule, n_sample, cap_tokens, ids, params, rid, int(time.time()), t0,
+                    log_fields, Answers(rule, s.extract_budget_s))
 
-    if body.stream and not heads:
+
+async def _outcome(request: Request, st: ServiceState, fut: asyncio.Future[Any],
+                   cancel: threading.Event | None = None) -> Any:
+    """The worker's result, with THE mapping of engine errors to API errors (a cancelled or API error passes)."""
+    try:
+        return await _wait(request, st, fut, cancel)
+    except (APIError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        raise _worker_error(e) from None
+
+
+async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
+                                 request: Request) -> ChatCompletionResponse | StreamingResponse:
+    """``POST /v1/chat/completions``: resolve the request once (``plan_chat``), run it, shape the answer."""
+    plan = await plan_chat(st, body, request)
+    if body.stream and not plan.heads:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[tuple[int, str, Any] | None] = asyncio.Queue()
         # Deltas cross from the worker thread in order; the result future's callback ends them.
         def on_delta(i: int, text: str, lps: list[TokenLogprob] | None = None) -> None:
             _put_threadsafe(loop, deltas, (i, text, lps))
 
-        job = GenerationJob(ids, body.n, params, adapter=adapter, on_delta=on_delta)
+        job = GenerationJob(plan.ids, body.n, plan.params, adapter=plan.adapter, on_delta=on_delta)
         fut = _submit(st, st.require_worker().submit_generate, job, ())
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, None))
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule, _answers(st, rule)),
-                       deltas)
+        return _stream(request, st, plan, job, fut, deltas)
 
-    if rr is not None and rr.adaptive:
-        ans = _answers(st, rule)
-        outcome, adaptive_info = await _adaptive(request, st, body, ids, params, heads, n_sample, adapter, rule, ans)
-        resp = _completion(st, body, outcome, rid, created, heads, rule, adaptive=adaptive_info)
-        log_fields["adaptive"] = adaptive_info
-        _account(st, "chat", outcome, log_fields, t0)
+    if plan.adaptive is not None:
+        outcome, adaptive_info = await _adaptive(request, st, plan)
+        resp = _completion(st, plan, outcome, adaptive=adaptive_info)
+        plan.log_fields["adaptive"] = adaptive_info
+        _account(st, "chat", outcome, plan.log_fields, plan.t0)
         return resp
 
-    job = GenerationJob(ids, n_sample, params, feature_layers=feature_layers(heads), adapter=adapter)
-    fut = _submit(st, st.require_worker().submit_generate, job, heads)
+    job = GenerationJob(plan.ids, plan.n_sample, plan.params, feature_layers=feature_layers(plan.heads),
+                        adapter=plan.adapter)
+    fut = _submit(st, st.require_worker().submit_generate, job, plan.heads)
     if body.stream:
-        return _stream(request, st, body, job, fut, Reply(rid, created, heads, log_fields, t0, rule, _answers(st, rule)))
-    try:
-        done: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
-    except APIError:
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        raise _worker_error(e) from None
-    if heads:
-        done.found = await _answers(st, rule).update(done.result.candidates)
-    resp = _completion(st, body, done, rid, created, heads, rule)
-    _account(st, "chat", done, log_fields, t0)
+        return _stream(request, st, plan, job, fut)
+    done: GenerateOutcome = await _outcome(request, st, fut, job.cancelled)
+    if plan.heads:
+        done.found = await plan.answers.update(done.result.candidates)
+    resp = _completion(st, plan, done)
+    _account(st, "chat", done, plan.log_fields, plan.t0)
     return resp
 
 
@@ -366,11 +410,9 @@ def _budget(request: Request, rr: RerankOptions) -> tuple[int | None, int | None
     return cands, tokens
 
 
-async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequest, ids: list[int],
-                    params: SamplingParams, heads: list[LoadedHead], n_max: int,
-                    adapter: str | None, rule: "Rule", ans: "Answers") -> tuple[GenerateOutcome, dict[str, Any]]:
-    """Sample in rounds of ``rule.round`` candidates (continuing one seeded candidate sequence) until the leader
-    is settled (rerank.settled), ``n_max`` candidates were sampled, or the token budget is spent."""
+async def _adaptive(request: Request, st: ServiceState, plan: ChatPlan) -> tuple[GenerateOutcome, dict[str, Any]]:
+    """Sample in rounds of ``round`` candidates (continuing one seeded candidate sequence) until the leader is
+    settled (selection.settled), ``plan.n_sample`` candidates were sampled, or the token budget is spent."""
     import dataclasses
     import secrets
 
@@ -378,11 +420,10 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
 
     from arbiter.generation.base import GenerationResult
 
-    rr = body.rerank
-    assert rr is not None  # adaptive rounds run only for rerank requests
-    opts = rr.adaptive if not isinstance(rr.adaptive, bool) else None
-    stop_rule = AdaptiveRule(**opts.model_dump()) if opts is not None else AdaptiveRule()
-    _, cap_tokens = _budget(request, rr)
+    stop_rule = plan.adaptive
+    assert stop_rule is not None  # adaptive rounds run only for adaptive rerank requests
+    body, heads, n_max, cap_tokens, rule, ans = plan.body, plan.heads, plan.n_sample, plan.cap_tokens, plan.rule, plan.answers
+    params = plan.params
     # One base seed for every round, so round r continues the candidate sequence instead of repeating it.
     params = dataclasses.replace(params, seed=params.seed if params.seed is not None else secrets.randbits(62))
     cands: list[Candidate] = []
@@ -390,14 +431,10 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
     queue_s, run_s, rounds, stopped = 0.0, 0.0, 0, "max_candidates"
     while len(cands) < n_max:
         k = min(max(stop_rule.round, body.n - len(cands)), n_max - len(cands))
-        job = GenerationJob(ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands), adapter=adapter)
+        job = GenerationJob(plan.ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands),
+                            adapter=plan.adapter)
         fut = _submit(st, st.require_worker().submit_generate, job, heads)
-        try:
-            out: GenerateOutcome = await _wait(request, st, fut, job.cancelled)
-        except (APIError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            raise _worker_error(e) from None
+        out: GenerateOutcome = await _outcome(request, st, fut, job.cancelled)
         rounds += 1
         cands += out.result.candidates
         rewards.append(out.rewards)
@@ -414,7 +451,7 @@ async def _adaptive(request: Request, st: ServiceState, body: ChatCompletionRequ
             break
     if len(cands) < n_max:
         st.metrics.tokens_saved.inc((n_max - len(cands)) * spent / max(len(cands), 1))
-    merged = GenerateOutcome(GenerationResult(cands, len(ids)), torch.cat(rewards), queue_s, run_s, found=ans.found)
+    merged = GenerateOutcome(GenerationResult(cands, len(plan.ids)), torch.cat(rewards), queue_s, run_s, found=ans.found)
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
@@ -457,10 +494,6 @@ class Answers:
             finally:
                 self.spent += time.monotonic() - t0
         return self.found
-
-
-def _answers(st: ServiceState, rule: Rule) -> Answers:
-    return Answers(rule, st.settings.extract_budget_s)
 
 
 DEFAULT_RULE = Rule("argmax", None, RerankRule(select="argmax", source="default"))
@@ -522,13 +555,13 @@ def _usage(outcome: GenerateOutcome) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _completion(st: ServiceState, body: ChatCompletionRequest, outcome: GenerateOutcome, rid: str, created: int,
-                heads: list[LoadedHead], rule: Rule, adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
-    picked, info = _choices(body, outcome, heads, rule, bool(body.rerank and body.rerank.return_candidates))
+def _completion(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome,
+                adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
+    picked, info = _choices(plan.body, outcome, plan.heads, plan.rule, plan.return_candidates)
     if info is not None and adaptive is not None:
-        info.adaptive = adaptive
+        info.adaptive = AdaptiveInfo(**adaptive)
     return ChatCompletionResponse(
-        id=rid, created=created, model=_served_id(st, body.model), system_fingerprint=st.system_fingerprint,
+        id=plan.rid, created=plan.created, model=_served_id(st, plan.body.model), system_fingerprint=st.system_fingerprint,
         choices=[Choice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
                         logprobs=st.require_token_text().logprobs(c.logprobs)) for i, c in enumerate(picked)],
         usage=_usage(outcome), rerank=info)
@@ -547,19 +580,6 @@ def _account(st: ServiceState, endpoint: str, outcome: GenerateOutcome | None, f
 # --- streaming ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    """What every chunk of one streamed reply shares, and what its access-log line accounts."""
-
-    rid: str
-    created: int
-    heads: list[LoadedHead]
-    log_fields: dict[str, Any]
-    t0: float
-    rule: Rule
-    answers: "Answers"
-
-
 def _sse(data: str) -> str:
     return f"data: {data}\n\n"
 
@@ -570,16 +590,17 @@ def _error_event(e: Exception) -> str:
     return _sse(json.dumps({"error": detail}, separators=(",", ":")))
 
 
-def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job: GenerationJob, fut: asyncio.Future[Any],
-            reply: Reply, deltas: asyncio.Queue[tuple[int, str, Any] | None] | None = None) -> StreamingResponse:
+def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJob, fut: asyncio.Future[Any],
+            deltas: asyncio.Queue[tuple[int, str, Any] | None] | None = None) -> StreamingResponse:
     """The one SSE generator: a role chunk; the content (``deltas`` as the worker produces them, or, with
     heads, the chosen candidate(s) once scored); finish reasons (with the ``rerank`` info); usage when
     ``stream_options.include_usage``; ``[DONE]``. A failure after the stream started is an error event; a
     client that goes away cancels the job."""
+    body = plan.body
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None, rerank: RerankInfo | None = None) -> str:
-        c = ChatCompletionChunk(id=reply.rid, created=reply.created, model=_served_id(st, body.model),
+        c = ChatCompletionChunk(id=plan.rid, created=plan.created, model=_served_id(st, body.model),
                                 system_fingerprint=st.system_fingerprint, choices=choices, usage=usage, rerank=rerank)
         return _sse(c.model_dump_json(exclude=None if include_usage else {"usage"}))
 
@@ -610,16 +631,15 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
                 yield _error_event(e)
                 yield "data: [DONE]\n\n"
                 return
-            if reply.heads:
+            if plan.heads:
                 try:
-                    outcome.found = await reply.answers.update(outcome.result.candidates)
+                    outcome.found = await plan.answers.update(outcome.result.candidates)
                 except APIError as e:
                     yield _error_event(e)
                     yield "data: [DONE]\n\n"
                     return
-            picked, info = _choices(body, outcome, reply.heads, reply.rule,
-                                    bool(body.rerank and body.rerank.return_candidates))
-            if reply.heads:
+            picked, info = _choices(body, outcome, plan.heads, plan.rule, plan.return_candidates)
+            if plan.heads:
                 for i, c in enumerate(picked):
                     yield chunk([content(i, c.text, c.logprobs)])
             yield chunk([ChunkChoice(index=i, delta=ChunkDelta(), finish_reason=c.finish_reason)
@@ -627,7 +647,7 @@ def _stream(request: Request, st: ServiceState, body: ChatCompletionRequest, job
             if include_usage:
                 yield chunk([], usage=_usage(outcome))
             yield "data: [DONE]\n\n"
-            _account(st, "chat_stream", outcome, reply.log_fields, reply.t0)
+            _account(st, "chat_stream", outcome, plan.log_fields, plan.t0)
         except Timeout as e:
             job.cancelled.set()
             yield _error_event(e)
@@ -660,12 +680,7 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
 
     ids, answers = await asyncio.to_thread(encode)
     fut = _submit(st, st.require_worker().submit_score, ids, answers, heads, adapter)
-    try:
-        rewards = await _wait(request, st, fut)
-    except (APIError, asyncio.CancelledError):
-        raise
-    except Exception as e:
-        raise _worker_error(e) from None
+    rewards = await _outcome(request, st, fut)
     names = [h.name for h in heads]
     best = select(rewards, "argmax").order[0]  # the selection policies' argmax (arbiter/selection.py)
     total = len(ids) * len(answers) + sum(len(a) + 1 for a in answers)
@@ -673,4 +688,4 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
     return ScoreResponse(
         model=_served_id(st, body.model), heads=names,
         data=[ScoreItem(index=i, rewards={n: float(rewards[i, k]) for k, n in enumerate(names)}) for i in range(len(answers))],
-        best=best, usage={"prompt_tokens": total, "total_tokens": total})
+        best=best, usage=ScoreUsage(prompt_tokens=total, total_tokens=total))
