@@ -265,7 +265,7 @@ def test_registry_load_swap_unload_and_failed_swap_keeps_the_old_head(tmp_path):
     (bad / "head.safetensors").write_bytes(b"garbage")
     reg = HeadRegistry(tmp_path, FP)
     a = reg.load("a")
-    assert reg.names() == ["a"] and a.describe()["metrics"] == {"acc": 0.5}
+    assert reg.names() == ["a"] and a.config.provenance["metrics"] == {"acc": 0.5}
     with pytest.raises(HeadLoadError, match="already loaded"):
         reg.load("a")
     snap = reg.snapshot()

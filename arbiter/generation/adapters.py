@@ -35,10 +35,6 @@ class LoadedAdapter:
     deltas: list[tuple[str, torch.Tensor, torch.Tensor, float]] = field(repr=False)  # (module, A, B, scale)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def card(self) -> dict[str, Any]:
-        return {"id": self.name, "path_name": Path(self.path).name, "modules": len(self.deltas),
-                "r": self.info.get("r"), "alpha": self.info.get("alpha")}
-
 
 class AdapterSet:
     def __init__(self, model: Any):

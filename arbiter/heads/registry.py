@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Mapping
 
 from .config import BackboneFingerprint, HeadConfig
 from .io import CONFIG_FILE, HeadLoadError, load_head
@@ -25,18 +25,6 @@ class LoadedHead:
     module: DPHHead
     config: HeadConfig
     path: str
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.name,
-            "object": "head",
-            "pooler": self.config.pooler,
-            "layer": self.config.layer,
-            "backbone": self.config.backbone.model_name,
-            "path": self.path,
-            "metrics": self.config.provenance.get("metrics", {}),
-            "selection": self.config.selection.describe() if self.config.selection else None,
-        }
 
 
 class HeadNotFound(KeyError):

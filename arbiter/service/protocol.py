@@ -467,14 +467,52 @@ class HeadCard(BaseModel):
     pooler: str
     layer: int
     backbone: str
-    path: str
+    path: str = Field(description="Relative to ARBITER_HEADS_DIR (never the server's absolute layout)")
     metrics: dict[str, Any]
+    selection: dict[str, Any] | None = Field(None, description="The head's own selection rule, if it carries one")
+
+    @classmethod
+    def of(cls, head: Any) -> "HeadCard":
+        """The wire card of a registry entry (``arbiter.heads.LoadedHead``)."""
+        c = head.config
+        return cls(id=head.name, pooler=c.pooler, layer=c.layer, backbone=c.backbone.model_name, path=head.path,
+                   metrics=c.provenance.get("metrics", {}), selection=c.selection.describe() if c.selection else None)
 
 
 class HeadList(BaseModel):
     object: Literal["list"] = "list"
     data: list[HeadCard]
     default: str | None
+
+
+class AdapterCard(BaseModel):
+    """A loaded adapter as ``/v1/adapters`` and the admin endpoint describe it."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    path_name: str = Field(description="The adapter directory's name (never its absolute path)")
+    modules: int = Field(description="Adapted modules")
+    r: int | None = None
+    alpha: float | None = None
+
+    @classmethod
+    def of(cls, ad: Any) -> "AdapterCard":
+        """The wire card of a loaded adapter (``arbiter.generation.adapters.LoadedAdapter``)."""
+        from pathlib import Path
+
+        return cls(id=ad.name, path_name=Path(ad.path).name, modules=len(ad.deltas), r=ad.info.get("r"),
+                   alpha=ad.info.get("alpha"))
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool
 
 
 class HeadDeleted(BaseModel):

@@ -20,6 +20,9 @@ from arbiter.heads import HeadLoadError, HeadNotFound
 from . import serving
 from .errors import APIError, Conflict, InvalidRequest, NotFound, Unavailable
 from .protocol import (
+    AdapterCard,
+    AdapterDeleted,
+    AdapterList,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ErrorResponse,
@@ -103,13 +106,13 @@ INSTANCE = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (re
 
 
 @router.get("/health", response_model=None, tags=["ops"], responses={**_ok(HealthStatus), 503: {"model": HealthStatus, "description": "Not ready"}})
-async def health(request: Request) -> dict[str, Any] | JSONResponse:
+async def health(request: Request) -> HealthStatus | JSONResponse:
     st = state_of(request)
     if st.worker is None or not st.worker.alive:
         status = "loading" if st.worker is None and not st.load_error else "unavailable"
         return JSONResponse(status_code=503, content={"status": status, "error": st.load_error})
-    return {"status": "ok", "model": st.model_id, "heads": st.require_registry().names(), "queue_depth": st.worker.depth(),
-            "instance": INSTANCE}
+    return HealthStatus(status="ok", model=st.model_id, heads=st.require_registry().names(),
+                        queue_depth=st.worker.depth(), instance=INSTANCE)
 
 
 @router.get("/metrics", response_model=None, tags=["ops"], response_class=PlainTextResponse)
@@ -123,20 +126,20 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 @router.get("/v1/models", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
             responses={**_ok(ModelList), **_errors(401, 503)})
-async def list_models(request: Request) -> dict[str, Any]:
+async def list_models(request: Request) -> ModelList:
     st = ready_state(request)
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": st.started, "owned_by": "arbiter"}
-                                       for m in [st.model_id, *serving.adapter_names(st)]]}
+    return ModelList(data=[ModelCard(id=m, created=st.started, owned_by="arbiter")
+                           for m in [st.model_id, *serving.adapter_names(st)]])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
             responses={**_ok(ModelCard), **_errors(401, 404, 503)})
-async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+async def get_model(model_id: str, request: Request) -> ModelCard:
     st = ready_state(request)
     if model_id != st.model_id and model_id not in serving.adapter_names(st):
         raise NotFound(f"model {model_id!r} does not exist; this server serves {sorted([st.model_id, *serving.adapter_names(st)])}",
                        param="model", code="model_not_found")
-    return {"id": model_id, "object": "model", "created": st.started, "owned_by": "arbiter"}
+    return ModelCard(id=model_id, created=st.started, owned_by="arbiter")
 
 # --- chat completions and scoring (serving.py) ----------------------------------------------------------
 
@@ -161,10 +164,10 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 
 @router.get("/v1/heads", response_model=None, tags=["arbiter"], dependencies=[Depends(require_api_key)],
             responses={**_ok(HeadList), **_errors(401)})
-async def list_heads(request: Request) -> dict[str, Any]:
+async def list_heads(request: Request) -> HeadList:
     st = state_of(request)
     snap = st.registry.snapshot() if st.registry else {}
-    return {"object": "list", "data": [snap[n].describe() for n in sorted(snap)], "default": st.default_head()}
+    return HeadList(data=[HeadCard.of(snap[n]) for n in sorted(snap)], default=st.default_head())
 
 
 def _head_error(e: Exception) -> APIError:
@@ -173,7 +176,7 @@ def _head_error(e: Exception) -> APIError:
 
 @router.post("/v1/admin/heads", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
              responses={**_ok(HeadCard), **_errors(*_ADMIN)})
-async def load_head(body: LoadHeadRequest, request: Request) -> dict[str, Any]:
+async def load_head(body: LoadHeadRequest, request: Request) -> HeadCard:
     st = ready_state(request)
     name = body.name
     if name is not None and name in st.require_registry().snapshot():
@@ -186,12 +189,12 @@ async def load_head(body: LoadHeadRequest, request: Request) -> dict[str, Any]:
             raise Conflict(str(e), param="name", code="head_exists") from None
         raise _head_error(e) from None
     log.info("loaded head %s from %s", head.name, body.path)
-    return head.describe()
+    return HeadCard.of(head)
 
 
 @router.put("/v1/admin/heads/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
             responses={**_ok(HeadCard), **_errors(*_ADMIN)})
-async def swap_head(name: str, body: SwapHeadRequest, request: Request) -> dict[str, Any]:
+async def swap_head(name: str, body: SwapHeadRequest, request: Request) -> HeadCard:
     st = ready_state(request)
     try:
         head = await asyncio.to_thread(st.require_registry().swap, name, body.path)
@@ -200,29 +203,30 @@ async def swap_head(name: str, body: SwapHeadRequest, request: Request) -> dict[
     except HeadLoadError as e:
         raise _head_error(e) from None
     log.info("swapped head %s to %s", name, body.path)
-    return head.describe()
+    return HeadCard.of(head)
 
 
 @router.delete("/v1/admin/heads/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
                responses={**_ok(HeadDeleted), **_errors(401, 403, 404, 503)})
-async def unload_head(name: str, request: Request) -> dict[str, Any]:
+async def unload_head(name: str, request: Request) -> HeadDeleted:
     st = ready_state(request)
     try:
         st.require_registry().unload(name)
     except HeadNotFound:
         raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
     log.info("unloaded head %s", name)
-    return {"id": name, "object": "head", "deleted": True}
+    return HeadDeleted(id=name, deleted=True)
 
 
 # --- adapters (several LoRA adapters on the one base model, ARBITER_ADAPTERS) ----------------------------------
 
 
-@router.get("/v1/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_api_key)])
-async def list_adapters(request: Request) -> dict[str, Any]:
+@router.get("/v1/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_api_key)],
+            responses={**_ok(AdapterList), **_errors(401, 503)})
+async def list_adapters(request: Request) -> AdapterList:
     st = ready_state(request)
     ads = st.require_engine().adapters
-    return {"object": "list", "data": [ads.get(n).card() for n in ads.names()] if ads is not None else []}
+    return AdapterList(data=[AdapterCard.of(ads.get(n)) for n in ads.names()] if ads is not None else [])
 
 
 def _adapter_path(st: ServiceState, path: str) -> Path:
@@ -252,8 +256,8 @@ def _adapter_path(st: ServiceState, path: str) -> Path:
 
 
 @router.post("/v1/admin/adapters", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
-             responses={**_errors(*_ADMIN)})
-async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, Any]:
+             responses={**_ok(AdapterCard), **_errors(*_ADMIN)})
+async def load_adapter(body: LoadAdapterRequest, request: Request) -> AdapterCard:
     from arbiter.backbone import AdapterError
 
     st = ready_state(request)
@@ -272,13 +276,12 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict[str, 
         raise InvalidRequest(f"cannot load adapter {body.path[:200]!r}: {e.strerror or type(e).__name__}", param="path",
                              code="invalid_adapter") from None
     log.info("loaded adapter %s from %s", body.name, body.path)
-    card: dict[str, Any] = ad.card()
-    return card
+    return AdapterCard.of(ad)
 
 
 @router.delete("/v1/admin/adapters/{name}", response_model=None, tags=["admin"], dependencies=[Depends(require_admin)],
-               responses={**_errors(401, 403, 404, 409, 503)})
-async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
+               responses={**_ok(AdapterDeleted), **_errors(401, 403, 404, 409, 503)})
+async def unload_adapter(name: str, request: Request) -> AdapterDeleted:
     from arbiter.generation.adapters import AdapterBusy, AdapterNotLoaded
 
     st = ready_state(request)
@@ -293,4 +296,4 @@ async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     except AdapterBusy as e:
         raise Conflict(str(e), param="name", code="adapter_busy") from None
     log.info("unloaded adapter %s", name)
-    return {"id": name, "object": "adapter", "deleted": True}
+    return AdapterDeleted(id=name, deleted=True)
