@@ -53,12 +53,17 @@ def assert_error(r, status: int, *, type_: str | None = None, code: str | None =
     return err
 
 
-def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(pred, timeout: float = 10.0, what: str = "condition", every_s: float = 0.01):
+    """Poll ``pred`` until it returns something true (returned), or fail naming ``what`` after ``timeout`` s.
+    THE waiting helper of the tests."""
     deadline = time.monotonic() + timeout
-    while not pred():
+    while True:
+        got = pred()
+        if got:
+            return got
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(every_s)
 
 
 def heads_dir(root: str | os.PathLike, *names: str) -> HeadRegistry:

@@ -20,18 +20,7 @@ from fuzz_api import fuzz, live_app  # noqa: E402
 EXAMPLES = 10  # per (operation, mode): ~100 cases
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine one intra-op thread is several times faster than two that spin-wait.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_schemathesis_short_run_finds_no_5xx_and_no_schema_violation(backbone, tmp_path, one_thread):
+def test_schemathesis_short_run_finds_no_5xx_and_no_schema_violation(backbone, tmp_path, one_torch_thread):
     app = live_app(backbone, str(tmp_path))
     with ServerThread(app, start_timeout_s=60) as srv:
         res = fuzz(srv.url, model_id=app.state.arbiter.model_id, examples=EXAMPLES, derandomize=True, deadline_s=90)

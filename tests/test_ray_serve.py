@@ -4,8 +4,6 @@ heads directory reaches both, and after one replica is killed every request is s
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
@@ -13,16 +11,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from fakes import free_port, save_random_head  # noqa: E402
-
-
-def _until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+from served_fake import wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +46,7 @@ def _instances(url: str, tries: int = 40) -> dict[str, list[str]]:
 def test_two_replicas_serve_and_share_the_heads_directory(cluster, backbone):
     url, heads = cluster
     # Both replicas come up (each loads its own model) and requests reach both.
-    _until(lambda: len(_instances(url)) == 2, 300, "two healthy replicas")
+    wait_until(lambda: len(_instances(url)) == 2, 300, "two healthy replicas", every_s=0.3)
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
             "rerank": {"candidates": 2, "heads": ["h1"]}}
@@ -66,8 +55,8 @@ def test_two_replicas_serve_and_share_the_heads_directory(cluster, backbone):
         assert r.status_code == 200 and r.json()["rerank"]["heads"] == ["h1"]
     # A head written to the shared directory reaches every replica.
     save_random_head(backbone.fingerprint, heads / "h2", name="h2", seed=2)
-    _until(lambda: (lambda s: len(s) == 2 and all("h2" in v for v in s.values()))(_instances(url)), 60,
-           "h2 on both replicas")
+    wait_until(lambda: (lambda s: len(s) == 2 and all("h2" in v for v in s.values()))(_instances(url)), 60,
+               "h2 on both replicas", every_s=0.3)
     # Kill one replica: every request after it is answered (by the other, until Serve replaces it).
     replicas = [n for n in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in n["name"]]
     assert len(replicas) == 2

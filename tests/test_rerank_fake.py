@@ -20,6 +20,7 @@ import openai
 import pytest
 import served_fake
 from fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
+from served_fake import wait_until
 
 from arbiter.heads import HeadRegistry
 from arbiter.service.app import create_app
@@ -48,14 +49,6 @@ def client(srv: ServerThread, **kw) -> openai.OpenAI:
 
 def rerank_call(c: openai.OpenAI, *, n: int = 1, **rerank):
     return c.chat.completions.create(model=MODEL, messages=USER, n=n, max_tokens=16, extra_body={"rerank": rerank})
-
-
-def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- exact selection ---------------------------------------------------------------------------------------
