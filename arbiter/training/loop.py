@@ -31,7 +31,7 @@ from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import split_pairs
 from arbiter.training.losses import LossOutput, preference_metrics
 from arbiter.training.rundir import MetricsLog, prepare_run_dir, resumable_checkpoint
-from arbiter.training.sections import OptimConfig
+from arbiter.training.sections import LoraRun, OptimConfig
 
 log = logging.getLogger("arbiter.training.loop")
 
@@ -82,7 +82,8 @@ def make_accelerator(device: str, precision: str) -> Any:
 class LoopSpec:
     """What :func:`train_loop` needs from a recipe."""
 
-    cfg: Any
+    name: str  # what is trained, for the progress bar and logs ("dpo", "joint", ...)
+    cfg: LoraRun  # the recipe's config (the LoRA recipes' common sections)
     accelerator: Any
     policy: nn.Module  # prepared PolicyModule
     optimizer: torch.optim.Optimizer
@@ -287,7 +288,7 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
     driver = StepDriver(
         total=spec.total_steps, log=MetricsLog(out_dir, resumed_at=step if ckpt_path else None, enabled=main),
         save=save, save_every=cfg.save_every, log_every=cfg.log_every, step=step, last_good=ckpt_path,
-        desc=f"train {getattr(cfg, 'loss', 'joint')}", progress=main and cfg.progress,
+        desc=f"train {spec.name}", progress=main and cfg.progress,
         postfix=("loss", "rewards/accuracies"), last=resumed_metrics,  # a resumed, finished run reports its last step
     )
 

@@ -225,7 +225,7 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
             out = adapter_loss(cfg, pol, ref)
             return out, step_metrics(out, pol)
 
-        spec = LoopSpec(cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,
+        spec = LoopSpec(name=cfg.loss, cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,
                         trainables=trainables, train=train, dev=dev, pad_id=bb.end_id, total_steps=total,
                         compute=compute)
         log.info("training %d pairs (%d dev), %d optimiser steps, %d trainable parameters", len(train), len(dev),

@@ -186,7 +186,7 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
             out = joint_loss(cfg, pol, ref)
             return out, step_metrics(out, pol)
 
-        spec = LoopSpec(cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,
+        spec = LoopSpec(name="joint", cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,
                         trainables=trainables, train=train, dev=dev, pad_id=bb.end_id, total_steps=total,
                         compute=compute, after_step=after_step, extra_state={f"prior.{k}": v for k, v in prior.items()})
         log.info("joint training: %d pairs (%d dev), %d steps, %d LoRA + %d head parameters", len(train), len(dev),
