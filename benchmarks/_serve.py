@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: start `arbiter serve` on a free loopback port and wait for /health 200."""
+"""Shared by the benchmark scripts: start `arbiter serve` on a free loopback port and wait for /health 200; the
+resident memory of a server process and its children."""
 
 from __future__ import annotations
 
@@ -46,3 +47,20 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def process_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and its children (vLLM's engine core is a child); 0 once it is gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        total = p.memory_info().rss
+        for c in p.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except psutil.Error:
+                pass
+        return int(total)
+    except psutil.Error:
+        return 0

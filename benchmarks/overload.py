@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: free_port, save_random_head
 
 from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
+from _serve import process_rss  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 ADMIN_KEY = "overload-admin-key"
@@ -57,23 +57,14 @@ class RssSampler(threading.Thread):
 
     def __init__(self, pid: int, period_s: float = 0.05):
         super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
+        self.pid = pid
         self.period_s = period_s
         self.peak = 0
         self.samples = 0
         self._halt = threading.Event()
 
     def rss(self) -> int:
-        try:
-            total = self.proc.memory_info().rss
-            for c in self.proc.children(recursive=True):
-                try:
-                    total += c.memory_info().rss
-                except psutil.Error:
-                    pass
-            return total
-        except psutil.Error:
-            return 0
+        return process_rss(self.pid)
 
     def run(self) -> None:
         while not self._halt.is_set():

@@ -36,13 +36,12 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: save_random_head
 
 from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
-from _serve import start_server, stop_server  # noqa: E402
+from _serve import process_rss, start_server, stop_server  # noqa: E402
 
 ADMIN_KEY = "soak-admin-key"
 SHORT = ["Say hi.", "What is 2+2?", "Name a colour.", "Give me a word that rhymes with cat.", "Name a fruit.",
@@ -70,20 +69,6 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     my = sum(v for _, v in points) / n
     var = sum((t - mx) ** 2 for t, _ in points)
     return None if var == 0 else sum((t - mx) * (v - my) for t, v in points) / var * 3600
-
-
-def rss(pid: int) -> int:
-    try:
-        p = psutil.Process(pid)
-        total = p.memory_info().rss
-        for c in p.children(recursive=True):  # vLLM's engine core runs in a child process
-            try:
-                total += c.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-    except psutil.Error:
-        return 0
 
 
 class Traffic:
@@ -214,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         status = h.status_code
                     except httpx.HTTPError:
                         depth, status = None, None
-                    samples.append({"t_s": round(t, 1), "rss_mib": round(rss(proc.pid) / 2**20, 1),
+                    samples.append({"t_s": round(t, 1), "rss_mib": round(process_rss(proc.pid) / 2**20, 1),
                                     "health_s": round(time.monotonic() - s, 3), "health_status": status,
                                     "queue_depth": depth})
                     stop.wait(5.0)
