@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(summary | {"samples": samples}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(summary | {"samples": samples, "records": records}) + "\n")
     print(md)
     if summary["passed"]:
         log_path.unlink(missing_ok=True)
@@ -279,6 +279,9 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
     steps = [(b["t_s"], round(b["rss_mib"] - a["rss_mib"], 1)) for a, b in zip(samples, samples[1:])
              if a["rss_mib"] > 0 and b["rss_mib"] > 0]
     big = max(steps, key=lambda x: x[1], default=(None, None))
+    # The floor (least RSS in a window): what the process keeps between batches, apart from the transient peaks.
+    floor_first = min((s["rss_mib"] for s in samples if s["t_s"] < window and s["rss_mib"] > 0), default=None)
+    floor_last = min((s["rss_mib"] for s in samples if s["t_s"] >= duration - window and s["rss_mib"] > 0), default=None)
     depths = [s["queue_depth"] for s in samples if s["queue_depth"] is not None]
     rss_v = [s["rss_mib"] for s in samples if s["rss_mib"] > 0]
     health = [s["health_s"] for s in samples]
@@ -294,7 +297,8 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
                     "max": max(rss_v, default=None), "slope_mib_per_h_after_first_window": (
                         round(s, 1) if (s := slope_per_hour(pts)) is not None else None),
                     "slope_mib_per_h_second_half": round(h, 1) if (h := slope_per_hour(half)) is not None else None,
-                    "largest_step_mib": big[1], "largest_step_at_s": big[0]},
+                    "largest_step_mib": big[1], "largest_step_at_s": big[0],
+                    "floor_first_window": floor_first, "floor_last_window": floor_last},
         "queue_depth": {"mean": round(sum(depths) / len(depths), 2) if depths else None, "max": max(depths, default=None)},
         "health_s": {"p50": pct(health, 0.5), "max": max(health, default=None), "probes": len(health)},
         "swaps": {"made": len(swaps), "failed": len(swap_failed)}, "after": after, "server_exit_code": exit_code,
@@ -342,6 +346,7 @@ def report(s: dict, args) -> str:
         f"| RSS first / last / max sample | {rs['first_sample']} / {rs['last_sample']} / {rs['max']} MiB |",
         f"| RSS slope after the first {w} {unit} (least squares, 5 s samples) | {rs['slope_mib_per_h_after_first_window']} MiB/h |",
         f"| RSS slope over the second half | {rs['slope_mib_per_h_second_half']} MiB/h |",
+        f"| RSS floor (least sample) in the first / last {w} {unit} | {rs['floor_first_window']} / {rs['floor_last_window']} MiB |",
         f"| largest RSS rise between two samples 5 s apart | {rs['largest_step_mib']} MiB (at {rs['largest_step_at_s']} s) |",
         f"| queue depth mean / max (5 s samples) | {s['queue_depth']['mean']} / {s['queue_depth']['max']} |",
         f"| `/health` latency p50 / max ({s['health_s']['probes']} probes) | {s['health_s']['p50']} / {s['health_s']['max']} s |",
