@@ -271,6 +271,10 @@ class _Batch:
         for c in self.captures.values():
             c.remove()
         self.captures = {}
+        # Drop the cache now: transformers' cache objects sit in reference cycles, so without this the batch's KV
+        # memory waits for Python's cyclic GC, and the next batch allocates its own beside it (two sequential
+        # long requests peaked at twice one's RSS; tests/test_overload_and_faults.py).
+        self.cache, self.mask, self.next_pos, self.logits = None, None, None, None
 
 
 class _Hook:

@@ -113,13 +113,16 @@ class GenerateOutcome:
 
 
 _LIBC: Any = None
+TRIM_AFTER_BYTES = 256 << 20  # after a batch whose KV cache reached this, the heap is trimmed at once (~30 ms)
 
 
 def release_free_memory() -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``). A batch's tensors under glibc's mmap
-    threshold come from the heap, and freed heap memory stays with the process: without this, RSS steps up to the
-    largest batch seen and stays there (benchmarks/reports/soak.md measured +650 MiB). About 30 ms; a no-op
-    without glibc."""
+    threshold (a layer's KV block is often tens of MB) come from the heap, and freed heap memory stays with the
+    process: without this, RSS steps up to the largest batch seen and stays there
+    (benchmarks/reports/soak_hf_before_trim.md: +650 MiB), and two large batches in a row need nearly twice one's
+    memory. Called when the worker goes idle and after every batch whose cache reached ``TRIM_AFTER_BYTES``.
+    About 30 ms; a no-op without glibc."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -297,6 +300,8 @@ class Worker:
                 finally:
                     self.busy = False
                 self._running = []  # not in the finally: a dying thread still needs the list below
+                if self._kv_bytes(live) >= TRIM_AFTER_BYTES:
+                    release_free_memory()  # a large batch's freed cache must not stay with the process for the next
         except BaseException as e:  # the thread itself is dying: fail everything, tell the server
             self.dead = e
             log.critical("engine worker died: %r", e)
@@ -308,6 +313,11 @@ class Worker:
                 self.on_death(e)
             raise
         self._fail_all(WorkerDead("the server is shutting down"))
+
+    def _kv_bytes(self, items: list[_Item]) -> int:
+        """The KV-cache bytes a batch of ``items`` held at most (rows x longest span x the engine's bytes per token)."""
+        per = self.engine.kv_bytes_per_token() or 0
+        return batch_tokens(sum(it.rows for it in items), max((it.span for it in items), default=0)) * per
 
     def _fail_all(self, exc: BaseException) -> None:
         while self._pending:

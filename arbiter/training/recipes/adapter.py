@@ -95,7 +95,7 @@ class AdapterConfig(LoraRun):
     def validate(self) -> None:
         validate_common(self)
         if self.loss not in ADAPTER_LOSSES:
-            raise ConfigError(f"loss must be one of {list(ADAPTER_LOSSES)}, got {self.loss!r}")
+            raise ConfigError(f"loss: {self.loss!r} is not one of {list(ADAPTER_LOSSES)}")
         if LOSSES[self.loss].precomputed_reference and self.reference == "adapter_disabled":
             raise ConfigError(
                 f"loss {self.loss!r} trains from precomputed reference columns only (run `arbiter train ref` "
