@@ -268,9 +268,10 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                 os.kill(os.getpid(), signal.SIGTERM)
 
     def start(eng: Engine) -> None:
+        device = engine_mod.resolve_device(settings) if engine is None else "cpu"
         if state.registry is None:
             state.registry = HeadRegistry(settings.heads_dir, eng.fingerprint,
-                                          device=engine_mod.resolve_device(settings) if engine is None else "cpu",
+                                          device=device,
                                           supported_layers=eng.supported_features(),
                                           engine=type(eng).__name__)
             loaded, errors = state.registry.load_all()
@@ -290,7 +291,6 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
         if settings.heads_watch_s and state.registry.root is not None:  # also a registry the embedder passed in
             _watch_heads(state, settings.heads_watch_s)
         state.bind_engine(eng)
-        device = engine_mod.resolve_device(settings) if engine is None else "cpu"
         budget = batch_token_budget(settings, eng, device)
         per = eng.kv_bytes_per_token()
         if budget is None:

@@ -153,6 +153,7 @@ class Worker:
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._pending: deque[_Item] = deque()
         self._worked = False  # a batch ran since the worker last went idle
+        self._kv_per_token = engine.kv_bytes_per_token() or 0  # fixed for the engine's life: read once
         self._thread = threading.Thread(target=self._main, name="arbiter-worker", daemon=True)
         self._stop = threading.Event()
         self.dead: BaseException | None = None
@@ -316,7 +317,7 @@ class Worker:
 
     def _kv_bytes(self, items: list[_Item]) -> int:
         """The KV-cache bytes a batch of ``items`` held at most (rows x longest span x the engine's bytes per token)."""
-        per = self.engine.kv_bytes_per_token() or 0
+        per = self._kv_per_token
         return batch_tokens(sum(it.rows for it in items), max((it.span for it in items), default=0)) * per
 
     def _fail_all(self, exc: BaseException) -> None:
