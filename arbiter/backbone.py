@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 # The one chat encoding (re-exported: callers use arbiter.backbone.prompt_ids / answer_ids / encode_chat).
 from arbiter.chat import ChatTemplateError, answer_ids, encode_chat, prompt_ids, template_messages
@@ -370,10 +370,10 @@ def load_backbone(
 
 
 def decoder_layers(model: Any) -> Any:
-    """The list of transformer blocks of a causal LM (Llama-style ``model.model.layers``)."""
-    base = getattr(model, "model", model)
-    if hasattr(base, "layers"):
-        return base.layers
+    """The list of transformer blocks of a causal LM (Llama-style ``model.model.layers``; a PEFT wrapper too)."""
+    for base in (base_model(model), getattr(model, "model", model)):
+        if hasattr(base, "layers"):
+            return base.layers
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
@@ -384,15 +384,33 @@ def base_model(model: Any) -> Any:
     return getattr(m, "model", m)
 
 
-class LayerCapture:
-    """Forward hook that keeps the raw output of block ``layer`` (docs/methods.md: FPO / head layer >= 0)."""
+class StopForward(Exception):
+    """Raised by a stopping :class:`LayerCapture` to skip the blocks after it, the final norm and the LM head."""
 
-    def __init__(self, model: Any, layer: int):
+
+class Cancelled(Exception):
+    """A feature pass stopped because its ``cancelled`` callable returned True."""
+
+
+class LayerCapture:
+    """THE hook that keeps the raw output of block ``layer`` (docs/methods.md: FPO / head layer >= 0).
+
+    Every reader of an intermediate layer uses it: the serving engines, the training cache, evaluation, the
+    policy forward of FPO and the SAE recipe. ``stop=True`` raises :class:`StopForward` once the block has run,
+    so a caller that needs nothing deeper skips the rest of the model (it catches the exception)."""
+
+    def __init__(self, model: Any, layer: int, *, stop: bool = False):
+        blocks = decoder_layers(model)
+        if not -len(blocks) <= layer < len(blocks):
+            raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} decoder blocks")
         self.output: Any = None  # [B, T, d] the block's raw output of the last forward
-        self._h = decoder_layers(model)[layer].register_forward_hook(self._hook)
+        self.stop = stop
+        self._h = blocks[layer].register_forward_hook(self._hook)
 
     def _hook(self, module: Any, args: Any, out: Any) -> None:
         self.output = out[0] if isinstance(out, (tuple, list)) else out
+        if self.stop:
+            raise StopForward
 
     def remove(self) -> None:
         self._h.remove()
@@ -404,6 +422,108 @@ class LayerCapture:
         self.remove()
 
 
+FEATURE_BATCH_TOKENS = 4096  # padded tokens per feature forward (rows * longest): bounds activation memory
+FINAL_LAYER = -1  # the decoder's last_hidden_state, after the final norm (what the LM head reads)
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped by similar length (sorted, longest first) so padding stays small: each batch keeps
+    ``rows * longest <= batch_tokens`` (a single longer row goes alone) and at most ``max_batch`` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        t_max = lengths[cur[0]] if cur else lengths[i]  # sorted descending: the first is the longest
+        if cur and ((len(cur) + 1) * t_max > batch_tokens or len(cur) >= max_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def batched_end_features(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    *,
+    batch_tokens: int,
+    pad_id: int,
+    max_batch: int = 32,
+    cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, "torch.Tensor"]:
+    """THE feature pass: head features of complete sequences, layer -> [N, d] float32 on CPU, input order.
+
+    Every sequence is prompt + answer + its closing end-of-turn token; the feature is the hidden state at that
+    last token (``arbiter.heads.end_features``). Layer -1 is the decoder's ``last_hidden_state`` (after the
+    final norm), layer l >= 0 the raw output of block l (:class:`LayerCapture`); all requested layers come from
+    one forward per batch, which stops after the deepest block when the final layer is not asked for. Batches
+    are length-sorted and right-padded (causal attention keeps every real position independent of the padding)
+    under ``rows * longest <= batch_tokens`` and ``rows <= max_batch``. Serving (``/v1/score``, stop-string
+    rescoring, the vLLM engine's feature pass), the training cache and evaluation all call this one function.
+
+    ``cancelled`` is polled before every block: once it returns True the pass raises :class:`Cancelled` within
+    one block. ``progress`` is called with each finished batch's real token count.
+    """
+    import torch
+
+    from arbiter.heads import end_features
+
+    want = sorted(set(int(x) for x in layers))
+    if not want:
+        raise ValueError("batched_end_features needs at least one layer")
+    lengths = [len(s) for s in sequences]
+    if lengths and min(lengths) < 1:
+        raise ValueError("cannot compute features of an empty sequence")
+    dec = base_model(model)
+    device = next(model.parameters()).device
+    d = int(model.config.hidden_size)
+    out = {l: torch.empty(len(sequences), d, dtype=torch.float32) for l in want}  # layer -> [N, d]
+    if not sequences:
+        return out
+    hook_layers = [l for l in want if l != FINAL_LAYER]
+    final = FINAL_LAYER in want
+    deepest = max(hook_layers) if hook_layers else None
+    captures = {l: LayerCapture(model, l, stop=not final and l == deepest) for l in hook_layers}
+    handles: list[Any] = []
+    if cancelled is not None:
+        def _poll(module: Any, args: Any) -> None:
+            if cancelled():
+                raise Cancelled("the feature pass was cancelled")
+        handles = [b.register_forward_pre_hook(_poll) for b in decoder_layers(model)]
+    try:
+        with torch.inference_mode():
+            for idx in length_batches(lengths, batch_tokens, max_batch):
+                t = max(lengths[i] for i in idx)
+                ids = torch.full((len(idx), t), pad_id, dtype=torch.long)  # [b, T] right-padded
+                mask = torch.zeros((len(idx), t), dtype=torch.long)  # [b, T]
+                for r, i in enumerate(idx):
+                    ids[r, : lengths[i]] = torch.tensor(list(sequences[i]), dtype=torch.long)
+                    mask[r, : lengths[i]] = 1
+                pos = torch.tensor([lengths[i] - 1 for i in idx], device=device)  # [b] the closing token
+                try:
+                    o = dec(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except StopForward:
+                    o = None
+                rows = torch.tensor(idx)
+                if final:
+                    assert o is not None
+                    out[FINAL_LAYER][rows] = end_features(o.last_hidden_state, pos).cpu()
+                for l, cap in captures.items():
+                    out[l][rows] = end_features(cap.output, pos).cpu()
+                    cap.output = None
+                if progress is not None:
+                    progress(sum(lengths[i] for i in idx))
+    finally:
+        for c in captures.values():
+            c.remove()
+        for h in handles:
+            h.remove()
+    return out
+
+
 def forward_features(
     model: Any,
     input_ids: "torch.Tensor",
@@ -412,11 +532,10 @@ def forward_features(
     *,
     layer: int = -1,
 ) -> "torch.Tensor":
-    """Head features for a batch of full sequences: [B, T] -> [B, d] (float32).
+    """Head features of one already-padded batch: [B, T] -> [B, d] (float32), read at ``positions``.
 
-    layer -1 reads the decoder's ``last_hidden_state`` (after the final norm: what the LM head reads);
-    layer l >= 0 reads the raw output of block l. Positions index the closing ``<|im_end|>`` per row.
-    No logits are computed (the LM head is skipped).
+    The plain reference forward (no batching, no early stop) that tests and the vLLM start-up probe compare
+    :func:`batched_end_features` against. Layer -1 reads ``last_hidden_state``; layer l >= 0 block l's output.
     """
     import torch
 

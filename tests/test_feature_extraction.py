@@ -65,3 +65,61 @@ def test_auto_packs_long_answers_and_shares_short_ones(pairs):
     assert fc.extraction_method(hh) == "packed" and fc.extraction_method(sst) == "shared"
     with pytest.raises(ValueError, match="unknown extraction method"):
         fc.prompt_once_features(None, hh, method="fast")
+
+
+def _alone(backbone, seq: list[int], layer: int) -> torch.Tensor:
+    """The independent reference: one unpadded forward of one sequence, read at its last token."""
+    ids = torch.tensor([seq])
+    return backbone_forward(backbone, ids, layer)
+
+
+def backbone_forward(backbone, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    from arbiter.backbone import forward_features
+
+    return forward_features(backbone.model, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]), layer=layer)[0]
+
+
+@pytest.mark.parametrize("layers", [[-1, 12], [12], [3, 20]])  # final + a block; a block alone and two blocks:
+def test_the_one_feature_pass_equals_each_sequence_alone(backbone, pairs, layers):  # the forward stops after the deepest
+    """Length-sorted, right-padded batches under a small token budget (several batches, single-row ones too), every
+    layer from one forward, rows back in input order: each equals that sequence's own unpadded forward."""
+    from arbiter.backbone import batched_end_features, length_batches
+
+    seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in pairs] + [list(p.prompt_ids) + list(p.rejected_ids) for p in pairs]
+    budget = 2 * max(len(s) for s in seqs)
+    assert len(length_batches([len(s) for s in seqs], budget, 3)) >= 4  # the budget really splits the batch
+    seen: list[int] = []
+    got = batched_end_features(backbone.model, seqs, layers, batch_tokens=budget, max_batch=3, pad_id=backbone.end_id,
+                               progress=seen.append)
+    assert sorted(got) == sorted(layers) and sum(seen) == sum(len(s) for s in seqs)
+    for layer in layers:
+        ref = torch.stack([_alone(backbone, s, layer) for s in seqs])
+        err = (got[layer] - ref).norm(dim=1) / ref.norm(dim=1)
+        assert err.max() < 1e-4, (layer, err.max().item())
+
+
+def test_a_block_only_pass_runs_no_deeper_block_and_a_cancelled_pass_stops(backbone, pairs):
+    from arbiter.backbone import Cancelled, batched_end_features, decoder_layers
+
+    blocks = decoder_layers(backbone.model)
+    ran: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, a, o, k=k: ran.append(k)) for k, b in enumerate(blocks)]  # block k ran
+    try:
+        seqs = [list(pairs[0].prompt_ids) + list(pairs[0].chosen_ids)]
+        batched_end_features(backbone.model, seqs, [5], batch_tokens=4096, pad_id=backbone.end_id)
+        assert ran == list(range(6))  # blocks 0..5, never 6.. nor the final norm's consumers
+        ran.clear()
+        polls = []
+
+        def cancelled() -> bool:
+            polls.append(1)
+            return len(polls) > 3
+
+        with pytest.raises(Cancelled):
+            batched_end_features(backbone.model, seqs * 4, [-1], batch_tokens=4096, pad_id=backbone.end_id,
+                                 cancelled=cancelled)
+        assert ran == [0, 1, 2]  # three blocks ran, the fourth poll stopped the pass
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # the pass removed its hooks

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from arbiter.backbone import base_model, decoder_layers
 from arbiter.training import sae as S
 from arbiter.training.sae import SAELoadError, SparseAutoencoder, load_sae, save_sae
 from arbiter.training.sae import features as SF
-from arbiter.training.sae.features import _decoder_stack
 
 
 def random_sae(d_in=16, d_sae=48, activation="topk", k=4, seed=0, **kw) -> SparseAutoencoder:
@@ -267,7 +267,7 @@ def test_block_output_is_the_raw_block_output_not_the_final_norm(backbone):
     ids = torch.tensor([backbone.tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]])
     att = torch.ones_like(ids)
     with torch.no_grad():
-        dec = _decoder_stack(backbone.model)[0]  # the decoder stack: no LM head needed here
+        dec = base_model(backbone.model)  # the decoder stack: no LM head needed here
         hs = dec(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
         assert torch.equal(S.block_output(backbone.model, ids, att, 1), hs[2])  # hidden_states[l + 1] for l < L - 1
         last = S.block_output(backbone.model, ids, att, backbone.num_layers - 1)
@@ -313,7 +313,7 @@ def test_pooled_features_are_differentiable_wrt_the_model(backbone):
         torch.Generator().manual_seed(0))
     sae.requires_grad_(False)
     batch = collate_pairs(tp, pad_id=backbone.end_id)
-    w = _decoder_stack(backbone.model)[1][0].mlp.down_proj.weight
+    w = decoder_layers(backbone.model)[0].mlp.down_proj.weight
     # The backbone is shared by the whole session: earlier tests may have frozen it. Ask for the gradient
     # explicitly and put the flag back.
     was = w.requires_grad

@@ -24,8 +24,14 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from arbiter.backbone import Backbone, LayerCapture, base_model, decoder_layers
-from arbiter.heads import end_features
+from arbiter.backbone import (
+    FEATURE_BATCH_TOKENS,
+    Backbone,
+    Cancelled,
+    LayerCapture,
+    base_model,
+    batched_end_features,
+)
 
 from .base import (
     Abandoned,
@@ -277,13 +283,6 @@ class _Batch:
         self.cache, self.mask, self.next_pos, self.logits = None, None, None, None
 
 
-class _Hook:
-    """A registered hook, removable like a LayerCapture."""
-
-    def __init__(self, handle: Any):
-        self.remove = handle.remove
-
-
 class HFEngine(Engine):
     continuous = True  # generate() takes admit / deliver: requests join the running decode batch
 
@@ -486,30 +485,8 @@ class HFEngine(Engine):
                   batch_size: int, cancelled: Callable[[], bool] | None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers_in) | {FINAL})
         seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answers)]
-        out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-        hook_layers = [l for l in layers if l != FINAL]
-        captures: list[LayerCapture | _Hook] = [LayerCapture(self.model, l) for l in hook_layers]
-        if cancelled is not None:
-            def _poll(module: Any, args: Any) -> None:
-                if cancelled():
-                    raise Abandoned("the feature pass was abandoned: nobody waits for it any more")
-            captures += [_Hook(b.register_forward_pre_hook(_poll)) for b in decoder_layers(self.model)]
         try:
-            for s in range(0, len(seqs), batch_size):
-                chunk = seqs[s : s + batch_size]
-                T = max(len(x) for x in chunk)
-                ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long, device=self.device)
-                mask = torch.zeros_like(ids)
-                for i, x in enumerate(chunk):
-                    ids[i, : len(x)] = torch.tensor(x, device=self.device)
-                    mask[i, : len(x)] = 1
-                positions = torch.tensor([len(x) - 1 for x in chunk], device=self.device)
-                hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                out[FINAL].append(end_features(hidden, positions).cpu())
-                for l, cap in zip(hook_layers, captures):
-                    assert isinstance(cap, LayerCapture)
-                    out[l].append(end_features(cap.output, positions).cpu())
-        finally:
-            for c in captures:
-                c.remove()
-        return {l: torch.cat(v) if v else torch.empty(0, self.backbone.hidden_size) for l, v in out.items()}
+            return batched_end_features(self.model, seqs, layers, batch_tokens=FEATURE_BATCH_TOKENS, pad_id=self.pad_id,
+                                        max_batch=batch_size, cancelled=cancelled)
+        except Cancelled:
+            raise Abandoned("the feature pass was abandoned: nobody waits for it any more") from None

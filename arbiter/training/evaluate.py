@@ -168,9 +168,9 @@ def eval_pairs(
 
 
 def _batches_by_length(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    from .feature_cache import _batches
+    from arbiter.backbone import length_batches
 
-    return _batches(lengths, batch_tokens, 64)
+    return length_batches(lengths, batch_tokens, 64)
 
 
 def score_answers(

@@ -2,7 +2,7 @@
 
 With a frozen backbone the feature of every (prompt, answer) is fixed, so a task-specific head trains on a
 cache instead of re-running the model every step (docs/methods.md "Task-specific heads"). Features come from
-``arbiter.backbone.forward_features``: the hidden state the service's heads read (after the final norm by
+``arbiter.backbone.batched_end_features`` (or its prompt-once forms below, tested equal): the hidden state the service's heads read (after the final norm by
 default, or block ``layer``'s raw output) at the closing ``<|im_end|>``.
 
 Cache entry (one per shard of consecutive pairs): ``<cache_dir>/<key>/features.safetensors`` (``chosen`` [N, d], ``rejected`` [N, d], float32)
@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from arbiter.backbone import length_batches as _batches  # the feature pass's length-sorted batching
 from arbiter.fsutil import atomic_dir
 
 from .artifacts import file_sha256
@@ -90,22 +91,6 @@ def _pad_id(backbone: Any) -> int:
     return int(backbone.end_id if pad is None else pad)
 
 
-def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
-    """Indices grouped by similar length (sorted, longest first) so padding stays small; B * T_max <= budget."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        t_max = lengths[cur[0]] if cur else lengths[i]  # sorted descending: the first is the longest
-        if cur and ((len(cur) + 1) * t_max > batch_tokens or len(cur) >= max_batch):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 def compute_features(
     backbone: Any,
     sequences: Sequence[Sequence[int]],
@@ -118,35 +103,19 @@ def compute_features(
 ) -> torch.Tensor:
     """Features of full sequences (prompt + answer ending in <|im_end|>) -> [N, d] float32, input order.
 
-    The feature is read at each sequence's last token (its closing ``<|im_end|>``); batches are right-padded,
-    so causal attention keeps every real position independent of the padding.
+    The one feature pass (``arbiter.backbone.batched_end_features``) with a progress bar: length-sorted,
+    right-padded batches, read at each sequence's last token (its closing ``<|im_end|>``).
     """
     from tqdm.auto import tqdm
 
-    from arbiter.backbone import forward_features
+    from arbiter.backbone import batched_end_features
 
     if not sequences:
         return torch.zeros(0, backbone.hidden_size)
-    lengths = [len(s) for s in sequences]
-    if min(lengths) < 1:
-        raise ValueError("cannot compute features of an empty sequence")
-    device = next(backbone.model.parameters()).device
-    pad = _pad_id(backbone)
-    out = torch.empty(len(sequences), backbone.hidden_size, dtype=torch.float32)  # [N, d]
-    bar = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
-    for idx in _batches(lengths, batch_tokens, max_batch):
-        t = max(lengths[i] for i in idx)
-        ids = torch.full((len(idx), t), pad, dtype=torch.long)  # [b, T]
-        mask = torch.zeros((len(idx), t), dtype=torch.long)  # [b, T]
-        for r, i in enumerate(idx):
-            ids[r, : lengths[i]] = torch.tensor(list(sequences[i]), dtype=torch.long)
-            mask[r, : lengths[i]] = 1
-        pos = torch.tensor([lengths[i] - 1 for i in idx], dtype=torch.long)  # [b] closing <|im_end|>
-        feats = forward_features(backbone.model, ids.to(device), mask.to(device), pos.to(device), layer=layer)
-        out[torch.tensor(idx)] = feats.float().cpu()  # [b, d]
-        bar.update(sum(lengths[i] for i in idx))
-    bar.close()
-    return out
+    with tqdm(total=sum(len(s) for s in sequences), desc=desc, unit="tok", unit_scale=True, disable=not progress,
+              smoothing=0.05) as bar:
+        return batched_end_features(backbone.model, sequences, [layer], batch_tokens=batch_tokens,
+                                    pad_id=_pad_id(backbone), max_batch=max_batch, progress=bar.update)[layer]
 
 
 def _prompt_groups(pairs: Sequence[Any], batch_tokens: int, max_batch: int) -> list[list[int]]:

@@ -26,51 +26,25 @@ log = logging.getLogger("arbiter.training.sae")
 # Activations: the raw output of block l
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to skip the blocks after the one we need (and the LM head)."""
-
-
-def _decoder_stack(model: Any):
-    """(decoder stack to call, its list of blocks). Handles a PEFT wrapper around the causal LM."""
-    from arbiter.backbone import base_model, decoder_layers
-
-    dec = base_model(model)
-    layers = getattr(dec, "layers", None)
-    if layers is None:
-        layers = decoder_layers(model)
-    return dec, layers
-
-
 def block_output(model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int, *, stop_early: bool = True) -> Tensor:
     """Raw output of decoder block ``layer`` (SAELens ``blocks.{layer}.hook_resid_post``): [B, T] -> [B, T, d].
 
-    A forward hook captures the block's output (as ``arbiter.backbone.LayerCapture`` does). With
-    ``stop_early`` the hook then raises to skip the later blocks, the final norm and the LM head: only
-    ``layer + 1`` blocks run. Gradients are NOT disabled here: inside FPO training the result must be
+    The project's one capture hook (``arbiter.backbone.LayerCapture``) keeps the block's output; with
+    ``stop_early`` it then stops the forward, so the later blocks, the final norm and the LM head never run
+    (only ``layer + 1`` blocks do). Gradients are NOT disabled here: inside FPO training the result must be
     differentiable w.r.t. the policy; wrap the call in ``torch.no_grad()`` / ``inference_mode()`` otherwise.
     The hook is removed before returning, so gradient-checkpoint recomputation never sees it.
     """
-    dec, layers = _decoder_stack(model)
-    n = len(layers)
-    if not -n <= layer < n:
-        raise ValueError(f"layer {layer} out of range for a model with {n} decoder blocks")
-    captured: list[Tensor] = []
+    from arbiter.backbone import LayerCapture, StopForward, base_model
 
-    def hook(module, args, out):
-        captured.append(out[0] if isinstance(out, (tuple, list)) else out)
-        if stop_early:
-            raise _StopForward
-
-    handle = layers[layer].register_forward_hook(hook)
-    try:
-        dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
+    with LayerCapture(model, layer, stop=stop_early) as cap:
+        try:
+            base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    if cap.output is None:
         raise RuntimeError(f"block {layer} did not run")
-    return captured[0]
+    return cap.output
 
 
 def pool_answer_features(hidden: Tensor, answer_mask: Tensor, sae: SparseAutoencoder) -> Tensor:
