@@ -32,9 +32,7 @@ import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serve  # noqa: E402
 import torch  # noqa: E402
-from _provenance import git_commit  # noqa: E402
 
 from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import load_choices, load_math, math_prompt  # noqa: E402
@@ -46,6 +44,9 @@ from arbiter.training.verifier import (  # noqa: E402
     AnswerSpec,
     normalise_text,
 )
+
+import _serve  # noqa: E402
+from _provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ROOT / "heads"

@@ -1,33 +1,32 @@
 """Continuous batching vs micro-batching vs one-at-a-time, through the API, in one run.
 
-Two `arbiter serve` processes on the embedded model (HF engine, same dtype and threads): one with continuous
-batching (the default), one with `ARBITER_CONTINUOUS_BATCHING=false` (a request that arrives while a batch decodes
-waits for the whole batch). K clients send the same K requests (seed fixed per request, max_tokens fixed) in three
-arrival patterns: one at a time (each after the previous answer), a burst (all at once), staggered (one every
---gap seconds). Modes: plain (n=1) and rerank N=4 (head `helpful`). Reported per pattern: wall time from the first
-send to the last answer, completion tokens per second, throughput ratio against one-at-a-time, and the p50 / max
-latency of the late arrivals (the second half of the clients).
+Two `arbiter serve` processes on the embedded model (HF engine, same dtype and threads), both up for the whole
+run: one with continuous batching (the default), one with `ARBITER_CONTINUOUS_BATCHING=false` (a request that
+arrives while a batch decodes waits for the whole batch). K clients send the same K requests (seed fixed per
+request, max_tokens fixed) in three arrival patterns: one at a time (each after the previous answer), a burst (all
+at once), staggered (one every --gap seconds). Modes: plain (n=1) and rerank N=4 (head `helpful`). Every repeat
+runs every (mode, pattern, server) cell once, the servers' order alternating between repeats, so a slow phase of
+the shared machine hits both servers. Reported per cell, as medians over the repeats: wall time from the first
+send to the last answer, completion tokens per second, the p50 / max latency of the late arrivals (the second
+half of the clients); and each ratio both as the median of per-repeat ratios and the ratio of medians.
 Writes benchmarks/reports/continuous_batching.md (and .json). Usage:
-    python benchmarks/continuous_batching.py [--clients 8] [--gap 0.5] [--max-tokens 64] [--threads 2]
+    python benchmarks/continuous_batching.py [--clients 8] [--gap 0.5] [--max-tokens 64] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serve  # noqa: E402
-from _provenance import git_commit  # noqa: E402
+import _serve  # benchmarks/ is on sys.path: the script's own directory
+from _provenance import Run, ratio_stats, ratio_text
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "continuous_batching"
@@ -91,48 +90,76 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.5)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    commit = git_commit()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res: dict = {}
-    for continuous in (True, False):
-        name = "continuous" if continuous else "micro_batching"
-        log = ROOT / "runs" / f"continuous_batching_{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        proc, url = start(continuous, args.threads, log)
-        try:
-            model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            httpx.post(f"{url}/v1/chat/completions", json=body(model, 0, "plain", 4), timeout=120)  # warm-up
+    run = Run("benchmarks/continuous_batching.py")
+    servers: dict[str, tuple] = {}
+    runs: dict[str, dict[str, list[dict]]] = {}  # mode -> cell -> one result per repeat
+    try:
+        for name, continuous in (("continuous", True), ("micro_batching", False)):
+            log = ROOT / "runs" / f"continuous_batching_{name}.log"
+            proc, url = start(continuous, args.threads, log)
+            servers[name] = (proc, url)
+        model = httpx.get(f"{servers['continuous'][1]}/v1/models").json()["data"][0]["id"]
+        for _, url in servers.values():
+            httpx.post(f"{url}/v1/chat/completions", json=body(model, 0, "plain", 4), timeout=120).raise_for_status()
+        for rep in range(args.repeats):
+            order = ["continuous", "micro_batching"][:: 1 if rep % 2 == 0 else -1]
             for mode in ("plain", "rerank"):
                 for pattern in ("one_at_a_time", "burst", "staggered"):
-                    if pattern == "one_at_a_time" and not continuous:
-                        continue  # one at a time never overlaps: the same for both servers
-                    r = run_pattern(url, model, pattern, mode, args.clients, args.gap, args.max_tokens)
-                    res.setdefault(mode, {})[f"{name}:{pattern}" if pattern != "one_at_a_time" else pattern] = r
-                    print(mode, name, pattern, {k: v for k, v in r.items() if k != "latency_s"}, flush=True)
-        finally:
+                    for name in order:
+                        if pattern == "one_at_a_time" and name != "continuous":
+                            continue  # one at a time never overlaps: the same for both servers
+                        r = run_pattern(servers[name][1], model, pattern, mode, args.clients, args.gap, args.max_tokens)
+                        cell = pattern if pattern == "one_at_a_time" else f"{name}:{pattern}"
+                        runs.setdefault(mode, {}).setdefault(cell, []).append(r)
+                        print(rep, mode, cell, {k: v for k, v in r.items() if k != "latency_s"}, flush=True)
+    finally:
+        for proc, _ in servers.values():
             _serve.stop_server(proc)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    meta = {"command": "python " + " ".join(["benchmarks/continuous_batching.py", *sys.argv[1:]]), "commit": commit,
-            "date": started, "cpu": cpu, "cores": os.cpu_count(), **vars(args)}
+    meta = {**run.finish(), **vars(args)}
+    med = statistics.median
+    table: dict = {}
+    for mode, cells in runs.items():
+        base = [r["tok_per_s"] for r in cells["one_at_a_time"]]
+        for cell, rs in cells.items():
+            tps = [r["tok_per_s"] for r in rs]
+            table.setdefault(mode, {})[cell] = {
+                "wall_s": round(med(r["wall_s"] for r in rs), 2), "tok_per_s": round(med(tps), 1),
+                "late_p50_s": round(med(r["late_p50_s"] for r in rs), 2),
+                "late_max_s": round(med(r["late_max_s"] for r in rs), 2),
+                "throughput_vs_one_at_a_time": ratio_stats(tps, base)}
+        for pattern in ("burst", "staggered"):
+            table[mode][f"continuous_over_micro:{pattern}"] = ratio_stats(
+                [r["tok_per_s"] for r in cells[f"continuous:{pattern}"]],
+                [r["tok_per_s"] for r in cells[f"micro_batching:{pattern}"]])
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
-    lines = ["# Continuous batching through the API", "",
-             f"Command: `{meta['command']}` on commit `{commit}`, {started}; {cpu}, {meta['cores']} cores; "
+    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": table, "runs": runs}, indent=2) + "\n")
+    lines = ["# Continuous batching through the API", "", Run.header(meta), "",
              f"{args.clients} clients, max_tokens {args.max_tokens}, staggered arrivals every {args.gap} s; embedded "
-             f"SmolLM2-135M, HF engine, dtype auto, {args.threads} threads. Same requests and seeds in every row.", "",
+             f"SmolLM2-135M, HF engine, dtype auto, {args.threads} threads; both servers up for the whole run, every "
+             f"cell run once per repeat ({args.repeats} repeats, the servers' order alternating). Same requests and "
+             "seeds in every cell. Figures are medians over the repeats.", "",
              "| mode | arrivals | server | wall (s) | tok/s | throughput vs one at a time | late arrivals p50 / max latency (s) |",
              "|---|---|---|---|---|---|---|"]
-    for mode, rows in res.items():
-        base = rows["one_at_a_time"]["tok_per_s"]
+    for mode, rows in table.items():
+        label = {"plain": "plain n=1", "rerank": "rerank N=4"}[mode]
         for key, r in rows.items():
+            if key.startswith("continuous_over_micro"):
+                continue
             server, _, pattern = key.partition(":") if ":" in key else ("either", "", key)
-            label = {"plain": "plain n=1", "rerank": "rerank N=4"}[mode]
             lines.append(f"| {label} | {pattern.replace('_', ' ')} | {server.replace('_', '-')} | {r['wall_s']} | "
-                         f"{r['tok_per_s']} | {r['tok_per_s'] / base:.2f}x | {r['late_p50_s']} / {r['late_max_s']} |")
+                         f"{r['tok_per_s']} | {ratio_text(r['throughput_vs_one_at_a_time'])} | "
+                         f"{r['late_p50_s']} / {r['late_max_s']} |")
+    lines += [""]
+    for mode, rows in table.items():
+        for pattern in ("burst", "staggered"):
+            lines.append(f"- {mode}, {pattern}: continuous / micro-batching throughput "
+                         f"{ratio_text(rows[f'continuous_over_micro:{pattern}'])}")
     lines += ["", "Late arrivals = the second half of the clients. Micro-batching: a request that arrives while a batch "
               "decodes waits for that whole batch; continuous: it is prefilled and joins the running batch at the next "
-              "decode step, and every request is answered as soon as its own rows finish."]
+              "decode step, and every request is answered as soon as its own rows finish. Staggered arrivals cannot "
+              f"beat (one-at-a-time wall) / ({(args.clients - 1) * args.gap:.1f} s of arrivals + one request's time)."]
     REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

