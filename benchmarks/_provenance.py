@@ -16,11 +16,12 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones 
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran on, marked dirty when tracked arbiter/ or benchmarks/ files differ from it."""
+    """The commit the benchmark ran on, marked dirty when tracked code (arbiter/, benchmarks/ but not its reports) differs."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "arbiter", "benchmarks"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "arbiter", "benchmarks",
+                                ":(exclude)benchmarks/reports"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout
         files = sorted(line[3:] for line in dirty.splitlines() if line.strip())
         return head + (f"` plus uncommitted changes in `{', '.join(files)}" if files else "")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from arbiter.testing.fakes import process_rss  # noqa: F401  (re-exported: the benchmarks' RSS probe)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,20 +49,3 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
-
-
-def process_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and its children (vLLM's engine core is a child); 0 once it is gone."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        total = p.memory_info().rss
-        for c in p.children(recursive=True):
-            try:
-                total += c.memory_info().rss
-            except psutil.Error:
-                pass
-        return int(total)
-    except psutil.Error:
-        return 0

@@ -30,8 +30,6 @@ from typing import Any
 
 import httpx
 import openai
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
@@ -45,8 +43,8 @@ from arbiter.training.verifier import (  # noqa: E402
     normalise_text,
 )
 
-import _serve  # noqa: E402
-from _provenance import git_commit  # noqa: E402
+import _serve  # benchmarks/ is on sys.path: the script's own directory
+from _provenance import git_commit  # benchmarks/ is on sys.path: the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ROOT / "heads"

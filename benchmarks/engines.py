@@ -5,7 +5,9 @@ run. Every repeat sends every prompt to both engines, one request at a time, in 
 even prompts, vLLM first on odd ones) with the official `openai` client: plain n=8 and rerank N=8 (head
 `helpful`), max_tokens 64, seed fixed per prompt. Reports per engine the median wall time per request and the
 completion tokens per second (over all requests), and vLLM / HF both as the median of the per-request ratios and
-the ratio of the medians. The vLLM engine runs from the `.venv-vllm` virtualenv that `.ci/vllm` builds.
+the ratio of the medians. Then the vLLM server's memory with one copy of the weights (rewards computed inside vLLM)
+against the same server keeping an HF copy too. The vLLM engine runs from the `.venv-vllm` virtualenv that
+`.ci/vllm` builds.
 Writes benchmarks/reports/engines.md (and .json). Usage:
     python benchmarks/engines.py [--prompts 8] [--repeats 3] [--n 8] [--max-tokens 64] [--dtype bfloat16] [--threads 2]
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +45,12 @@ PROMPTS = [
 ]
 
 
-def start(engine: str, python: str, dtype: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    return _serve.start_server({"ARBITER_ENGINE": engine, "ARBITER_HEADS_DIR": str(ROOT / "heads"),
+def start(engine: str, python: str, dtype: str, threads: int, log: Path, heads: Path,
+          extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    return _serve.start_server({"ARBITER_ENGINE": engine, "ARBITER_HEADS_DIR": str(heads),
                                 "ARBITER_THREADS": str(threads), "ARBITER_DTYPE": dtype, "ARBITER_LOG_LEVEL": "info",
-                                "ARBITER_REQUEST_TIMEOUT_S": "600", "ARBITER_DEVICE": "cpu"}, log, python=python,
-                               timeout_s=900)
+                                "ARBITER_REQUEST_TIMEOUT_S": "600", "ARBITER_DEVICE": "cpu", **(extra or {})}, log,
+                               python=python, timeout_s=900)
 
 
 def request(client: openai.OpenAI, model: str, mode: str, i: int, prompt: str, args) -> tuple[float, int]:
@@ -69,8 +74,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--no-memory", action="store_true", help="skip the one-copy vs HF-copy memory comparison")
     args = ap.parse_args()
     run = Run("benchmarks/engines.py")
+    # The head the rerank rows use, alone: the shipped task heads read block 20, which on the vLLM engine would
+    # keep an HF copy of the weights (ARBITER_VLLM_HF_COPY=auto); `helpful` is scored inside vLLM.
+    heads = Path(tempfile.mkdtemp(prefix="arbiter-engines-heads-"))
+    shutil.copytree(ROOT / "heads" / "helpful", heads / "helpful")
     vver = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                           text=True).stdout.strip()
     engines = {"hf": sys.executable, "vllm": args.vllm_python}
@@ -82,7 +92,7 @@ def main() -> None:
     try:
         for e, python in engines.items():
             t0 = time.monotonic()
-            procs[e], url = start(e, python, args.dtype, args.threads, ROOT / "runs" / f"engines_{e}.log")
+            procs[e], url = start(e, python, args.dtype, args.threads, ROOT / "runs" / f"engines_{e}.log", heads)
             startup[e] = round(time.monotonic() - t0, 1)
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
             clients[e] = (client, client.models.list().data[0].id)
@@ -98,11 +108,27 @@ def main() -> None:
                         toks[e][mode].append(n)
                     k += 1
                     print(rep, mode, i, {e: round(walls[e][mode][-1], 2) for e in engines}, flush=True)
+        rss = {e: _serve.process_rss(p.pid) for e, p in procs.items()}  # after the traffic: warm, every cache in use
     finally:
         for proc in procs.values():
             _serve.stop_server(proc)
+    # Memory: the vLLM server as it ran (one copy of the weights: vLLM's) against the same server keeping an HF copy
+    # too (what every rerank request needed before rewards came out of vLLM), each after one warm rerank request.
+    twin: dict = {}
+    if not args.no_memory:
+        for label, copy in (("one_copy", "false"), ("hf_copy", "true")):
+            proc, url = start("vllm", args.vllm_python, args.dtype, args.threads, ROOT / "runs" / f"engines_vllm_{label}.log",
+                              heads, {"ARBITER_VLLM_HF_COPY": copy})
+            try:
+                c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+                model = c.models.list().data[0].id
+                request(c, model, "rerank", 0, PROMPTS[0], args)
+                twin[label] = _serve.process_rss(proc.pid)
+            finally:
+                _serve.stop_server(proc)
+    shutil.rmtree(heads, ignore_errors=True)
     meta = {**run.finish(), "vllm": vver, **vars(args)}
-    res: dict = {"startup_s": startup}
+    res: dict = {"startup_s": startup, "rss_bytes": rss, "vllm_rss_bytes": twin}
     for mode in ("plain", "rerank"):
         res[mode] = {e: {"requests": len(walls[e][mode]), "wall_s_median": round(statistics.median(walls[e][mode]), 3),
                          "completion_tokens": sum(toks[e][mode]),
@@ -128,10 +154,18 @@ def main() -> None:
                      f"{ratio_text(res[mode]['wall_vllm_over_hf'])} |")
         lines.append(f"| {label}: completion tok/s | {h['tok_per_s']} | {v['tok_per_s']} | "
                      f"{ratio_text(res[mode]['tok_per_s_vllm_over_hf'])} |")
-    lines += ["", "Rerank adds the feature pass: the HF engine captures features in its decode loop (one extra step), "
-              "the vLLM engine runs the HF forward over the finished candidates after vLLM sampled them. The two "
-              "engines sample different tokens for the same seed (different samplers), so completion lengths differ; "
-              "tok/s accounts for that. This run is CPU only."]
+    mib = 1 << 20
+    lines.append(f"| server RSS after the traffic (MiB) | {rss['hf'] / mib:.0f} | {rss['vllm'] / mib:.0f} | |")
+    if twin:
+        lines += ["", "vLLM server memory (RSS of the server and its engine-core process, after one warm rerank request): "
+                  f"one copy of the weights (rewards inside vLLM) {twin['one_copy'] / mib:.0f} MiB, with an HF copy too "
+                  f"(`ARBITER_VLLM_HF_COPY=true`) {twin['hf_copy'] / mib:.0f} MiB: "
+                  f"**{(twin['hf_copy'] - twin['one_copy']) / mib:.0f} MiB saved**."]
+    lines += ["", "Rerank scores every candidate: the HF engine captures the feature in its decode loop (one extra step); "
+              "the vLLM engine reads each candidate's rewards out of vLLM itself, through a one-token request over "
+              "prompt + answer + the closing token (a prefix-cache hit). The two engines sample different tokens for "
+              "the same seed (different samplers), so completion lengths differ; tok/s accounts for that. This run is "
+              "CPU only."]
     REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,7 +14,9 @@ Both give the same features (cosine reported). The goal: extraction tok/s >= 0.8
 Also measured: what bfloat16 features do to a head trained on float32 features (heads/helpful): reward
 correlation and pairwise order agreement between float32 and bfloat16 features on the hh-rlhf pairs.
 
-Writes benchmarks/reports/feature_extraction.md (and .json). Usage:
+Writes benchmarks/reports/feature_extraction_<cpu kind>.md (and .json), one report per kind of CPU, since the
+kernels (and whether bfloat16 is native) differ: ``amx`` (AMX tiles), ``avx512_bf16`` (AVX-512 BF16 dot products,
+no AMX), ``avx2`` (no native bf16: AMD EPYC of the Zen 2/3 kind and older Intel). Usage:
     python benchmarks/feature_extraction.py [--sst2 256] [--hh 128] [--runs 3] [--threads 2]
 """
 
@@ -22,25 +24,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arbiter.backbone import cpu_bf16_flags, load_backbone  # noqa: E402
-from arbiter.heads import load_head  # noqa: E402
-from arbiter.training.data import load_pairs, tokenize_pairs  # noqa: E402
-from arbiter.training.feature_cache import compute_features, extraction_method, prompt_once_features  # noqa: E402
+from arbiter.backbone import cpu_bf16_flags, load_backbone
+from arbiter.heads import load_head
+from arbiter.training.data import load_pairs, tokenize_pairs
+from arbiter.training.feature_cache import compute_features, extraction_method, prompt_once_features
 
-from _provenance import git_commit  # noqa: E402
+from _provenance import Run, ratio_stats  # benchmarks/ is on sys.path: the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT = ROOT / "benchmarks" / "reports" / "feature_extraction"
+REPORTS = ROOT / "benchmarks" / "reports"
+
+
+def cpu_kind(flags: list[str]) -> str:
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "avx2"
 
 
 def pairs_of(name: str, n: int, bb, max_length: int):
@@ -73,7 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head", default=str(ROOT / "heads" / "helpful"), help="float32-trained head for the bf16 check")
     args = ap.parse_args()
-    commit = git_commit()  # the code this run uses (taken before it starts: later edits do not count)
+    run = Run("benchmarks/feature_extraction.py")  # the code this run uses (taken before it starts)
+    report = REPORTS / f"feature_extraction_{cpu_kind(run.machine['flags'])}"
     torch.set_num_threads(args.threads)
     dtypes = ["float32"] + (["bfloat16"] if cpu_bf16_flags() else [])
     results, feats_by_dtype = [], {}
@@ -90,7 +94,7 @@ def main() -> None:
                     runs[mode].append({"seconds": sec, "tokens": tokens, "tok_s": tokens / sec, "pairs_s": len(pairs) / sec})
                     feats[mode] = f
             cos = F.cosine_similarity(feats["extraction"], feats["forward"].float(), dim=1)
-            ratios = [e["tok_s"] / f["tok_s"] for e, f in zip(runs["extraction"], runs["forward"])]
+            ratio = ratio_stats([e["tok_s"] for e in runs["extraction"]], [f["tok_s"] for f in runs["forward"]])
             row = {
                 "dtype": dtype, "data": name, "pairs": len(pairs), "method": extraction_method(pairs),
                 "other_tok_s": statistics.median(r["tok_s"] for r in runs["other"]),
@@ -100,7 +104,7 @@ def main() -> None:
                 "forward_tok_s": statistics.median(r["tok_s"] for r in runs["forward"]),
                 "extraction_pairs_s": statistics.median(r["pairs_s"] for r in runs["extraction"]),
                 "forward_pairs_s": statistics.median(r["pairs_s"] for r in runs["forward"]),
-                "ratio_tok_s_per_run": ratios, "ratio_tok_s_median": statistics.median(ratios),
+                "ratio_tok_s": ratio,
                 "min_cosine_extraction_vs_forward": cos.min().item(), "runs": runs,
             }
             row["ratio_pairs_s_median"] = row["extraction_pairs_s"] / row["forward_pairs_s"]
@@ -131,28 +135,28 @@ def main() -> None:
         }
         print(json.dumps(bf16), flush=True)
 
-    meta = {"command": "python " + " ".join(["benchmarks/feature_extraction.py", *sys.argv[1:]]), "commit": commit,
-            "machine": platform.processor() or platform.machine(), "cpu_bf16_flags": cpu_bf16_flags(),
-            "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    REPORT.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "bf16_vs_fp32_head": bf16}, indent=2) + "\n")
+    meta = {**run.finish(), "cpu_bf16_flags": cpu_bf16_flags(), "threads": args.threads, "torch": torch.__version__}
+    report.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "bf16_vs_fp32_head": bf16}, indent=2) + "\n")
     lines = [
         "# Feature extraction: batched prompt-once extraction vs a plain batched forward", "",
-        f"Command: `{meta['command']}` on commit `{meta['commit']}`, {meta['date']}; {args.threads} torch threads; "
-        f"CPU bf16 flags: {', '.join(meta['cpu_bf16_flags']) or 'none'}; torch {meta['torch']}. Medians of "
-        f"{args.runs} interleaved runs per mode (alternating which mode goes first). The machine is shared and noisy.", "",
+        Run.header(meta), "",
+        f"{args.threads} torch threads; CPU bf16 flags: {', '.join(meta['cpu_bf16_flags']) or 'none'}; torch "
+        f"{meta['torch']}. Medians of {args.runs} interleaved runs per mode (alternating which mode goes first); the "
+        "ratio is the median of the per-run ratios, with the ratio of the medians beside it. The machine is shared "
+        "and noisy.", "",
         "Extraction tokens = prompt + chosen + rejected per pair (prompt once); forward tokens = every real token of the "
         "two full sequences (prompt twice). Goal: extraction tok/s >= 0.8 x forward tok/s at the same dtype. "
         "Extraction is `prompt_once_features(method=\"auto\")`, what `arbiter train head` runs: `packed` (one "
         "prompt | chosen | rejected row per pair under a 4D mask) when answers average >= 8 tokens, else `shared` "
         "(prompt KV cache continued by each answer); the other method's tok/s is shown for comparison.", "",
-        "| dtype | data | pairs | mean prompt / answer tokens | method | extraction tok/s | forward tok/s | **ratio (tok/s)** | per-run ratios | pairs/s extraction / forward | other method tok/s | min cosine |",
+        "| dtype | data | pairs | mean prompt / answer tokens | method | extraction tok/s | forward tok/s | **ratio (tok/s)** | ratio of medians, per-run range | pairs/s extraction / forward | other method tok/s | min cosine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['dtype']} | {r['data']} | {r['pairs']} | {r['mean_prompt']:.0f} / {r['mean_answer']:.0f} | {r['method']} | "
-            f"{r['extraction_tok_s']:.0f} | {r['forward_tok_s']:.0f} | **{r['ratio_tok_s_median']:.2f}** | "
-            f"{', '.join(f'{x:.2f}' for x in r['ratio_tok_s_per_run'])} | {r['extraction_pairs_s']:.1f} / {r['forward_pairs_s']:.1f} "
+            f"{r['extraction_tok_s']:.0f} | {r['forward_tok_s']:.0f} | **{r['ratio_tok_s']['median_of_ratios']:.2f}** | "
+            f"{r['ratio_tok_s']['ratio_of_medians']:.2f}, {r['ratio_tok_s']['min']:.2f}-{r['ratio_tok_s']['max']:.2f} | {r['extraction_pairs_s']:.1f} / {r['forward_pairs_s']:.1f} "
             f"({r['ratio_pairs_s_median']:.2f}x) | {r['other_tok_s']:.0f} | {r['min_cosine_extraction_vs_forward']:.5f} |")
     if bf16:
         lines += ["", "## bfloat16 features under a head trained on float32 features", "",
@@ -163,8 +167,8 @@ def main() -> None:
                   f"| {bf16['reward_pearson']:.4f} | {bf16['margin_pearson']:.4f} | {bf16['pairwise_order_agreement']:.3f} | "
                   f"{bf16['accuracy_fp32_features']:.3f} / {bf16['accuracy_bf16_features']:.3f} | "
                   f"{bf16['max_abs_reward_diff']:.4f} ({bf16['reward_std_fp32']:.4f}) |"]
-    REPORT.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {REPORT.with_suffix('.md')}")
+    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {report.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

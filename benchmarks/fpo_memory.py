@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import git_commit  # noqa: E402
+from _provenance import git_commit  # benchmarks/ is on sys.path: the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("load", "precompute", "dpo_full", "fpo_full", "dpo_lora", "fpo_lora")

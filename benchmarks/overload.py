@@ -33,11 +33,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: free_port, save_random_head
+from _provenance import git_commit  # benchmarks/ is on sys.path: the script's own directory
+from _serve import process_rss
 
-from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
-from _serve import process_rss  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LOOPBACK = "127.0.0.1"
 ADMIN_KEY = "overload-admin-key"
@@ -92,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "overload.md"))
     args = p.parse_args(argv)
 
-    from fakes import free_port, save_random_head
-
     from arbiter.backbone import load_backbone
+    from arbiter.testing.fakes import free_port, save_random_head
 
     fp = load_backbone().fingerprint  # only for the head's backbone fingerprint
     heads = tempfile.mkdtemp(prefix="arbiter-overload-heads-")

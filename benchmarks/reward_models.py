@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arbiter.backbone import base_model, cpu_bf16_flags, load_backbone, merge_lora  # noqa: E402
 from arbiter.heads import load_head  # noqa: E402
 from arbiter.training.cli import CONFIG_DIR  # noqa: E402
@@ -44,7 +43,7 @@ from arbiter.training.recipes import joint as joint_recipe  # noqa: E402
 from arbiter.training.sections import DEFAULT_TARGETS  # noqa: E402
 from arbiter.training.stats import accuracy_se  # noqa: E402
 
-from _provenance import git_commit  # noqa: E402
+from _provenance import git_commit  # benchmarks/ is on sys.path: the script's own directory
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "reward_models"

@@ -37,11 +37,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tests/fakes.py: save_random_head
+from _provenance import git_commit  # benchmarks/ is on sys.path: the script's own directory
+from _serve import process_rss, start_server, stop_server
 
-from _provenance import git_commit  # noqa: E402  (benchmarks/ is on sys.path: the script's own dir)
-from _serve import process_rss, start_server, stop_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ADMIN_KEY = "soak-admin-key"
 SHORT = ["Say hi.", "What is 2+2?", "Name a colour.", "Give me a word that rhymes with cat.", "Name a fruit.",
@@ -138,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out = args.out or str(ROOT / "benchmarks" / "reports" / f"soak_{args.engine}.md")
 
-    from fakes import save_random_head
-
     from arbiter.backbone import load_backbone
+    from arbiter.testing.fakes import save_random_head
 
     fp = load_backbone().fingerprint  # the heads' backbone fingerprint (the server loads its own copy)
     heads = Path(tempfile.mkdtemp(prefix="arbiter-soak-heads-"))

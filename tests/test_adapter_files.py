@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fakes import FAKE_FINGERPRINT, FakeEngine, save_random_head
 from safetensors.torch import save_file
-from served_fake import assert_error, heads_dir, served
 from torch import nn
 
 from arbiter.backbone import AdapterError, read_lora
 from arbiter.generation.adapters import AdapterBusy, AdapterSet
+from arbiter.testing.fakes import FAKE_FINGERPRINT, FakeEngine, save_random_head
+from arbiter.testing.served import assert_error, heads_dir, served
 
 ADMIN = {"Authorization": "Bearer adm"}
 

@@ -2,7 +2,7 @@
 the admin API are untrusted (each refusal a 400, and a failed load or swap leaves the old head serving); the
 API key and the admin key guard exactly the endpoints they should; prompts are not logged by default.
 
-A scripted fake engine (tests/fakes.py) stands in for the model: none of this needs real tokens. Requests go
+A scripted fake engine (``arbiter.testing.fakes``) stands in for the model: none of this needs real tokens. Requests go
 over real HTTP to uvicorn on 127.0.0.1 so that body parsing, size limits and raw bytes are the server's own.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, save_random_head
 from safetensors.torch import load_file, save_file
-from served_fake import MODEL, assert_error, heads_dir, served
 
 from arbiter.heads import BackboneFingerprint
+from arbiter.testing.fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, save_random_head
+from arbiter.testing.served import MODEL, assert_error, heads_dir, served
 
 USER = [{"role": "user", "content": "hello there"}]
 CHAT = "/v1/chat/completions"

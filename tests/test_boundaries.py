@@ -101,20 +101,26 @@ def _files(root: Path) -> list[Path]:
 
 
 def test_static_service_never_imports_training_and_vllm_only_lazily():
-    vllm_engine = SERVICE / "engine" / "vllm.py"
+    """vLLM is imported lazily by the engine (engine/vllm.py) and the plugin hook (engine/vllm_plugin.py); the reward
+    model class (engine/vllm_model.py) imports it at module level, and only vLLM's own processes import that module
+    (by the name the plugin registers), never Arbiter's code."""
+    engine = SERVICE / "engine"
+    lazy, inside_vllm = {engine / "vllm.py", engine / "vllm_plugin.py"}, engine / "vllm_model.py"
     problems = []
-    for f in _files(SERVICE):
+    for f in _files(PKG):
         for name, top, line in _imports(f):
             where = f"{f.relative_to(PKG.parent)}:{line} imports {name}"
-            if _is(name, "arbiter.training"):
+            if SERVICE in f.parents and _is(name, "arbiter.training"):
                 problems.append(where + " (the service never imports training)")
             if _is(name, "vllm"):
-                if f != vllm_engine:
-                    problems.append(where + " (only engine/vllm.py may import vllm)")
-                elif top:
+                if f not in lazy and f != inside_vllm:
+                    problems.append(where + " (only the vLLM engine, its plugin and its model class may import vllm)")
+                elif top and f in lazy:
                     problems.append(where + " at module level (must be lazy)")
             if _is(name, "arbiter.service.engine.vllm") and top:
                 problems.append(where + " at module level (the vLLM engine is imported only when chosen)")
+            if _is(name, "arbiter.service.engine.vllm_model"):
+                problems.append(where + " (vllm_model is imported by vLLM's processes only)")
     assert not problems, "\n".join(problems)
 
 
@@ -174,3 +180,14 @@ def test_static_recipe_check_catches_a_recipe_import(tmp_path):
     src = "from arbiter.training.recipes.adapter import run\n\ndef f():\n    from .head import load_tokenized\n"
     found = [n for n, _, _ in _imports(PKG / "training" / "recipes" / "joint.py", source=src)]
     assert "arbiter.training.recipes.adapter" in found and "arbiter.training.recipes.head" in found
+
+
+def test_static_the_library_never_imports_its_test_support():
+    """``arbiter.testing`` (fake engines, in-process servers, the fuzzer) is for tests and benchmarks only: no
+    module outside it imports it, so no fake can stand in for a real part of a running server."""
+    testing = PKG / "testing"
+    problems = [f"{f.relative_to(PKG.parent)}:{line} imports {name}"
+                for f in _files(PKG) if testing not in f.parents
+                for name, _top, line in _imports(f) if _is(name, "arbiter.testing")]
+    assert not problems, "\n".join(problems)
+    assert {p.name for p in testing.glob("*.py")} >= {"fakes.py", "served.py", "fuzz.py"}

@@ -11,7 +11,8 @@ import re
 
 import httpx
 import pytest
-from fakes import ArbiterProcess, save_random_head
+
+from arbiter.testing.fakes import ArbiterProcess, save_random_head
 
 # LiteLLM fetches a model price list from the network at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from served_fake import assert_error, served
 
 from arbiter.service.app import host_name
 from arbiter.service.ray_serve import replica_env
 from arbiter.service.settings import Settings
+from arbiter.testing.served import assert_error, served
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,16 +6,12 @@ type, or accept schema-violating data. Derandomized, so CI sees the same cases e
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("schemathesis")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fakes import ServerThread  # noqa: E402
-from fuzz_api import fuzz, live_app  # noqa: E402
+from arbiter.testing.fakes import ServerThread  # noqa: E402
+from arbiter.testing.fuzz import fuzz, live_app  # noqa: E402
 
 EXAMPLES = 10  # per (operation, mode): ~100 cases
 

@@ -14,10 +14,10 @@ import time
 
 import httpx
 import pytest
-from fakes import FakeEngine, Scripted, last_user_message, linear_head, registry_with
-from served_fake import MODEL, assert_error, served, wait_until
 
 from arbiter import answers
+from arbiter.testing.fakes import FakeEngine, Scripted, last_user_message, linear_head, registry_with
+from arbiter.testing.served import MODEL, assert_error, served, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -192,8 +192,8 @@ def test_adaptive_rounds_extract_each_candidate_once(monkeypatch):
 
 
 def test_a_head_rewritten_200_times_under_a_50ms_watcher_is_listed_on_every_poll(tmp_path):
-    from fakes import FAKE_FINGERPRINT, save_random_head
-    from served_fake import heads_dir
+    from arbiter.testing.fakes import FAKE_FINGERPRINT, save_random_head
+    from arbiter.testing.served import heads_dir
 
     reg = heads_dir(tmp_path, "h1")
     done = threading.Event()

@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 import torch
-from served_fake import served as serve_app
+
+from arbiter.testing.served import served as serve_app
 
 peft = pytest.importorskip("peft")
 ADMIN = "admin-key"

@@ -16,7 +16,8 @@ import json
 import httpx
 import openai_spec
 import pytest
-from fakes import ArbiterProcess, save_random_head
+
+from arbiter.testing.fakes import ArbiterProcess, save_random_head
 
 KEY = "sk-conformance"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, free_port, save_random_head
-from served_fake import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
 
 from arbiter.heads import HeadRegistry
+from arbiter.testing.fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, free_port, save_random_head
+from arbiter.testing.served import MODEL, SlowEngine, assert_error, heads_dir, served, wait_until
 
 TESTS = Path(__file__).resolve().parent
 CHAT = "/v1/chat/completions"
@@ -159,9 +159,15 @@ def test_swapping_a_head_under_traffic_fails_no_request(tmp_path):
         failures = [s for s in seen if s[1] != 200]
         assert len(seen) == 60 and failures == [], failures[:3]
         assert n_swaps >= 5, n_swaps  # swaps really interleaved with the traffic
-        # Every score came from one whole head version: never a mix of old and new weights.
+        # Every score came from one whole head version: never a mix of old and new weights. Equal up to float
+        # rounding: a score batched with other requests' candidates runs in other matmul shapes (README: "same
+        # output only for the same batch composition"); the two versions differ far beyond that rounding.
+        def version(s: tuple) -> tuple | None:
+            return next((v for v in (v1, v2) if all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(s, v))), None)
+
+        assert max(abs(a - b) for a, b in zip(v1, v2)) > 1e-2
         scores = [got for kind, _, got in seen if kind == "score"]
-        assert all(s in (v1, v2) for s in scores), scores
+        assert all(version(s) is not None for s in scores), scores
         assert all(got == ["h1"] for kind, _, got in seen if kind == "rerank")
 
 
@@ -229,7 +235,7 @@ def test_client_disconnect_stops_a_long_real_generation_early(backbone):
 
 
 class Launched:
-    """``tests/served_fake.py`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
+    """``python -m arbiter.testing.served`` (``arbiter serve`` with a fake engine) as a subprocess on 127.0.0.1."""
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
@@ -238,7 +244,7 @@ class Launched:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("ARBITER_")}, "PYTHONUNBUFFERED": "1",
                **(env or {})}
         self._fh = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "served_fake.py"), "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "arbiter.testing.served", "--port", str(self.port), *args],
                                      stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=str(TESTS.parent))
 
     def wait_ready(self, timeout: float = 90.0) -> None:

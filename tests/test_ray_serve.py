@@ -10,8 +10,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from fakes import free_port, save_random_head  # noqa: E402
-from served_fake import wait_until  # noqa: E402
+from arbiter.testing.fakes import free_port, save_random_head  # noqa: E402
+from arbiter.testing.served import wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")

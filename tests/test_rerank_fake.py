@@ -1,5 +1,5 @@
 """Reranking, batching, back-pressure and cancellation through the real app and a live uvicorn server, with a
-scripted fake engine (tests/fakes.py) so every reward is known exactly.
+scripted fake engine (``arbiter.testing.fakes``) so every reward is known exactly.
 
 Script (layer -1 features): alpha (0.1, 0, ..), bravo (0.5, 0.2, ..), charlie (0.3, 0.9, ..), delta (0.5, -0.4, ..).
 Head A reads feature[0] -> rewards [0.1, 0.5, 0.3, 0.5] (a tie between bravo and delta); head B reads
@@ -18,13 +18,13 @@ import time
 import httpx
 import openai
 import pytest
-import served_fake
-from fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
-from served_fake import wait_until
 
 from arbiter.heads import HeadRegistry
 from arbiter.service.app import create_app
 from arbiter.service.settings import Settings
+from arbiter.testing import served as served_fake
+from arbiter.testing.fakes import FAKE_FINGERPRINT, FakeEngine, ServerThread, linear_head, registry_with
+from arbiter.testing.served import wait_until
 
 MODEL = "fake-backbone"
 USER = [{"role": "user", "content": "pick one"}]
@@ -38,7 +38,7 @@ def heads_ab(**kw) -> HeadRegistry:
 
 
 def served(engine: FakeEngine | None = None, heads: HeadRegistry | None = None, **settings):
-    """The shared in-process harness (tests/served_fake.py) with heads A and B loaded by default."""
+    """The shared in-process harness (``arbiter.testing.served``) with heads A and B loaded by default."""
     return served_fake.served(engine, heads if heads is not None else heads_ab(), **settings)
 
 
@@ -493,7 +493,7 @@ def test_metrics_count_requests_by_route_and_status_and_scored_candidates():
 
 
 def test_admin_refuses_head_names_it_could_not_address_later(tmp_path):
-    from fakes import save_random_head
+    from arbiter.testing.fakes import save_random_head
 
     save_random_head(FAKE_FINGERPRINT, tmp_path / "h", name="h")
     app_heads = HeadRegistry(tmp_path, FAKE_FINGERPRINT)
@@ -570,7 +570,7 @@ def test_a_job_the_engine_refuses_is_a_400_and_its_batch_mates_are_served():
 def test_heads_watch_picks_up_heads_added_and_removed_on_disk(tmp_path):
     import shutil
 
-    from fakes import save_random_head
+    from arbiter.testing.fakes import save_random_head
 
     save_random_head(FAKE_FINGERPRINT, tmp_path / "one", name="one", seed=1)
     app = create_app(Settings(heads_dir=str(tmp_path), heads_watch_s=0.05), engine=FakeEngine(),

@@ -380,7 +380,7 @@ def test_reference_cache_hit_and_corruption_rebuild(backbone, tmp_path, monkeypa
 
 
 def test_training_steps_on_real_activations_lower_the_mse(backbone):
-    from arbiter.training.recipes.sae import Sequence_, sequence_activations
+    from arbiter.training.sae import TokenSequence, sequence_activations
 
     texts = [
         "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
@@ -388,7 +388,7 @@ def test_training_steps_on_real_activations_lower_the_mse(backbone):
         "To bake bread you need flour, water, salt and yeast, and some patience.",
         "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
     ]
-    seqs = [Sequence_(backbone.tokenizer(t, add_special_tokens=False)["input_ids"], 1) for t in texts]
+    seqs = [TokenSequence(backbone.tokenizer(t, add_special_tokens=False)["input_ids"], 1) for t in texts]
     x = sequence_activations(backbone.model, seqs, 2, batch_size=4, pad_id=backbone.end_id)  # [n, 576]
     assert x.shape[0] > 40
     scale = float(x.shape[1] ** 0.5 / x.norm(dim=1).mean())

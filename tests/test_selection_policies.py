@@ -12,11 +12,11 @@ import httpx
 import openai
 import pytest
 import torch
-from fakes import FakeEngine, Scripted, ServerThread, linear_head, registry_with
 
 from arbiter.answers import extract_choice_letter, extract_json_field, extract_label_word, extractor
 from arbiter.heads import SelectionRule
 from arbiter.selection import select
+from arbiter.testing.fakes import FakeEngine, Scripted, ServerThread, linear_head, registry_with
 
 # Six candidates: answers 7, 7, 9, 9, 9 and one with no number. Rewards (head A = feature[0]):
 TEXTS = ["so 7", "The answer is 7.", "it is 9", "9!", "answer: 9", "no idea"]

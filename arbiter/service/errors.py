@@ -22,6 +22,9 @@ class APIError(Exception):
             self.status = status
         self.headers = headers
 
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
@@ -69,7 +72,12 @@ class ServerError(APIError):
     type = "server_error"
 
 
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None,
+               ) -> dict[str, dict[str, str | None]]:
+    """THE error body (``protocol.ErrorResponse``): every JSON error response and every in-stream error event."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content=error_body(message, type_, param, code), headers=headers)

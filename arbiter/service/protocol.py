@@ -2,7 +2,8 @@
 
 Requests accept unknown OpenAI fields (``extra="allow"``): they are ignored and logged, never rejected,
 so newer clients keep working. Limits that depend on settings (n, max_tokens, ...) are checked in
-``routes`` where the settings are known; these models check types and value ranges only.
+``serving.plan_chat`` where the settings are known; these models check types, value ranges and the rules
+between fields that hold whatever the settings (a refusal keeps its OpenAI ``param`` and ``code``: :func:`refusal`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,22 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from arbiter.generation.base import SamplingParams
 from arbiter.heads.config import NAME_PATTERN
+
+REFUSAL = "arbiter_refusal"  # the pydantic error type of a cross-field rule; app.py answers it with its param and code
+
+
+def refusal(param: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
+    """A validation error that keeps OpenAI's error fields: 400 with this ``param`` and ``code`` and the message
+    as written (the app's validation handler reads them from the error's context)."""
+    return PydanticCustomError(REFUSAL, "{message}", {"message": message, "param": param, "code": code})
+
+
+def _unsupported(param: str, what: str) -> PydanticCustomError:
+    return refusal(param, f"{param}: {what} is not supported by this server", "unsupported_parameter")
 
 
 def _valid_unicode(v: str) -> str:
@@ -236,6 +251,51 @@ class ChatCompletionRequest(BaseModel):
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
         return v
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ChatCompletionRequest:
+        """The rules between fields that hold whatever the settings. Output options that change what the answer
+        must be are honoured or refused by name, never silently ignored."""
+        rf = self.response_format
+        if rf is not None and rf.get("type", "text") != "text":
+            raise _unsupported("response_format", f"type {str(rf.get('type'))[:40]!r} (only 'text')")
+        tc = self.tool_choice
+        if tc is not None and not (isinstance(tc, str) and tc in ("none", "auto")):
+            shown = repr(tc[:40]) if isinstance(tc, str) else f"a {str(tc.get('type', 'named'))[:40]!r} choice"
+            raise _unsupported("tool_choice", f"{shown} (this model never emits tool calls; 'none' and 'auto' are accepted)")
+        fc = self.function_call
+        if fc is not None and not (isinstance(fc, str) and fc in ("none", "auto")):
+            raise _unsupported("function_call", "forcing a function call")
+        if self.modalities is not None and any(m != "text" for m in self.modalities):
+            raise _unsupported("modalities", "an output modality other than 'text'")
+        if self.audio is not None:
+            raise _unsupported("audio", "audio output")
+        if self.web_search_options is not None:
+            raise _unsupported("web_search_options", "web search")
+        if (self.model_extra or {}).get("moderation") is not None:
+            raise _unsupported("moderation", "output moderation")
+        if self.top_logprobs and not self.logprobs:
+            raise refusal("top_logprobs", "top_logprobs needs logprobs=true")
+        rr = self.rerank
+        if rr is not None:
+            if rr.candidates is not None and rr.candidates < self.n:
+                raise refusal("rerank.candidates", f"rerank.candidates ({rr.candidates}) must be at least n ({self.n})")
+            if rr.adaptive and self.stream:
+                raise refusal("rerank.adaptive", "rerank.adaptive cannot be combined with stream=true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's current name) or the deprecated ``max_tokens``, whichever is set."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, *, max_tokens: int, logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
+        """The request as the engine's sampling parameters; ``max_tokens`` (the default applied and checked against
+        the limit) and ``logit_bias`` (token ids, checked against the vocabulary) come resolved from the route."""
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              stop=tuple(self.stop or ()), seed=self.seed, logit_bias=logit_bias,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def extra_fields(self) -> list[str]:
         """Fields accepted but not acted on: unknown ones, and declared no-ops that were sent (tools, user)."""

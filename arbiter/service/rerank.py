@@ -36,6 +36,19 @@ def _features(c: Candidate) -> dict[int, torch.Tensor]:
 
 
 def score_candidates(candidates: Sequence[Candidate], heads: Sequence[LoadedHead]) -> torch.Tensor:
-    layers = feature_layers(heads)
-    feats = {l: torch.stack([_features(c)[l] for c in candidates]) for l in layers}  # layer -> [N, d]
-    return score_features(feats, heads)
+    """Rewards [N, H] of generated candidates: a head's column from the rewards the engine computed itself
+    (``Candidate.rewards``, in the job's head order: the vLLM engine), else from the candidates' features."""
+    cols: list[torch.Tensor | None] = [None] * len(heads)
+    for j in range(len(heads)):
+        got = [c.rewards[j] if c.rewards is not None and j < len(c.rewards) else None for c in candidates]
+        if candidates and all(r is not None for r in got):
+            cols[j] = torch.tensor(got, dtype=torch.float32)
+    need = [h for h, col in zip(heads, cols) if col is None]
+    if need:
+        layers = feature_layers(need)
+        feats = {l: torch.stack([_features(c)[l] for c in candidates]) for l in layers}  # layer -> [N, d]
+        scored = iter(score_features(feats, need).unbind(1))
+        cols = [col if col is not None else next(scored) for col in cols]
+    if not heads:
+        return torch.zeros(len(candidates), 0)
+    return torch.stack([c for c in cols if c is not None], dim=1)  # [N, H]

@@ -110,34 +110,6 @@ def _messages(st: ServiceState, messages: list[ChatMessage]) -> list[dict[str, A
     return out
 
 
-def _unsupported(param: str, what: str) -> InvalidRequest:
-    return InvalidRequest(f"{param}: {what} is not supported by this server", param=param, code="unsupported_parameter")
-
-
-def _check_output_options(body: ChatCompletionRequest) -> None:
-    """Fields that change what the output must be: honoured, or refused by name (never silently ignored)."""
-    rf = body.response_format
-    if rf is not None and rf.get("type", "text") != "text":
-        raise _unsupported("response_format", f"type {str(rf.get('type'))[:40]!r} (only 'text')")
-    tc = body.tool_choice
-    if tc is not None and not (isinstance(tc, str) and tc in ("none", "auto")):
-        shown = repr(tc[:40]) if isinstance(tc, str) else f"a {str(tc.get('type', 'named'))[:40]!r} choice"
-        raise _unsupported("tool_choice", f"{shown} (this model never emits tool calls; 'none' and 'auto' are accepted)")
-    fc = body.function_call
-    if fc is not None and not (isinstance(fc, str) and fc in ("none", "auto")):
-        raise _unsupported("function_call", "forcing a function call")
-    if body.modalities is not None and any(m != "text" for m in body.modalities):
-        raise _unsupported("modalities", "an output modality other than 'text'")
-    if body.audio is not None:
-        raise _unsupported("audio", "audio output")
-    if body.web_search_options is not None:
-        raise _unsupported("web_search_options", "web search")
-    if (body.model_extra or {}).get("moderation") is not None:
-        raise _unsupported("moderation", "output moderation")
-    if body.top_logprobs and not body.logprobs:
-        raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
-
-
 def _logit_bias(st: ServiceState, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     out = []
     if bias and len(bias) > st.settings.max_logit_bias:
@@ -284,11 +256,10 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
     if body.n > s.max_n:
         raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
     # Defaults never exceed the limits: a request that sends no max_tokens must not be refused for it.
-    max_tokens = body.max_completion_tokens or body.max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
+    max_tokens = body.requested_max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
     if max_tokens > s.max_tokens_limit:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}", param=param)
-    _check_output_options(body)
     stops = list(body.stop or [])
     if len(stops) > s.max_stop:
         raise InvalidRequest(f"at most {s.max_stop} stop strings are allowed", param="stop")
@@ -307,8 +278,7 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
         n_sample = rr.candidates if rr.candidates is not None else max(min(s.default_candidates, s.max_candidates), body.n)
         if n_sample > s.max_candidates:
             raise InvalidRequest(f"rerank.candidates must be at most {s.max_candidates}", param="rerank.candidates")
-        if n_sample < body.n:
-            raise InvalidRequest(f"rerank.candidates ({n_sample}) must be at least n ({body.n})", param="rerank.candidates")
+        assert n_sample >= body.n  # explicit candidates >= n is the request's own rule (protocol); the default is max'd
         rule = _rule(rr, heads)  # a vote policy without a usable extractor is refused before any work
         cap_candidates, cap_tokens = _budget(request, rr)
         if cap_candidates is not None:
@@ -317,16 +287,11 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
             n_sample = min(n_sample, max(1, cap_tokens // max_tokens))  # N x max_tokens within the token budget
         if n_sample < body.n:
             raise InvalidRequest(f"the budget leaves {n_sample} candidate(s), fewer than n ({body.n})", param="rerank.budget")
-        if rr.adaptive and body.stream:
-            raise InvalidRequest("rerank.adaptive cannot be combined with stream=true", param="rerank.adaptive")
     messages = _messages(st, body.messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
     ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
-    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            stop=tuple(stops), seed=body.seed, logit_bias=_logit_bias(st, body.logit_bias),
-                            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    params = body.to_sampling_params(max_tokens=max_tokens, logit_bias=_logit_bias(st, body.logit_bias))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     log_fields: dict[str, Any] = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids),
                                   "stream": body.stream, "heads": [h.name for h in heads]}
@@ -586,8 +551,7 @@ def _sse(data: str) -> str:
 
 def _error_event(e: Exception) -> str:
     err = e if isinstance(e, APIError) else _worker_error(e)
-    detail = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
-    return _sse(json.dumps({"error": detail}, separators=(",", ":")))
+    return _sse(json.dumps(err.body(), separators=(",", ":")))
 
 
 def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJob, fut: asyncio.Future[Any],

@@ -102,6 +102,7 @@ class Settings(BaseSettings):
         return frozenset(h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip())
 
     vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (CPU default 1; on CUDA sized by the share above)")
+    vllm_hf_copy: Literal["auto", "true", "false"] = Field("auto", description="vLLM: also keep an HF copy of the weights for heads on an intermediate layer (final-norm heads are scored inside vLLM either way). auto: when ARBITER_HEADS_DIR holds such a head at start")
 
 
 def settings_table() -> str:

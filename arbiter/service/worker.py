@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from arbiter.generation.base import Abandoned, Engine, GenerationJob, GenerationResult
 from arbiter.heads import LoadedHead
 
-from .rerank import score_candidates, score_features
+from .rerank import score_candidates
 
 log = logging.getLogger("arbiter.worker")
 
@@ -213,6 +213,7 @@ class Worker:
 
     def submit_generate(self, job: GenerationJob, heads: Sequence[LoadedHead] = ()) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        job.heads = tuple(heads)  # the engine may compute these heads' rewards itself (Candidate.rewards)
         return self._submit(_Item("generate", loop.create_future(), loop, job=job, heads=tuple(heads)))
 
     def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead],
@@ -434,7 +435,8 @@ class Worker:
     def _deliver(self, it: _Item, res: GenerationResult, started: float) -> None:
         rewards = None
         try:
-            if it.heads and res.candidates and all(c.features is not None for c in res.candidates):
+            if it.heads and res.candidates and all(c.features is not None or c.rewards is not None
+                                                   for c in res.candidates):
                 rewards = score_candidates(res.candidates, it.heads)
                 if self.metrics:
                     self.metrics.candidates_scored.inc(len(res.candidates))
@@ -444,9 +446,10 @@ class Worker:
         self._resolve(it, GenerateOutcome(res, rewards, started - it.enqueued, time.monotonic() - started))
 
     def _run_score(self, items: list[_Item]) -> None:
-        # All score requests of the batch go through one feature pass.
+        # All score requests of the batch go through one engine pass (Engine.score: the feature pass and the
+        # heads, or the engine's own rewards), over the union of their heads.
         prompts, answers, owners = [], [], []
-        layers: set[int] = set()
+        union: list[LoadedHead] = []
         for k, it in enumerate(items):
             assert it.score_args is not None
             p, ans = it.score_args
@@ -454,12 +457,12 @@ class Worker:
                 prompts.append(p)
                 answers.append(a)
                 owners.append(k)
-            layers |= {h.config.layer for h in it.heads}
+            union += [h for h in it.heads if not any(h is u for u in union)]
         try:
             # Polled inside the pass: once every request of the batch is gone (deadline or disconnect: the
             # route cancels its future), the worker stops computing instead of finishing a pass for nobody.
-            feats = self.engine.features(prompts, answers, sorted(layers), adapter=items[0].adapter,
-                                         cancelled=lambda: all(it.cancelled() for it in items))
+            all_rewards = self.engine.score(prompts, answers, union, adapter=items[0].adapter,
+                                            cancelled=lambda: all(it.cancelled() for it in items))  # [N, H]
         except Abandoned:
             log.info("score pass abandoned: its %d request(s) are gone", len(items))
             for it in items:
@@ -479,12 +482,8 @@ class Worker:
             return
         for k, it in enumerate(items):
             idx = [i for i, o in enumerate(owners) if o == k]
-            sub = {l: v[idx] for l, v in feats.items()}
-            try:
-                rewards = score_features(sub, it.heads)
-            except Exception as e:
-                self._resolve(it, exc=e)
-                continue
+            cols = [next(j for j, u in enumerate(union) if u is h) for h in it.heads]
+            rewards = all_rewards[idx][:, cols]  # [n_k, H_k]
             if self.metrics:
                 self.metrics.candidates_scored.inc(len(idx))
             self._resolve(it, rewards)

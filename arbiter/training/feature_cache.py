@@ -276,7 +276,7 @@ def packed_pair_features(
     float rounding (a test checks it). The prompt runs once per pair as in :func:`shared_prompt_features`,
     but without copying a KV cache per answer row: on long, uneven answers (hh-rlhf) this runs as fast per
     token as a plain forward, while on short answers behind a shared instruction (SST-2) the shared-prompt
-    path, which also runs the common prefix once per group, is faster (benchmarks/reports/feature_extraction.md).
+    path, which also runs the common prefix once per group, is faster (benchmarks/reports/feature_extraction_*.md).
     Rows are length-sorted and right-padded (padding comes after every real token, so causality hides it).
     """
     from tqdm.auto import tqdm

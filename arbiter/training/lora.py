@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from arbiter.fsutil import atomic_dir
 from arbiter.training.config import ConfigError
 from arbiter.training.logprobs import forward_logps, split_pairs
+from arbiter.training.reference import precomputed_ref
 from arbiter.training.sections import LoraSection
 
 if TYPE_CHECKING:
@@ -147,6 +148,31 @@ def reference_pass(peft_model: Any, batch: dict[str, Tensor], *, layers: Sequenc
     if out.layer_logps is not None:
         res["layer_logps"] = out.layer_logps
     return res
+
+
+class Reference:
+    """Where a LoRA recipe's reference log-probs come from, decided once (``reference.decide_reference``) and asked
+    per step: ``precomputed`` (the data's ``ref_*`` columns, no forward), ``adapter_disabled`` (the same network
+    with the adapter off, no grad) or ``none`` (a reference-free loss such as SimPO). The adapter and joint recipes
+    both use it, so the rule is written once."""
+
+    MODES = ("precomputed", "adapter_disabled", "none")
+
+    def __init__(self, mode: str, peft_model: Any, *, layers: Sequence[int] = (), apply_final_norm: bool = True,
+                 precomputed_layers: bool = False, precomputed_features: bool = False):
+        if mode not in self.MODES:
+            raise ValueError(f"reference mode {mode!r} is not one of {self.MODES}")
+        self.mode, self.peft_model = mode, peft_model
+        self.layers, self.apply_final_norm = tuple(layers), apply_final_norm
+        self.precomputed_layers, self.precomputed_features = precomputed_layers, precomputed_features
+
+    def __call__(self, batch: dict[str, Tensor], chunk: Sequence[Any], device: torch.device) -> dict[str, Tensor] | None:
+        """The reference of one micro-batch: ``batch`` (collated tensors) or ``chunk`` (its pairs, for the columns)."""
+        if self.mode == "precomputed":
+            return precomputed_ref(chunk, device, layers=self.precomputed_layers, features=self.precomputed_features)
+        if self.mode == "adapter_disabled":
+            return reference_pass(self.peft_model, batch, layers=self.layers, apply_final_norm=self.apply_final_norm)
+        return None
 
 
 def save_adapter(peft_model: Any, directory: Path, meta: dict[str, Any], extra_tensors: dict[str, Tensor] | None = None) -> Path:

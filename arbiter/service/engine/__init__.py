@@ -1,5 +1,5 @@
 """Engines that sample candidates and capture head features: ``hf`` (plain transformers, the CPU default) and
-``vllm`` (AsyncLLM sampling plus the HF feature pass); ``base`` holds the protocol and job types they share.
+``vllm`` (AsyncLLM sampling, the heads' rewards computed inside vLLM); ``base`` holds the protocol and job types they share.
 :func:`load_engine` builds the one ``ARBITER_ENGINE`` names from the service settings."""
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from arbiter.training.loop import (
 )
 from arbiter.training.lora import (
     PolicyModule,
-    reference_pass,
+    Reference,
     resolve_backbone,
     save_adapter,
     trainable_parameters,
@@ -61,7 +61,6 @@ from arbiter.training.reference import (
     check_ref_columns,
     check_ref_tokens,
     decide_reference,
-    precomputed_ref,
 )
 from arbiter.training.rundir import RESULT_FILE
 from arbiter.training.sections import (
@@ -213,16 +212,12 @@ def run(cfg: AdapterConfig, *, resume: bool = False, backbone: Any | None = None
         optimizer, scheduler = build_optimizer([{"params": list(trainables.values())}], cfg.optim, total)
         policy, optimizer = acc.prepare(policy, optimizer)
 
+        reference = Reference(ref_mode, peft_model, layers=layers, apply_final_norm=cfg.intermediate.apply_final_norm,
+                              precomputed_layers=bool(inter), precomputed_features=sae is not None)
+
         def compute(batch: dict[str, Tensor], chunk: list, training: bool) -> tuple[LossOutput, dict[str, float]]:
             pol = policy(batch)
-            if ref_mode == "precomputed":
-                ref = precomputed_ref(chunk, pol["logps"].device, layers=inter, features=sae is not None)
-            elif ref_mode == "adapter_disabled":
-                ref = reference_pass(peft_model, batch, layers=layers,
-                                     apply_final_norm=cfg.intermediate.apply_final_norm)
-            else:
-                ref = None
-            out = adapter_loss(cfg, pol, ref)
+            out = adapter_loss(cfg, pol, reference(batch, chunk, pol["logps"].device))
             return out, step_metrics(out, pol)
 
         spec = LoopSpec(name=cfg.loss, cfg=cfg, accelerator=acc, policy=policy, optimizer=optimizer, scheduler=scheduler,

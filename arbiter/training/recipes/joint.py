@@ -45,14 +45,14 @@ from arbiter.training.loop import (
 )
 from arbiter.training.lora import (
     PolicyModule,
-    reference_pass,
+    Reference,
     resolve_backbone,
     save_adapter,
     trainable_parameters,
     training_lora,
 )
 from arbiter.training.losses import LossOutput, prior_regularize_
-from arbiter.training.reference import check_ref_tokens, decide_reference, precomputed_ref
+from arbiter.training.reference import check_ref_tokens, decide_reference
 from arbiter.training.rundir import RESULT_FILE
 from arbiter.training.sections import LoraRun, load_preference_data, tokenize_splits, validate_common
 
@@ -177,12 +177,12 @@ def run(cfg: JointConfig, *, resume: bool = False, backbone: Any | None = None,
                 prior_regularize_(group["params"], [prior[n] for n in group["names"]], lr=group["lr"],
                                   lam=cfg.prior_lambda)
 
+        reference = Reference(ref_mode, peft_model)  # cDPO always has a reference: precomputed or adapter-disabled
+
         def compute(batch: dict[str, Tensor], chunk: list, training: bool) -> tuple[LossOutput, dict[str, float]]:
             pol = policy(batch)
-            if ref_mode == "precomputed":
-                ref = precomputed_ref(chunk, pol["logps"].device, layers=False, features=False)
-            else:
-                ref = reference_pass(peft_model, batch)
+            ref = reference(batch, chunk, pol["logps"].device)
+            assert ref is not None  # cDPO's reference: precomputed or adapter-disabled, never "none"
             out = joint_loss(cfg, pol, ref)
             return out, step_metrics(out, pol)
 

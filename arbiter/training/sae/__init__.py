@@ -1,15 +1,17 @@
 """Sparse autoencoders (SAEs) on one layer's residual stream, for FPO (docs/methods.md, "Policy losses": `fpo`).
 
-What lives here (model.py, io.py, features.py, train.py; everything is re-exported from the package):
+What lives here (model.py, io.py, features.py, train.py, data.py; everything is re-exported from the package):
 - :class:`SparseAutoencoder`: SAELens-compatible parameters ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
   ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for JumpReLU, ``threshold [d_sae]``; activations
   ``topk`` (k), ``jumprelu`` and ``relu``, computed exactly as SAELens' inference classes do.
 - :func:`save_sae` / :func:`load_sae`: the SAELens on-disk layout (``cfg.json`` + ``sae_weights.safetensors``).
   ``load_sae`` also reads SAEs written by SAELens itself (5.x flat configs and 6.x ``metadata`` configs),
   never reads a pickle, and checks every shape.
-- :func:`block_output`: the RAW output of decoder block ``l`` (a forward hook, like
-  ``arbiter.backbone.LayerCapture``), which is what SAELens' ``blocks.{l}.hook_resid_post`` means. NOT
+- :func:`block_output`: the RAW output of decoder block ``l`` (through the one capture hook,
+  ``arbiter.backbone.LayerCapture``, stopping the forward there), which is what SAELens' ``blocks.{l}.hook_resid_post`` means. NOT
   ``hidden_states[num_layers]``: transformers applies the final norm there (docs/methods.md).
+- :class:`TokenSequence`, :func:`load_sequences`, :class:`ActivationStream`: the SAE recipe's data side (pairs or
+  text -> sequences -> a resumable, seeded stream of activation batches).
 - :func:`pool_answer_features` / :func:`pooled_sae_features`: SAE activations of every answer token,
   mean-pooled over the REAL answer tokens of each row (the authors' code divided by the padded length).
 - :func:`precompute_ref_features`: the frozen reference model's pooled features for every preference pair,
@@ -25,6 +27,7 @@ AuxK loss on the ``aux_k`` largest pre-activations of dead latents with coeffici
 
 from __future__ import annotations
 
+from .data import ActivationStream, TokenSequence, load_sequences, sequence_activations
 from .features import block_output, pool_answer_features, pooled_sae_features, precompute_ref_features, ref_cache_key
 from .io import (
     hook_name_for_layer,
@@ -66,6 +69,10 @@ __all__ = [
     "sae_digest",
     "save_sae",
     "block_output",
+    "ActivationStream",
+    "TokenSequence",
+    "load_sequences",
+    "sequence_activations",
     "pool_answer_features",
     "pooled_sae_features",
     "precompute_ref_features",

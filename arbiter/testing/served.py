@@ -1,9 +1,9 @@
 """The in-process live-server harness: ``served()`` runs the real app under uvicorn on 127.0.0.1 with a fake engine
-(tests/fakes.py) or a real one, for every test of the HTTP surface (rerank, bad input and auth, overload and
+(``arbiter.testing.fakes``) or a real one, for every test of the HTTP surface (rerank, bad input and auth, overload and
 faults, adapters) and the hardening benchmarks. Tests of the process itself (the real CLI, its settings from the
 environment, exit codes) start ``arbiter serve`` (``fakes.ArbiterProcess``). Also a launcher run as a subprocess:
 
-    python tests/served_fake.py --mode die|slow --port PORT [--delay-s S] [--default-host]
+    python -m arbiter.testing.served --mode die|slow --port PORT [--delay-s S] [--default-host]
 
 The launcher exists so that process-level behaviour (the exit code after the engine worker dies, SIGTERM
 draining in-flight requests) is tested through the real ``arbiter serve`` code path (``arbiter.cli.main``)
@@ -21,12 +21,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ (for fakes), also when run as a script
-
-from fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, save_random_head  # noqa: E402
-
-from arbiter.generation.base import Engine  # noqa: E402
-from arbiter.heads import HeadRegistry  # noqa: E402
+from arbiter.generation.base import Engine
+from arbiter.heads import HeadRegistry
+from arbiter.testing.fakes import FAKE_FINGERPRINT, LOOPBACK, FakeEngine, ServerThread, save_random_head
 
 MODEL = "fake-backbone"
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -106,7 +103,7 @@ class SlowEngine(FakeEngine):
         super().__init__(echo=True, **kw)
         self.delay_s = delay_s
 
-    def generate(self, jobs):
+    def generate(self, jobs, *, admit=None, deliver=None):
         time.sleep(self.delay_s)
         return super().generate(jobs)
 

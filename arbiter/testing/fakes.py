@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -138,7 +138,7 @@ class FakeEngine(Engine):
             text, finish = text[: job.params.max_tokens], "length"
         return text, finish
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
+    def generate(self, jobs: Sequence[GenerationJob], *, admit: Any = None, deliver: Any = None) -> list[GenerationResult]:
         self.batches.append(list(jobs))
         self.started.set()
         if self.die:
@@ -153,7 +153,7 @@ class FakeEngine(Engine):
                     for i, (text, _) in enumerate(rows[id(job)]):
                         half = len(text) // 2
                         if half:
-                            job.on_delta(i, text[:half])
+                            job.on_delta(i, text[:half], None)
                             emitted[id(job)][i] = half
             while not self.gate.wait(0.01):
                 cancelled = [job.cancelled.is_set() for job in jobs]
@@ -170,7 +170,7 @@ class FakeEngine(Engine):
             cands = []
             for i, (text, finish) in enumerate(rows[id(job)]):
                 if job.on_delta is not None and len(text) > emitted[id(job)][i]:
-                    job.on_delta(i, text[emitted[id(job)][i]:])
+                    job.on_delta(i, text[emitted[id(job)][i]:], None)
                 feats = {l: self.feature(text, l) for l in job.feature_layers} if job.feature_layers else None
                 cands.append(Candidate(self.tokenizer(text)["input_ids"], text, finish, feats))
             results.append(GenerationResult(cands, len(job.prompt_ids)))
@@ -208,7 +208,7 @@ def save_random_head(fp: BackboneFingerprint, directory: str | Path, *, name: st
                      layer: int = -1, ffn_size: int | None = None, seed: int = 0, scale: float = 1.0):
     """Save a head with seeded random weights (reward weights scaled up so rewards spread); returns its module."""
     cfg = HeadConfig(name=name, backbone=fp, hidden_size=fp.hidden_size, pooler=pooler, layer=layer,
-                     ffn_size=ffn_size, provenance={"made_by": "tests/fakes.py", "seed": seed})
+                     ffn_size=ffn_size, provenance={"made_by": "arbiter.testing.fakes", "seed": seed})
     g = torch.Generator().manual_seed(seed)
     head = build_head(cfg)
     with torch.no_grad():
@@ -269,6 +269,23 @@ class ServerThread:
 # --- a live `arbiter serve` process on the real model ------------------------------------------------------
 
 
+def process_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and its children (vLLM's engine core is a child); 0 once it is gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        total = p.memory_info().rss
+        for c in p.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except psutil.Error:
+                pass
+        return int(total)
+    except psutil.Error:
+        return 0
+
+
 class ArbiterProcess:
     """The real ``arbiter serve`` CLI as a subprocess on 127.0.0.1 (settings from ARBITER_* variables; the
     caller's ARBITER_* variables other than the model and cache are dropped). ``with`` starts it and waits
@@ -293,7 +310,7 @@ class ArbiterProcess:
         self.env.update(env or {})
         self.cmd = [sys.executable, "-m", "arbiter.cli", "serve", "--host", LOOPBACK, "--port", str(self.port),
                     "--heads-dir", str(self.heads_dir)]
-        self.proc = None
+        self.proc: Any = None  # subprocess.Popen once started
         self.seen: list = []
 
     def __enter__(self) -> "ArbiterProcess":
