@@ -20,7 +20,7 @@ Heads on an intermediate layer need ``ARBITER_VLLM_HF_COPY=true``: an HF copy of
 their features (the choice is per head and logged); without it such heads are refused when loaded.
 
 A start-up probe refuses to serve unless, on a probe conversation, vLLM's log-probs equal a standalone HF
-forward's (mean abs difference below 1e-3 in float32, 5e-2 in bfloat16) and the rewards vLLM computes for two
+forward's (mean abs difference below 1e-3 in float32, 0.15 in bfloat16) and the rewards vLLM computes for two
 probe heads equal the same heads on the HF forward's feature (error relative to max(|r|, |grad r(h)| |h|) at most
 1e-4 in float32, 2e-2 in bfloat16); every head is checked the same way on the probe the first time it is placed in a column.
 
@@ -67,7 +67,10 @@ POLL_S = 0.02  # how often a running job's cancel flag is checked
 _PROBE_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 _PROBE_ANSWER = "Red, orange and yellow are three colours of the rainbow."
 # Start-up probe tolerances per dtype: (log-prob mean abs difference, reward relative error).
-_PROBE_TOL = {"float32": (1e-3, 1e-4), "bfloat16": (5e-2, 2e-2), "float16": (5e-2, 2e-2)}
+# bfloat16: rounding alone puts the HF forward's bf16 log-probs of the probe 0.055 (mean abs) from its float32 ones
+# on SmolLM2-135M, so two bf16 implementations differ by about that much; 0.15 is ~3x it, far below a wrong weight
+# (a missing LoRA moves them by > 0.5: tests/test_vllm_adapter.py).
+_PROBE_TOL = {"float32": (1e-3, 1e-4), "bfloat16": (0.15, 2e-2), "float16": (0.15, 2e-2)}
 
 
 class EngineStartError(RuntimeError):
@@ -237,7 +240,7 @@ class VLLMEngine(Engine):
         v_lp = torch.tensor([d[ids[t]].logprob for t, d in enumerate(out.prompt_logprobs) if t > 0 and d])
         h_lp = ref["logprobs"][-len(v_lp):]
         lp_mae = (v_lp - h_lp).abs().mean().item()
-        tol_lp, tol_r = _PROBE_TOL.get(self.dtype or "float32", (5e-2, 2e-2))
+        tol_lp, tol_r = _PROBE_TOL.get(self.dtype or "float32", _PROBE_TOL["bfloat16"])
         result = {"logprob_mae": lp_mae, "logprob_tolerance": tol_lp}
         if not lp_mae <= tol_lp:
             raise EngineStartError(f"start-up probe: vLLM's log-probs of the probe differ from the HF forward's by "
@@ -292,7 +295,7 @@ class VLLMEngine(Engine):
             await self._push()
             new = [h for h in heads if (w := self._checked.get(id(h))) is None or w() is not h]
             if verify and new:
-                await self._verify(new, _PROBE_TOL.get(self.dtype or "float32", (5e-2, 2e-2))[1])
+                await self._verify(new, _PROBE_TOL.get(self.dtype or "float32", _PROBE_TOL["bfloat16"])[1])
         except BaseException:
             self.columns.unpin(cols)
             raise
