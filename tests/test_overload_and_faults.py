@@ -412,7 +412,7 @@ def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
     """Long prompts with 16 candidates each: one request needs its prompt's KV cache copied to 16 rows (~1.4 GB
     in float32 here). Three of them at once under a budget that fits one run one after the other, and the peak RSS
     stays within twice one request's (the bound stated here: the heap may keep one batch's freed blocks while the
-    next allocates); without a budget the three share a batch and need about three times one's."""
+    next allocates); without a budget the three share a batch and exceed that bound."""
     import gc
 
     from arbiter.generation.hf import HFEngine
@@ -442,7 +442,10 @@ def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
     unbounded = peak(None, 3)
     mib = 2**20
     assert bounded <= 2.0 * one, f"three requests under a one-request budget peaked at {bounded / mib:.0f} MiB, one alone at {one / mib:.0f} MiB"
-    assert unbounded > 2.5 * one, (unbounded / mib, one / mib)  # the control: without the budget they shared a batch
+    # The control: without the budget the same traffic breaks the bound above (the three share a batch). Not a
+    # ratio to 3x one: one request's peak includes transients (prefill activations, the heap) that three in one batch
+    # do not triple; a CI run measured 2.47x (6467 / 2623 MiB).
+    assert unbounded > 2.0 * one, f"without a budget three requests peaked at {unbounded / mib:.0f} MiB, one alone at {one / mib:.0f} MiB"
 
 
 def test_serve_binds_loopback_by_default_logs_admin_actions_and_never_a_key(tmp_path):
