@@ -305,8 +305,9 @@ class ArbiterProcess:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ARBITER_") or k in keep}
         # float32: the tests compare the server's rewards with float32 references computed in the test process
         # (ARBITER_DTYPE=auto would pick bfloat16 on a CPU with AMX).
-        self.env.update(ARBITER_THREADS="1", ARBITER_DEVICE="cpu", ARBITER_DTYPE="float32", ARBITER_LOG_LEVEL="warning",
-                        PYTHONUNBUFFERED="1")
+        # The device: CPU, unless ARBITER_TEST_DEVICE names another (.ci/gpu runs the vLLM tests with cuda).
+        self.env.update(ARBITER_THREADS="1", ARBITER_DEVICE=os.environ.get("ARBITER_TEST_DEVICE", "cpu"),
+                        ARBITER_DTYPE="float32", ARBITER_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
         self.env.update(env or {})
         self.cmd = [sys.executable, "-m", "arbiter.cli", "serve", "--host", LOOPBACK, "--port", str(self.port),
                     "--heads-dir", str(self.heads_dir)]

