@@ -7,6 +7,7 @@ in a separate pooling pass over the finished candidates (``features``).
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
@@ -57,6 +58,23 @@ def candidate_seed(request_seed: int, index: int) -> int:
     return (request_seed * 1_000_003 + index) % (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class PruneSpec:
+    """Early rejection (docs/features.md, "Pruning"): when a job's live candidates have generated ``at[i]`` tokens,
+    the picking head (``GenerationJob.heads[0]``) scores each one's prefix from the hidden state the decode loop
+    already holds (at the prefix's last token, the head's layer), and only the best ``ceil(keep x live)`` go on,
+    never leaving fewer than ``min_keep`` candidates in all (finished ones count). ``keep == 1`` records the
+    partial rewards and drops nothing."""
+
+    at: tuple[int, ...]  # checkpoints, tokens generated per candidate, ascending
+    keep: float  # share of the live candidates kept at each checkpoint, in (0, 1]
+    min_keep: int = 1  # candidates (finished + live) that always survive: at least the request's n
+
+    def survivors(self, live: int, finished: int) -> int:
+        """How many of ``live`` candidates go on past a checkpoint when ``finished`` others already ended."""
+        return min(live, max(math.ceil(self.keep * live - 1e-9), self.min_keep - finished, 0))
+
+
 @dataclass
 class GenerationJob:
     """One request's share of a generation batch."""
@@ -74,18 +92,23 @@ class GenerationJob:
     # The heads that will score this job's candidates (LoadedHead objects, pinned: a head swapped meanwhile stays
     # the one this job reads). An engine that computes rewards itself (the vLLM engine) fills Candidate.rewards.
     heads: tuple[Any, ...] = ()
+    prune: PruneSpec | None = None  # early rejection by the first head's partial rewards (engines with ``prunes``)
 
 
 @dataclass
 class Candidate:
     token_ids: list[int]  # answer tokens, without the closing <|im_end|>
     text: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "pruned"
     features: dict[int, torch.Tensor] | None = None  # layer -> [d] at the closing <|im_end|>
     logprobs: list[TokenLogprob] | None = None  # one per answer token, when SamplingParams.logprobs is set
     # Rewards the engine computed itself, one per head of the job (its ``heads`` order); None where that head is
     # to be scored from ``features`` (the serving layer's arbiter.service.rerank.score_candidates reads both).
     rewards: tuple[float | None, ...] | None = None
+    # Pruning (GenerationJob.prune): the picking head's reward of this candidate's prefix at each checkpoint it
+    # reached alive, as (tokens, reward); ``pruned_at`` is the checkpoint that dropped it (finish_reason "pruned").
+    partial_rewards: list[tuple[int, float]] | None = None
+    pruned_at: int | None = None
 
 
 @dataclass
@@ -117,6 +140,7 @@ class Engine(Protocol):
     adapter_name: str | None  # the LoRA adapter merged into the served weights (ARBITER_ADAPTER); None: the base
     adapters: AdapterSet | None  # switchable LoRA adapters (ARBITER_ADAPTERS, HF engine); None: none supported
     continuous: bool = False  # generate() takes admit / deliver: queued jobs join the running batch
+    prunes: bool = False  # honours GenerationJob.prune (partial rewards from the decode loop: the HF engine)
     dtype: str | None = None  # the dtype the model runs in ("float32", "bfloat16", ...); None: not known
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:

@@ -32,6 +32,7 @@ from arbiter.backbone import (
     base_model,
     batched_end_features,
 )
+from arbiter.heads import head_rewards
 
 from .base import (
     Abandoned,
@@ -69,7 +70,8 @@ class _Row:
     emitted: int = 0
     stop_cut: bool = False  # ended on a stop string: cached tokens run past the answer, rescore
     features: dict[int, torch.Tensor] | None = None
-
+    partials: list[tuple[int, float]] = field(default_factory=list)  # (tokens, the picking head's prefix reward)
+    pruned_at: int | None = None
 
 
 
@@ -110,6 +112,7 @@ class _Batch:
         self.done_rows: dict[int, list[_Row]] = {}
         self.slots: dict[int, dict[int, GenerationResult] | None] = {}
         self.captures: dict[int, LayerCapture] = {}
+        self.pruned: dict[int, int] = {}  # job id -> rows pruned so far
 
     @property
     def active(self) -> bool:
@@ -146,7 +149,11 @@ class _Batch:
                 live.append(job)
         if not live:
             return
-        for layer in sorted({l for j in live for l in j.feature_layers if l != FINAL} - set(self.captures)):
+        for job in live:
+            if job.prune is not None and not job.heads:
+                raise ValueError("a job with GenerationJob.prune needs its heads (the first one ranks the prefixes)")
+        wanted = {l for j in live for l in (*j.feature_layers, *((j.heads[0].config.layer,) if j.prune else ()))}
+        for layer in sorted(wanted - {FINAL} - set(self.captures)):
             self.captures[layer] = LayerCapture(e.model, layer)
         L = max(len(j.prompt_ids) for j in live)
         ids = torch.full((len(live), L), e.pad_id, dtype=torch.long, device=dev)  # [P, L]
@@ -271,7 +278,37 @@ class _Batch:
                 r.features, r.state = feats, "done"
             elif r.state == "force_close":
                 r.state = "closing"  # fed its last token; the closing token goes in next step
+        self._prune(batch_rows, h)
         self.logits = e.lm_head(h)  # [K, V]
+
+    def _prune(self, rows: list[_Row], h: torch.Tensor) -> None:
+        """Early rejection (GenerationJob.prune, docs/features.md "Pruning"). This step fed each live row's latest
+        token, so ``h`` (and a capture hook's output) holds the state at its prefix's last token: the picking
+        head's reward of the prefix costs the head alone. At a checkpoint, the lowest-ranked live rows of the job
+        are marked done ("pruned"); the next step drops them from the batch and its KV cache like finished rows."""
+        live: dict[tuple[int, int], list[int]] = {}  # (job, tokens) -> row positions
+        for k, r in enumerate(rows):
+            spec = self.jobs[r.job].prune
+            if r.state == "active" and spec is not None and len(r.tokens) in spec.at:
+                live.setdefault((r.job, len(r.tokens)), []).append(k)
+        for (j, t), ks in live.items():
+            job = self.jobs[j]
+            spec, head = job.prune, job.heads[0]
+            assert spec is not None
+            layer = head.config.layer
+            idx = torch.tensor(ks, device=h.device)
+            feats = h[idx] if layer == FINAL else self.captures[layer].output[idx, -1]  # [L, d]
+            got = head_rewards(head.module, feats.float()).tolist()
+            for k, reward in zip(ks, got):
+                rows[k].partials.append((t, reward))
+            pruned_before = self.pruned.get(id(job), 0)
+            finished = job.n - len(ks) - pruned_before  # ended (stop / length) or closing: they survive
+            kept = spec.survivors(len(ks), finished)
+            order = sorted(range(len(ks)), key=lambda i: (-got[i], rows[ks[i]].index))  # best first, then by index
+            for i in order[kept:]:
+                r = rows[ks[i]]
+                r.state, r.finish, r.pruned_at = "done", "pruned", t
+            self.pruned[id(job)] = pruned_before + len(ks) - kept
 
     def close(self) -> None:
         for c in self.captures.values():
@@ -285,6 +322,7 @@ class _Batch:
 
 class HFEngine(Engine):
     continuous = True  # generate() takes admit / deliver: requests join the running decode batch
+    prunes = True  # GenerationJob.prune: partial rewards from the state the decode loop holds (_Batch._prune)
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
@@ -452,7 +490,9 @@ class HFEngine(Engine):
             if not r.stop_cut:
                 r.text = self._decode(r.tokens)
             lps = list(r.lps) if job.params.logprobs is not None else None
-            cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps))
+            cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps,
+                                   partial_rewards=list(r.partials) if job.prune is not None else None,
+                                   pruned_at=r.pruned_at))
         return GenerationResult(cands, len(job.prompt_ids))
 
     def _rescore_stop_cut(self, jobs: Sequence[GenerationJob], rows: list[_Row]) -> None:

@@ -165,14 +165,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return str(ctx.get("message", own.get("msg"))), ctx.get("param"), str(ctx.get("code", "invalid_value"))
     # A value that fails every member of a union (str | list[...]) yields one error per member; the one a
     # validator raised on purpose (value_error) says what is wrong, "Input should be a valid list" does not.
-    e = next((x for x in errs if x.get("type") == "value_error"), errs[0])
+    # A JSON object against `bool | Options` fails the bool member too ("Input should be a valid boolean"); the
+    # object member's error names the field at fault, so it goes first.
+    primitive = {"bool", "str", "int", "float"}
+    e = next((x for x in errs if x.get("type") == "value_error"), None) \
+        or next((x for x in errs if str((x.get("loc") or ("",))[-1]) not in primitive), errs[0])
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None, "invalid_value"
     if e.get("type") == "missing" and not loc:
         return "the request needs a JSON body", None, "invalid_value"
     # pydantic's locations for union members (e.g. 'str', 'list[TextPart]') are noise for a client.
-    param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in {"str", "int", "float"}) or None
+    # Model members of a union show as their class name ('PruneOptions'); field names here are never capitalised.
+    param = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in primitive and not x[:1].isupper()) or None
     msg = e.get("msg", "invalid value")
     return (f"{param}: {msg}" if param else msg), param, "invalid_value"
 
@@ -296,6 +301,9 @@ def create_app(settings: Settings | None = None, *, engine: "Engine | None" = No
                                 "its rewards assume that adapter", name, trained_with, eng.adapter_name)
         if settings.heads_watch_s and state.registry.root is not None:  # also a registry the embedder passed in
             _watch_heads(state, settings.heads_watch_s)
+        if settings.prune_at and not eng.prunes:
+            raise ValueError(f"ARBITER_PRUNE_AT: the {type(eng).__name__} does not prune (partial rewards come from the "
+                             "HF engine's decode loop; docs/features.md \"Pruning\")")
         state.bind_engine(eng)
         budget = batch_token_budget(settings, eng, device)
         per = eng.kv_bytes_per_token()

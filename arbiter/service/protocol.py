@@ -162,6 +162,34 @@ class BudgetOptions(BaseModel):
     tokens: int | None = Field(None, ge=1, description="Most completion tokens to spend (checked between rounds)")
 
 
+class PruneOptions(BaseModel):
+    """Early rejection (docs/features.md, "Pruning"): at each checkpoint the picking head scores every live
+    candidate's prefix from the decode loop's own hidden state, and only the best share goes on generating."""
+
+    model_config = ConfigDict(extra="forbid")
+    at: list[int] | None = Field(None, min_length=1, max_length=8,
+                                 description="Checkpoints in tokens generated per candidate, ascending (default: the "
+                                             "server's ARBITER_PRUNE_AT)")
+    at_fraction: list[float] | None = Field(None, min_length=1, max_length=8,
+                                            description="Checkpoints as fractions of max_tokens, ascending, in (0, 1)")
+    keep: float | None = Field(None, gt=0.0, le=1.0, description="Share of the live candidates kept at each "
+                                                                 "checkpoint, rounded up (default: ARBITER_PRUNE_KEEP; "
+                                                                 "1 records partial rewards and drops nothing)")
+    min_keep: int | None = Field(None, ge=1, description="Candidates that always survive, finished ones included "
+                                                         "(default and least: n)")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> PruneOptions:
+        if self.at is not None and self.at_fraction is not None:
+            raise refusal("rerank.prune", "rerank.prune takes `at` or `at_fraction`, not both")
+        if self.at is not None and (any(t < 1 for t in self.at) or sorted(set(self.at)) != self.at):
+            raise refusal("rerank.prune.at", "rerank.prune.at must be distinct positive token counts, ascending")
+        fr = self.at_fraction
+        if fr is not None and (any(not 0.0 < f < 1.0 for f in fr) or sorted(set(fr)) != fr):
+            raise refusal("rerank.prune.at_fraction", "rerank.prune.at_fraction must be distinct fractions in (0, 1), ascending")
+        return self
+
+
 class RerankOptions(BaseModel):
     """Arbiter's extension, passed by the openai client in ``extra_body={"rerank": {...}}``.
 
@@ -191,6 +219,9 @@ class RerankOptions(BaseModel):
         None, description="Sample in rounds and stop once the leader is settled; `candidates` is then the maximum")
     budget: BudgetOptions | None = Field(None, description="Caps on candidates / completion tokens (the "
                                                            "X-Arbiter-Budget header overrides it)")
+    prune: bool | PruneOptions | None = Field(
+        None, description="Drop weak candidates mid-generation by the picking head's partial rewards; true: the "
+                          "server's schedule; false: no pruning even where the server prunes by default")
 
 
 # Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
@@ -282,6 +313,11 @@ class ChatCompletionRequest(BaseModel):
                 raise refusal("rerank.candidates", f"rerank.candidates ({rr.candidates}) must be at least n ({self.n})")
             if rr.adaptive and self.stream:
                 raise refusal("rerank.adaptive", "rerank.adaptive cannot be combined with stream=true")
+            if rr.adaptive and rr.prune:
+                raise refusal("rerank.prune", "rerank.prune cannot be combined with rerank.adaptive (choose one way "
+                                              "to spend fewer tokens)")
+            if isinstance(rr.prune, PruneOptions) and rr.prune.min_keep is not None and rr.prune.min_keep < self.n:
+                raise refusal("rerank.prune.min_keep", f"rerank.prune.min_keep ({rr.prune.min_keep}) must be at least n ({self.n})")
         return self
 
     @property
@@ -356,12 +392,42 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class RerankCandidate(BaseModel):
+class RerankCandidate(_Response):
     index: int
     text: str
-    finish_reason: str
-    rewards: dict[str, float]
+    finish_reason: str = Field(description="stop, length, or pruned (dropped at a checkpoint: no final reward)")
+    rewards: dict[str, float] = Field(description="Each head's reward of the complete answer (empty when pruned)")
     completion_tokens: int
+    partial_rewards: list[PartialReward] | None = Field(
+        None, description="Pruning: the picking head's reward of this candidate's prefix at each checkpoint it reached")
+    pruned_at: int | None = Field(None, description="Pruning: the checkpoint (tokens) that dropped this candidate")
+
+    _omit_if_none = ("partial_rewards", "pruned_at")
+
+
+class PartialReward(BaseModel):
+    tokens: int
+    reward: float
+
+
+class PruneCheckpoint(BaseModel):
+    tokens: int = Field(description="The checkpoint: tokens generated per candidate")
+    live: int = Field(description="Candidates still generating when it was reached")
+    pruned: list[int] = Field(description="Indices of the candidates it dropped")
+
+
+class PruneInfo(BaseModel):
+    """What pruning did to a rerank request (``rerank.prune``)."""
+
+    at: list[int] = Field(description="The checkpoints, in tokens")
+    keep: float
+    min_keep: int
+    checkpoints: list[PruneCheckpoint] = Field(description="Checkpoints reached, in order")
+    pruned: int = Field(description="Candidates dropped in all")
+    pruned_tokens: int = Field(description="Tokens the pruned candidates had generated (counted in usage)")
+    tokens_saved_estimate: int = Field(
+        description="For each pruned candidate, the survivors' mean completion length less the tokens it had "
+                    "generated (at least 0): what finishing it would have cost, as an estimate")
 
 
 class RerankGroup(BaseModel):
@@ -406,9 +472,10 @@ class RerankInfo(_Response):
     groups: list[RerankGroup] | None = Field(None, description="Vote policies: the answer groups, winner first")
     adaptive: AdaptiveInfo | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
                                                   "sampled, the maximum allowed")
+    prune: PruneInfo | None = Field(None, description="Pruning: the checkpoints reached, what each dropped, tokens saved")
     candidates: list[RerankCandidate] | None = None
 
-    _omit_if_none = ("rule", "groups", "adaptive", "candidates")
+    _omit_if_none = ("rule", "groups", "adaptive", "prune", "candidates")
 
 
 class TopLogprob(BaseModel):

@@ -37,7 +37,19 @@ def _features(c: Candidate) -> dict[int, torch.Tensor]:
 
 def score_candidates(candidates: Sequence[Candidate], heads: Sequence[LoadedHead]) -> torch.Tensor:
     """Rewards [N, H] of generated candidates: a head's column from the rewards the engine computed itself
-    (``Candidate.rewards``, in the job's head order: the vLLM engine), else from the candidates' features."""
+    (``Candidate.rewards``, in the job's head order: the vLLM engine), else from the candidates' features.
+    A pruned candidate (``finish_reason == "pruned"``: dropped mid-generation, no final feature) gets -inf under
+    every head, so no selection rule picks it and a weighted vote gives it no weight."""
+    live = [i for i, c in enumerate(candidates) if c.finish_reason != "pruned"]
+    if len(live) < len(candidates):
+        out = torch.full((len(candidates), len(heads)), float("-inf"))
+        if live:
+            out[live] = _score([candidates[i] for i in live], heads)
+        return out
+    return _score(candidates, heads)
+
+
+def _score(candidates: Sequence[Candidate], heads: Sequence[LoadedHead]) -> torch.Tensor:
     cols: list[torch.Tensor | None] = [None] * len(heads)
     for j in range(len(heads)):
         got = [c.rewards[j] if c.rewards is not None and j < len(c.rewards) else None for c in candidates]

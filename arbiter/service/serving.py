@@ -17,7 +17,15 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from arbiter import answers
-from arbiter.generation.base import AdapterGone, Candidate, GenerationJob, JobError, SamplingParams, TokenLogprob
+from arbiter.generation.base import (
+    AdapterGone,
+    Candidate,
+    GenerationJob,
+    JobError,
+    PruneSpec,
+    SamplingParams,
+    TokenLogprob,
+)
 from arbiter.heads import LoadedHead
 from arbiter.selection import AdaptiveRule, select, settled
 
@@ -32,6 +40,10 @@ from .protocol import (
     Choice,
     ChunkChoice,
     ChunkDelta,
+    PartialReward,
+    PruneCheckpoint,
+    PruneInfo,
+    PruneOptions,
     RerankCandidate,
     RerankInfo,
     RerankOptions,
@@ -229,6 +241,7 @@ class ChatPlan:
     t0: float
     log_fields: dict[str, Any]
     answers: "Answers"  # the request's extracted answers (filled as candidates arrive)
+    prune: PruneSpec | None = None  # early rejection (rerank.prune / ARBITER_PRUNE_AT), resolved
 
     @property
     def return_candidates(self) -> bool:
@@ -271,6 +284,7 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
     rule = DEFAULT_RULE
     n_sample = body.n
     cap_tokens: int | None = None
+    prune: PruneSpec | None = None
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
         heads = _resolve_heads(st, names, "rerank.heads")
@@ -287,6 +301,7 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
             n_sample = min(n_sample, max(1, cap_tokens // max_tokens))  # N x max_tokens within the token budget
         if n_sample < body.n:
             raise InvalidRequest(f"the budget leaves {n_sample} candidate(s), fewer than n ({body.n})", param="rerank.budget")
+        prune = _prune_spec(st, rr, body.n, max_tokens)
     messages = _messages(st, body.messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
@@ -297,8 +312,33 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
                                   "stream": body.stream, "heads": [h.name for h in heads]}
     if s.log_prompts:
         log_fields["messages"] = messages
+    if prune is not None:
+        log_fields["prune"] = {"at": list(prune.at), "keep": prune.keep}
     return ChatPlan(body, adapter, heads, rule, n_sample, cap_tokens, ids, params, rid, int(time.time()), t0,
-                    log_fields, Answers(rule, s.extract_budget_s))
+                    log_fields, Answers(rule, s.extract_budget_s), prune)
+
+
+DEFAULT_PRUNE_AT = (16, 32, 64)  # `prune: true` on a server without ARBITER_PRUNE_AT
+
+
+def _prune_spec(st: ServiceState, rr: RerankOptions, n: int, max_tokens: int) -> PruneSpec | None:
+    """The request's pruning (docs/features.md "Pruning"): ``rerank.prune`` (true: the server's schedule; an object:
+    its own), else the server default ARBITER_PRUNE_AT (not for adaptive requests), else none."""
+    s = st.settings
+    if rr.prune is False or (rr.prune is None and (s.prune_checkpoints() is None or rr.adaptive)):
+        return None
+    opts = rr.prune if isinstance(rr.prune, PruneOptions) else PruneOptions()
+    if not st.require_engine().prunes:
+        raise InvalidRequest("rerank.prune needs the partial rewards of the HF engine's decode loop "
+                             f"(ARBITER_ENGINE=hf); this server runs the {type(st.engine).__name__}",
+                             param="rerank.prune", code="unsupported_parameter")
+    if opts.at is not None:
+        at = tuple(opts.at)
+    elif opts.at_fraction is not None:
+        at = tuple(sorted({max(1, round(f * max_tokens)) for f in opts.at_fraction}))
+    else:
+        at = s.prune_checkpoints() or DEFAULT_PRUNE_AT
+    return PruneSpec(at=at, keep=opts.keep if opts.keep is not None else s.prune_keep, min_keep=max(n, opts.min_keep or n))
 
 
 async def _outcome(request: Request, st: ServiceState, fut: asyncio.Future[Any],
@@ -336,7 +376,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         return resp
 
     job = GenerationJob(plan.ids, plan.n_sample, plan.params, feature_layers=feature_layers(plan.heads),
-                        adapter=plan.adapter)
+                        adapter=plan.adapter, prune=plan.prune)
     fut = _submit(st, st.require_worker().submit_generate, job, plan.heads)
     if body.stream:
         return _stream(request, st, plan, job, fut)
@@ -444,11 +484,13 @@ class Answers:
         ex = self.rule.extract
         if ex is None:
             return None
-        todo = [c.text for c in cands[len(self.found):]]
-        if todo:
+        new = cands[len(self.found):]
+        todo = [c.text for c in new if c.finish_reason != "pruned"]  # a pruned candidate has no answer: no vote
+        if new:
             t0 = time.monotonic()
             try:
-                self.found += await asyncio.to_thread(ex.many, todo, self.budget_s - self.spent)
+                got = iter(await asyncio.to_thread(ex.many, todo, self.budget_s - self.spent) if todo else [])
+                self.found += [None if c.finish_reason == "pruned" else next(got) for c in new]
             except answers.ExtractionOverrun:
                 info = self.rule.info
                 what = f"rerank.pattern `{info.pattern}`" if info.extractor == "regex" else f"rerank.extractor {info.extractor}"
@@ -491,7 +533,7 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
 
 
 def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[LoadedHead], rule: Rule,
-             return_candidates: bool) -> tuple[list[Candidate], RerankInfo | None]:
+             return_candidates: bool, prune: PruneSpec | None = None) -> tuple[list[Candidate], RerankInfo | None]:
     """(the candidates to return, the ``rerank`` info or None): all candidates without heads, else the selection's."""
     cands = outcome.result.candidates
     if not heads:
@@ -501,16 +543,40 @@ def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[
     sel = select(outcome.rewards, rule.policy, found)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
-    info = RerankInfo(heads=names, candidates_scored=len(cands), policy=sel.policy, rule=rule.info, chosen=chosen,
+    scored = sum(1 for c in cands if c.finish_reason != "pruned")
+    info = RerankInfo(heads=names, candidates_scored=scored, policy=sel.policy, rule=rule.info, chosen=chosen,
                       rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=sel.groups)
+    if prune is not None:
+        info.prune = _prune_info(cands, prune)
     if return_candidates:
         info.candidates = [
             RerankCandidate(index=i, text=c.text, finish_reason=c.finish_reason,
-                            rewards={n: float(outcome.rewards[i, k]) for k, n in enumerate(names)},
-                            completion_tokens=len(c.token_ids))
+                            rewards={} if c.finish_reason == "pruned" else
+                            {n: float(outcome.rewards[i, k]) for k, n in enumerate(names)},
+                            completion_tokens=len(c.token_ids),
+                            partial_rewards=None if c.partial_rewards is None else
+                            [PartialReward(tokens=t, reward=r) for t, r in c.partial_rewards],
+                            pruned_at=c.pruned_at)
             for i, c in enumerate(cands)
         ]
     return [cands[i] for i in chosen], info
+
+
+def _prune_info(cands: Sequence[Candidate], prune: PruneSpec) -> PruneInfo:
+    """What pruning did, read off the candidates: each checkpoint reached (the candidates alive there record a
+    partial reward at it) and those it dropped; tokens the pruned ones spent, and an estimate of those saved."""
+    checkpoints = []
+    for t in prune.at:
+        live = sum(1 for c in cands if any(tt == t for tt, _ in c.partial_rewards or ()))
+        if live:
+            checkpoints.append(PruneCheckpoint(tokens=t, live=live,
+                                               pruned=[i for i, c in enumerate(cands) if c.pruned_at == t]))
+    pruned = [c for c in cands if c.finish_reason == "pruned"]
+    kept = [len(c.token_ids) for c in cands if c.finish_reason != "pruned"]
+    mean_kept = sum(kept) / len(kept) if kept else 0.0
+    return PruneInfo(at=list(prune.at), keep=prune.keep, min_keep=prune.min_keep, checkpoints=checkpoints,
+                     pruned=len(pruned), pruned_tokens=sum(len(c.token_ids) for c in pruned),
+                     tokens_saved_estimate=round(sum(max(0.0, mean_kept - len(c.token_ids)) for c in pruned)))
 
 
 def _usage(outcome: GenerateOutcome) -> Usage:
@@ -522,7 +588,7 @@ def _usage(outcome: GenerateOutcome) -> Usage:
 
 def _completion(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome,
                 adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
-    picked, info = _choices(plan.body, outcome, plan.heads, plan.rule, plan.return_candidates)
+    picked, info = _choices(plan.body, outcome, plan.heads, plan.rule, plan.return_candidates, plan.prune)
     if info is not None and adaptive is not None:
         info.adaptive = AdaptiveInfo(**adaptive)
     return ChatCompletionResponse(
@@ -602,7 +668,7 @@ def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJ
                     yield _error_event(e)
                     yield "data: [DONE]\n\n"
                     return
-            picked, info = _choices(body, outcome, plan.heads, plan.rule, plan.return_candidates)
+            picked, info = _choices(body, outcome, plan.heads, plan.rule, plan.return_candidates, plan.prune)
             if plan.heads:
                 for i, c in enumerate(picked):
                     yield chunk([content(i, c.text, c.logprobs)])

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Most messages per request")
     extract_budget_s: float = Field(1.0, gt=0, description="Time one rerank request may spend extracting its candidates' "
                                     "answers (a client regex included; run off the event loop); past it the request gets 400")
+    prune_at: str | None = Field(None, description="Pruning by default: comma-separated checkpoints (tokens generated "
+                                 "per candidate) at which every rerank request that does not say `prune` drops its "
+                                 "weakest candidates (HF engine). Unset: only requests with `rerank.prune` prune, "
+                                 "`prune: true` on 16,32,64")
+    prune_keep: float = Field(0.5, gt=0, le=1, description="Pruning: share of the live candidates kept at each checkpoint "
+                              "when the request gives no `keep`")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
     max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one batch: rows x the longest "
@@ -97,6 +103,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"ARBITER_{name.upper()}_FILE is empty")
             setattr(self, name, SecretStr(key))
         return self
+
+    @field_validator("prune_at")
+    @classmethod
+    def _checkpoints(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        try:
+            at = [int(x) for x in v.split(",")]
+        except ValueError:
+            raise ValueError("ARBITER_PRUNE_AT must be comma-separated token counts, e.g. 16,32,64") from None
+        if any(t < 1 for t in at) or sorted(set(at)) != at:
+            raise ValueError("ARBITER_PRUNE_AT must be distinct positive token counts, ascending")
+        return v
+
+    def prune_checkpoints(self) -> tuple[int, ...] | None:
+        """ARBITER_PRUNE_AT as token counts; None when pruning is not on by default."""
+        return tuple(int(x) for x in self.prune_at.split(",")) if self.prune_at else None
 
     def allowed_host_set(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip())

@@ -80,7 +80,8 @@ DEFAULT_SCRIPT = (
 
 class FakeEngine(Engine):
     """Scripted engine: job row ``i`` gets ``script[i % len(script)]`` (or, with ``echo``, the text
-    ``"<last user message>#<i>"``); its features are known (``feature(text, layer)``).
+    ``"<last user message>#<i>"``); its features are known (``feature(text, layer)``), those of answer prefixes
+    too where ``prefixes`` gives them (pruning: ``GenerationJob.prune``, one character per token).
 
     Records every generation batch (``batches``: one list of jobs per ``generate`` call) and every feature
     pass (``feature_calls``). With ``gate`` set, ``generate`` emits the first half of each streaming row's
@@ -91,7 +92,8 @@ class FakeEngine(Engine):
 
     def __init__(self, script: Sequence[Scripted] = DEFAULT_SCRIPT, *, fingerprint: BackboneFingerprint = FAKE_FINGERPRINT,
                  model_name: str = "fake-backbone", context_length: int = 4096, echo: bool = False,
-                 gate: threading.Event | None = None, die: bool = False, fail: bool = False):
+                 gate: threading.Event | None = None, die: bool = False, fail: bool = False,
+                 prefixes: dict[str, Sequence[float]] | None = None):
         self.script = list(script)
         self.fingerprint = fingerprint
         self.model_name = model_name
@@ -110,6 +112,8 @@ class FakeEngine(Engine):
         self.started = threading.Event()  # set when a generate call begins
         self.cancel_seen = threading.Event()
         self._by_text = {s.text: torch.tensor(s.features, dtype=torch.float32) for s in self.script}
+        # Known features of answer prefixes (what pruning scores at a checkpoint); others hash like any text.
+        self._by_text.update({t: torch.tensor(list(v), dtype=torch.float32) for t, v in (prefixes or {}).items()})
 
     # -- known features ------------------------------------------------------------------------------
     def feature(self, text: str, layer: int = -1) -> torch.Tensor:
@@ -173,8 +177,37 @@ class FakeEngine(Engine):
                     job.on_delta(i, text[emitted[id(job)][i]:], None)
                 feats = {l: self.feature(text, l) for l in job.feature_layers} if job.feature_layers else None
                 cands.append(Candidate(self.tokenizer(text)["input_ids"], text, finish, feats))
+            if job.prune is not None:
+                self._prune(job, cands)
             results.append(GenerationResult(cands, len(job.prompt_ids)))
         return results
+
+    prunes = True
+
+    def _prune(self, job: GenerationJob, cands: list[Candidate]) -> None:
+        """Pruning as the HF engine's decode loop does it (one token = one character here): at checkpoint t, the
+        candidates still generating (t characters out and not cut there by max_tokens) get the picking head's
+        reward of their first t characters' feature; the worst go, ``PruneSpec.survivors`` decides how many."""
+        from arbiter.heads import head_rewards
+
+        spec, head = job.prune, job.heads[0]
+        assert spec is not None
+        for c in cands:
+            c.partial_rewards = []
+        for t in spec.at:
+            live = [i for i, c in enumerate(cands) if c.pruned_at is None
+                    and (len(c.text) > t or (len(c.text) == t and c.finish_reason == "stop"))]
+            if not live:
+                continue
+            got = head_rewards(head.module, torch.stack([self.feature(cands[i].text[:t], head.config.layer) for i in live])).tolist()
+            for i, r in zip(live, got):
+                cands[i].partial_rewards.append((t, r))  # type: ignore[union-attr]
+            pruned = sum(1 for c in cands if c.pruned_at is not None)
+            kept = spec.survivors(len(live), len(cands) - len(live) - pruned)
+            for k in sorted(range(len(live)), key=lambda k: (-got[k], live[k]))[kept:]:
+                c = cands[live[k]]
+                c.text, c.token_ids = c.text[:t], c.token_ids[:t]
+                c.finish_reason, c.pruned_at, c.features = "pruned", t, None
 
     def features(self, prompt_ids, answer_ids, layers, *, cancelled=None, adapter=None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers) | {-1})
