@@ -40,6 +40,7 @@ import httpx
 import openai
 import torch
 from bestofn_api import MAX_TOKENS, TASK_HEAD, _spec_of, tasks  # benchmarks/ is on sys.path
+from engines import PROMPTS as ENGINE_PROMPTS
 
 from arbiter.generation.base import PruneSpec
 from arbiter.selection import AdaptiveRule, select, settled
@@ -57,17 +58,8 @@ SCHEDULES = {"prune 1/4+1/2 keep 1/2": ((0.25, 0.5), 0.5),
              "prune 1/8+1/4 keep 1/2": ((0.125, 0.25), 0.5),
              "prune 1/8 keep 1/4": ((0.125,), 0.25)}
 HELPFUL_MAX_TOKENS = 96
-HELPFUL_PROMPTS = [
-    "Give me three tips for staying focused while studying.",
-    "How do I make a simple tomato sauce?",
-    "Explain what a hash table is to a beginner.",
-    "What should I pack for a weekend hiking trip?",
-    "Write a short thank-you note to a colleague who helped me move.",
-    "Why is the sky blue?",
-    "How can I start learning to play the guitar?",
-    "What are the pros and cons of working from home?",
-    "Suggest a name for a friendly robot and explain why.",
-    "How do vaccines train the immune system?",
+HELPFUL_PROMPTS = [  # engines.py's prompts, then six more written for this benchmark
+    *ENGINE_PROMPTS,
     "How can I keep my houseplants alive while I travel for two weeks?",
     "What is a good way to prepare for a job interview?",
     "Explain the difference between weather and climate.",
