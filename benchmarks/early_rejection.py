@@ -21,6 +21,10 @@ client. Three parts, all on the same seeds:
 3. Throughput under 8 concurrent clients: the helpful prompts as fixed best-of-16 and as the best pruning schedule
    of part 1 (alternating which mode runs first, repeated); requests/s and completion tokens/s.
 
+Each schedule is replayed with prefixes scored two ways: "open" (the state at the prefix's last token, free) and
+"closed" (`close: true`: as if the answer ended there, one extra decode step per checkpoint); parts 2 and 3 serve the
+way whose replays kept fixed best-of-16's pick more often on the helpful prompts.
+
 Writes benchmarks/reports/early_rejection.md (and .json, and early_rejection.png: accuracy / reward against
 tokens). Usage:
     python benchmarks/early_rejection.py [--questions 60] [--helpful 16] [--timed 8] [--repeats 2]
@@ -57,6 +61,7 @@ ADAPTIVE = AdaptiveRule()  # the server's defaults: rounds of 2, margin 1.0, sup
 SCHEDULES = {"prune 1/4+1/2 keep 1/2": ((0.25, 0.5), 0.5),
              "prune 1/8+1/4 keep 1/2": ((0.125, 0.25), 0.5),
              "prune 1/8 keep 1/4": ((0.125,), 0.25)}
+VARIANTS = {"open": "partial", "closed": "partial_closed"}  # prefix scored at its last token / as a closed answer
 HELPFUL_MAX_TOKENS = 96
 HELPFUL_PROMPTS = [  # engines.py's prompts, then six more written for this benchmark
     *ENGINE_PROMPTS,
@@ -74,18 +79,20 @@ def at_tokens(fractions: tuple[float, ...], max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(f * max_tokens)) for f in fractions}))
 
 
-def replay_prune(cands: list[dict], at: tuple[int, ...], keep: float, min_keep: int = 1) -> list[int | None]:
+def replay_prune(cands: list[dict], at: tuple[int, ...], keep: float, min_keep: int = 1,
+                 key: str = "partial") -> list[int | None]:
     """Which checkpoint drops each candidate (None: survives), by the engine's rule (hf._Batch._prune): the live
-    candidates at t are those with a partial reward at t that an earlier checkpoint did not drop."""
+    candidates at t are those with a partial reward at t that an earlier checkpoint did not drop. ``key``: the
+    open ("partial") or closed ("partial_closed") prefix rewards."""
     spec = PruneSpec(at=at, keep=keep, min_keep=min_keep)
     pruned: list[int | None] = [None] * len(cands)
     for t in at:
-        live = [i for i, c in enumerate(cands) if pruned[i] is None and t in c["partial"]]
+        live = [i for i, c in enumerate(cands) if pruned[i] is None and t in c[key]]
         if not live:
             continue
         finished = len(cands) - len(live) - sum(p is not None for p in pruned)
         kept = spec.survivors(len(live), finished)
-        for i in sorted(live, key=lambda i: (-cands[i]["partial"][t], i))[kept:]:
+        for i in sorted(live, key=lambda i: (-cands[i][key][t], i))[kept:]:
             pruned[i] = t
     return pruned
 
@@ -133,26 +140,35 @@ def policies(cands: list[dict], rule: str, max_tokens: int) -> dict[str, dict]:
         out[f"adaptive <= {cap}"] = {"pick": pick(cands[:k], rule), "tokens": tokens_of(cands[:k]), "k": k}
     for name, (fr, keep) in SCHEDULES.items():
         at = at_tokens(fr, max_tokens)
-        for n in (8, 16):
-            pr = replay_prune(cands[:n], at, keep)
-            out[f"{name}, N={n}"] = {"pick": pick(cands[:n], rule, pr), "tokens": tokens_of(cands[:n], pr),
-                                     "pruned": pr}
+        for variant, key in VARIANTS.items():
+            for n in (8, 16):
+                pr = replay_prune(cands[:n], at, keep, key=key)
+                out[f"{name} {variant}, N={n}"] = {"pick": pick(cands[:n], rule, pr), "tokens": tokens_of(cands[:n], pr),
+                                                   "pruned": pr}
     return out
 
 
 def record(client: openai.OpenAI, model: str, messages: list[dict], seed: int, head: str, max_tokens: int,
            answer: Any) -> dict:
-    """Part 1's one request: N candidates, nothing dropped, partial rewards at every schedule's checkpoints."""
+    """Part 1's requests: N candidates, nothing dropped, partial rewards at every schedule's checkpoints; twice, open
+    and closed prefixes (the same seeds: the same candidates, checked)."""
     at = sorted({t for fr, _ in SCHEDULES.values() for t in at_tokens(fr, max_tokens)})
     t0 = time.monotonic()
-    r = client.chat.completions.create(model=model, messages=messages, temperature=1.0, seed=seed, max_tokens=max_tokens,
-                                       extra_body={"rerank": {"candidates": N, "heads": [head], "return_candidates": True,
-                                                              "prune": {"at": at, "keep": 1}}})
-    info = r.model_extra["rerank"]
+    got = {}
+    for variant in VARIANTS:
+        r = client.chat.completions.create(
+            model=model, messages=messages, temperature=1.0, seed=seed, max_tokens=max_tokens,
+            extra_body={"rerank": {"candidates": N, "heads": [head], "return_candidates": True,
+                                   "prune": {"at": at, "keep": 1, "close": variant == "closed"}}})
+        got[variant] = r.model_extra["rerank"]
+    info = got["open"]
     cands = [{"final": c["rewards"][head], "tokens": c["completion_tokens"], "finish": c["finish_reason"],
               "partial": {p["tokens"]: p["reward"] for p in c["partial_rewards"]},
-              "answer": answer(c["text"], c["finish_reason"]) if answer else None} for c in info["candidates"]]
-    return {"cands": cands, "rule": info["rule"]["select"], "wall_s": time.monotonic() - t0}
+              "partial_closed": {p["tokens"]: p["reward"] for p in d["partial_rewards"]},
+              "answer": answer(c["text"], c["finish_reason"]) if answer else None}
+             for c, d in zip(info["candidates"], got["closed"]["candidates"])]
+    same = sum(c["text"] == d["text"] for c, d in zip(info["candidates"], got["closed"]["candidates"]))
+    return {"cands": cands, "rule": info["rule"]["select"], "wall_s": time.monotonic() - t0, "same_candidates": same}
 
 
 def main() -> None:
@@ -201,6 +217,8 @@ def main() -> None:
             recorded[task] = rows
             res["tasks"][task] = summarise(task, head, rows, mt, time.monotonic() - t0)
         # --- part 2 ------------------------------------------------------------------------------------------
+        variant = best_variant(res["tasks"])  # the prefix scoring served in parts 2 and 3
+        res["served_variant"] = variant
         for task, qs in qsets.items():
             head = "helpful" if task == "helpful" else TASK_HEAD[task]
             mt = HELPFUL_MAX_TOKENS if task == "helpful" else MAX_TOKENS[task]
@@ -215,14 +233,14 @@ def main() -> None:
                         rr: dict[str, Any] = {"candidates": N, "heads": [head]}
                         if m in SCHEDULES:
                             fr, keep = SCHEDULES[m]
-                            rr["prune"] = {"at_fraction": list(fr), "keep": keep}
+                            rr["prune"] = {"at_fraction": list(fr), "keep": keep, "close": variant == "closed"}
                         kw["extra_body"] = {"rerank": rr}
                     t0 = time.monotonic()
                     r = client.chat.completions.create(**kw)
                     walls[m].append(time.monotonic() - t0)
                     toks[m].append(r.usage.completion_tokens)
                     if m in SCHEDULES:
-                        want = res["tasks"][task]["rows"][i]["policies"][f"{m}, N=16"]["pick"]
+                        want = res["tasks"][task]["rows"][i]["policies"][f"{m} {variant}, N=16"]["pick"]
                         agree.append(r.model_extra["rerank"]["chosen"][0] == want)
                 print(f"part 2 {task} {i + 1}", {m: round(walls[m][-1], 2) for m in modes}, flush=True)
             res["timed"][task] = {"questions": len(walls["best-of-16"]),
@@ -232,7 +250,7 @@ def main() -> None:
                                                   for m, v in walls.items()},
                                   "served_pick_equals_replay": f"{sum(agree)}/{len(agree)}"}
         # --- part 3 ------------------------------------------------------------------------------------------
-        best = best_schedule(res["tasks"])
+        best = best_schedule(res["tasks"], variant)
         fr, keep = SCHEDULES[best]
         prompts = qsets["helpful"]
         for rep in range(args.repeats):
@@ -240,7 +258,7 @@ def main() -> None:
                 def one(i: int, m: str = m) -> int:
                     rr: dict[str, Any] = {"candidates": N, "heads": ["helpful"]}
                     if m != "best-of-16":
-                        rr["prune"] = {"at_fraction": list(fr), "keep": keep}
+                        rr["prune"] = {"at_fraction": list(fr), "keep": keep, "close": variant == "closed"}
                     r = client.chat.completions.create(model=model, messages=prompts[i]["messages"], temperature=1.0,
                                                        seed=2000 + i, max_tokens=HELPFUL_MAX_TOKENS,
                                                        extra_body={"rerank": rr})
@@ -289,23 +307,26 @@ def summarise(task: str, head: str, rows: list[dict], max_tokens: int, seconds: 
         out["policies"][name] = p
     # How well the prefix ranks: per checkpoint, over the candidates alive there.
     at = sorted({t for row in rows for c in row["cands"] for t in c["partial"]})
-    prefix = {}
-    for t in at:
-        rhos, scores, labels = [], [], []
-        for row in rows:
-            alive = [c for c in row["cands"] if t in c["partial"]]
-            rho = spearman([c["partial"][t] for c in alive], [c["final"] for c in alive])
-            if rho is not None:
-                rhos.append(rho)
+    prefix: dict[str, dict] = {}
+    for variant, key in VARIANTS.items():
+        for t in at:
+            rhos, scores, labels = [], [], []
+            for row in rows:
+                alive = [c for c in row["cands"] if t in c[key]]
+                rho = spearman([c[key][t] for c in alive], [c["final"] for c in alive])
+                if rho is not None:
+                    rhos.append(rho)
+                if task != "helpful":
+                    scores += [c[key][t] for c in alive]
+                    labels += [c["answer"] is not None and c["answer"] == row["gold"] for c in alive]
+            pr = {"variant": variant, "tokens": t,
+                  "alive_mean": round(statistics.mean(sum(t in c[key] for c in row["cands"]) for row in rows), 2),
+                  "spearman_partial_final": round(statistics.mean(rhos), 3) if rhos else None, "questions": len(rhos)}
             if task != "helpful":
-                scores += [c["partial"][t] for c in alive]
-                labels += [c["answer"] is not None and c["answer"] == row["gold"] for c in alive]
-        prefix[t] = {"alive_mean": round(statistics.mean(sum(t in c["partial"] for c in row["cands"]) for row in rows), 2),
-                     "spearman_partial_final": round(statistics.mean(rhos), 3) if rhos else None,
-                     "questions": len(rhos)}
-        if task != "helpful":
-            a = auc(scores, labels)
-            prefix[t]["auc_partial_right"] = round(a, 3) if a is not None else None
+                a = auc(scores, labels)
+                pr["auc_partial_right"] = round(a, 3) if a is not None else None
+            prefix[f"{variant} {t}"] = pr
+    out["same_candidates_open_closed"] = f"{sum(row['same_candidates'] for row in rows)}/{N * n}"
     if task != "helpful":
         finals = [(c["final"], c["answer"] is not None and c["answer"] == row["gold"]) for row in rows for c in row["cands"]]
         a = auc([f for f, _ in finals], [y for _, y in finals])
@@ -315,11 +336,19 @@ def summarise(task: str, head: str, rows: list[dict], max_tokens: int, seconds: 
     return out
 
 
-def best_schedule(tasks_res: dict) -> str:
+def best_variant(tasks_res: dict) -> str:
+    """The prefix scoring (open / closed) whose N=16 replays on the helpful prompts kept fixed best-of-16's pick most
+    often, summed over the schedules: what parts 2 and 3 serve."""
+    pol = tasks_res["helpful"]["policies"]
+    return max(VARIANTS, key=lambda v: sum(pol[f"{s} {v}, N=16"]["same_pick_as_best_of_16"] for s in SCHEDULES))
+
+
+def best_schedule(tasks_res: dict, variant: str) -> str:
     """The schedule whose N=16 replay on the helpful prompts kept fixed best-of-16's pick most often (then fewer
     tokens): what part 3 serves."""
     pol = tasks_res["helpful"]["policies"]
-    return max(SCHEDULES, key=lambda s: (pol[f"{s}, N=16"]["same_pick_as_best_of_16"], -pol[f"{s}, N=16"]["tokens_mean"]))
+    return max(SCHEDULES, key=lambda s: (pol[f"{s} {variant}, N=16"]["same_pick_as_best_of_16"],
+                                         -pol[f"{s} {variant}, N=16"]["tokens_mean"]))
 
 
 def plot(tasks_res: dict, png: Path) -> Path:
@@ -330,14 +359,17 @@ def plot(tasks_res: dict, png: Path) -> Path:
     axes = axes if len(tasks_res) > 1 else [axes]
     for ax, (task, t) in zip(axes, tasks_res.items()):
         key = "reward_mean" if task == "helpful" else "acc"
-        for group, marker in (("best-of-", "o-"), ("adaptive", "s"), ("prune", "^")):
-            pts = [(p["tokens_mean"], p[key], name) for name, p in t["policies"].items() if name.startswith(group)]
+        groups = (("fixed best-of-k", "o-", lambda s: s.startswith("best-of-")), ("adaptive", "s", lambda s: s.startswith("adaptive")),
+                  ("prune, open prefix", "^", lambda s: " open," in s), ("prune, closed prefix", "v", lambda s: " closed," in s))
+        for label, marker, member in groups:
+            pts = [(p["tokens_mean"], p[key], name) for name, p in t["policies"].items() if member(name)]
             if not pts:
                 continue
-            xs, ys, labels = zip(*pts)
-            ax.plot(xs, ys, marker, label=group.rstrip("-") if group != "best-of-" else "fixed best-of-k")
-            for x, y, lab in zip(xs, ys, labels):
-                ax.annotate(lab.replace("prune ", "").replace("best-of-", "k="), (x, y), fontsize=6)
+            xs, ys, names = zip(*pts)
+            ax.plot(xs, ys, marker, label=label)
+            for x, y, lab in zip(xs, ys, names):
+                short = lab.replace("prune ", "").replace(" open", "").replace(" closed", "").replace("best-of-", "k=")
+                ax.annotate(short, (x, y), fontsize=5)
         ax.set_title(f"{task} (head {t['head']}, {t['questions']} questions)")
         ax.set_xlabel("completion tokens per request (mean)")
         ax.set_ylabel("accuracy" if key == "acc" else "mean reward of the pick (helpful)")
@@ -370,16 +402,17 @@ def markdown(meta: dict, res: dict, png: Path | None) -> str:
                 lines.append(f"| {name} | {p['reward_mean']:.3f} +- {p['reward_se']:.3f} | {p['same_pick_as_best_of_16']:.2f} | "
                              f"{p['tokens_mean']} | {share} |")
         lines += ["", "How well a prefix ranks (candidates alive at the checkpoint):", "",
-                  "| checkpoint (tokens) | alive (mean of 16) | Spearman partial vs final reward (mean over questions) |"
+                  "| prefix scored | checkpoint (tokens) | alive (mean of 16) | Spearman partial vs final reward (mean over questions) |"
                   + (" AUC partial reward for a right answer |" if key == "task" else ""),
-                  "|---|---|---|" + ("---|" if key == "task" else "")]
-        for tt, pr in t["prefix"].items():
-            lines.append(f"| {tt} | {pr['alive_mean']} | {pr['spearman_partial_final']} ({pr['questions']} q) |"
-                         + (f" {pr['auc_partial_right']} |" if key == "task" else ""))
+                  "|---|---|---|---|" + ("---|" if key == "task" else "")]
+        for pr in t["prefix"].values():
+            lines.append(f"| {pr['variant']} | {pr['tokens']} | {pr['alive_mean']} | {pr['spearman_partial_final']} "
+                         f"({pr['questions']} q) |" + (f" {pr['auc_partial_right']} |" if key == "task" else ""))
+        lines.append(f"Open and closed recordings returned the same candidates: {t['same_candidates_open_closed']}.")
         if key == "task":
             lines += ["", f"For comparison, the AUC of the FINAL reward for a right answer: {t['auc_final_right']}."]
         lines.append("")
-    lines += ["## Served wall time per request (part 2)", "",
+    lines += [f"## Served wall time per request (part 2; prefixes scored {res['served_variant']})", "",
               "| data | questions | " + " | ".join(next(iter(res["timed"].values()))["wall_s_median"]) + " | served pruned pick = replay |",
               "|---|---|" + "---|" * (len(next(iter(res["timed"].values()))["wall_s_median"]) + 1)]
     for task, tm in res["timed"].items():

@@ -2,7 +2,8 @@
 
 Against independent references, for a shipped head on the final norm (``helpful``) and one on block 20 (``sst2``):
 - every partial reward equals the head on a standalone forward over prompt + the candidate's first t tokens, read at
-  the last of them (the state the loop held: no closing token);
+  the last of them (the state the loop held), or with ``close`` over those tokens + the closing token (the extra
+  decode step, whose KV column is cut back: the survivors' tokens below prove it changes nothing else);
 - the survivors sample exactly the tokens the same seeds give without pruning (the KV cache compacted under them
   leaves them unchanged), a pruned candidate's tokens are the unpruned run's first t, and a survivor's feature equals
   the standalone forward over prompt + answer + the closing token;
@@ -47,13 +48,13 @@ def state_at(engine, ids: list[int], layer: int) -> torch.Tensor:
     return forward_features(engine.model, seq, torch.ones_like(seq), torch.tensor([len(ids) - 1]), layer=layer)[0]
 
 
-@pytest.mark.parametrize("name", ["helpful", "sst2"])
-def test_pruned_generation_matches_its_references(engine, name):
+@pytest.mark.parametrize("name, close", [("helpful", False), ("sst2", False), ("helpful", True), ("sst2", True)])
+def test_pruned_generation_matches_its_references(engine, name, close):
     head = shipped(engine, name)
     layer = head.config.layer
     p = P(engine, "Give me three tips for sleeping better.")
     sp = SamplingParams(max_tokens=20, temperature=1.0, seed=11)
-    spec = PruneSpec(at=(3, 8), keep=0.5, min_keep=1)
+    spec = PruneSpec(at=(3, 8), keep=0.5, min_keep=1, close=close)
     full, pruned = (engine.generate([GenerationJob(p, 8, sp, feature_layers=(layer,), heads=(head,), prune=pr)])[0]
                     for pr in (None, spec))
     assert all(c.partial_rewards is None and c.pruned_at is None for c in full.candidates)
@@ -72,7 +73,8 @@ def test_pruned_generation_matches_its_references(engine, name):
             cos = F.cosine_similarity(got.float(), want.float(), dim=0).item()
             assert cos > 0.9999 and abs((got.norm() / want.norm()).item() - 1) < 1e-3, (i, cos)
         for t, r in c.partial_rewards or []:
-            ref = head_rewards(head.module, state_at(engine, p + f.token_ids[:t], layer)[None])[0].item()
+            prefix = p + f.token_ids[:t] + ([engine.end_id] if close else [])  # closed: as a finished answer
+            ref = head_rewards(head.module, state_at(engine, prefix, layer)[None])[0].item()
             assert abs(r - ref) <= tol * max(1.0, abs(ref)), (name, i, t, r, ref)
     # Each checkpoint: the dropped rows had the lowest partial rewards, as many as the rule says.
     dropped_before = 0

@@ -61,14 +61,18 @@ def candidate_seed(request_seed: int, index: int) -> int:
 @dataclass(frozen=True)
 class PruneSpec:
     """Early rejection (docs/features.md, "Pruning"): when a job's live candidates have generated ``at[i]`` tokens,
-    the picking head (``GenerationJob.heads[0]``) scores each one's prefix from the hidden state the decode loop
-    already holds (at the prefix's last token, the head's layer), and only the best ``ceil(keep x live)`` go on,
+    the picking head (``GenerationJob.heads[0]``) scores each one's prefix (``close``: as a closed answer; else from
+    the hidden state the decode loop already holds at its last token), and only the best ``ceil(keep x live)`` go on,
     never leaving fewer than ``min_keep`` candidates in all (finished ones count). ``keep == 1`` records the
     partial rewards and drops nothing."""
 
     at: tuple[int, ...]  # checkpoints, tokens generated per candidate, ascending
     keep: float  # share of the live candidates kept at each checkpoint, in (0, 1]
     min_keep: int = 1  # candidates (finished + live) that always survive: at least the request's n
+    # True: score each prefix as a closed answer (one extra decode step per checkpoint feeds the closing token, the
+    # position the heads were trained on; the cache is cut back after it). False: the state at the prefix's last
+    # token, free.
+    close: bool = False
 
     def survivors(self, live: int, finished: int) -> int:
         """How many of ``live`` candidates go on past a checkpoint when ``finished`` others already ended."""

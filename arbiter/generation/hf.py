@@ -284,20 +284,29 @@ class _Batch:
     def _prune(self, rows: list[_Row], h: torch.Tensor) -> None:
         """Early rejection (GenerationJob.prune, docs/features.md "Pruning"). This step fed each live row's latest
         token, so ``h`` (and a capture hook's output) holds the state at its prefix's last token: the picking
-        head's reward of the prefix costs the head alone. At a checkpoint, the lowest-ranked live rows of the job
-        are marked done ("pruned"); the next step drops them from the batch and its KV cache like finished rows."""
+        head's reward of the prefix costs the head alone. With ``PruneSpec.close`` the prefix is scored as a closed
+        answer instead (``_closed_states``: one extra decode step, the batch's cache restored after it). At a
+        checkpoint, the lowest-ranked live rows of the job are marked done ("pruned"); the next step drops them from
+        the batch and its KV cache like finished rows."""
         live: dict[tuple[int, int], list[int]] = {}  # (job, tokens) -> row positions
         for k, r in enumerate(rows):
             spec = self.jobs[r.job].prune
             if r.state == "active" and spec is not None and len(r.tokens) in spec.at:
                 live.setdefault((r.job, len(r.tokens)), []).append(k)
+        closed: dict[int, torch.Tensor] | None = None
+        if any(self.jobs[j].prune.close for j, _ in live):  # type: ignore[union-attr]
+            closed = self._closed_states()
         for (j, t), ks in live.items():
             job = self.jobs[j]
             spec, head = job.prune, job.heads[0]
             assert spec is not None
             layer = head.config.layer
             idx = torch.tensor(ks, device=h.device)
-            feats = h[idx] if layer == FINAL else self.captures[layer].output[idx, -1]  # [L, d]
+            if spec.close:
+                assert closed is not None
+                feats = closed[layer][idx]
+            else:
+                feats = h[idx] if layer == FINAL else self.captures[layer].output[idx, -1]  # [L, d]
             got = head_rewards(head.module, feats.float()).tolist()
             for k, reward in zip(ks, got):
                 rows[k].partials.append((t, reward))
@@ -309,6 +318,24 @@ class _Batch:
                 r = rows[ks[i]]
                 r.state, r.finish, r.pruned_at = "done", "pruned", t
             self.pruned[id(job)] = pruned_before + len(ks) - kept
+
+    def _closed_states(self) -> dict[int, torch.Tensor]:
+        """Every row's state as if its answer closed after the token it just fed: one extra decode step feeding the
+        closing token at each row's next position; then the cache is cut back to what it was (the mask and positions
+        were never changed), so the rows continue exactly as without it. layer -> [K, d] (FINAL and the captures)."""
+        e = self.e
+        assert self.cache is not None and self.mask is not None and self.next_pos is not None
+        k = len(self.rows)
+        inp = torch.full((k, 1), e.end_id, dtype=torch.long, device=e.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((k, 1))], dim=1)
+        out = e.decoder(input_ids=inp, attention_mask=mask, position_ids=self.next_pos[:, None],
+                        past_key_values=self.cache, use_cache=True)
+        states = {FINAL: out.last_hidden_state[:, -1]}
+        states.update({layer: c.output[:, -1] for layer, c in self.captures.items()})
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+        return states
 
     def close(self) -> None:
         for c in self.captures.values():

@@ -177,6 +177,9 @@ class PruneOptions(BaseModel):
                                                                  "1 records partial rewards and drops nothing)")
     min_keep: int | None = Field(None, ge=1, description="Candidates that always survive, finished ones included "
                                                          "(default and least: n)")
+    close: bool | None = Field(None, description="Score each prefix as a closed answer (one extra decode step per "
+                                                 "checkpoint feeds the closing token, where the heads were trained) "
+                                                 "instead of at its last token (free); default ARBITER_PRUNE_CLOSE")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> PruneOptions:

@@ -313,7 +313,7 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
     if s.log_prompts:
         log_fields["messages"] = messages
     if prune is not None:
-        log_fields["prune"] = {"at": list(prune.at), "keep": prune.keep}
+        log_fields["prune"] = {"at": list(prune.at), "keep": prune.keep, "close": prune.close}
     return ChatPlan(body, adapter, heads, rule, n_sample, cap_tokens, ids, params, rid, int(time.time()), t0,
                     log_fields, Answers(rule, s.extract_budget_s), prune)
 
@@ -338,7 +338,8 @@ def _prune_spec(st: ServiceState, rr: RerankOptions, n: int, max_tokens: int) ->
         at = tuple(sorted({max(1, round(f * max_tokens)) for f in opts.at_fraction}))
     else:
         at = s.prune_checkpoints() or DEFAULT_PRUNE_AT
-    return PruneSpec(at=at, keep=opts.keep if opts.keep is not None else s.prune_keep, min_keep=max(n, opts.min_keep or n))
+    return PruneSpec(at=at, keep=opts.keep if opts.keep is not None else s.prune_keep, min_keep=max(n, opts.min_keep or n),
+                     close=opts.close if opts.close is not None else s.prune_close)
 
 
 async def _outcome(request: Request, st: ServiceState, fut: asyncio.Future[Any],

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
                                  "`prune: true` on 16,32,64")
     prune_keep: float = Field(0.5, gt=0, le=1, description="Pruning: share of the live candidates kept at each checkpoint "
                               "when the request gives no `keep`")
+    prune_close: bool = Field(False, description="Pruning: score prefixes as closed answers (one extra decode step "
+                              "per checkpoint) when the request does not say `close`")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
     max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one batch: rows x the longest "
