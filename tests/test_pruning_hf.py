@@ -97,7 +97,7 @@ def test_rows_freed_by_pruning_admit_a_waiting_job(engine):
     head = shipped(engine, "helpful")
     sp = SamplingParams(max_tokens=24, temperature=1.0, seed=5)
     big = GenerationJob(P(engine, "Write a short poem about autumn leaves."), 8, sp, feature_layers=(-1,), heads=(head,),
-                        prune=PruneSpec(at=(4,), keep=0.25, min_keep=1))
+                        prune=PruneSpec(at=(4,), keep=0.25, min_keep=1, close=False))
     waiting = GenerationJob(P(engine, "Name a fruit."), 4, SamplingParams(max_tokens=6, seed=1))
     seen: list[int] = []
     admitted: list[int] = []

@@ -72,7 +72,7 @@ class PruneSpec:
     # True: score each prefix as a closed answer (one extra decode step per checkpoint feeds the closing token, the
     # position the heads were trained on; the cache is cut back after it). False: the state at the prefix's last
     # token, free.
-    close: bool = False
+    close: bool = True
 
     def survivors(self, live: int, finished: int) -> int:
         """How many of ``live`` candidates go on past a checkpoint when ``finished`` others already ended."""

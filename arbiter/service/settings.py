@@ -55,8 +55,9 @@ class Settings(BaseSettings):
                                  "`prune: true` on 16,32,64")
     prune_keep: float = Field(0.5, gt=0, le=1, description="Pruning: share of the live candidates kept at each checkpoint "
                               "when the request gives no `keep`")
-    prune_close: bool = Field(False, description="Pruning: score prefixes as closed answers (one extra decode step "
-                              "per checkpoint) when the request does not say `close`")
+    prune_close: bool = Field(True, description="Pruning: score prefixes as closed answers (one extra decode step "
+                              "per checkpoint; they rank far better, benchmarks/reports/early_rejection.md) when the "
+                              "request does not say `close`; false: at the prefix's last token, free")
     max_score_candidates: int = Field(32, ge=1, description="Most candidates per /v1/score request")
     max_batch_rows: int = Field(32, ge=1, description="Most sequences in one generation batch (requests are merged up to this)")
     max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one batch: rows x the longest "
