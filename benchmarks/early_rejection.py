@@ -91,9 +91,8 @@ def replay_prune(cands: list[dict], at: tuple[int, ...], keep: float, min_keep: 
         if not live:
             continue
         finished = len(cands) - len(live) - sum(p is not None for p in pruned)
-        kept = spec.survivors(len(live), finished)
-        for i in sorted(live, key=lambda i: (-cands[i][key][t], i))[kept:]:
-            pruned[i] = t
+        for k in spec.dropped([cands[i][key][t] for i in live], live, finished):
+            pruned[live[k]] = t
     return pruned
 
 

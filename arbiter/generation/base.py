@@ -78,6 +78,17 @@ class PruneSpec:
         """How many of ``live`` candidates go on past a checkpoint when ``finished`` others already ended."""
         return min(live, max(math.ceil(self.keep * live - 1e-9), self.min_keep - finished, 0))
 
+    def dropped(self, rewards: Sequence[float], order: Sequence[int], finished: int) -> list[int]:
+        """THE ranking rule at a checkpoint: positions (into ``rewards``) of the live candidates that stop, the
+        lowest partial rewards first dropped, ties to the higher ``order`` (candidate index); ``survivors`` go on."""
+        ranked = sorted(range(len(rewards)), key=lambda i: (-rewards[i], order[i]))
+        return ranked[self.survivors(len(rewards), finished):]
+
+
+def checkpoints_valid(at: Sequence[float], low: float = 1, high: float = float("inf")) -> bool:
+    """Checkpoints are distinct and ascending, each in [low, high) (token counts: >= 1; fractions: (0, 1))."""
+    return list(at) == sorted(set(at)) and all(low <= t < high for t in at)
+
 
 @dataclass
 class GenerationJob:
@@ -113,6 +124,11 @@ class Candidate:
     # reached alive, as (tokens, reward); ``pruned_at`` is the checkpoint that dropped it (finish_reason "pruned").
     partial_rewards: list[tuple[int, float]] | None = None
     pruned_at: int | None = None
+
+    @property
+    def pruned(self) -> bool:
+        """Dropped at a checkpoint: no final feature or reward, no vote, never picked."""
+        return self.finish_reason == "pruned"
 
 
 @dataclass

@@ -312,12 +312,11 @@ class _Batch:
                 rows[k].partials.append((t, reward))
             pruned_before = self.pruned.get(id(job), 0)
             finished = job.n - len(ks) - pruned_before  # ended (stop / length) or closing: they survive
-            kept = spec.survivors(len(ks), finished)
-            order = sorted(range(len(ks)), key=lambda i: (-got[i], rows[ks[i]].index))  # best first, then by index
-            for i in order[kept:]:
+            drop = spec.dropped(got, [rows[k].index for k in ks], finished)
+            for i in drop:
                 r = rows[ks[i]]
                 r.state, r.finish, r.pruned_at = "done", "pruned", t
-            self.pruned[id(job)] = pruned_before + len(ks) - kept
+            self.pruned[id(job)] = pruned_before + len(drop)
 
     def _closed_states(self) -> dict[int, torch.Tensor]:
         """Every row's state as if its answer closed after the token it just fed: one extra decode step feeding the

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from arbiter.generation.base import SamplingParams
+from arbiter.generation.base import SamplingParams, checkpoints_valid
 from arbiter.heads.config import NAME_PATTERN
 
 REFUSAL = "arbiter_refusal"  # the pydantic error type of a cross-field rule; app.py answers it with its param and code
@@ -185,10 +185,10 @@ class PruneOptions(BaseModel):
     def _one_schedule(self) -> PruneOptions:
         if self.at is not None and self.at_fraction is not None:
             raise refusal("rerank.prune", "rerank.prune takes `at` or `at_fraction`, not both")
-        if self.at is not None and (any(t < 1 for t in self.at) or sorted(set(self.at)) != self.at):
+        if self.at is not None and not checkpoints_valid(self.at):
             raise refusal("rerank.prune.at", "rerank.prune.at must be distinct positive token counts, ascending")
         fr = self.at_fraction
-        if fr is not None and (any(not 0.0 < f < 1.0 for f in fr) or sorted(set(fr)) != fr):
+        if fr is not None and (not checkpoints_valid(fr, 0.0, 1.0) or 0.0 in fr):
             raise refusal("rerank.prune.at_fraction", "rerank.prune.at_fraction must be distinct fractions in (0, 1), ascending")
         return self
 

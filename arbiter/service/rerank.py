@@ -38,9 +38,9 @@ def _features(c: Candidate) -> dict[int, torch.Tensor]:
 def score_candidates(candidates: Sequence[Candidate], heads: Sequence[LoadedHead]) -> torch.Tensor:
     """Rewards [N, H] of generated candidates: a head's column from the rewards the engine computed itself
     (``Candidate.rewards``, in the job's head order: the vLLM engine), else from the candidates' features.
-    A pruned candidate (``finish_reason == "pruned"``: dropped mid-generation, no final feature) gets -inf under
+    A pruned candidate (``Candidate.pruned``: dropped mid-generation, no final feature) gets -inf under
     every head, so no selection rule picks it and a weighted vote gives it no weight."""
-    live = [i for i, c in enumerate(candidates) if c.finish_reason != "pruned"]
+    live = [i for i, c in enumerate(candidates) if not c.pruned]
     if len(live) < len(candidates):
         out = torch.full((len(candidates), len(heads)), float("-inf"))
         if live:

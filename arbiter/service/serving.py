@@ -486,12 +486,12 @@ class Answers:
         if ex is None:
             return None
         new = cands[len(self.found):]
-        todo = [c.text for c in new if c.finish_reason != "pruned"]  # a pruned candidate has no answer: no vote
+        todo = [c.text for c in new if not c.pruned]  # a pruned candidate has no answer: no vote
         if new:
             t0 = time.monotonic()
             try:
                 got = iter(await asyncio.to_thread(ex.many, todo, self.budget_s - self.spent) if todo else [])
-                self.found += [None if c.finish_reason == "pruned" else next(got) for c in new]
+                self.found += [None if c.pruned else next(got) for c in new]
             except answers.ExtractionOverrun:
                 info = self.rule.info
                 what = f"rerank.pattern `{info.pattern}`" if info.extractor == "regex" else f"rerank.extractor {info.extractor}"
@@ -544,7 +544,7 @@ def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[
     sel = select(outcome.rewards, rule.policy, found)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
-    scored = sum(1 for c in cands if c.finish_reason != "pruned")
+    scored = sum(1 for c in cands if not c.pruned)
     info = RerankInfo(heads=names, candidates_scored=scored, policy=sel.policy, rule=rule.info, chosen=chosen,
                       rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=sel.groups)
     if prune is not None:
@@ -552,7 +552,7 @@ def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[
     if return_candidates:
         info.candidates = [
             RerankCandidate(index=i, text=c.text, finish_reason=c.finish_reason,
-                            rewards={} if c.finish_reason == "pruned" else
+                            rewards={} if c.pruned else
                             {n: float(outcome.rewards[i, k]) for k, n in enumerate(names)},
                             completion_tokens=len(c.token_ids),
                             partial_rewards=None if c.partial_rewards is None else
@@ -572,8 +572,8 @@ def _prune_info(cands: Sequence[Candidate], prune: PruneSpec) -> PruneInfo:
         if live:
             checkpoints.append(PruneCheckpoint(tokens=t, live=live,
                                                pruned=[i for i, c in enumerate(cands) if c.pruned_at == t]))
-    pruned = [c for c in cands if c.finish_reason == "pruned"]
-    kept = [len(c.token_ids) for c in cands if c.finish_reason != "pruned"]
+    pruned = [c for c in cands if c.pruned]
+    kept = [len(c.token_ids) for c in cands if not c.pruned]
     mean_kept = sum(kept) / len(kept) if kept else 0.0
     return PruneInfo(at=list(prune.at), keep=prune.keep, min_keep=prune.min_keep, checkpoints=checkpoints,
                      pruned=len(pruned), pruned_tokens=sum(len(c.token_ids) for c in pruned),

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from arbiter.generation.base import checkpoints_valid
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ARBITER_", extra="ignore")
@@ -116,7 +118,7 @@ class Settings(BaseSettings):
             at = [int(x) for x in v.split(",")]
         except ValueError:
             raise ValueError("ARBITER_PRUNE_AT must be comma-separated token counts, e.g. 16,32,64") from None
-        if any(t < 1 for t in at) or sorted(set(at)) != at:
+        if not checkpoints_valid(at):
             raise ValueError("ARBITER_PRUNE_AT must be distinct positive token counts, ascending")
         return v
 

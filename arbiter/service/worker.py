@@ -436,7 +436,7 @@ class Worker:
         rewards = None
         try:
             if it.heads and res.candidates and all(c.features is not None or c.rewards is not None
-                                                   for c in res.candidates if c.finish_reason != "pruned"):
+                                                   for c in res.candidates if not c.pruned):
                 rewards = score_candidates(res.candidates, it.heads)
                 if self.metrics:
                     self.metrics.candidates_scored.inc(len(res.candidates))

@@ -187,7 +187,7 @@ class FakeEngine(Engine):
     def _prune(self, job: GenerationJob, cands: list[Candidate]) -> None:
         """Pruning as the HF engine's decode loop does it (one token = one character here): at checkpoint t, the
         candidates still generating (t characters out and not cut there by max_tokens) get the picking head's
-        reward of their first t characters' feature; the worst go, ``PruneSpec.survivors`` decides how many."""
+        reward of their first t characters' feature; ``PruneSpec.dropped`` says which go."""
         from arbiter.heads import head_rewards
 
         spec, head = job.prune, job.heads[0]
@@ -203,8 +203,7 @@ class FakeEngine(Engine):
             for i, r in zip(live, got):
                 cands[i].partial_rewards.append((t, r))  # type: ignore[union-attr]
             pruned = sum(1 for c in cands if c.pruned_at is not None)
-            kept = spec.survivors(len(live), len(cands) - len(live) - pruned)
-            for k in sorted(range(len(live)), key=lambda k: (-got[k], live[k]))[kept:]:
+            for k in spec.dropped(got, live, len(cands) - len(live) - pruned):
                 c = cands[live[k]]
                 c.text, c.token_ids = c.text[:t], c.token_ids[:t]
                 c.finish_reason, c.pruned_at, c.features = "pruned", t, None
