@@ -123,3 +123,30 @@ def test_a_block_only_pass_runs_no_deeper_block_and_a_cancelled_pass_stops(backb
         for h in hooks:
             h.remove()
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # the pass removed its hooks
+
+
+@pytest.mark.parametrize("layer", [-1, 12])
+def test_closed_prefixes_in_packed_rows_equal_each_prefix_alone(backbone, pairs, layer):
+    """``packed_prefix_features``: the closing token fed after an answer's first k tokens reads what a standalone
+    forward of ``prompt + answer[:k] + <|im_end|>`` reads (the position pruning scores a closed prefix at); a cut at
+    or past an answer's length keeps it whole (its feature is the full answer's); the full features are unchanged by
+    the extra positions; batches of one and several rows agree."""
+    hh = pairs[:5]
+    cuts = [(1, 3, 10_000), (2,), (), (5, 8), (4,)]
+    for budget in (64, 4096):
+        c, r, pc, pr = fc.packed_prefix_features(backbone, hh, cuts, layer=layer, batch_tokens=budget, progress=False)
+        assert pc.shape == pr.shape == (sum(map(len, cuts)), backbone.hidden_size)
+        ref = reference(backbone, pairs, layer)
+        got = torch.cat([c, r])
+        want = torch.cat([ref[: len(hh)], ref[len(pairs): len(pairs) + len(hh)]])
+        assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-4
+        row = 0
+        for p, ks in zip(hh, cuts):
+            for k in ks:
+                for answer, feat in ((p.chosen_ids, pc[row]), (p.rejected_ids, pr[row])):
+                    kept = min(k, len(answer) - 1)
+                    alone = _alone(backbone, [*p.prompt_ids, *answer[:kept], backbone.end_id], layer)
+                    assert ((feat - alone).norm() / alone.norm()) < 1e-4, (k, kept)
+                row += 1
+    with pytest.raises(ValueError, match="at least 1"):
+        fc.packed_prefix_features(backbone, hh[:1], [(0,)], progress=False)

@@ -256,3 +256,58 @@ def test_layer_sweep_trains_each_variant_on_its_layer_and_the_winner_records_it(
     _, config = load_head(tmp_path / "heads" / "h", expected_backbone=backbone.fingerprint)
     assert config.layer == best["layer"] == config.provenance["layer"] and config.feature_dtype == "float32"
     assert metrics["dev_accuracy"] == best["dev_accuracy"]
+
+
+def test_prefix_aware_training_adds_closed_prefix_copies_and_reports_prefix_accuracy(tiny_pairs_file, cache_dir,
+                                                                                     backbone, tmp_path):
+    """``prefixes``: each training pair adds closed-prefix copies (random cuts in [prefix_min_tokens, longer - 1]) to
+    the training split of the variants that train on them; ``prefix_eval`` accuracy of the winner on test equals the
+    saved head on standalone forwards of ``prompt + answer[:k] + <|im_end|>`` (the position pruning reads)."""
+    from arbiter.heads import load_head
+    from arbiter.training.config import ConfigError
+    from arbiter.training.data.splits import load_tokenized, split_indices
+    from arbiter.training.recipes.head import Variant, prefix_cuts, run
+    from tests.test_feature_extraction import _alone
+
+    with pytest.raises(ConfigError, match="prefixes is 0"):
+        make_cfg(tiny_pairs_file, cache_dir, tmp_path / "bad", sweep=[Variant(train_prefixes=True)])
+    with pytest.raises(ConfigError, match="prefix_eval"):
+        make_cfg(tiny_pairs_file, cache_dir, tmp_path / "bad", prefix_eval=[0])
+    cfg = make_cfg(tiny_pairs_file, cache_dir, tmp_path / "run", epochs=3, test_fraction=0.25, prefixes=2,
+                   prefix_min_tokens=2, prefix_eval=[3, 6], head_dir=str(tmp_path / "heads" / "h"),
+                   sweep=[Variant(train_prefixes=False), Variant(train_prefixes=True, loss="dph_separable")])
+    tok, _ = load_tokenized(cfg, backbone.tokenizer, backbone.end_id)
+    splits = split_indices(tok, cfg)
+    cuts, rows = prefix_cuts(tok, 2, 2, [3, 6], cfg.seed)
+    assert (cuts, rows) == prefix_cuts(tok, 2, 2, [3, 6], cfg.seed)  # seeded
+    for p, c in zip(tok, cuts):
+        longer = max(len(p.chosen_ids), len(p.rejected_ids)) - 1
+        assert all(2 <= k <= longer - 1 for k in c[:2]) and list(c[2:]) == [k for k in (3, 6) if k < longer]
+    metrics = run(cfg, backbone=backbone)
+    from arbiter.training.feature_cache import pair_features
+
+    again = pair_features(backbone, tok, max_length=MAX_LEN, cache_dir=cache_dir, progress=False, cuts=cuts)
+    assert again.status == "hit" and again.prefix_chosen is not None and len(again.prefix_chosen) == len(rows)
+    other = pair_features(backbone, tok[:2], max_length=MAX_LEN, cache_dir=cache_dir, progress=False, cuts=[(1,), (2,)])
+    plain_entry = pair_features(backbone, tok[:2], max_length=MAX_LEN, cache_dir=cache_dir, progress=False)
+    assert other.key != plain_entry.key and plain_entry.prefix_chosen is None
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    plain, pref = result["variants"]
+    n_copies = sum(kind == "random" and i in splits["train"] for i, _, kind in rows)
+    assert n_copies > 0 and [plain["train_prefixes"], pref["train_prefixes"]] == [False, True]
+    assert [plain["n_train"], pref["n_train"]] == [len(splits["train"]), len(splits["train"]) + n_copies]
+    head, config = load_head(tmp_path / "heads" / "h", expected_backbone=backbone.fingerprint)
+    assert config.provenance["prefixes"]["copies"] == 2
+    checked = 0
+    for k in (3, 6):
+        test = [tok[i] for i in splits["test"] if k < max(len(tok[i].chosen_ids), len(tok[i].rejected_ids)) - 1]
+        if not test:
+            continue
+        with torch.no_grad():
+            wins = [float(head(_alone(backbone, [*p.prompt_ids, *p.chosen_ids[: min(k, len(p.chosen_ids) - 1)], backbone.end_id], -1)[None]))
+                    > float(head(_alone(backbone, [*p.prompt_ids, *p.rejected_ids[: min(k, len(p.rejected_ids) - 1)], backbone.end_id], -1)[None]))
+                    for p in test]
+        assert metrics[f"n_test_prefix@{k}"] == len(test)
+        assert metrics[f"test_prefix_accuracy@{k}"] == pytest.approx(sum(wins) / len(test))
+        checked += len(test)
+    assert checked >= 4

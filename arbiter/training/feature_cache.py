@@ -61,8 +61,15 @@ def data_hash(pairs: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
-def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str, dtype: str = "float32") -> tuple[str, dict]:
-    """(hex key, the parts it hashes). ``fingerprint`` is a heads.BackboneFingerprint (or a plain dict)."""
+def cuts_hash(cuts: Sequence[Sequence[int]]) -> str:
+    """sha256 over every pair's list of prefix cuts (``packed_prefix_features``), order-sensitive."""
+    return hashlib.sha256(json.dumps([list(map(int, c)) for c in cuts]).encode()).hexdigest()
+
+
+def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str, dtype: str = "float32",
+              cuts_sha: str | None = None) -> tuple[str, dict]:
+    """(hex key, the parts it hashes). ``fingerprint`` is a heads.BackboneFingerprint (or a plain dict);
+    ``cuts_sha``: the closed-prefix cuts' hash when the entry also holds prefix features."""
     fp = fingerprint.model_dump() if hasattr(fingerprint, "model_dump") else dict(fingerprint)
     if fp.get("end_token", "<|im_end|>") == "<|im_end|>":
         fp.pop("end_token", None)  # ChatML keys stay as they were before the closing token was recorded
@@ -70,6 +77,8 @@ def cache_key(fingerprint: Any, *, layer: int, max_length: int, data_sha: str, d
              "data_sha256": data_sha}
     if dtype != "float32":  # float32 keys stay as they were: existing caches remain valid
         parts["dtype"] = dtype
+    if cuts_sha is not None:  # entries without prefixes keep their keys
+        parts["cuts_sha256"] = cuts_sha
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return key, parts
 
@@ -83,6 +92,9 @@ class PairFeatures:
     status: str  # "hit" | "miss" | "partial (k/n shards cached)" | "rebuilt (<why>)" | "uncached"
     seconds: float  # time spent computing (0 on a hit)
     tokens: int  # tokens fed forward (0 on a hit)
+    # Closed-prefix features (``cuts`` given): [M, d] each, pair order then each pair's cut order
+    prefix_chosen: torch.Tensor | None = None
+    prefix_rejected: torch.Tensor | None = None
 
 
 def _pad_id(backbone: Any) -> int:
@@ -279,17 +291,61 @@ def packed_pair_features(
     path, which also runs the common prefix once per group, is faster (benchmarks/reports/feature_extraction_*.md).
     Rows are length-sorted and right-padded (padding comes after every real token, so causality hides it).
     """
+    c, r, _, _ = packed_prefix_features(backbone, pairs, None, layer=layer, batch_tokens=batch_tokens,
+                                        max_batch=max_batch, desc=desc, progress=progress)
+    return c, r
+
+
+def cut_lengths(pair: Any, k: int) -> tuple[int, int]:
+    """Answer tokens (closing token not counted) that a cut after ``k`` generated tokens keeps of the chosen and
+    the rejected answer: ``min(k, answer length)``, so an answer shorter than the cut stays whole (as a candidate
+    that finished before a pruning checkpoint is scored whole)."""
+    return min(k, len(pair.chosen_ids) - 1), min(k, len(pair.rejected_ids) - 1)
+
+
+def packed_prefix_features(
+    backbone: Any,
+    pairs: Sequence[Any],
+    cuts: Sequence[Sequence[int]] | None,
+    *,
+    layer: int = -1,
+    batch_tokens: int = DEFAULT_PACKED_BATCH_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    desc: str = "head features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`packed_pair_features` plus CLOSED PREFIXES: (chosen [N, d], rejected [N, d], prefix chosen [M, d],
+    prefix rejected [M, d]), the prefix rows in pair order, then ``cuts[i]`` order (M = total number of cuts).
+
+    The feature of answer ``a`` cut after ``k`` tokens is the capture layer's state at a closing token fed right
+    after ``a[:k]``: what the serving engine reads when pruning scores a closed prefix (docs/features.md,
+    "Pruning"), and what a standalone forward of ``prompt + a[:k] + <|im_end|>`` gives. The answer tokens' states
+    do not depend on what follows them (causal attention), so each closing token rides the pair's packed row as
+    one extra position: ``prompt | chosen | rejected | close(chosen, k1) | close(rejected, k1) | ...``, each closing
+    token at position ``len(prompt) + k`` attending to the prompt, its answer's first ``k`` tokens and itself.
+    A cut costs two tokens instead of a forward of the prompt and both prefixes (tests check the equality).
+    """
     from tqdm.auto import tqdm
 
     from arbiter.backbone import LayerCapture, base_model
 
+    cuts = [()] * len(pairs) if cuts is None else [tuple(int(k) for k in c) for c in cuts]
+    if len(cuts) != len(pairs):
+        raise ValueError(f"cuts: {len(cuts)} lists for {len(pairs)} pairs")
+    if any(k < 1 for c in cuts for k in c):
+        raise ValueError("cuts: every cut keeps at least 1 answer token")
     device = next(backbone.model.parameters()).device
     dec = base_model(backbone.model)
     d = int(backbone.hidden_size)
     pad = _pad_id(backbone)
+    end = int(backbone.end_id)
     lens = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    total = [a + b + c for a, b, c in lens]
+    total = [a + b + c + 2 * len(cuts[i]) for i, (a, b, c) in enumerate(lens)]
+    first = [0]  # index of pair i's first prefix row
+    for c in cuts:
+        first.append(first[-1] + len(c))
     out = torch.empty(2 * len(pairs), d, dtype=torch.float32)  # [2N, d]: row 2i chosen, 2i + 1 rejected
+    pout = torch.empty(2 * first[-1], d, dtype=torch.float32)  # [2M, d]: the same interleaving for the cuts
     bar = tqdm(total=sum(total), desc=desc, unit="tok", unit_scale=True, disable=not progress, smoothing=0.05)
     capture = LayerCapture(backbone.model, layer) if layer >= 0 else None
     try:
@@ -299,25 +355,42 @@ def packed_pair_features(
                 ids = torch.full((b, t), pad, dtype=torch.long)  # [b, T]
                 pos = torch.arange(t).repeat(b, 1)  # [b, T]
                 mask = torch.ones(t, t, dtype=torch.bool).tril().repeat(b, 1, 1)  # [b, T, T] True = attend
-                ends = torch.empty((b, 2), dtype=torch.long)  # [b, 2] closing token of chosen, rejected
+                ncut = max(len(cuts[i]) for i in idx)
+                ends = torch.zeros((b, 2 + 2 * ncut), dtype=torch.long)  # [b, 2 + 2C] positions read
                 for r, i in enumerate(idx):
                     p, (np_, nc, nr) = pairs[i], lens[i]
-                    ids[r, : total[i]] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids], dtype=torch.long)
+                    ids[r, : np_ + nc + nr] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids],
+                                                           dtype=torch.long)
                     pos[r, np_ + nc : np_ + nc + nr] = torch.arange(np_, np_ + nr)
                     mask[r, np_ + nc : np_ + nc + nr, np_ : np_ + nc] = False  # rejected never sees chosen
                     ends[r, 0], ends[r, 1] = np_ + nc - 1, np_ + nc + nr - 1
+                    q = np_ + nc + nr  # the closing tokens follow the two answers
+                    for j, k in enumerate(cuts[i]):
+                        kc, kr = cut_lengths(p, k)
+                        for side, (start, kept) in enumerate(((np_, kc), (np_ + nc, kr))):
+                            ids[r, q] = end
+                            pos[r, q] = np_ + kept
+                            mask[r, q, :] = False
+                            mask[r, q, :np_] = True  # the prompt
+                            mask[r, q, start : start + kept] = True  # its answer's first `kept` tokens
+                            mask[r, q, q] = True
+                            ends[r, 2 + 2 * j + side] = q
+                            q += 1
                 o = dec(input_ids=ids.to(device), attention_mask=mask[:, None].to(device), position_ids=pos.to(device),
                         use_cache=False)
                 hidden = o.last_hidden_state if capture is None else capture.output  # [b, T, d]
-                feats = hidden[torch.arange(b, device=device)[:, None], ends.to(device)].float().cpu()  # [b, 2, d]
+                feats = hidden[torch.arange(b, device=device)[:, None], ends.to(device)].float().cpu()  # [b, 2+2C, d]
                 rows = torch.tensor(idx)
                 out[2 * rows], out[2 * rows + 1] = feats[:, 0], feats[:, 1]
+                for r, i in enumerate(idx):
+                    m = len(cuts[i])
+                    pout[2 * first[i] : 2 * (first[i] + m)] = feats[r, 2 : 2 + 2 * m]
                 bar.update(sum(total[i] for i in idx))
     finally:
         if capture is not None:
             capture.remove()
     bar.close()
-    return out[0::2].contiguous(), out[1::2].contiguous()
+    return out[0::2].contiguous(), out[1::2].contiguous(), pout[0::2].contiguous(), pout[1::2].contiguous()
 
 
 def extraction_method(pairs: Sequence[Any]) -> str:
@@ -342,7 +415,7 @@ def prompt_once_features(backbone: Any, pairs: Sequence[Any], *, layer: int = -1
     raise ValueError(f"unknown extraction method {method!r}: expected auto, packed or shared")
 
 
-def _read_entry(entry: Path, key: str, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_entry(entry: Path, key: str, n: int, d: int, m: int | None = None) -> tuple[torch.Tensor, ...]:
     """Load and verify one cache entry; raises ValueError with the reason if anything is off."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -367,48 +440,66 @@ def _read_entry(entry: Path, key: str, n: int, d: int) -> tuple[torch.Tensor, to
     c, r = t.get("chosen"), t.get("rejected")
     if c is None or r is None or tuple(c.shape) != (n, d) or tuple(r.shape) != (n, d):
         raise ValueError(f"wrong tensors: expected chosen/rejected of shape [{n}, {d}]")
-    if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
+    got = [c, r]
+    if m is not None:
+        pc, pr = t.get("prefix_chosen"), t.get("prefix_rejected")
+        if pc is None or pr is None or tuple(pc.shape) != (m, d) or tuple(pr.shape) != (m, d):
+            raise ValueError(f"wrong tensors: expected prefix_chosen/prefix_rejected of shape [{m}, {d}]")
+        got += [pc, pr]
+    if not all(torch.isfinite(x).all() for x in got):
         raise ValueError("features contain NaN/Inf")
-    return c.float(), r.float()
+    return tuple(x.float() for x in got)
 
 
-def _shard_features(backbone, shard, *, layer, max_length, root, batch_tokens, share_prompt, use_cache, progress, desc):
-    """(chosen [n, d], rejected [n, d], key, entry, status, seconds, tokens) of one shard of pairs."""
+def _shard_features(backbone, shard, *, layer, max_length, root, batch_tokens, share_prompt, use_cache, progress, desc,
+                    cuts=None):
+    """(features, key, entry, status, seconds, tokens) of one shard of pairs; features: (chosen [n, d], rejected
+    [n, d]) plus (prefix chosen [m, d], prefix rejected [m, d]) when ``cuts`` are given."""
     from safetensors.torch import save_file
 
     d = int(backbone.hidden_size)
+    m = None if cuts is None else sum(len(c) for c in cuts)
     key, parts = cache_key(backbone.fingerprint, layer=layer, max_length=max_length, data_sha=data_hash(shard),
-                           dtype=str(next(backbone.model.parameters()).dtype).removeprefix("torch."))
+                           dtype=str(next(backbone.model.parameters()).dtype).removeprefix("torch."),
+                           cuts_sha=None if cuts is None else cuts_hash(cuts))
     entry = root / key[:32]
     status = "miss"
     if use_cache and entry.exists():
         try:
-            c, r = _read_entry(entry, key, len(shard), d)
-            return c, r, key, entry, "hit", 0.0, 0
+            return _read_entry(entry, key, len(shard), d, m), key, entry, "hit", 0.0, 0
         except ValueError as e:
             log.warning("feature cache entry %s is corrupted or stale: %s; rebuilding it", entry, e)
             status = f"rebuilt ({e})"
             shutil.rmtree(entry, ignore_errors=True)
     t0 = time.perf_counter()
-    if share_prompt:
+    feats: tuple[torch.Tensor, ...]
+    if cuts is not None and m is not None:  # closed prefixes ride the packed rows (packed_prefix_features)
+        feats = packed_prefix_features(backbone, shard, cuts, layer=layer, desc=desc, progress=progress)
+        tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in shard) + 2 * m
+    elif share_prompt:
         chosen, rejected = prompt_once_features(backbone, shard, layer=layer, desc=desc, progress=progress)
         tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in shard)
     else:
         seqs = [list(p.prompt_ids) + list(p.chosen_ids) for p in shard]
         seqs += [list(p.prompt_ids) + list(p.rejected_ids) for p in shard]
-        feats = compute_features(backbone, seqs, layer=layer, batch_tokens=batch_tokens, progress=progress, desc=desc)
+        every = compute_features(backbone, seqs, layer=layer, batch_tokens=batch_tokens, progress=progress, desc=desc)
         tokens = sum(len(x) for x in seqs)
-        chosen, rejected = feats[: len(shard)].contiguous(), feats[len(shard):].contiguous()  # [n, d] each
+        chosen, rejected = every[: len(shard)].contiguous(), every[len(shard):].contiguous()  # [n, d] each
+    if cuts is None:
+        feats = (chosen, rejected)
     seconds = time.perf_counter() - t0
     if not use_cache:
-        return chosen, rejected, key, entry, "uncached", seconds, tokens
+        return feats, key, entry, "uncached", seconds, tokens
+    names = ("chosen", "rejected", "prefix_chosen", "prefix_rejected")
     with atomic_dir(entry) as tmp:
-        save_file({"chosen": chosen, "rejected": rejected}, str(tmp / FEATURES_FILE))
+        save_file(dict(zip(names, feats)), str(tmp / FEATURES_FILE))
         meta = {"key": key, **parts, "sha256": file_sha256(tmp / FEATURES_FILE), "n_pairs": len(shard),
                 "hidden_size": d, "tokens": tokens, "seconds": round(seconds, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if m is not None:
+            meta["n_prefixes"] = m
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return chosen, rejected, key, entry, status, seconds, tokens
+    return feats, key, entry, status, seconds, tokens
 
 
 def pair_features(
@@ -423,6 +514,7 @@ def pair_features(
     share_prompt: bool = True,
     use_cache: bool = True,
     progress: bool = True,
+    cuts: Sequence[Sequence[int]] | None = None,
 ) -> PairFeatures:
     """Chosen/rejected head features of tokenized pairs ([N, d] each), from the cache or computed and cached.
 
@@ -434,25 +526,32 @@ def pair_features(
     so the cache key does not depend on the choice.
     The pairs are cached in shards of ``shard_size`` consecutive pairs, each its own entry: an interrupted
     extraction keeps its finished shards, and a larger ``limit`` later reuses all but the last shard.
+    ``cuts``: per pair, token counts after which both answers are also read as closed prefixes
+    (:func:`packed_prefix_features`, always packed; part of the key); they come back as ``prefix_chosen`` /
+    ``prefix_rejected``.
     """
     import torch
 
+    if cuts is not None and len(cuts) != len(pairs):
+        raise ValueError(f"cuts: {len(cuts)} lists for {len(pairs)} pairs")
     if not pairs:
         raise ValueError("no pairs to compute features for")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     root = Path(cache_dir) if cache_dir else default_feature_dir()
     shards = [pairs[i : i + shard_size] for i in range(0, len(pairs), shard_size)]
-    chosen, rejected, keys, statuses = [], [], [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
+    keys, statuses = [], []
     seconds = 0.0
     tokens = 0
     for j, shard in enumerate(shards):
         desc = f"features of {len(pairs)} pairs" + (f" (shard {j + 1}/{len(shards)})" if len(shards) > 1 else "")
-        c, r, key, entry, status, sec, tok = _shard_features(
+        lo = j * shard_size
+        feats, key, entry, status, sec, tok = _shard_features(
             backbone, shard, layer=layer, max_length=max_length, root=root, batch_tokens=batch_tokens,
-            share_prompt=share_prompt, use_cache=use_cache, progress=progress, desc=desc)
-        chosen.append(c)
-        rejected.append(r)
+            share_prompt=share_prompt, use_cache=use_cache, progress=progress, desc=desc,
+            cuts=None if cuts is None else cuts[lo : lo + len(shard)])
+        parts.append(feats)
         keys.append(key)
         statuses.append(status)
         seconds += sec
@@ -471,4 +570,6 @@ def pair_features(
     else:
         status = f"partial ({hits}/{len(shards)} shards cached)"
     log.info("features of %d pairs: %s (%d tokens computed in %.1f s) under %s", len(pairs), status, tokens, seconds, root)
-    return PairFeatures(torch.cat(chosen), torch.cat(rejected), key, root, status, seconds, tokens)
+    cat = [torch.cat([f[i] for f in parts]) for i in range(len(parts[0]))]
+    return PairFeatures(cat[0], cat[1], key, root, status, seconds, tokens,
+                        *(cat[2:] if cuts is not None else ()))

@@ -39,6 +39,7 @@ class Variant:
     dropout: float | None = None
     weight_decay: float | None = None
     layer: int | None = None  # features from another layer (computed and cached once per distinct layer)
+    train_prefixes: bool | None = None  # train on the recipe's closed-prefix copies too (recipes with ``prefixes``)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def check_variant_fields(pooler, loss, eps, lr, dropout, weight_decay, where: st
 # steps already taken (epochs / max_steps only extend or shorten the run; the features are keyed separately).
 _RESUME_FREE = frozenset({"name", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "sweep", "out",
                           "head_dir", "overwrite", "cache_dir", "share_prompt", "feature_batch_tokens", "threads",
-                          "progress", "model", "dtype"})
+                          "progress", "model", "dtype", "prefix_eval"})
 
 
 @dataclass

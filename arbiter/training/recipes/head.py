@@ -16,6 +16,16 @@ setup -> features -> train -> save:
 4. Save the head atomically (``arbiter.heads.save_head``) with its provenance (data, counts, loss, metrics);
    ``<out>/result.json`` holds every variant's metrics, ``<out>/.../metrics.jsonl`` the TRL-named training log (as every recipe).
 
+Prefix-aware heads (``prefixes > 0``): pruning (docs/features.md "Pruning") ranks candidates by the head's reward of
+a CLOSED PREFIX (the answer so far, then a closing token), which a head trained on whole answers never saw. With
+``prefixes: k`` every pair also gives k copies cut at random token counts (the same count for both answers, drawn
+from [``prefix_min_tokens``, longer answer - 1]; an answer shorter than the cut stays whole, as a candidate that
+finished before a checkpoint), read at a closing token after the cut (``feature_cache.packed_prefix_features``:
+two extra tokens per cut in the pair's packed row, not another forward); the training split's copies join its
+pairs with the same loss (a variant's ``train_prefixes: false`` leaves them out: a comparison row, trained and
+reported but never picked). Dev selection stays on whole answers. ``prefix_eval``: cuts (tokens) at which every variant's dev and the winner's test accuracy
+on closed prefixes is reported, whether or not it trained on prefixes (docs/methods.md "Prefix-aware heads").
+
 If ``test_fraction > 0`` the chosen head is also scored on a test split that neither training, early stopping
 nor the sweep's selection saw: the dev accuracy of a selected variant is optimistic, the test accuracy is not.
 """
@@ -92,6 +102,10 @@ class HeadRecipeConfig:
     # Backbone dtype for the features: auto = bfloat16 where the CPU has native bf16 matmul measured faster
     # (AMX / AVX512-BF16), float32 otherwise; recorded in the head (feature_dtype) and in the cache key.
     dtype: str = "auto"
+    prefixes: int = 0  # closed-prefix copies per pair (random cuts) that training adds to its split; 0: none
+    prefix_min_tokens: int = 4  # the shortest random cut, in answer tokens
+    train_prefixes: bool = True  # the base variant trains on the copies (a sweep entry may say otherwise)
+    prefix_eval: list[int] = field(default_factory=list)  # fixed cuts at which closed-prefix accuracy is reported
     progress: bool = True
 
     def validate(self) -> None:
@@ -140,6 +154,14 @@ class HeadRecipeConfig:
             raise ConfigError(f"feature_batch_tokens: must be >= 16, got {self.feature_batch_tokens}")
         if not self.out:
             raise ConfigError("out: give a run directory")
+        if self.prefixes < 0:
+            raise ConfigError(f"prefixes: must be >= 0, got {self.prefixes}")
+        if self.prefix_min_tokens < 1:
+            raise ConfigError(f"prefix_min_tokens: must be >= 1, got {self.prefix_min_tokens}")
+        if any(not isinstance(k, int) or k < 1 for k in self.prefix_eval) or len(set(self.prefix_eval)) != len(self.prefix_eval):
+            raise ConfigError(f"prefix_eval: distinct token counts >= 1, got {self.prefix_eval}")
+        if self.prefixes == 0 and any(v.train_prefixes for v in self.sweep):
+            raise ConfigError("sweep: a variant trains on prefixes (train_prefixes: true) but prefixes is 0")
 
 
 CONFIG = HeadRecipeConfig
@@ -191,19 +213,53 @@ def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl,
         figs[f"{split} reliability"], metrics[f"{split}_ece"] = rel
     lines = [f"# arbiter train head: `{cfg.name}`", "", "| metric | value |", "|---|---|"]
     for k in ("train_accuracy", "dev_accuracy", "test_accuracy", "test_accuracy_se", f"{split}_ece", "n_train", "n_dev",
-              "n_test", "feature_seconds", "feature_tokens"):
+              "n_test", *(f"{m}@{c}" for c in cfg.prefix_eval for m in ("test_prefix_accuracy", "test_prefix_accuracy_se",
+                                                                         "n_test_prefix")),
+              "feature_seconds", "feature_tokens"):
         if metrics.get(k) is not None:
             v = metrics[k]
             lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     if sweep:
-        keys = ["layer", "pooler", "loss", "lr", "dev_accuracy", "train_accuracy"]
+        keys = ["layer", "pooler", "loss", "lr", *(["train_prefixes"] if cfg.prefixes else []), "dev_accuracy",
+                *(f"dev_prefix_accuracy@{k}" for k in cfg.prefix_eval), "train_accuracy"]
         lines += ["", "Sweep (picked by dev accuracy):", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(f"{r.get(k):.4f}" if isinstance(r.get(k), float) and k.endswith("accuracy") else str(r.get(k))
+        lines += ["| " + " | ".join(f"{r.get(k):.4f}" if isinstance(r.get(k), float) and "accuracy" in k else str(r.get(k))
                                     for k in keys) + " |" for r in sweep]
     for name, path in figs.items():
         if path is not None:
             lines += ["", f"![{name}]({Path(path).name})"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def prefix_cuts(pairs: list[Any], copies: int, min_tokens: int, eval_at: list[int], seed: int) -> tuple[list[tuple[int, ...]], list[tuple[int, int, str]]]:
+    """Each pair's closed-prefix cuts (``feature_cache.pair_features(cuts=...)``) and, per prefix row, (pair index,
+    cut, "random" | "eval"). Random cuts: ``copies`` draws from [min_tokens, L - 1] (L: the longer answer's tokens,
+    closing token not counted), seeded by (seed, pair index); eval cuts: each of ``eval_at`` below L (a cut at or
+    past both answers' ends would be the whole pair again)."""
+    import random
+
+    cuts, rows = [], []
+    for i, p in enumerate(pairs):
+        longer = max(len(p.chosen_ids), len(p.rejected_ids)) - 1
+        rng = random.Random(f"prefix-cuts:{seed}:{i}")
+        mine = [("random", rng.randint(min_tokens, longer - 1)) for _ in range(copies)] if longer - 1 >= min_tokens else []
+        mine += [("eval", k) for k in eval_at if k < longer]
+        cuts.append(tuple(k for _, k in mine))
+        rows += [(i, k, kind) for kind, k in mine]
+    return cuts, rows
+
+
+def prefix_accuracy(head: Any, feats: Any, rows: list[tuple[int, int, str]], split: list[int], k: int) -> tuple[float | None, int]:
+    """(accuracy, pairs) of ``head`` on the closed prefixes cut at ``k`` of the pairs in ``split``."""
+    import torch
+
+    members = set(split)
+    sel = [j for j, (i, kk, kind) in enumerate(rows) if kind == "eval" and kk == k and i in members]
+    if not sel:
+        return None, 0
+    with torch.no_grad():
+        t = torch.tensor(sel)
+        return float((head(feats.prefix_chosen[t]) > head(feats.prefix_rejected[t])).float().mean()), len(sel)
 
 
 def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:
@@ -250,12 +306,21 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     tok_seconds = load_seconds + time.perf_counter() - t0
     log.info("pairs: %d (train %d, dev %d, test %d)", len(tokenized), *(len(splits[k]) for k in ("train", "dev", "test")))
     variants = sweep_variants(cfg)
+    with_prefixes = cfg.prefixes > 0 or bool(cfg.prefix_eval)
+    cuts, prefix_rows = (prefix_cuts(tokenized, cfg.prefixes, cfg.prefix_min_tokens, cfg.prefix_eval, cfg.seed)
+                         if with_prefixes else (None, []))
+    train_set = set(splits["train"])
+    prefix_train = [len(tokenized) + j for j, (i, _, kind) in enumerate(prefix_rows) if kind == "random" and i in train_set]
+    if with_prefixes:
+        log.info("closed prefixes: %d training copies, %d eval cuts at %s", len(prefix_train),
+                 sum(kind == "eval" for _, _, kind in prefix_rows), cfg.prefix_eval)
     by_layer = {}  # layer -> PairFeatures: each distinct layer of the sweep is extracted (and cached) once
     for layer in dict.fromkeys(v.layer for v in variants):
         if layer >= backbone.num_layers:
             raise ConfigError(f"sweep layer {layer} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
         f = pair_features(backbone, tokenized, layer=layer, max_length=cfg.max_length, cache_dir=cfg.cache_dir,
-                          batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress)
+                          batch_tokens=cfg.feature_batch_tokens, share_prompt=cfg.share_prompt, progress=cfg.progress,
+                          cuts=cuts)
         log.info("features (layer %d): %s (%s, %.1f s, %d tokens)", layer, f.path, f.status, f.seconds, f.tokens)
         by_layer[layer] = f
 
@@ -263,10 +328,20 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     for i, vcfg in enumerate(variants):
         feats = by_layer[vcfg.layer]
         fw, fl = feats.chosen, feats.rejected  # [N, d] each
+        vsplits = splits
+        if feats.prefix_chosen is not None and feats.prefix_rejected is not None:  # whole pairs, then the
+            # closed prefixes (indices len(tokenized) + row)
+            fw, fl = torch.cat([fw, feats.prefix_chosen]), torch.cat([fl, feats.prefix_rejected])
+            if cfg.prefixes and vcfg.train_prefixes:
+                vsplits = {**splits, "train": splits["train"] + prefix_train}
         tag = f"{i:02d}-{vcfg.pooler}-{vcfg.loss}" + (f"-layer{vcfg.layer}" if vcfg.layer != cfg.layer else "")
+        tag += "-prefixes" if vsplits is not splits else ""
         run_dir = out if len(variants) == 1 else out / "sweep" / tag
-        res = train_on_features(vcfg, fw, fl, splits, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
+        res = train_on_features(vcfg, fw, fl, vsplits, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
                                 run_dir=run_dir, resume=resume, features_key=feats.key, feature_dtype=backbone.dtype)
+        res.metrics["train_prefixes"] = vsplits is not splits
+        for k in cfg.prefix_eval:
+            res.metrics[f"dev_prefix_accuracy@{k}"] = prefix_accuracy(res.head, feats, prefix_rows, splits["dev"], k)[0]
         log.info("variant %d %s/%s eps=%s lr=%s layer=%d: dev_accuracy=%s", i, vcfg.pooler, vcfg.loss, vcfg.eps, vcfg.lr,
                  vcfg.layer, res.metrics.get("dev_accuracy"))
         results.append(res)
@@ -277,11 +352,20 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         m = r.metrics
         return (m["dev_accuracy"], -m["dev_loss"]) if "dev_accuracy" in m else (0.0, 0.0)
 
-    best_i = max(range(len(results)), key=lambda i: rank(results[i]))
+    # With prefixes, a variant that does not train on them is a comparison row: trained, reported, never picked.
+    eligible = [i for i, r in enumerate(results) if not cfg.prefixes or r.metrics["train_prefixes"]]
+    if not eligible:
+        raise ConfigError("prefixes: every variant has train_prefixes: false, so none can be picked")
+    best_i = max(eligible, key=lambda i: rank(results[i]))
     best, bcfg = results[best_i], variants[best_i]
     feats = by_layer[bcfg.layer]
     fw, fl = feats.chosen, feats.rejected  # the winner's features, for its test split
     metrics = dict(best.metrics)
+    for k in cfg.prefix_eval:
+        acc, n = prefix_accuracy(best.head, feats, prefix_rows, splits["test"], k)
+        if acc is not None:
+            metrics.update({f"test_prefix_accuracy@{k}": acc, f"test_prefix_accuracy_se@{k}": accuracy_se(acc, n),
+                            f"n_test_prefix@{k}": n})
     if splits["test"]:
         te = evaluate_head(best.head, fw, fl, torch.tensor(splits["test"]), LOSSES[bcfg.loss], bcfg.eps, "test_")
         acc = te["test_rewards/accuracies"]
@@ -294,7 +378,9 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
     sweep_table = [
         {"layer": v.layer, "pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr, "dropout": v.dropout,
          "weight_decay": v.weight_decay, **{k: r.metrics.get(k) for k in ("dev_accuracy", "dev_loss", "train_accuracy",
-                                                                            "best_step", "stop_reason")}}
+                                                                            "n_train", "best_step", "stop_reason")},
+         **({"train_prefixes": r.metrics["train_prefixes"]} if cfg.prefixes else {}),
+         **{f"dev_prefix_accuracy@{k}": r.metrics.get(f"dev_prefix_accuracy@{k}") for k in cfg.prefix_eval}}
         for v, r in zip(variants, results)
     ]
     provenance = {
@@ -314,9 +400,13 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
         "dropout": bcfg.dropout,
         "optimizer": {"name": "AdamW", "lr": bcfg.lr, "weight_decay": bcfg.weight_decay, "batch_size": cfg.batch_size},
         "select_metric": cfg.select_metric,
+        "prefixes": ({"copies": cfg.prefixes, "min_tokens": cfg.prefix_min_tokens, "trained": bool(best.metrics["train_prefixes"]),
+                      "read_at": "a closing token after the cut (closed prefix)", "eval": cfg.prefix_eval}
+                     if with_prefixes else None),
         "features_key": feats.key,
         "metrics": {k: metrics[k] for k in ("dev_accuracy", "dev_margin", "train_accuracy", "n_train", "n_dev",
-                                             "test_accuracy", "test_margin", "n_test") if k in metrics},
+                                             "test_accuracy", "test_margin", "n_test",
+                                             *(f"test_prefix_accuracy@{k}" for k in cfg.prefix_eval)) if k in metrics},
         "sweep": sweep_table if len(variants) > 1 else [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
