@@ -6,7 +6,6 @@ model's own right / wrong samples); docs/methods.md "Direct Preference Heads".""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arbiter.training.artifacts import METRICS_FILE
 from arbiter.training.batch import losses_of
 from arbiter.training.config import ConfigError
 from arbiter.training.stats import accuracy_se
@@ -64,6 +62,7 @@ class HeadTrainSettings:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     sweep: list[Variant] = field(default_factory=list)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
     progress: bool = True
 
 
@@ -86,7 +85,7 @@ def check_variant_fields(pooler, loss, eps, lr, dropout, weight_decay, where: st
 # steps already taken (epochs / max_steps only extend or shorten the run; the features are keyed separately).
 _RESUME_FREE = frozenset({"name", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "sweep", "out",
                           "head_dir", "overwrite", "cache_dir", "share_prompt", "feature_batch_tokens", "threads",
-                          "progress", "model", "dtype", "prefix_eval"})
+                          "progress", "model", "dtype", "prefix_eval", "report_to"})
 
 
 @dataclass
@@ -189,7 +188,9 @@ def train_on_features(
         return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
 
     total = nb * cfg.epochs if cfg.max_steps is None else min(nb * cfg.epochs, cfg.max_steps)
-    driver = StepDriver(total=total, log=MetricsLog(run_dir, resumed_at=step if ck else None), save=save,
+    mlog = MetricsLog(run_dir, resumed_at=step if ck else None, report_to=getattr(cfg, "report_to", ("jsonl",)),
+                      config=config)
+    driver = StepDriver(total=total, log=mlog, save=save,
                         save_every=cfg.checkpoint_every, step=step, last_good=ck,
                         desc=f"train head {cfg.pooler}/{cfg.loss}", progress=cfg.progress,
                         postfix=("loss", "eval_rewards/accuracies"))
@@ -233,33 +234,32 @@ def train_on_features(
     try:
         if not st["stopped"]:  # a resumed run that had stopped early stays stopped (a larger max_steps continues)
             driver.run(one_step)
-    finally:
-        driver.log.close()
-    step = driver.step
-    seconds = time.perf_counter() - t0
+        step = driver.step
+        seconds = time.perf_counter() - t0
 
-    # The final weights compete with the best epoch (a max_steps stop may end between evaluations).
-    final_ev = evaluate_head(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_") if len(dev_idx) else None
-    if final_ev is not None and _better(cfg.select_metric, final_ev, st["best"]):
-        best_state, best_step, best_ev = {k: v.detach().clone() for k, v in head.state_dict().items()}, step, final_ev
-    else:
-        best_step, best_ev = st["best_step"], st["best"]
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    head.eval().requires_grad_(False)
-    tr = evaluate_head(head, fw, fl, train_idx, loss_fn, cfg.eps, "train_")
-    metrics = {
-        "train_accuracy": tr["train_rewards/accuracies"], "train_margin": tr["train_rewards/margins"],
-        "train_loss": tr["train_loss"], "n_train": n, "n_dev": len(dev_idx), "steps": step, "best_step": best_step,
-        "stop_reason": st["stopped"] or ("max_steps" if cfg.max_steps is not None and step >= cfg.max_steps else "done"),
-        "train_seconds": round(seconds, 2),
-    }
-    if best_ev is not None:
-        acc = best_ev["eval_rewards/accuracies"]
-        metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
-                       dev_accuracy_se=accuracy_se(acc, len(dev_idx)))
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"final": metrics}) + "\n")
+        # The final weights compete with the best epoch (a max_steps stop may end between evaluations).
+        final_ev = evaluate_head(head, fw, fl, dev_idx, loss_fn, cfg.eps, "eval_") if len(dev_idx) else None
+        if final_ev is not None and _better(cfg.select_metric, final_ev, st["best"]):
+            best_state, best_step, best_ev = {k: v.detach().clone() for k, v in head.state_dict().items()}, step, final_ev
+        else:
+            best_step, best_ev = st["best_step"], st["best"]
+        if best_state is not None:
+            head.load_state_dict(best_state)
+        head.eval().requires_grad_(False)
+        tr = evaluate_head(head, fw, fl, train_idx, loss_fn, cfg.eps, "train_")
+        metrics = {
+            "train_accuracy": tr["train_rewards/accuracies"], "train_margin": tr["train_rewards/margins"],
+            "train_loss": tr["train_loss"], "n_train": n, "n_dev": len(dev_idx), "steps": step, "best_step": best_step,
+            "stop_reason": st["stopped"] or ("max_steps" if cfg.max_steps is not None and step >= cfg.max_steps else "done"),
+            "train_seconds": round(seconds, 2),
+        }
+        if best_ev is not None:
+            acc = best_ev["eval_rewards/accuracies"]
+            metrics.update(dev_accuracy=acc, dev_margin=best_ev["eval_rewards/margins"], dev_loss=best_ev["eval_loss"],
+                           dev_accuracy_se=accuracy_se(acc, len(dev_idx)))
+        mlog.summary(metrics)
+    finally:
+        mlog.close()
     return TrainResult(head, head_config, metrics, run_dir)
 
 

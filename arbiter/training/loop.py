@@ -132,7 +132,8 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, total: int) -> tuple
 
 
 # Keys of the LoRA recipes' config that may change between a run and its --resume (rundir.config_diff).
-RESUME_FREE_KEYS = frozenset({"save_every", "keep_checkpoints", "log_every", "eval_every", "progress", "overwrite"})
+RESUME_FREE_KEYS = frozenset({"save_every", "keep_checkpoints", "log_every", "eval_every", "progress", "overwrite",
+                              "report_to"})
 
 
 def prepare_out_dir(cfg: Any, resume: bool) -> Path:
@@ -286,7 +287,8 @@ def train_loop(spec: LoopSpec, out_dir: Path, *, resume: bool) -> dict[str, Any]
         return path or out_dir / "checkpoints" / f"step-{at}"
 
     driver = StepDriver(
-        total=spec.total_steps, log=MetricsLog(out_dir, resumed_at=step if ckpt_path else None, enabled=main),
+        total=spec.total_steps, log=MetricsLog(out_dir, resumed_at=step if ckpt_path else None, enabled=main,
+                                            report_to=cfg.report_to, config=cfg_dict),
         save=save, save_every=cfg.save_every, log_every=cfg.log_every, step=step, last_good=ckpt_path,
         desc=f"train {spec.name}", progress=main and cfg.progress,
         postfix=("loss", "rewards/accuracies"), last=resumed_metrics,  # a resumed, finished run reports its last step

@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import IO, Any, Collection
+from typing import IO, Any, Collection, Sequence
 
 from arbiter.training.artifacts import METRICS_FILE, truncate_metrics
 from arbiter.training.config import ConfigError
@@ -91,22 +91,42 @@ class MetricsLog:
     """``<out>/metrics.jsonl``, appended one record a line; on resume the lines after the checkpoint's step are
     dropped first (a killed run may have logged past its last checkpoint)."""
 
-    def __init__(self, out: str | Path, *, resumed_at: int | None = None, enabled: bool = True):
+    def __init__(self, out: str | Path, *, resumed_at: int | None = None, enabled: bool = True,
+                 report_to: Sequence[str] = ("jsonl",), config: dict[str, Any] | None = None):
         self.path = Path(out) / METRICS_FILE
         self.enabled = enabled
         if enabled and resumed_at is not None:
             truncate_metrics(self.path, resumed_at)
         self._f: IO[str] | None = open(self.path, "a", encoding="utf-8") if enabled else None
+        self.trackers = None  # TensorBoard / W&B (arbiter.training.trackers): the same records, main process only
+        if enabled and any(t != "jsonl" for t in report_to):
+            from arbiter.training.trackers import Trackers
+
+            self.trackers = Trackers(out, report_to, config=config, resumed_at=resumed_at)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
             self._f.write(json.dumps(record, default=float) + "\n")
+            if self.trackers is not None and "step" in record:
+                self.trackers.log(record)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """The run's final metrics: a ``{"final": ...}`` line and the trackers' summary."""
+        if self._f is not None:
+            self._f.write(json.dumps({"final": metrics}, default=float) + "\n")
+            if self.trackers is not None:
+                self.trackers.summary(metrics)
 
     def flush(self) -> None:
         if self._f is not None:
             self._f.flush()
+            if self.trackers is not None:
+                self.trackers.flush()
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None

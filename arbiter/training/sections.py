@@ -151,6 +151,7 @@ class LoraRun:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -164,6 +165,9 @@ def validate_common(cfg: Any) -> None:
         raise ConfigError(f"beta must be > 0, got {cfg.beta}")
     if not cfg.out:
         raise ConfigError("out (the run directory) must be set")
+    from arbiter.training.trackers import check_report_to
+
+    cfg.report_to = check_report_to(cfg.report_to)
     for name in ("save_every", "log_every", "eval_every", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")

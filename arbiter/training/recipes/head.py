@@ -107,6 +107,7 @@ class HeadRecipeConfig:
     train_prefixes: bool = True  # the base variant trains on the copies (a sweep entry may say otherwise)
     prefix_eval: list[int] = field(default_factory=list)  # fixed cuts at which closed-prefix accuracy is reported
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
 
     def validate(self) -> None:
         if not self.name or self.name[0] in "_.-" or not set(self.name) <= _NAME_CHARS or len(self.name) > 64:
@@ -160,6 +161,9 @@ class HeadRecipeConfig:
             raise ConfigError(f"prefix_min_tokens: must be >= 1, got {self.prefix_min_tokens}")
         if any(not isinstance(k, int) or k < 1 for k in self.prefix_eval) or len(set(self.prefix_eval)) != len(self.prefix_eval):
             raise ConfigError(f"prefix_eval: distinct token counts >= 1, got {self.prefix_eval}")
+        from arbiter.training.trackers import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
         if self.prefixes == 0 and any(v.train_prefixes for v in self.sweep):
             raise ConfigError("sweep: a variant trains on prefixes (train_prefixes: true) but prefixes is 0")
 

@@ -146,6 +146,7 @@ class SAERecipeConfig:
     threads: int | None = None
     overwrite: bool = False  # allow starting fresh in a run directory that already holds a run
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
     data: SAEDataConfig = field(default_factory=SAEDataConfig)
     sae: SAEArchConfig = field(default_factory=SAEArchConfig)
     train: SAETrainConfig = field(default_factory=SAETrainConfig)
@@ -155,6 +156,9 @@ class SAERecipeConfig:
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.out:
             raise ConfigError("out (the run directory) must be set")
+        from arbiter.training.trackers import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
 
 
 CONFIG = SAERecipeConfig
@@ -172,7 +176,7 @@ def add_arguments(parser) -> None:
 
 # Config keys that may change between a run and its --resume (rundir.config_diff): they do not change what is
 # computed (train.steps only extends or shortens the run).
-_RESUME_FREE = frozenset({"train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
+_RESUME_FREE = frozenset({"report_to", "train.steps", "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
                           "threads", "device", "out", "overwrite", "progress"})
 
 
@@ -250,7 +254,8 @@ def run(cfg: SAERecipeConfig, *, resume: bool = False, backbone: Any = None) -> 
             "config": config_dict,
         }, keep=t.keep_checkpoints)
 
-    driver = StepDriver(total=t.steps, log=MetricsLog(out, resumed_at=step if ckpt_path else None), save=save,
+    driver = StepDriver(total=t.steps, log=MetricsLog(out, resumed_at=step if ckpt_path else None,
+                                                                 report_to=cfg.report_to, config=config_dict), save=save,
                         save_every=t.checkpoint_every, log_every=t.log_every, step=step, last_good=ckpt_path,
                         desc=f"SAE layer {cfg.sae.layer}", progress=cfg.progress, postfix=("mse", "l0", "dead"))
     window: list[dict[str, float]] = []

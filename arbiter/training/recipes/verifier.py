@@ -93,8 +93,14 @@ class VerifierConfig:
     head_dir: str | None = None  # default <out>/head
     overwrite: bool = False
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
 
     def validate(self) -> None:
+        from arbiter.training.trackers import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
+        if any(v.train_prefixes is not None for v in self.sweep):
+            raise ConfigError("sweep: train_prefixes is a head-recipe key (arbiter train head's prefixes)")
         from arbiter.answers import EXTRACTORS
         from arbiter.training.verifier import VERIFIER_BUILTINS, default_spec
 
@@ -160,7 +166,8 @@ class VerifierConfig:
         return HeadTrainSettings(name=self.name, seed=self.seed, layer=self.layer, pooler=self.pooler, loss=self.loss,
                                  eps=self.eps, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
                                  epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
-                                 sweep=list(self.sweep), progress=self.progress)
+                                 sweep=list(self.sweep), progress=self.progress,
+                                 report_to=list(self.report_to))
 
 
 CONFIG = VerifierConfig
