@@ -119,11 +119,79 @@ def serve_ray(argv: list[str]) -> int:
     return 0
 
 
+def heads(argv: list[str]) -> int:
+    """``arbiter heads {list,show,card}``: the heads a server loads, a head's model card, (re)writing a card."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="arbiter heads", description="Inspect heads and their model cards.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="the heads a server loads: a running server's (--url), else a heads directory")
+    ls.add_argument("--heads-dir", default=None, help="default: ARBITER_HEADS_DIR, else ./heads")
+    ls.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (GET /v1/heads)")
+    ls.add_argument("--api-key", default=os.environ.get("ARBITER_API_KEY"), help="default: ARBITER_API_KEY")
+    sh = sub.add_parser("show", help="print a head's model card (README.md; rendered from its config if absent)")
+    sh.add_argument("dir")
+    cd = sub.add_parser("card", help="(re)write a head's README.md model card from its head_config.json")
+    cd.add_argument("dir")
+    cd.add_argument("--e2e", default=None, metavar="JSON", help="a benchmark report (bestofn_api.json) with this head's "
+                                                                "end-to-end rows")
+    cd.add_argument("--plots", default=None, metavar="DIR", help="a directory whose report.md and PNGs the card links")
+    cd.add_argument("--command", default=None, help="the command that made the head, if its provenance lacks one")
+    args = p.parse_args(argv)
+    from arbiter.heads import HeadLoadError
+    from arbiter.heads.card import CARD_FILE, render_card, write_card
+    from arbiter.heads.io import read_config
+
+    try:
+        if args.cmd == "show":
+            card = Path(args.dir) / CARD_FILE
+            print(card.read_text() if card.is_file() else render_card(read_config(args.dir), args.dir), end="")
+            return 0
+        if args.cmd == "card":
+            report = json.loads(Path(args.e2e).read_text()) if args.e2e else None
+            print(write_card(args.dir, report=report, source=args.e2e, plots_dir=args.plots,
+                             command=args.command))
+            return 0
+        if args.url:
+            import httpx
+
+            h = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            r = httpx.get(args.url.rstrip("/") + "/v1/heads", headers=h, timeout=30)
+            if r.status_code != 200:
+                print(f"arbiter heads list: {r.status_code} {r.text[:300]}", file=sys.stderr)
+                return 1
+            rows = [(c["id"], str(c.get("layer")), str(c.get("pooler")),
+                     (c.get("selection") or {}).get("select", "argmax"), "loaded") for c in r.json()["data"]]
+        else:
+            root = Path(args.heads_dir or os.environ.get("ARBITER_HEADS_DIR") or "heads")
+            rows = []
+            for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")) if root.is_dir() else []:
+                try:
+                    c = read_config(d)
+                except HeadLoadError as e:
+                    rows.append((d.name, "-", "-", "-", f"not loadable: {e}"))
+                    continue
+                m = (c.provenance or {}).get("metrics", {})
+                acc = m.get("test_accuracy", m.get("test_pair_accuracy"))
+                rows.append((c.name, str(c.layer), c.pooler, c.selection.select if c.selection else "argmax",
+                             f"test accuracy {acc:.3f}" if isinstance(acc, float) else "-"))
+        print(f"{'head':<20} {'layer':>5}  {'pooler':<12} {'rule':<14} notes")
+        for name, layer, pooler, rule, note in rows:
+            print(f"{name:<20} {layer:>5}  {pooler:<12} {rule:<14} {note}")
+        return 0
+    except (HeadLoadError, OSError, ValueError) as e:
+        print(f"arbiter heads {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: arbiter {serve,serve-ray,train,eval} ...\n\n  serve      start the server\n"
+    usage = ("usage: arbiter {serve,serve-ray,train,eval,heads} ...\n\n  serve      start the server\n"
              "  serve-ray  start replicas under Ray Serve\n  train      train heads, adapters, SAEs\n"
-             "  eval       evaluate heads and adapters\n")
+             "  eval       evaluate heads and adapters\n  heads      list heads, show or write their model cards\n")
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage)
         return 0 if argv else 2
@@ -132,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(rest)
     if cmd == "serve-ray":
         return serve_ray(rest)
+    if cmd == "heads":
+        return heads(rest)
     if cmd in {"train", "eval"}:
         try:
             from arbiter.training import cli as tcli

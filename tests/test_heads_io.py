@@ -57,7 +57,7 @@ def refuse(directory, match: str, **kw) -> str:
 def test_round_trip_gives_identical_outputs(tmp_path, pooler):
     head, cfg = make("rt", pooler=pooler, layer=2 if pooler == "swiglu_tanh" else -1, seed=3)
     d = save_head(head, cfg, tmp_path / "rt")
-    assert sorted(p.name for p in d.iterdir()) == ["head.safetensors", "head_config.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["README.md", "head.safetensors", "head_config.json"]  # + the card
     loaded, cfg2 = load_head(d, expected_backbone=FP)
     assert cfg2 == cfg
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())

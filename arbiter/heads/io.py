@@ -1,4 +1,5 @@
-"""Head storage: ``<dir>/head_config.json`` + ``<dir>/head.safetensors``, nothing else.
+"""Head storage: ``<dir>/head_config.json`` + ``<dir>/head.safetensors``, and a ``README.md`` model card that is
+written beside them (``heads/card.py``) and never read by the loader.
 
 Heads are data, never code: no pickle is ever read. Loading is strict (format version, backbone
 fingerprint, exact tensor names and shapes, finite values) and every refusal is a ``HeadLoadError`` whose
@@ -25,6 +26,7 @@ from .modules import DPHHead
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 _ALLOWED = {CONFIG_FILE, WEIGHTS_FILE}
+_IGNORED = {"README.md"}  # the model card (heads/card.py): allowed beside the head, never read
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 20  # a head's safetensors header names a handful of tensors
@@ -35,13 +37,18 @@ class HeadLoadError(ValueError):
     """A head directory that cannot be loaded; the message says why."""
 
 
-def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike[str]) -> Path:
-    """Write the head atomically (``arbiter.fsutil.atomic_dir``: temp dir beside the target, fsync, rename over it)."""
+def save_head(head: DPHHead, config: HeadConfig, directory: str | os.PathLike[str], *, card: bool = True) -> Path:
+    """Write the head atomically (``arbiter.fsutil.atomic_dir``: temp dir beside the target, fsync, rename over it),
+    with its model card (``README.md``, ``heads/card.py``) unless ``card`` is false."""
+    from .card import CARD_FILE, render_card
+
     target = Path(directory)
     with atomic_dir(target) as tmp:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arbiter_head": str(config.format_version)})
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        if card:
+            (tmp / CARD_FILE).write_text(render_card(config, target))
     return target
 
 
@@ -76,10 +83,10 @@ def _check_dir(d: Path, s: Path) -> None:
     missing = _ALLOWED - names
     if missing:
         raise HeadLoadError(f"{s}: missing {', '.join(sorted(missing))} (a head is {CONFIG_FILE} + {WEIGHTS_FILE})")
-    extra = sorted(n for n in names - _ALLOWED if not n.startswith("."))
+    extra = sorted(n for n in names - _ALLOWED - _IGNORED if not n.startswith("."))
     if extra:
         raise HeadLoadError(
-            f"{s}: unexpected files {extra}; a head is only {CONFIG_FILE} + {WEIGHTS_FILE} "
+            f"{s}: unexpected files {extra}; a head is only {CONFIG_FILE} + {WEIGHTS_FILE} (and its README.md card) "
             "(pickled weights are never loaded)"
         )
     for f in sorted(_ALLOWED):

@@ -42,6 +42,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_COMMAND: list[str] | None = None  # the `arbiter train ...` command line of this process (set by training/cli.py)
+
+
+def set_command(argv: list[str]) -> None:
+    global _COMMAND
+    _COMMAND = list(argv)
+
+
+def command_line() -> str | None:
+    """The command that is making this artifact (``arbiter train head --config ...``), for provenance; None when a
+    recipe runs from Python."""
+    import shlex
+
+    return shlex.join(_COMMAND) if _COMMAND else None
+
+
 METRICS_FILE = "metrics.jsonl"  # every recipe's per-step log (TRL metric names), one JSON object a line
 
 

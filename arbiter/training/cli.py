@@ -197,6 +197,9 @@ def load_recipe_config(name: str, argv: Sequence[str]) -> tuple[Any, Any, argpar
 def main(argv: Sequence[str] | None = None) -> int:
     """``arbiter train ...``. Returns 0; raises SystemExit(2|1|130) on failure."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from arbiter.training.artifacts import set_command
+
+    set_command(["arbiter", "train", *argv])
     prog = "arbiter train"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {prog} {{{','.join(RECIPES)}}} [--config FILE] [key=value ...] [--resume] [--out DIR]\n")

@@ -193,7 +193,7 @@ def add_arguments(parser: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl, splits, metrics: dict, sweep: list) -> None:
+def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl, splits, metrics: dict, sweep: list) -> dict:
     """``<out>/report.md`` with the winner's numbers and PNG plots beside it: its training curves, the reward /
     margin histograms and the reliability diagram of sigmoid(margin) on the held-out split (test, else dev, else
     train when nothing is held out)."""
@@ -233,6 +233,7 @@ def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl,
         if path is not None:
             lines += ["", f"![{name}]({Path(path).name})"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return figs
 
 
 def prefix_cuts(pairs: list[Any], copies: int, min_tokens: int, eval_at: list[int], seed: int) -> tuple[list[tuple[int, ...]], list[tuple[int, int, str]]]:
@@ -387,8 +388,12 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
          **{f"dev_prefix_accuracy@{k}": r.metrics.get(f"dev_prefix_accuracy@{k}") for k in cfg.prefix_eval}}
         for v, r in zip(variants, results)
     ]
+    from arbiter.training.artifacts import command_line
+
+    figs = _write_report(out, cfg, best, fw, fl, splits, metrics, sweep_table if len(variants) > 1 else [])
     provenance = {
         "recipe": "head",
+        "command": command_line(),
         "data": list(cfg.data),
         "limit": cfg.limit,
         "max_length": cfg.max_length,
@@ -413,12 +418,13 @@ def run(cfg: HeadRecipeConfig, *, resume: bool = False, backbone: Any = None) ->
                                              *(f"test_prefix_accuracy@{k}" for k in cfg.prefix_eval)) if k in metrics},
         "sweep": sweep_table if len(variants) > 1 else [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "report_md": str((out / "report.md").resolve()),
+        "plots": {k: str(Path(v).resolve()) for k, v in figs.items() if v is not None},
     }
     head_config = HeadConfig(**{**best.head_config.model_dump(), "provenance": json.loads(json.dumps(provenance, default=str))})
     head_dir = Path(cfg.head_dir) if cfg.head_dir else out / "head"
     save_head(best.head, head_config, head_dir)
     metrics["head_dir"] = str(head_dir)
-    _write_report(out, cfg, best, fw, fl, splits, metrics, sweep_table if len(variants) > 1 else [])
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "chosen": sweep_table[best_i] if len(variants) > 1 else
                                             None, "variants": sweep_table, "report": report.to_dict(),

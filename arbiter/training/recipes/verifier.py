@@ -200,8 +200,9 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     from arbiter.backbone import default_cache_dir
     from arbiter.generation.base import SamplingParams
     from arbiter.heads import HeadConfig, SelectionRule, head_rewards, num_parameters, save_head
+    from arbiter.heads.card import write_card
     from arbiter.training import verifier as V
-    from arbiter.training.artifacts import atomic_write_json
+    from arbiter.training.artifacts import atomic_write_json, command_line
     from arbiter.training.head_trainer import train_on_features, variants
     from arbiter.training.rundir import RESULT_FILE, prepare_run_dir
 
@@ -292,6 +293,10 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
         "test_best_of_n": test, "sweep": rows,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command_line(),
+        "report_md": str((out / "report.md").resolve()),
+        "plots": {"training curves": str((out / "training_curves.png").resolve()),
+                  "test candidate rewards": str((out / "test_rewards.png").resolve())},
     }
     head_config = HeadConfig(**{**best.head_config.model_dump(), "selection": selection,
                                 "provenance": json.loads(json.dumps(provenance, default=str))})
@@ -300,6 +305,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     metrics["head_dir"] = str(head_dir)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write_report(out, cfg, best, rows, best_i, metrics, sampler, pair_stats, labels_stats, qs_of, rewards, rights)
+    write_card(head_dir)  # again, now that the report and plots it links exist
     atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "sampler": sampler, "pairs": pair_stats,
                                            "labels": labels_stats, "data": reports, "variants": rows,
                                            "chosen": rows[best_i], "config": dataclasses.asdict(cfg)})
