@@ -609,6 +609,20 @@ class HeadCard(BaseModel):
                    metrics=c.provenance.get("metrics", {}), selection=c.selection.describe() if c.selection else None)
 
 
+class HeadPlot(BaseModel):
+    title: str
+    url: str = Field(description="GET it (with the API key) for the PNG")
+
+
+class HeadModelCard(BaseModel):
+    """A head's model card (``README.md`` beside its files, ``arbiter heads card``) and the plots it links."""
+
+    id: str
+    object: Literal["head.card"] = "head.card"
+    markdown: str | None = Field(description="The card, or null when the head has none")
+    plots: list[HeadPlot] = Field(description="PNG plots the card links that this server can serve")
+
+
 class HeadList(BaseModel):
     object: Literal["list"] = "list"
     data: list[HeadCard]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -29,6 +29,8 @@ from .protocol import (
     HeadCard,
     HeadDeleted,
     HeadList,
+    HeadModelCard,
+    HeadPlot,
     HealthStatus,
     LoadAdapterRequest,
     LoadHeadRequest,
@@ -168,6 +170,75 @@ async def list_heads(request: Request) -> HeadList:
     st = state_of(request)
     snap = st.registry.snapshot() if st.registry else {}
     return HeadList(data=[HeadCard.of(snap[n]) for n in sorted(snap)], default=st.default_head())
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_MD_LINK = r"\]\(([^)\s]+\.png)\)"
+
+
+def _card_and_plots(st: ServiceState, name: str) -> tuple[str | None, list[Path]]:
+    """(the card's text, the PNG files it links that may be served). A plot is served only when the card links it,
+    it resolves inside the heads directory's parent (the project a heads directory lives in: the shipped heads link
+    benchmarks/reports/heads/...) and it starts with the PNG signature: nothing else on disk is reachable."""
+    import re
+
+    reg = st.require_registry()
+    try:
+        head = reg.get(name)
+    except HeadNotFound:
+        raise NotFound(f"head {name!r} is not loaded", param="name", code="head_not_found") from None
+    if reg.root is None:
+        return None, []
+    d = reg.root / head.path
+    card = d / "README.md"
+    if not card.is_file() or card.is_symlink():
+        return None, []
+    text = card.read_text(errors="replace")[:200_000]
+    fence = reg.root.parent
+    plots = []
+    for link in re.findall(_MD_LINK, text):
+        f = (d / link).resolve()
+        if (fence == f.parent or fence in f.parents) and f.is_file():
+            with open(f, "rb") as fh:
+                if fh.read(8) == _PNG:
+                    plots.append(f)
+    return text, plots
+
+
+@router.get("/v1/heads/{name}/card", response_model=None, tags=["arbiter"], dependencies=[Depends(require_api_key)],
+            responses={**_ok(HeadModelCard), **_errors(401, 404)})
+async def head_card(name: str, request: Request) -> HeadModelCard:
+    st = state_of(request)
+    text, plots = await asyncio.to_thread(_card_and_plots, st, name)  # file reads off the event loop
+    return HeadModelCard(id=name, markdown=text, plots=[HeadPlot(title=p.stem.replace("_", " "),
+                                                                 url=f"/v1/heads/{name}/plots/{i}")
+                                                        for i, p in enumerate(plots)])
+
+
+@router.get("/v1/heads/{name}/plots/{index}", response_model=None, tags=["arbiter"], include_in_schema=False,
+            dependencies=[Depends(require_api_key)])
+async def head_plot(name: str, index: int, request: Request) -> Response:
+    st = state_of(request)
+    _, plots = await asyncio.to_thread(_card_and_plots, st, name)
+    if not 0 <= index < len(plots):
+        raise NotFound(f"head {name!r} has no plot {index}", param="index", code="plot_not_found")
+    data = await asyncio.to_thread(plots[index].read_bytes)
+    return Response(content=data, media_type="image/png")
+
+
+_PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
+
+
+@router.get("/playground", response_model=None, include_in_schema=False)
+async def playground(request: Request) -> Response:
+    """The playground page (README "Playground"): static, no data in it; what it shows comes from the API calls it
+    makes with the key typed into it. Off with ARBITER_PLAYGROUND=false (then 404)."""
+    if not state_of(request).settings.playground:
+        raise NotFound("the playground is off on this server (ARBITER_PLAYGROUND=false)", code="not_found")
+    html = await asyncio.to_thread(_PLAYGROUND.read_text)
+    return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                       "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+                                                                  "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
 
 
 def _head_error(e: Exception) -> APIError:

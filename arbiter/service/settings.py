@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     heads_watch_s: float | None = Field(None, gt=0, description="Poll the heads directory every this many seconds and "
                                                                 "load / swap / unload heads to match it (a "
                                                                 "directory shared by replicas)")
+    playground: bool = Field(True, description="Serve the playground page at GET /playground (static; its API calls "
+                                               "carry the key typed into it)")
     default_head: str | None = Field(None, description="Head used when a rerank request names none (default: the first loaded head by name)")
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=1, le=65535, description="Bind port")
