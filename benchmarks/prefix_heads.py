@@ -58,6 +58,7 @@ def hh_test(count: int) -> tuple[list[list[dict]], dict]:
 
     from arbiter.backbone import load_backbone
     from arbiter.heads import load_head
+    from arbiter.training.cli import resolve_config_path
     from arbiter.training.config import load_config
     from arbiter.training.data.records import _prompt_key
     from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
@@ -65,7 +66,7 @@ def hh_test(count: int) -> tuple[list[list[dict]], dict]:
     from arbiter.training.recipes.head import HeadRecipeConfig, prefix_accuracy, prefix_cuts
     from arbiter.training.stats import accuracy_se
 
-    cfg = load_config(HeadRecipeConfig, "head_helpful_prefix")
+    cfg = load_config(HeadRecipeConfig, resolve_config_path("head_helpful_prefix"))
     sources = load_sources(cfg)
     by_row = {(p.meta.get("source"), p.meta.get("row")): p for pairs, _ in sources for p in pairs}
     bb = load_backbone(cfg.model, dtype=cfg.dtype)

@@ -111,9 +111,9 @@ def test_a_rerank_request_shows_every_candidate_with_its_exact_rewards_and_the_p
 
 
 def test_pruning_and_the_heads_tab_with_its_card_and_plot(browser, tmp_path):
-    from arbiter.testing.fakes import save_random_head, FAKE_FINGERPRINT
     from arbiter.heads import HeadRegistry
     from arbiter.heads.card import write_card
+    from arbiter.testing.fakes import FAKE_FINGERPRINT, save_random_head
 
     root = tmp_path / "project"
     save_random_head(FAKE_FINGERPRINT, root / "heads" / "H", name="H", seed=0)
