@@ -164,3 +164,26 @@ def test_recipe_trains_a_head_with_its_rule_and_resumes_sampling(tmp_path, backb
     train = R.held_out_questions(prov, "train")
     assert held and not {q.key for q in held} & {q.key for q in train}
     assert len(held) == prov["splits"]["questions"]["test"]
+
+
+def test_prefix_aware_verifier_trains_on_closed_prefixes_of_its_samples(tmp_path, backbone):
+    """``prefixes``: closed-prefix copies of the training pairs' SAMPLED answers join the training split of the
+    variants that train on them (``train_prefixes: false`` leaves a variant on whole answers); ``prefix_eval``
+    reports dev accuracy at fixed cuts per variant. (The closed-prefix features themselves are checked against
+    standalone forwards in test_feature_extraction.py and test_head_recipe.py.)"""
+    from arbiter.training.config import ConfigError
+    from arbiter.training.recipes import verifier as R
+
+    with pytest.raises(ConfigError, match="prefixes is 0"):
+        _cfg(tmp_path, "bad", "sweep=[{pooler: identity, train_prefixes: true}]").validate()
+    cfg = _cfg(tmp_path, "pref", "prefixes=2", "prefix_min_tokens=1", "prefix_eval=[2]",
+               "sweep=[{pooler: identity, train_prefixes: false}, {pooler: identity}]")
+    cfg.validate()
+    R.run(cfg, backbone=backbone)
+    result = json.loads((tmp_path / "pref" / "result.json").read_text())
+    plain, pref = result["variants"]
+    assert [plain["train_prefixes"], pref["train_prefixes"]] == [False, True]
+    n = [json.loads(line)["final"]["n_train"] for d in sorted((tmp_path / "pref" / "sweep").iterdir())
+         for line in (d / "metrics.jsonl").read_text().splitlines() if line.startswith('{"final"')]
+    assert len(n) == 2 and n[1] > n[0]  # the copies joined the second variant's training split
+    assert "dev_prefix_accuracy@2" in plain and "dev_prefix_accuracy@2" in pref

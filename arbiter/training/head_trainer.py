@@ -62,6 +62,7 @@ class HeadTrainSettings:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     sweep: list[Variant] = field(default_factory=list)
+    train_prefixes: bool = True  # recipes with closed-prefix copies: this variant trains on them
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
     progress: bool = True
 

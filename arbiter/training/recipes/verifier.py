@@ -93,14 +93,24 @@ class VerifierConfig:
     head_dir: str | None = None  # default <out>/head
     overwrite: bool = False
     progress: bool = True
+    # Prefix-aware verifiers (arbiter train head's keys, docs/methods.md "Prefix-aware heads"): closed-prefix copies
+    # of every right-vs-wrong pair of samples, read by one packed forward over the sampled tokens
+    prefixes: int = 0
+    prefix_min_tokens: int = 2
+    train_prefixes: bool = True
+    prefix_eval: list[int] = field(default_factory=list)
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb (training/trackers.py)
 
     def validate(self) -> None:
         from arbiter.training.trackers import check_report_to
 
         self.report_to = check_report_to(self.report_to)
-        if any(v.train_prefixes is not None for v in self.sweep):
-            raise ConfigError("sweep: train_prefixes is a head-recipe key (arbiter train head's prefixes)")
+        if self.prefixes < 0 or self.prefix_min_tokens < 1:
+            raise ConfigError("prefixes must be >= 0 and prefix_min_tokens >= 1")
+        if any(not isinstance(k, int) or k < 1 for k in self.prefix_eval):
+            raise ConfigError(f"prefix_eval: token counts >= 1, got {self.prefix_eval}")
+        if self.prefixes == 0 and any(v.train_prefixes for v in self.sweep):
+            raise ConfigError("sweep: a variant trains on prefixes (train_prefixes: true) but prefixes is 0")
         from arbiter.answers import EXTRACTORS
         from arbiter.training.verifier import VERIFIER_BUILTINS, default_spec
 
@@ -166,7 +176,7 @@ class VerifierConfig:
         return HeadTrainSettings(name=self.name, seed=self.seed, layer=self.layer, pooler=self.pooler, loss=self.loss,
                                  eps=self.eps, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
                                  epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
-                                 sweep=list(self.sweep), progress=self.progress,
+                                 sweep=list(self.sweep), progress=self.progress, train_prefixes=self.train_prefixes,
                                  report_to=list(self.report_to))
 
 
@@ -247,12 +257,47 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
 
     sweep = variants(cfg.head_config())
     by_layer = {l: (feats(l, "chosen"), feats(l, "rejected")) for l in dict.fromkeys(v.layer for v in sweep)}
+    prefix_rows: list[tuple[int, int, str]] = []
+    prefix_train: list[int] = []
+    if cfg.prefixes or cfg.prefix_eval:  # closed prefixes of the sampled answers (the head recipe's prefixes)
+        from arbiter.chat import prompt_ids
+        from arbiter.training.data.records import TokenizedPair
+        from arbiter.training.feature_cache import pair_features
+        from arbiter.training.recipes.head import prefix_cuts
+
+        pids: dict[int, list[int]] = {}
+
+        def closed(q: int, c: int) -> list[int]:
+            return [*samples[q].token_ids[c], backbone.end_id]
+
+        tp = [TokenizedPair(pids.setdefault(p.question, prompt_ids(backbone.tokenizer, questions[p.question].messages)),
+                            closed(p.question, p.chosen), closed(p.question, p.rejected)) for p in pairs]
+        cuts, prefix_rows = prefix_cuts(tp, cfg.prefixes, cfg.prefix_min_tokens, cfg.prefix_eval, cfg.seed)
+        train_set = set(idx["train"])
+        prefix_train = [len(pairs) + j for j, (i, _, kind) in enumerate(prefix_rows) if kind == "random" and i in train_set]
+        for l in list(by_layer):
+            pf = pair_features(backbone, tp, layer=l, max_length=0, cuts=cuts, progress=cfg.progress)
+            assert pf.prefix_chosen is not None and pf.prefix_rejected is not None
+            by_layer[l] = (torch.cat([by_layer[l][0], pf.prefix_chosen]), torch.cat([by_layer[l][1], pf.prefix_rejected]))
+        log.info("closed prefixes: %d training copies, %d eval cuts", len(prefix_train),
+                 sum(kind == "eval" for _, _, kind in prefix_rows))
+    def prefix_acc(head: Any, fw: torch.Tensor, fl: torch.Tensor, split_name: str, k: int) -> float | None:
+        members = set(idx[split_name])
+        sel = [len(pairs) + j for j, (i, kk, kind) in enumerate(prefix_rows) if kind == "eval" and kk == k and i in members]
+        if not sel:
+            return None
+        with torch.no_grad():
+            t = torch.tensor(sel)
+            return float((head(fw[t]) > head(fl[t])).float().mean())
+
     rows, trained = [], []
     for i, v in enumerate(sweep):
         fw, fl = by_layer[v.layer]
         tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}"
-        res = train_on_features(v, fw, fl, idx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
-                                run_dir=out / "sweep" / tag, feature_dtype=backbone.dtype)
+        vidx = {**idx, "train": idx["train"] + prefix_train} if cfg.prefixes and v.train_prefixes else idx
+        res = train_on_features(v, fw, fl, vidx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
+                                run_dir=out / "sweep" / (tag + ("-prefixes" if vidx is not idx else "")),
+                                feature_dtype=backbone.dtype)
         rewards = _all_rewards(res.head, samples, v.layer, head_rewards)
         dev = V.best_of_n([rewards[q] for q in qs_of["dev"]], [answers[q] for q in qs_of["dev"]],
                           [rights[q] for q in qs_of["dev"]])
@@ -260,7 +305,9 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
         rows.append({"variant": i, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
                      "dev_pair_accuracy": res.metrics.get("dev_accuracy"), "train_pair_accuracy": res.metrics.get("train_accuracy"),
                      "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
-                     **{f"dev_{r}": dev[r]["accuracy"] for r in V.RULES}})
+                     **{f"dev_{r}": dev[r]["accuracy"] for r in V.RULES},
+                     **({"train_prefixes": vidx is not idx} if cfg.prefixes else {}),
+                     **{f"dev_prefix_accuracy@{k}": prefix_acc(res.head, fw, fl, "dev", k) for k in cfg.prefix_eval}})
         trained.append((res, rewards, dev))
         log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag, res.metrics.get("dev_accuracy", float("nan")),
                  dev[rule]["accuracy"], rule)
@@ -270,15 +317,21 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     test = (V.best_of_n([rewards[q] for q in qs_of["test"]], [answers[q] for q in qs_of["test"]],
                         [rights[q] for q in qs_of["test"]]) if qs_of["test"] else None)
     test_pairs = None
+    test_prefix: dict[str, float] = {}
     if idx["test"]:
         fw, fl = by_layer[bv.layer]
         with torch.no_grad():
             t = torch.tensor(idx["test"])
             test_pairs = float((best.head(fw[t]) > best.head(fl[t])).float().mean())
+    for k in cfg.prefix_eval:
+        fw, fl = by_layer[bv.layer]
+        metrics_prefix = prefix_acc(best.head, fw, fl, "test", k)
+        if metrics_prefix is not None:
+            test_prefix[f"test_prefix_accuracy@{k}"] = metrics_prefix
     selection = SelectionRule(**spec.rule(rule))
     metrics = {**{k: best.metrics.get(k) for k in ("train_accuracy", "dev_accuracy", "n_train", "n_dev")},
                "test_pair_accuracy": test_pairs, "n_test_pairs": len(idx["test"]), "rule": rule,
-               "dev_best_of_n": dev, "test_best_of_n": test, "parameters": num_parameters(best.head)}
+               "dev_best_of_n": dev, "test_best_of_n": test, "parameters": num_parameters(best.head), **test_prefix}
     provenance = {
         "recipe": "verifier", "data": list(cfg.data), "limit": cfg.limit, "seed": cfg.seed,
         "answers": {"extractor": spec.extractor, "pattern": spec.pattern, "field": spec.field,
