@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from arbiter.training.artifacts import METRICS_FILE
 from arbiter.training.config import ConfigError
 from arbiter.training.data.splits import load_sources, load_tokenized, split_indices
+from arbiter.training.feature_cache import prefix_accuracy, prefix_cuts  # noqa: F401  (also this recipe's API)
 from arbiter.training.head_trainer import (  # noqa: F401  (HEAD_LOSSES, Variant: part of this recipe's config API)
     HEAD_LOSSES,
     TrainResult,
@@ -234,37 +235,6 @@ def _write_report(out: Path, cfg: HeadRecipeConfig, best: "TrainResult", fw, fl,
             lines += ["", f"![{name}]({Path(path).name})"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return figs
-
-
-def prefix_cuts(pairs: list[Any], copies: int, min_tokens: int, eval_at: list[int], seed: int) -> tuple[list[tuple[int, ...]], list[tuple[int, int, str]]]:
-    """Each pair's closed-prefix cuts (``feature_cache.pair_features(cuts=...)``) and, per prefix row, (pair index,
-    cut, "random" | "eval"). Random cuts: ``copies`` draws from [min_tokens, L - 1] (L: the longer answer's tokens,
-    closing token not counted), seeded by (seed, pair index); eval cuts: each of ``eval_at`` below L (a cut at or
-    past both answers' ends would be the whole pair again)."""
-    import random
-
-    cuts, rows = [], []
-    for i, p in enumerate(pairs):
-        longer = max(len(p.chosen_ids), len(p.rejected_ids)) - 1
-        rng = random.Random(f"prefix-cuts:{seed}:{i}")
-        mine = [("random", rng.randint(min_tokens, longer - 1)) for _ in range(copies)] if longer - 1 >= min_tokens else []
-        mine += [("eval", k) for k in eval_at if k < longer]
-        cuts.append(tuple(k for _, k in mine))
-        rows += [(i, k, kind) for kind, k in mine]
-    return cuts, rows
-
-
-def prefix_accuracy(head: Any, feats: Any, rows: list[tuple[int, int, str]], split: list[int], k: int) -> tuple[float | None, int]:
-    """(accuracy, pairs) of ``head`` on the closed prefixes cut at ``k`` of the pairs in ``split``."""
-    import torch
-
-    members = set(split)
-    sel = [j for j, (i, kk, kind) in enumerate(rows) if kind == "eval" and kk == k and i in members]
-    if not sel:
-        return None, 0
-    with torch.no_grad():
-        t = torch.tensor(sel)
-        return float((head(feats.prefix_chosen[t]) > head(feats.prefix_rejected[t])).float().mean()), len(sel)
 
 
 def _prepare_out(cfg: HeadRecipeConfig, resume: bool) -> Path:

@@ -262,8 +262,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     if cfg.prefixes or cfg.prefix_eval:  # closed prefixes of the sampled answers (the head recipe's prefixes)
         from arbiter.chat import prompt_ids
         from arbiter.training.data.records import TokenizedPair
-        from arbiter.training.feature_cache import pair_features
-        from arbiter.training.recipes.head import prefix_cuts
+        from arbiter.training.feature_cache import pair_features, prefix_cuts
 
         pids: dict[int, list[int]] = {}
 
