@@ -281,13 +281,13 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
         log.info("closed prefixes: %d training copies, %d eval cuts", len(prefix_train),
                  sum(kind == "eval" for _, _, kind in prefix_rows))
     def prefix_acc(head: Any, fw: torch.Tensor, fl: torch.Tensor, split_name: str, k: int) -> float | None:
-        members = set(idx[split_name])
-        sel = [len(pairs) + j for j, (i, kk, kind) in enumerate(prefix_rows) if kind == "eval" and kk == k and i in members]
-        if not sel:
-            return None
-        with torch.no_grad():
-            t = torch.tensor(sel)
-            return float((head(fw[t]) > head(fl[t])).float().mean())
+        """feature_cache.prefix_accuracy on the prefix rows, which follow the whole pairs in ``fw`` / ``fl``."""
+        from types import SimpleNamespace
+
+        from arbiter.training.feature_cache import prefix_accuracy
+
+        feats = SimpleNamespace(prefix_chosen=fw[len(pairs):], prefix_rejected=fl[len(pairs):])
+        return prefix_accuracy(head, feats, prefix_rows, idx[split_name], k)[0]
 
     rows, trained = [], []
     for i, v in enumerate(sweep):
