@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Sequence
@@ -190,3 +191,68 @@ def extractor(name: str, *, pattern: str | None = None, field: str | None = None
             raise ValueError("the json_field extractor needs a field")
         return Extractor(name, lambda t: extract_json_field(t, field))
     raise ValueError(f"unknown extractor {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# canonical forms (answer-level verification, README "Verifying answers")
+# --------------------------------------------------------------------------------------------------
+
+CANONICAL_FIELDS = ("answer", "option")  # the placeholders a canonical template may use
+_LISTED = re.compile(r"^[ \t]*\(?([A-Z])[\.\):][ \t]+(\S[^\n]*?)[ \t]*$", re.MULTILINE)
+
+
+def check_canonical(template: str, extractor_name: str | None) -> None:
+    """ValueError unless ``template`` is a usable canonical form: ``str.format`` fields among
+    ``CANONICAL_FIELDS`` (no format spec, no conversion), ``{answer}`` or ``{option}`` at least once, and
+    ``{option}`` (the listed text of an option letter) only with the ``choice_letter`` extractor."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"canonical template {template!r}: {e}") from None
+    fields = set()
+    for _, name, spec, conv in parts:
+        if name is None:
+            continue
+        if name not in CANONICAL_FIELDS or spec or conv:
+            raise ValueError(f"canonical template {template!r}: only the fields {{answer}} and {{option}} are allowed "
+                             f"(no format spec or conversion), got {{{name}{'!' + conv if conv else ''}"
+                             f"{':' + spec if spec else ''}}}")
+        fields.add(name)
+    if not fields:
+        raise ValueError(f"canonical template {template!r} uses neither {{answer}} nor {{option}}")
+    if "option" in fields and extractor_name != "choice_letter":
+        raise ValueError("canonical template: {option} (the text listed for an option letter) needs the choice_letter "
+                         f"extractor, not {extractor_name}")
+
+
+def listed_options(text: str) -> list[str]:
+    """The options a prompt lists as lettered lines ("A. text", "B) text", "(C) text"), in letter order: the last
+    run of lines lettered A, B, C, ... in ``text`` ([] when none). What ``{option}`` renders for a letter when
+    the request gives no ``choices``."""
+    runs: list[list[str]] = []
+    for m in _LISTED.finditer(text):
+        letter, body = m.group(1), m.group(2)
+        if letter == "A":
+            runs.append([body])
+        elif runs and LETTERS.index(letter) == len(runs[-1]):
+            runs[-1].append(body)
+    runs = [r for r in runs if len(r) >= 2]
+    return runs[-1] if runs else []
+
+
+def uses_option(template: str) -> bool:
+    """Whether a canonical template renders ``{option}`` (then it needs the options' texts)."""
+    return any(name == "option" for _, name, _, _ in string.Formatter().parse(template))
+
+
+def render_canonical(template: str, answer: str, options: Sequence[str] | None = None) -> str | None:
+    """An extracted answer in a head's canonical form: ``template`` with ``{answer}`` the answer and ``{option}``
+    the text of option ``answer`` (a letter) in ``options``; None when the letter names no listed option (that
+    answer cannot be verified)."""
+    option = ""
+    if uses_option(template):
+        k = LETTERS.find(answer) if len(answer) == 1 else -1
+        if k < 0 or not options or k >= len(options):
+            return None
+        option = options[k]
+    return template.format(answer=answer, option=option)

@@ -5,7 +5,12 @@ Policies (``rerank.select``), over the first head's reward r_i:
   argmax         the highest r_i (the default);
   weighted_vote  candidates grouped by their extracted answer (``arbiter.answers``), each group weighted by
                  the sum of softmax(r)_i over its members; the heaviest group wins;
-  majority_vote  the group with the most members wins (its weight is its share of the answered candidates).
+  majority_vote  the group with the most members wins (its weight is its share of the answered candidates);
+  verify         answer-level verification (README "Verifying answers"): the groups are ranked by the head's
+                 reward of their answer in its canonical form (``verified``: answer -> reward, each distinct
+                 answer scored once), plus ``vote_weight`` x the group's vote share and ``text_weight`` x its
+                 best member's text reward (weights fitted on dev by ``arbiter train verifier``); an answer
+                 with no canonical reward (it cannot be rendered) ranks after every verified one.
 Ties go to the group whose best member has the higher reward, then to the lower candidate index, so the
 same scores always pick the same candidate. Within a group, members are ordered by reward. Candidates with
 no extractable answer never vote; if none has one, the vote policies fall back to argmax.
@@ -13,12 +18,23 @@ no extractable answer never vote; if none has one, the vote policies fall back t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-POLICIES = ("argmax", "weighted_vote", "majority_vote")
+from arbiter.heads.config import POLICIES, VOTE_POLICIES
+
+__all__ = ["POLICIES", "VOTE_POLICIES", "AdaptiveRule", "Selection", "VerifyWeights", "select", "settled"]
+
+
+@dataclass(frozen=True)
+class VerifyWeights:
+    """The verify policy's group score: canonical reward + ``vote`` x vote share + ``text`` x best text reward."""
+
+    vote: float = 0.0
+    text: float = 0.0
 
 
 @dataclass
@@ -31,8 +47,10 @@ class Selection:
         return self.order[:n]
 
 
-def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str | None] | None = None) -> Selection:
-    """Rank candidates under ``policy`` (module docstring); ``answers`` (one per candidate) for the vote policies."""
+def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str | None] | None = None,
+           verified: Mapping[str, float | None] | None = None, weights: VerifyWeights | None = None) -> Selection:
+    """Rank candidates under ``policy`` (module docstring); ``answers`` (one per candidate) for the vote policies;
+    ``verified`` (each answer's canonical reward, None where it cannot be rendered) and ``weights`` for verify."""
     if policy not in POLICIES:
         raise ValueError(f"unknown selection policy {policy!r}; available: {', '.join(POLICIES)}")
     r = rewards[:, 0].double()
@@ -41,7 +59,9 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
         return Selection(policy, by_reward, None)
     if answers is None or len(answers) != len(r):
         raise ValueError("vote policies need one extracted answer per candidate")
-    weights = torch.softmax(r, dim=0).tolist() if policy == "weighted_vote" else None
+    if policy == "verify" and verified is None:
+        raise ValueError("verify needs the canonical reward of every answer")
+    soft = torch.softmax(r, dim=0).tolist() if policy == "weighted_vote" else None
     groups: dict[str, dict[str, Any]] = {}
     for i in by_reward:  # members in reward order
         a = answers[i]
@@ -50,13 +70,24 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
         g = groups.setdefault(a, {"answer": a, "votes": 0, "weight": 0.0, "candidates": []})
         g["votes"] += 1
         g["candidates"].append(i)
-        if weights is not None:
-            g["weight"] += weights[i]
+        if soft is not None:
+            g["weight"] += soft[i]
     answered = sum(g["votes"] for g in groups.values())
-    if weights is None:
+    if soft is None:
         for g in groups.values():
             g["weight"] = g["votes"] / answered
-    by = "weight" if weights is not None else "votes"
+    if policy == "verify":
+        assert verified is not None
+        w = weights or VerifyWeights()
+        for g in groups.values():
+            cr = verified.get(g["answer"])
+            g["canonical_reward"] = cr
+            best_text = float(r[g["candidates"][0]])
+            g["score"] = (-math.inf if cr is None else
+                          cr + w.vote * g["weight"] + (w.text * best_text if w.text and math.isfinite(best_text) else 0.0))
+        by = "score"
+    else:
+        by = "weight" if soft is not None else "votes"
     ranked = sorted(groups.values(), key=lambda g: (-g[by], -float(r[g["candidates"][0]]), g["candidates"][0]))
     order = [i for g in ranked for i in g["candidates"]] + [i for i in by_reward if answers[i] is None]
     return Selection(policy, order, ranked)
@@ -65,22 +96,29 @@ def select(rewards: torch.Tensor, policy: str = "argmax", answers: Sequence[str 
 @dataclass(frozen=True)
 class AdaptiveRule:
     """When adaptive rerank stops sampling (docs: README "Rerank extension", `adaptive`): after each round, the leader is settled
-    when (argmax) its reward beats the runner-up's by more than ``margin``, or (vote policies) the leading
-    answer group holds at least ``supermajority`` of the weight with at least two answered candidates."""
+    when (argmax) its reward beats the runner-up's by more than ``margin``, (vote policies) the leading answer
+    group holds at least ``supermajority`` of the weight with at least two answered candidates, or (verify) with
+    at least two answered candidates, the leading answer's verified score beats every other answer's by more
+    than ``margin`` or it is the only answer found."""
 
     round: int = 2
     margin: float = 1.0
     supermajority: float = 0.75
 
 
-def settled(rewards: torch.Tensor, policy: str, answers: Sequence[str | None] | None, rule: AdaptiveRule) -> bool:
+def settled(rewards: torch.Tensor, policy: str, answers: Sequence[str | None] | None, rule: AdaptiveRule,
+            verified: Mapping[str, float | None] | None = None, weights: VerifyWeights | None = None) -> bool:
     n = rewards.shape[0]
     if n < 2:
         return False
     if policy == "argmax":
         top = sorted(rewards[:, 0].tolist(), reverse=True)
         return bool(top[0] - top[1] > rule.margin)
-    sel = select(rewards, policy, answers)
+    sel = select(rewards, policy, answers, verified, weights)
+    if policy == "verify":
+        if not sel.groups or sum(g["votes"] for g in sel.groups) < 2 or not math.isfinite(sel.groups[0]["score"]):
+            return False
+        return len(sel.groups) == 1 or bool(sel.groups[0]["score"] - sel.groups[1]["score"] > rule.margin)
     if not sel.groups or sum(g["votes"] for g in sel.groups) < 2:
         return False
     total = sum(g["weight"] for g in sel.groups)

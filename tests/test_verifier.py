@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import torch
 
@@ -187,3 +188,65 @@ def test_prefix_aware_verifier_trains_on_closed_prefixes_of_its_samples(tmp_path
          for line in (d / "metrics.jsonl").read_text().splitlines() if line.startswith('{"final"')]
     assert len(n) == 2 and n[1] > n[0]  # the copies joined the second variant's training split
     assert "dev_prefix_accuracy@2" in plain and "dev_prefix_accuracy@2" in pref
+
+
+# --- answer-level verification: a user's JSONL, trained end to end and served --------------------------------
+_REVIEWS = [("A warm, funny and beautifully acted film.", "yes"), ("Dull, slow and far too long.", "no"),
+            ("I loved every minute of it.", "yes"), ("The plot makes no sense at all.", "no"),
+            ("A triumph of storytelling.", "yes"), ("Painfully boring from start to finish.", "no"),
+            ("Charming and clever.", "yes"), ("A mess of a movie.", "no"), ("Great fun for the whole family.", "yes"),
+            ("I walked out after an hour.", "no"), ("The best film of the year.", "yes"), ("Awful dialogue.", "no"),
+            ("Moving and wonderfully shot.", "yes"), ("Forgettable and flat.", "no"), ("A delight.", "yes"),
+            ("Tedious and predictable.", "no")]
+
+
+def test_a_user_jsonl_trains_an_answer_level_verifier_that_the_server_applies(tmp_path, backbone):
+    """A user's yes / no task (label words given on the command line as ``labels=[no,yes]``, which YAML 1.1 would
+    read as booleans) -> ``arbiter train verifier`` with answer-level pairs -> a head whose rule is ``verify`` ->
+    served on the real HF engine: every group's canonical reward equals the head on a standalone forward over
+    prompt + canonical answer + closing token, and the pick is the best member of the best-verified group."""
+    from arbiter.backbone import forward_features
+    from arbiter.generation.hf import HFEngine
+    from arbiter.heads import HeadRegistry, head_rewards, load_head, read_config
+    from arbiter.testing.served import served
+    from arbiter.training.recipes import verifier as R
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Is this review positive? Answer yes or no.\n\nReview: {t}",
+                                        "answer": a}) + "\n" for t, a in _REVIEWS))
+    cfg = _cfg(tmp_path, "user", f"data=[{data}]", "limit=16", "extractor=label_words", "labels=[no,yes]",
+               "levels=[answer, text]", "fallback=false", "temperature=1.5")
+    assert cfg.labels == ["no", "yes"]
+    m = R.run(cfg, backbone=backbone)
+    result = json.loads((tmp_path / "user" / "result.json").read_text())
+    assert {v["level"] for v in result["variants"]} == {"answer", "text"}
+    assert result["metrics"]["answer_pairs"]["pairs"] > 0 and result["metrics"]["answer_pairs"]["template"] == "{answer}"
+    head_dir = tmp_path / "user" / "head"
+    hc = read_config(head_dir)
+    assert hc.selection is not None and hc.selection.select == m["rule"]
+    if m["rule"] != "verify":  # make the head verify, whatever won on these 16 questions: the serving check below
+        hc = hc.model_copy(update={"selection": hc.selection.model_copy(
+            update={"select": "verify", "extractor": "label_words", "labels": ["no", "yes"], "canonical": "{answer}"})})
+    module, _ = load_head(head_dir, expected_backbone=backbone.fingerprint)
+    heads = HeadRegistry(None, backbone.fingerprint)
+    heads.add(module, hc)
+    engine = HFEngine(backbone)
+    question = "Is this review positive? Answer yes or no.\n\nReview: A heartfelt, gorgeous film."
+    with served(engine, heads) as srv:
+        body = {"model": backbone.name, "messages": [{"role": "user", "content": question}], "max_tokens": 8,
+                "temperature": 1.5, "seed": 3, "rerank": {"candidates": 6, "heads": [hc.name], "return_candidates": True}}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120).json()
+    info = r["rerank"]
+    assert info["policy"] == "verify" and info["rule"]["canonical"] == "{answer}", r
+    prompt = engine.encode_prompt([{"role": "user", "content": question}])
+    groups = [g for g in info["groups"] if "canonical_reward" in g]
+    assert groups, "no candidate answered yes or no: nothing was verified"
+    for g in groups:
+        seq = torch.tensor([prompt + engine.encode_answer(g["canonical"]) + [engine.end_id]])
+        feat = forward_features(engine.model, seq, torch.ones_like(seq), torch.tensor([seq.shape[1] - 1]),
+                                layer=hc.layer)
+        want = float(head_rewards(module, feat)[0])
+        assert g["canonical_reward"] == pytest.approx(want, rel=1e-3, abs=1e-3), g
+    best = max(groups, key=lambda g: g["canonical_reward"])
+    assert info["chosen"][0] == best["candidates"][0]
+    assert r["usage"]["verify_tokens"] == sum(len(prompt) + len(engine.encode_answer(g["canonical"])) + 1 for g in groups)

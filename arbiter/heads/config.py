@@ -47,8 +47,10 @@ class BackboneFingerprint(BaseModel):
         return out
 
 
-POLICIES = ("argmax", "weighted_vote", "majority_vote")
-PolicyName = Literal["argmax", "weighted_vote", "majority_vote"]
+# THE selection policy names (arbiter.selection implements them; the request schema and the recipes import these).
+PolicyName = Literal["argmax", "weighted_vote", "majority_vote", "verify"]
+POLICIES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]  # a Literal's values, in order
+VOTE_POLICIES = ("weighted_vote", "majority_vote", "verify")  # the policies that group candidates by answer
 ExtractorName = Literal["last_number", "choice_letter", "label_words", "regex", "json_field"]
 
 
@@ -64,10 +66,16 @@ class SelectionRule(BaseModel):
     pattern: str | None = Field(None, min_length=1, max_length=256)  # extractor=regex: one capturing group
     field: str | None = Field(None, min_length=1, max_length=128)  # extractor=json_field: a dotted path
     labels: list[str] | None = Field(None, min_length=1, max_length=32)  # extractor=label_words
+    # Answer-level verification (select=verify, README "Verifying answers"): how an extracted answer is rendered
+    # before the head scores it ({answer}; {option}: the listed text of an option letter), and the weights of the
+    # group score = canonical reward + vote_weight x vote share + text_weight x the group's best text reward.
+    canonical: str | None = Field(None, min_length=1, max_length=256)
+    vote_weight: float = Field(0.0, ge=0.0, le=100.0)
+    text_weight: float = Field(0.0, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _usable(self) -> "SelectionRule":
-        from arbiter.answers import extractor
+        from arbiter.answers import check_canonical, extractor
 
         if self.select != "argmax" and self.extractor is None:
             raise ValueError(f"select {self.select} needs an extractor")
@@ -75,10 +83,18 @@ class SelectionRule(BaseModel):
             raise ValueError("labels must be at most 64 characters each")
         if self.extractor is not None:
             extractor(self.extractor, pattern=self.pattern, field=self.field, labels=self.labels)  # ValueError if unusable
+        if self.select == "verify" and self.canonical is None:
+            raise ValueError("select verify needs canonical (the template an extracted answer is scored in)")
+        if self.canonical is not None:
+            check_canonical(self.canonical, self.extractor)
         return self
 
     def describe(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        out = self.model_dump(exclude_none=True)
+        if self.select != "verify":  # the weights mean something only to verify
+            out.pop("vote_weight", None)
+            out.pop("text_weight", None)
+        return out
 
 
 class HeadConfig(BaseModel):

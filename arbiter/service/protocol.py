@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from arbiter.generation.base import SamplingParams, checkpoints_valid
-from arbiter.heads.config import NAME_PATTERN
+from arbiter.heads.config import NAME_PATTERN, PolicyName
 
 REFUSAL = "arbiter_refusal"  # the pydantic error type of a cross-field rule; app.py answers it with its param and code
 
@@ -205,10 +205,11 @@ class RerankOptions(BaseModel):
     heads: list[str] | None = Field(None, min_length=1, description="Heads to score with; the first picks")
     head: str | None = Field(None, description="Shorthand for heads=[head]")
     return_candidates: bool = Field(False, description="Return every candidate with its rewards in `rerank`")
-    select: Literal["argmax", "weighted_vote", "majority_vote"] | None = Field(
-        None, description="Selection policy: argmax of the first head's reward, or a vote over extracted answers "
-                          "(weighted by softmax of the rewards, or one vote each). Absent: the picking head's own "
-                          "rule (its config's `selection`), else argmax")
+    select: PolicyName | None = Field(
+        None, description="Selection policy: argmax of the first head's reward, a vote over extracted answers "
+                          "(weighted by softmax of the rewards, or one vote each), or verify (each distinct answer "
+                          "scored once in the head's canonical form; the best-verified answer wins). Absent: the "
+                          "picking head's own rule (its config's `selection`), else argmax")
     extractor: Literal["last_number", "choice_letter", "label_words", "regex", "json_field"] | None = Field(
         None, description="How an answer is read from a candidate for the vote policies (default: the picking "
                           "head's extractor, if its rule has one)")
@@ -218,6 +219,12 @@ class RerankOptions(BaseModel):
                                 description="extractor=regex: a pattern with exactly one capturing group")
     field: str | None = Field(None, min_length=1, max_length=128,
                               description="extractor=json_field: dotted path of the field in the first JSON object")
+    canonical: str | None = Field(None, min_length=1, max_length=256,
+                                  description="select=verify: the template an extracted answer is scored in ({answer}; "
+                                              "{option}: the listed text of an option letter); default: the head's")
+    choices: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+        None, min_length=2, max_length=26, description="select=verify with {option}: the options' texts, A first "
+                                                       "(default: the lettered lines of the last user message)")
     adaptive: bool | AdaptiveOptions | None = Field(
         None, description="Sample in rounds and stop once the leader is settled; `candidates` is then the maximum")
     budget: BudgetOptions | None = Field(None, description="Caps on candidates / completion tokens (the "
@@ -389,10 +396,15 @@ class _Response(BaseModel):
         return out
 
 
-class Usage(BaseModel):
+class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Arbiter's extension: tokens of the extra forward that scored the distinct answers in canonical form (select
+    # verify; prompt + answer + closing token per answer), not part of prompt / completion tokens.
+    verify_tokens: int | None = None
+
+    _omit_if_none = ("verify_tokens",)
 
 
 class RerankCandidate(_Response):
@@ -433,11 +445,25 @@ class PruneInfo(BaseModel):
                     "generated (at least 0): what finishing it would have cost, as an estimate")
 
 
-class RerankGroup(BaseModel):
+class RerankGroup(_Response):
     answer: str
     votes: int
-    weight: float = Field(description="weighted_vote: summed softmax of the rewards; majority_vote: share of votes")
+    weight: float = Field(description="weighted_vote: summed softmax of the rewards; majority_vote and verify: share "
+                                      "of votes")
     candidates: list[int]
+    canonical: str | None = Field(None, description="verify: the answer as the head scored it")
+    canonical_reward: float | None = Field(None, description="verify: the head's reward of the canonical answer")
+    score: float | None = Field(None, description="verify: the group score the groups are ranked by")
+
+    _omit_if_none = ("canonical", "canonical_reward", "score")
+
+
+class VerifyInfo(BaseModel):
+    """What answer-level verification spent: the distinct answers scored, the tokens of that forward, its time."""
+
+    answers_scored: int
+    tokens: int
+    seconds: float
 
 
 class RerankRule(_Response):
@@ -448,10 +474,13 @@ class RerankRule(_Response):
     pattern: str | None = None
     field: str | None = None
     labels: list[str] | None = None
+    canonical: str | None = None
+    vote_weight: float | None = None
+    text_weight: float | None = None
     source: Literal["request", "head", "default"] = Field(
         description="request: the request's `select`; head: the picking head's own rule; default: argmax")
 
-    _omit_if_none = ("extractor", "pattern", "field", "labels")
+    _omit_if_none = ("extractor", "pattern", "field", "labels", "canonical", "vote_weight", "text_weight")
 
 
 class AdaptiveInfo(BaseModel):
@@ -476,9 +505,10 @@ class RerankInfo(_Response):
     adaptive: AdaptiveInfo | None = Field(None, description="Adaptive rerank: rounds run, why sampling stopped, candidates "
                                                   "sampled, the maximum allowed")
     prune: PruneInfo | None = Field(None, description="Pruning: the checkpoints reached, what each dropped, tokens saved")
+    verify: VerifyInfo | None = Field(None, description="select=verify: the extra forward over the canonical answers")
     candidates: list[RerankCandidate] | None = None
 
-    _omit_if_none = ("rule", "groups", "adaptive", "prune", "candidates")
+    _omit_if_none = ("rule", "groups", "adaptive", "prune", "verify", "candidates")
 
 
 class TopLogprob(BaseModel):

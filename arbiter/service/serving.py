@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import Request
@@ -27,7 +27,7 @@ from arbiter.generation.base import (
     TokenLogprob,
 )
 from arbiter.heads import LoadedHead
-from arbiter.selection import AdaptiveRule, select, settled
+from arbiter.selection import AdaptiveRule, VerifyWeights, select, settled
 
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
@@ -53,6 +53,7 @@ from .protocol import (
     ScoreResponse,
     ScoreUsage,
     Usage,
+    VerifyInfo,
 )
 from .rerank import feature_layers
 from .state import ServiceState
@@ -302,7 +303,13 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
         if n_sample < body.n:
             raise InvalidRequest(f"the budget leaves {n_sample} candidate(s), fewer than n ({body.n})", param="rerank.budget")
         prune = _prune_spec(st, rr, body.n, max_tokens)
+        if rule.policy == "verify" and prune is not None:
+            raise InvalidRequest("rerank.select=verify cannot prune: a pruned candidate's answer is never read, and "
+                                 "verification ranks answers, not prefixes (send prune: false)", param="rerank.prune",
+                                 code="unsupported_parameter")
     messages = _messages(st, body.messages)
+    if rr is not None and rule.policy == "verify" and rule.uses_option:
+        rule = _with_options(rule, rr, messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
     ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
@@ -383,7 +390,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         return _stream(request, st, plan, job, fut)
     done: GenerateOutcome = await _outcome(request, st, fut, job.cancelled)
     if plan.heads:
-        done.found = await plan.answers.update(done.result.candidates)
+        await _read_answers(request, st, plan, done)
     resp = _completion(st, plan, done)
     _account(st, "chat", done, plan.log_fields, plan.t0)
     return resp
@@ -449,7 +456,8 @@ async def _adaptive(request: Request, st: ServiceState, plan: ChatPlan) -> tuple
         r = torch.cat(rewards)
         spent = sum(len(c.token_ids) for c in cands)
         found = await ans.update(cands)  # each candidate extracted once, off the event loop
-        if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule):
+        verified = await ans.verify(request, st, plan, found) if rule.policy == "verify" else None
+        if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule, verified, rule.weights):
             stopped = "settled"
             break
         if cap_tokens is not None and spent >= cap_tokens:
@@ -457,7 +465,8 @@ async def _adaptive(request: Request, st: ServiceState, plan: ChatPlan) -> tuple
             break
     if len(cands) < n_max:
         st.metrics.tokens_saved.inc((n_max - len(cands)) * spent / max(len(cands), 1))
-    merged = GenerateOutcome(GenerationResult(cands, len(plan.ids)), torch.cat(rewards), queue_s, run_s, found=ans.found)
+    merged = GenerateOutcome(GenerationResult(cands, len(plan.ids)), torch.cat(rewards), queue_s, run_s, found=ans.found,
+                             verified=ans.verified if rule.policy == "verify" else None)
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
 
 
@@ -469,6 +478,36 @@ class Rule:
     policy: str
     extract: answers.Extractor | None
     info: RerankRule
+    canonical: str | None = None  # verify: the template an answer is scored in
+    weights: VerifyWeights | None = None  # verify: the group score's weights
+    options: tuple[str, ...] | None = None  # verify with {option}: the options' texts, A first
+
+    @property
+    def uses_option(self) -> bool:
+        return self.canonical is not None and answers.uses_option(self.canonical)
+
+
+def _with_options(rule: Rule, rr: RerankOptions, messages: list[dict[str, Any]]) -> Rule:
+    """A verify rule whose template renders ``{option}``, with the options' texts: the request's ``choices``, else
+    the lettered lines of the last user message (answers.listed_options); a 400 when there are none."""
+    if rr.choices is not None:
+        opts = [c.strip() for c in rr.choices]
+    else:
+        last = next((m for m in reversed(messages) if m["role"] == "user"), None)
+        opts = answers.listed_options(str(last["content"]) if last else "")
+    if not opts:
+        raise InvalidRequest(f"rerank.select=verify renders answers as {rule.canonical!r}, which needs the options' "
+                             "texts: list them as lettered lines (A. ..., B. ...) in the last user message or send "
+                             "rerank.choices", param="rerank.choices")
+    return replace(rule, options=tuple(opts))
+
+
+async def _read_answers(request: Request, st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome) -> None:
+    """Before selection: each candidate's answer (off the event loop) and, for verify, each distinct answer's
+    canonical reward (one score pass through the worker)."""
+    outcome.found = await plan.answers.update(outcome.result.candidates)
+    if plan.rule.policy == "verify":
+        outcome.verified = await plan.answers.verify(request, st, plan, outcome.found)
 
 
 class Answers:
@@ -480,6 +519,10 @@ class Answers:
         self.rule, self.budget_s = rule, budget_s
         self.found: list[str | None] = []
         self.spent = 0.0
+        # select=verify: each distinct answer's canonical form and reward, and what scoring them cost
+        self.verified: dict[str, float | None] = {}
+        self.canonical: dict[str, str] = {}
+        self.scored, self.verify_tokens, self.verify_s = 0, 0, 0.0
 
     async def update(self, cands: Sequence[Candidate]) -> list[str | None] | None:
         ex = self.rule.extract
@@ -503,6 +546,36 @@ class Answers:
                 self.spent += time.monotonic() - t0
         return self.found
 
+    async def verify(self, request: Request, st: ServiceState, plan: ChatPlan,
+                     found: Sequence[str | None] | None) -> dict[str, float | None]:
+        """The picking head's reward of each distinct answer in ``found`` rendered in the rule's canonical form
+        (README "Verifying answers"): the answers not scored yet go through one score pass (prompt + answer +
+        closing token each, batched by the worker); an answer that cannot be rendered (a letter with no listed
+        option) or would not fit the context gets None. Tokens and time are counted for ``usage``."""
+        rule = self.rule
+        assert rule.canonical is not None and found is not None
+        new = [a for a in dict.fromkeys(x for x in found if x is not None) if a not in self.verified]
+        if not new:
+            return self.verified
+        canon = {a: answers.render_canonical(rule.canonical, a, rule.options) for a in new}
+        eng = st.require_engine()
+        todo = [a for a in new if canon[a] is not None]
+        self.canonical.update({a: c for a, c in canon.items() if c is not None})
+        ids = await asyncio.to_thread(lambda: [eng.encode_answer(str(canon[a])) for a in todo])
+        room = eng.context_length - len(plan.ids) - 1
+        fits = [(a, t) for a, t in zip(todo, ids) if len(t) <= room]
+        self.verified.update({a: None for a in new})
+        if fits:
+            t0 = time.monotonic()
+            fut = _submit(st, st.require_worker().submit_score, plan.ids, [t for _, t in fits], plan.heads[:1],
+                          plan.adapter)
+            rewards = await _outcome(request, st, fut)
+            self.verify_s += time.monotonic() - t0
+            self.verify_tokens += sum(len(plan.ids) + len(t) + 1 for _, t in fits)
+            self.verified.update({a: float(rewards[k, 0]) for k, (a, _) in enumerate(fits)})
+        self.scored += len(fits)
+        return self.verified
+
 
 DEFAULT_RULE = Rule("argmax", None, RerankRule(select="argmax", source="default"))
 
@@ -522,31 +595,54 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
     name, pattern, field, labels = spec
     if policy == "argmax":
         return Rule(policy, None, RerankRule(select=policy, source=source))
-    info = RerankRule(select=policy, source=source, extractor=name, pattern=pattern, field=field, labels=labels)
+    canonical, weights = None, None
+    if policy == "verify":
+        canonical = rr.canonical or (own.canonical if own else None)
+        if canonical is None:
+            raise InvalidRequest(f"rerank.select=verify needs the canonical form answers are scored in: head "
+                                 f"{heads[0].name!r} carries none (its selection has no canonical); send "
+                                 "rerank.canonical, e.g. \"{answer}\" or \"{answer}. {option}\"",
+                                 param="rerank.canonical", code="unsupported_parameter")
+        try:
+            answers.check_canonical(canonical, name)
+        except ValueError as e:
+            raise InvalidRequest(f"rerank.canonical: {e}", param="rerank.canonical") from None
+        weights = VerifyWeights(own.vote_weight, own.text_weight) if own and own.select == "verify" else VerifyWeights()
+    info = RerankRule(select=policy, source=source, extractor=name, pattern=pattern, field=field, labels=labels,
+                      canonical=canonical, vote_weight=weights.vote if weights else None,
+                      text_weight=weights.text if weights else None)
     if name is None:
         raise InvalidRequest(f"rerank.select={policy} needs rerank.extractor ({', '.join(answers.EXTRACTORS)})",
                              param="rerank.extractor")
     try:
-        return Rule(policy, answers.extractor(name, pattern=pattern, field=field, labels=labels), info)
+        return Rule(policy, answers.extractor(name, pattern=pattern, field=field, labels=labels), info, canonical, weights)
     except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field / labels
         param = {"json_field": "rerank.field", "label_words": "rerank.labels"}.get(name, "rerank.pattern")
         raise InvalidRequest(f"rerank.extractor={name}: {e}", param=param) from None
 
 
-def _choices(body: ChatCompletionRequest, outcome: GenerateOutcome, heads: list[LoadedHead], rule: Rule,
-             return_candidates: bool, prune: PruneSpec | None = None) -> tuple[list[Candidate], RerankInfo | None]:
+def _choices(plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate], RerankInfo | None]:
     """(the candidates to return, the ``rerank`` info or None): all candidates without heads, else the selection's."""
+    body, heads, rule, prune, answers_ = plan.body, plan.heads, plan.rule, plan.prune, plan.answers
+    return_candidates = plan.return_candidates
     cands = outcome.result.candidates
     if not heads:
         return list(cands), None
     found = outcome.found if rule.extract is not None else None
     assert rule.extract is None or found is not None, "answers are extracted off the event loop before selection"
-    sel = select(outcome.rewards, rule.policy, found)
+    sel = select(outcome.rewards, rule.policy, found, outcome.verified, rule.weights)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
     scored = sum(1 for c in cands if not c.pruned)
+    groups = sel.groups
+    if groups is not None and rule.policy == "verify":  # what each answer was scored as; an unverifiable one: null
+        groups = [{**g, "canonical": answers_.canonical.get(g["answer"]),
+                   "score": g["score"] if g["canonical_reward"] is not None else None} for g in groups]
     info = RerankInfo(heads=names, candidates_scored=scored, policy=sel.policy, rule=rule.info, chosen=chosen,
-                      rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=sel.groups)
+                      rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=groups)
+    if rule.policy == "verify":
+        info.verify = VerifyInfo(answers_scored=answers_.scored, tokens=answers_.verify_tokens,
+                                 seconds=round(answers_.verify_s, 4))
     if prune is not None:
         info.prune = _prune_info(cands, prune)
     if return_candidates:
@@ -580,23 +676,24 @@ def _prune_info(cands: Sequence[Candidate], prune: PruneSpec) -> PruneInfo:
                      tokens_saved_estimate=round(sum(max(0.0, mean_kept - len(c.token_ids)) for c in pruned)))
 
 
-def _usage(outcome: GenerateOutcome) -> Usage:
+def _usage(outcome: GenerateOutcome, plan: ChatPlan | None = None) -> Usage:
     # completion_tokens counts every candidate generated (that is the work done), not only the returned ones.
     c = outcome.result.completion_tokens
     p = outcome.result.prompt_tokens
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    verify = plan.answers.verify_tokens if plan is not None and plan.rule.policy == "verify" else None
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, verify_tokens=verify)
 
 
 def _completion(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome,
                 adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
-    picked, info = _choices(plan.body, outcome, plan.heads, plan.rule, plan.return_candidates, plan.prune)
+    picked, info = _choices(plan, outcome)
     if info is not None and adaptive is not None:
         info.adaptive = AdaptiveInfo(**adaptive)
     return ChatCompletionResponse(
         id=plan.rid, created=plan.created, model=_served_id(st, plan.body.model), system_fingerprint=st.system_fingerprint,
         choices=[Choice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
                         logprobs=st.require_token_text().logprobs(c.logprobs)) for i, c in enumerate(picked)],
-        usage=_usage(outcome), rerank=info)
+        usage=_usage(outcome, plan), rerank=info)
 
 
 def _account(st: ServiceState, endpoint: str, outcome: GenerateOutcome | None, fields: dict[str, Any], t0: float) -> None:
@@ -664,19 +761,19 @@ def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJ
                 return
             if plan.heads:
                 try:
-                    outcome.found = await plan.answers.update(outcome.result.candidates)
+                    await _read_answers(request, st, plan, outcome)
                 except APIError as e:
                     yield _error_event(e)
                     yield "data: [DONE]\n\n"
                     return
-            picked, info = _choices(body, outcome, plan.heads, plan.rule, plan.return_candidates, plan.prune)
+            picked, info = _choices(plan, outcome)
             if plan.heads:
                 for i, c in enumerate(picked):
                     yield chunk([content(i, c.text, c.logprobs)])
             yield chunk([ChunkChoice(index=i, delta=ChunkDelta(), finish_reason=c.finish_reason)
                          for i, c in enumerate(picked)], rerank=info)
             if include_usage:
-                yield chunk([], usage=_usage(outcome))
+                yield chunk([], usage=_usage(outcome, plan))
             yield "data: [DONE]\n\n"
             _account(st, "chat_stream", outcome, plan.log_fields, plan.t0)
         except Timeout as e:

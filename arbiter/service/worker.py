@@ -110,6 +110,7 @@ class GenerateOutcome:
     queue_s: float
     run_s: float
     found: list[str | None] | None = None  # each candidate's extracted answer, when the rule votes (serving fills it)
+    verified: dict[str, float | None] | None = None  # select=verify: each answer's canonical reward (serving fills it)
 
 
 _LIBC: Any = None

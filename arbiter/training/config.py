@@ -10,6 +10,7 @@ Overrides use dotted paths into nested dataclasses; values are parsed as YAML sc
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -117,6 +118,22 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+class _Yaml12Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs here
+    """YAML with YAML 1.2's booleans: only true / false (any case). PyYAML's YAML 1.1 default also reads yes / no /
+    on / off / y / n as booleans, so a user's label words ``labels=[no, yes]`` arrived as [False, True]."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "tTfF":
+    _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                        [_first])
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict:
     out: dict = {}
     for item in overrides:
@@ -125,7 +142,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-").replace("-", "_")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(out, key, value)
@@ -149,7 +166,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _yaml(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         data = loaded

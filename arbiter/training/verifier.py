@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from arbiter.answers import canonical_number, extractor
+from arbiter.answers import canonical_number, extractor, listed_options, render_canonical
 
 from .data import CHOICE_BUILTINS, LETTERS, MATH_BUILTINS, SST2_LABELS, DataError, DataReport, load_choices, load_math
 from .data.io import _iter_jsonl
@@ -44,18 +44,31 @@ class AnswerSpec:
     labels: tuple[str, ...] | None = None
     # last_number: a candidate cut off by max_tokens gave no answer (its last number is a partial step).
     finished_only: bool = False
+    # How an answer is rendered for answer-level verification (``arbiter.answers.render_canonical``): {answer};
+    # {option}, the listed text of an option letter (choice_letter). None: no answer-level pairs.
+    template: str | None = None
 
     def fn(self) -> Callable[[str], str | None]:
         return extractor(self.extractor, pattern=self.pattern, field=self.field,
                          labels=list(self.labels) if self.labels else None)
 
-    def rule(self, select: str) -> dict[str, Any]:
-        """The ``selection`` entry of a head config (``arbiter.heads.SelectionRule``) for policy ``select``."""
+    def rule(self, select: str, weights: Any = None) -> dict[str, Any]:
+        """The ``selection`` entry of a head config (``arbiter.heads.SelectionRule``) for policy ``select``
+        (verify: with this spec's canonical template and the fitted ``weights``, a ``selection.VerifyWeights``)."""
         out: dict[str, Any] = {"select": select}
         if select != "argmax":
             out.update({"extractor": self.extractor, "pattern": self.pattern, "field": self.field,
                         "labels": list(self.labels) if self.labels else None})
+        if select == "verify":
+            out.update({"canonical": self.template, "vote_weight": weights.vote if weights else 0.0,
+                        "text_weight": weights.text if weights else 0.0})
         return {k: v for k, v in out.items() if v is not None}
+
+    def render(self, question: "Question", answer: str) -> str | None:
+        """``answer`` (canonical, as ``fn`` returns it) rendered for answer-level verification, or None."""
+        if self.template is None:
+            return None
+        return render_canonical(self.template, answer, question_options(question))
 
     def canonical(self, answer: Any) -> str | None:
         """A gold answer in the extractor's canonical form (what ``fn`` returns for a right candidate)."""
@@ -71,9 +84,23 @@ class AnswerSpec:
         return str(answer).strip() or None
 
 
-SST2_SPEC = AnswerSpec("label_words", labels=SST2_LABELS)
-CHOICE_SPEC = AnswerSpec("choice_letter")
-MATH_SPEC = AnswerSpec("last_number", finished_only=True)
+SST2_SPEC = AnswerSpec("label_words", labels=SST2_LABELS, template="{answer}")
+CHOICE_SPEC = AnswerSpec("choice_letter", template="{answer}. {option}")
+MATH_SPEC = AnswerSpec("last_number", finished_only=True, template="{answer}")
+# The canonical form a user file's extractor gets unless the config names one (choice_letter: the letter and the
+# option's text, from the row's "choices" or the lettered lines of its question).
+DEFAULT_CANONICAL = {"choice_letter": "{answer}. {option}"}
+
+
+def question_options(q: "Question") -> list[str] | None:
+    """The options' texts of a lettered question (A first): its row's (``meta["options"]``), else the lettered
+    lines of its last user turn; None when it lists none."""
+    opts = q.meta.get("options")
+    if opts:
+        return list(opts)
+    last = next((m for m in reversed(q.messages) if m.get("role") == "user"), None)
+    listed = listed_options(str(last.get("content", ""))) if last else []
+    return listed or None
 
 
 def default_spec(source: str) -> AnswerSpec | None:
@@ -129,7 +156,12 @@ def _user_questions(path: str, spec: AnswerSpec, report: DataReport) -> Iterator
                         f"row {i}: answer {str(row.get('answer'))[:40]!r} is not a {spec.extractor} answer")
             continue
         text = str(row.get("question") or msgs[-1].get("content", ""))
-        yield Question(list(msgs), gold, path, i, question_key(msgs), text)
+        opts = row.get("choices", row.get("options"))
+        if opts is not None and (not isinstance(opts, list) or not all(isinstance(o, str) and o.strip() for o in opts)):
+            report.drop("unparseable", f"row {i}: choices must be a list of non-empty strings")
+            continue
+        yield Question(list(msgs), gold, path, i, question_key(msgs), text,
+                       {"options": [o.strip() for o in opts]} if opts else {})
 
 
 def load_questions(source: str, *, limit: int | None = None, seed: int = 0,
@@ -146,7 +178,9 @@ def load_questions(source: str, *, limit: int | None = None, seed: int = 0,
         for cq in cqs:
             gold = SST2_LABELS[cq.answer] if source.startswith("sst2") else LETTERS[cq.answer]
             text = cq.meta.get("sentence") or cq.prompt[-1]["content"].split("\n\n")[0]
-            items.append(Question(list(cq.prompt), gold, source, cq.meta.get("row", 0), question_key(cq.prompt), text))
+            meta = {} if source.startswith("sst2") else {"options": [o.split(". ", 1)[1] for o in cq.options]}
+            items.append(Question(list(cq.prompt), gold, source, cq.meta.get("row", 0), question_key(cq.prompt), text,
+                                  meta))
     elif source in MATH_BUILTINS:
         probs, report = load_math(source, seed=seed)
         for p in probs:
@@ -397,25 +431,131 @@ def make_pairs(questions: Sequence[Question], samples: Sequence[Sampled], rights
 
 
 # --------------------------------------------------------------------------------------------------
+# answer-level pairs (docs/methods.md "Answer-level verification")
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnswerPair:
+    question: int  # index into the question list
+    chosen: str  # the gold answer (canonical, as the extractor returns it)
+    rejected: str  # a wrong answer the model sampled for this question
+
+
+def canonical_answers(questions: Sequence[Question], answers: Sequence[Sequence[str | None]],
+                      spec: AnswerSpec) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Per question, every answer worth verifying rendered in ``spec``'s canonical form: the gold answer and each
+    distinct answer the model sampled. Answers that cannot be rendered (a letter naming no listed option) are
+    left out and counted; a question whose GOLD answer cannot be rendered gets no answer-level pair."""
+    out: list[dict[str, str]] = []
+    stats: dict[str, Any] = {"rendered": 0, "unrendered_samples": 0, "unrendered_gold": 0, "examples": []}
+    for q, aa in zip(questions, answers):
+        got: dict[str, str] = {}
+        for a in dict.fromkeys([q.gold, *(x for x in aa if x is not None)]):
+            text = spec.render(q, a)
+            if text is None:
+                stats["unrendered_gold" if a == q.gold else "unrendered_samples"] += 1
+                if a == q.gold and len(stats["examples"]) < 5:
+                    stats["examples"].append(f"{q.source} row {q.row}: gold {a!r} cannot be rendered as "
+                                             f"{spec.template!r} (options: {question_options(q)})")
+                continue
+            got[a] = text
+        stats["rendered"] += len(got)
+        out.append(got)
+    return out, stats
+
+
+def make_answer_pairs(questions: Sequence[Question], answers: Sequence[Sequence[str | None]],
+                      canon: Sequence[dict[str, str]], *, per_question: int) -> tuple[list[AnswerPair], dict[str, int]]:
+    """(gold answer, a wrong answer the model actually sampled) per question, in canonical form: the wrong
+    answers the model gave most often first (its real mistakes), at most ``per_question``."""
+    stats = {"questions": len(questions), "with_pairs": 0, "never_wrong": 0, "gold_unrendered": 0, "pairs": 0}
+    out: list[AnswerPair] = []
+    for qi, (q, aa, c) in enumerate(zip(questions, answers, canon)):
+        if q.gold not in c:
+            stats["gold_unrendered"] += 1
+            continue
+        counts: dict[str, int] = {}
+        for a in aa:
+            if a is not None and a != q.gold and a in c:
+                counts[a] = counts.get(a, 0) + 1
+        wrong = sorted(counts, key=lambda a: (-counts[a], a))[:per_question]
+        if not wrong:
+            stats["never_wrong"] += 1
+            continue
+        out += [AnswerPair(qi, q.gold, w) for w in wrong]
+        stats["with_pairs"] += 1
+    stats["pairs"] = len(out)
+    return out, stats
+
+
+def canonical_features(backbone: Any, questions: Sequence[Question], canon: Sequence[dict[str, str]],
+                       layers: Sequence[int], *, progress: bool = True) -> list[dict[str, dict[int, "torch.Tensor"]]]:
+    """The head features of every rendered answer (prompt + canonical answer + closing token, THE feature pass
+    ``arbiter.backbone.batched_end_features``, as ``/v1/score`` and the verify rule compute them): per question,
+    answer -> layer -> [d]."""
+    from tqdm.auto import tqdm
+
+    from arbiter.backbone import batched_end_features
+    from arbiter.chat import answer_ids, prompt_ids
+    from arbiter.training.feature_cache import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH, _pad_id
+
+    keys = [(qi, a) for qi, c in enumerate(canon) for a in c]
+    pids: dict[int, list[int]] = {}
+    seqs = [pids.setdefault(qi, prompt_ids(backbone.tokenizer, questions[qi].messages))
+            + answer_ids(backbone.tokenizer, canon[qi][a], backbone.end_id) for qi, a in keys]
+    out: list[dict[str, dict[int, torch.Tensor]]] = [{} for _ in questions]
+    if not seqs:
+        return out
+    with tqdm(total=sum(len(x) for x in seqs), desc="canonical answers", unit="tok", unit_scale=True,
+              disable=not progress) as bar:
+        feats = batched_end_features(backbone.model, seqs, sorted(set(layers)), batch_tokens=DEFAULT_BATCH_TOKENS,
+                                     pad_id=_pad_id(backbone), max_batch=DEFAULT_MAX_BATCH, progress=bar.update)
+    for k, (qi, a) in enumerate(keys):
+        out[qi][a] = {l: f[k] for l, f in feats.items()}
+    return out
+
+
+def verified_rewards(head: Any, feats: Sequence[dict[str, dict[int, "torch.Tensor"]]], layer: int,
+                     head_rewards: Callable[..., "torch.Tensor"]) -> list[dict[str, float | None]]:
+    """Each question's answers' canonical rewards under ``head`` (what the verify rule ranks groups by)."""
+    import torch
+
+    keys = [(qi, a) for qi, f in enumerate(feats) for a in f]
+    out: list[dict[str, float | None]] = [{} for _ in feats]
+    if not keys:
+        return out
+    r = head_rewards(head, torch.stack([feats[qi][a][layer] for qi, a in keys])).tolist()
+    for (qi, a), v in zip(keys, r):
+        out[qi][a] = float(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # best-of-N under the server's selection code
 # --------------------------------------------------------------------------------------------------
 
-RULES = ("argmax", "weighted_vote", "majority_vote")
-
-
+RULES = ("argmax", "weighted_vote", "majority_vote", "verify")
+# The verify rule's group-score weights tried on dev (selection.VerifyWeights: vote share, best text reward).
+VERIFY_GRID = tuple((v, t) for v in (0.0, 0.5, 1.0, 2.0, 4.0) for t in (0.0, 0.5))
 
 
 def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]],
-              rights: Sequence[Sequence[bool]]) -> dict[str, Any]:
+              rights: Sequence[Sequence[bool]], verified: Sequence[dict[str, float | None]] | None = None,
+              weights: Any = None, rules: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy of n=1 (candidate 0, plain sampling), each rule (``arbiter.selection.select`` on the head's
-    rewards, exactly as the server picks), and oracle (any right), with paired wins / losses against n=1 and
-    standard errors. ``rewards[q]``: [N] of question q's candidates."""
+    rewards, exactly as the server picks; verify with ``verified[q]``, each answer's canonical reward, and the
+    ``weights``), and oracle (any right), with paired wins / losses against n=1 and standard errors.
+    ``rewards[q]``: [N] of question q's candidates."""
     from arbiter.selection import select
 
     n = len(rewards)
+    rules = [r for r in (rules or RULES) if r != "verify" or verified is not None]
     right: dict[str, list[bool]] = {"n=1": [bool(r[0]) for r in rights], "oracle": [any(r) for r in rights]}
-    for rule in RULES:
-        right[rule] = [bool(rights[q][select(rewards[q][:, None], rule, answers[q]).order[0]]) for q in range(n)]
+    for rule in rules:
+        right[rule] = [bool(rights[q][select(rewards[q][:, None], rule, answers[q],
+                                             verified[q] if rule == "verify" and verified is not None else None,
+                                             weights).order[0]]) for q in range(n)]
     # majority without any head: the same vote with equal rewards (ties -> the lower index)
     out: dict[str, Any] = {"questions": n}
     for name, r in right.items():
@@ -430,5 +570,43 @@ def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str 
 
 def pick_rule(table: dict[str, Any]) -> str:
     """The rule with the best accuracy in a ``best_of_n`` table; ties go to the simpler rule (argmax, then the
-    weighted vote, then the majority)."""
-    return max(RULES, key=lambda r: (table[r]["accuracy"], -RULES.index(r)))
+    weighted vote, then the majority, then verify)."""
+    return max((r for r in RULES if r in table), key=lambda r: (table[r]["accuracy"], -RULES.index(r)))
+
+
+def fit_verify_weights(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]],
+                       rights: Sequence[Sequence[bool]], verified: Sequence[dict[str, float | None]]) -> tuple[Any, float]:
+    """The verify weights (``VERIFY_GRID``) with the best dev accuracy, ties to the smaller weights (the plain
+    canonical reward first): (``selection.VerifyWeights``, its accuracy)."""
+    from arbiter.selection import VerifyWeights
+
+    best: tuple[float, int] | None = None
+    for i, (v, t) in enumerate(VERIFY_GRID):
+        acc = best_of_n(rewards, answers, rights, verified, VerifyWeights(v, t), rules=("verify",))["verify"]["accuracy"]
+        if best is None or acc > best[0]:
+            best = (acc, i)
+    assert best is not None
+    return VerifyWeights(*VERIFY_GRID[best[1]]), best[0]
+
+
+def paired_gain(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
+    """(mean of a - b, its standard error) over paired per-question outcomes: is rule a better than rule b beyond
+    noise on the same questions?"""
+    import math
+
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    if n < 2:
+        return (d[0] if d else 0.0), float("inf")
+    m = sum(d) / n
+    var = sum((x - m) ** 2 for x in d) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def picks(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]], rights: Sequence[Sequence[bool]],
+          rule: str, verified: Sequence[dict[str, float | None]] | None = None, weights: Any = None) -> list[bool]:
+    """Per question: is the candidate ``rule`` picks right (the server's selection code)?"""
+    from arbiter.selection import select
+
+    return [bool(rights[q][select(rewards[q][:, None], rule, answers[q], verified[q] if verified is not None else None,
+                                  weights).order[0]]) for q in range(len(rewards))]

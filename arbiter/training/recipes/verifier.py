@@ -12,9 +12,17 @@ questions -> samples -> labels -> pairs -> heads -> rule -> report:
 4. Pairs: a right vs a wrong candidate of one question (identical texts once; at most ``pairs_per_question``,
    balanced round-robin).
 5. The head recipe's trainer (``head.train_on_features``) on those features, for every ``sweep`` variant.
-6. For every variant, best-of-N on the dev questions under the server's selection code (argmax, weighted vote,
-   majority over all N candidates as the server sees them); the variant and rule with the best dev pick win,
-   and the rule is written into the head (``selection``), so the server applies it by default.
+   Answer-level pairs (docs/methods.md "Answer-level verification"): the gold answer vs each wrong answer the
+   model sampled for the question, both rendered in the canonical form (``canonical``: "{answer}", or for
+   lettered choices "{answer}. {option}") and read by one feature pass over prompt + canonical answer.
+   ``levels`` says which heads to train: text (the candidates' own texts), answer (the canonical pairs),
+   both (the two pair sets together).
+6. For every variant and level, best-of-N on the dev questions under the server's selection code (argmax,
+   weighted vote, majority over all N candidates as the server sees them; verify for heads that saw answer
+   pairs, with its weights fitted on dev); the variant and rule with the best dev pick win. When that pick
+   does not beat the free majority vote on dev by more than one paired standard error (``fallback``), the
+   head's rule IS the majority vote, and the report says so. The rule is written into the head
+   (``selection``), so the server applies it by default.
 7. The test questions (never trained on, never used to pick): n=1, each rule, oracle, wins / losses vs n=1,
    standard errors, in ``<out>/report.md`` (+ plots) and ``result.json``.
 """
@@ -38,6 +46,7 @@ from arbiter.training.head_trainer import HEAD_LOSSES, HeadTrainSettings, Varian
 log = logging.getLogger("arbiter.training.recipes.verifier")
 _NAME = re.compile(NAME_PATTERN)  # a head name (HeadConfig.name)
 
+LEVELS = ("text", "answer", "both")  # the pair sets a verifier head can train on (module docstring, step 5)
 DESCRIPTION = "train a verifier head on the model's own samples (right vs wrong answers), with its selection rule"
 
 
@@ -61,6 +70,13 @@ class VerifierConfig:
     pattern: str | None = None  # extractor=regex
     answer_field: str | None = None  # extractor=json_field: the dotted path
     labels: list[str] | None = None  # extractor=label_words
+    # Answer-level verification: the template an answer is scored in ({answer}; {option}: the listed text of an
+    # option letter, from the row's "choices" or the question's lettered lines). None: the source's default
+    # ("{answer}. {option}" for choice_letter, else "{answer}").
+    canonical: str | None = None
+    levels: list[str] = field(default_factory=lambda: ["text", "answer", "both"])  # which pair sets to train on
+    answer_pairs_per_question: int = 3  # gold vs the most frequent wrong answers the model sampled
+    fallback: bool = True  # no dev gain beyond 1 SE over majority vote: the head's rule is majority vote
     model: str | None = None  # backbone (None: the embedded SmolLM2-135M-Instruct)
     dtype: str = "auto"  # as the server: bfloat16 only where this CPU multiplies it natively and faster
     threads: int | None = None
@@ -135,6 +151,17 @@ class VerifierConfig:
                 self.spec(self.data[0]).fn()
             except ValueError as e:
                 raise ConfigError(f"extractor {self.extractor}: {e}") from None
+        if not self.levels or any(x not in LEVELS for x in self.levels) or len(set(self.levels)) < len(self.levels):
+            raise ConfigError(f"levels: a non-empty list of distinct {list(LEVELS)}, got {self.levels}")
+        if self.answer_pairs_per_question < 1:
+            raise ConfigError(f"answer_pairs_per_question: must be >= 1, got {self.answer_pairs_per_question}")
+        if set(self.levels) & {"answer", "both"}:
+            from arbiter.answers import check_canonical
+
+            try:
+                check_canonical(self.spec(self.data[0]).template or "", self.spec(self.data[0]).extractor)
+            except ValueError as e:
+                raise ConfigError(f"canonical: {e}") from None
         if self.limit is not None and self.limit < 4:
             raise ConfigError(f"limit: must be >= 4 or null, got {self.limit}")
         if self.n < 2:
@@ -164,12 +191,14 @@ class VerifierConfig:
             raise ConfigError("out: give a run directory")
 
     def spec(self, source: str) -> Any:
-        from arbiter.training.verifier import AnswerSpec, default_spec
+        from arbiter.training.verifier import DEFAULT_CANONICAL, AnswerSpec, default_spec
 
         if self.extractor is not None:
             return AnswerSpec(self.extractor, self.pattern, self.answer_field, tuple(self.labels) if self.labels else None,
-                              finished_only=self.extractor == "last_number")
-        return default_spec(source)
+                              finished_only=self.extractor == "last_number",
+                              template=self.canonical or DEFAULT_CANONICAL.get(self.extractor, "{answer}"))
+        spec = default_spec(source)
+        return dataclasses.replace(spec, template=self.canonical) if spec is not None and self.canonical else spec
 
     def head_config(self) -> HeadTrainSettings:
         """The head trainer's settings (the keys this recipe shares with ``arbiter train head``)."""
@@ -289,59 +318,99 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
         feats = SimpleNamespace(prefix_chosen=fw[len(pairs):], prefix_rejected=fl[len(pairs):])
         return prefix_accuracy(head, feats, prefix_rows, idx[split_name], k)[0]
 
+    al = _answer_level(cfg, backbone, questions, answers, split, spec, sorted({v.layer for v in sweep}))
     rows, trained = [], []
     for i, v in enumerate(sweep):
-        fw, fl = by_layer[v.layer]
-        tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}"
-        vidx = {**idx, "train": idx["train"] + prefix_train} if cfg.prefixes and v.train_prefixes else idx
-        res = train_on_features(v, fw, fl, vidx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
-                                run_dir=out / "sweep" / (tag + ("-prefixes" if vidx is not idx else "")),
-                                feature_dtype=backbone.dtype)
-        rewards = _all_rewards(res.head, samples, v.layer, head_rewards)
-        dev = V.best_of_n([rewards[q] for q in qs_of["dev"]], [answers[q] for q in qs_of["dev"]],
-                          [rights[q] for q in qs_of["dev"]])
-        rule = V.pick_rule(dev)
-        rows.append({"variant": i, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
-                     "dev_pair_accuracy": res.metrics.get("dev_accuracy"), "train_pair_accuracy": res.metrics.get("train_accuracy"),
-                     "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
-                     **{f"dev_{r}": dev[r]["accuracy"] for r in V.RULES},
-                     **({"train_prefixes": vidx is not idx} if cfg.prefixes else {}),
-                     **{f"dev_prefix_accuracy@{k}": prefix_acc(res.head, fw, fl, "dev", k) for k in cfg.prefix_eval}})
-        trained.append((res, rewards, dev))
-        log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag, res.metrics.get("dev_accuracy", float("nan")),
-                 dev[rule]["accuracy"], rule)
+        for level in cfg.levels:
+            if level != "text" and not al.pairs:
+                continue
+            fw, fl = by_layer[v.layer]
+            vidx = {**idx, "train": idx["train"] + prefix_train} if cfg.prefixes and v.train_prefixes else idx
+            if level != "text":
+                afw, afl = al.tensors(v.layer)
+                if level == "answer":
+                    fw, fl, vidx = afw, afl, al.idx
+                else:
+                    off = len(fw)
+                    fw, fl = torch.cat([fw, afw]), torch.cat([fl, afl])
+                    vidx = {k: vidx[k] + [off + j for j in al.idx[k]] for k in ("train", "dev", "test")}
+            tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}-{level}"
+            res = train_on_features(v, fw, fl, vidx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
+                                    run_dir=out / "sweep" / (tag + ("-prefixes" if cfg.prefixes and v.train_prefixes else "")),
+                                    feature_dtype=backbone.dtype)
+            rewards = _all_rewards(res.head, samples, v.layer, head_rewards)
+            verified = None if level == "text" else V.verified_rewards(res.head, al.features, v.layer, head_rewards)
+            dq = qs_of["dev"]
+            weights = None
+            if verified is not None:
+                weights, _ = V.fit_verify_weights([rewards[q] for q in dq], [answers[q] for q in dq],
+                                                  [rights[q] for q in dq], [verified[q] for q in dq])
+            dev = V.best_of_n([rewards[q] for q in dq], [answers[q] for q in dq], [rights[q] for q in dq],
+                              None if verified is None else [verified[q] for q in dq], weights,
+                              rules=LEVEL_RULES[level])
+            rule = V.pick_rule(dev)
+            rows.append({"variant": i, "level": level, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
+                         "dev_pair_accuracy": res.metrics.get("dev_accuracy"),
+                         "train_pair_accuracy": res.metrics.get("train_accuracy"),
+                         "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
+                         **{f"dev_{r}": dev[r]["accuracy"] if r in dev else None for r in V.RULES},
+                         **({"verify_weights": dataclasses.asdict(weights)} if weights is not None else {}),
+                         **({"train_prefixes": bool(cfg.prefixes and v.train_prefixes)} if cfg.prefixes else {}),
+                         **{f"dev_prefix_accuracy@{k}": prefix_acc(res.head, *by_layer[v.layer], "dev", k)
+                            for k in cfg.prefix_eval}})
+            trained.append((res, rewards, verified, weights, dev))
+            log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag,
+                     res.metrics.get("dev_accuracy", float("nan")), dev[rule]["accuracy"], rule)
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["dev_pick"], rows[i]["dev_pair_accuracy"] or 0.0, -i))
-    best, rewards, dev = trained[best_i]
-    bv, rule = sweep[best_i], rows[best_i]["dev_rule"]
-    test = (V.best_of_n([rewards[q] for q in qs_of["test"]], [answers[q] for q in qs_of["test"]],
-                        [rights[q] for q in qs_of["test"]]) if qs_of["test"] else None)
+    best, rewards, verified, weights, dev = trained[best_i]
+    bv, rule = sweep[rows[best_i]["variant"]], rows[best_i]["dev_rule"]
+    fallback = _fallback(cfg, rule, [rewards[q] for q in qs_of["dev"]], [answers[q] for q in qs_of["dev"]],
+                         [rights[q] for q in qs_of["dev"]],
+                         None if verified is None else [verified[q] for q in qs_of["dev"]], weights)
+    if fallback is not None:
+        log.info("the chosen head's dev pick (%s) does not beat majority vote beyond 1 SE: %s; its rule is majority_vote",
+                 rule, fallback)
+        rule = "majority_vote"
+    tq = qs_of["test"]
+    test = (V.best_of_n([rewards[q] for q in tq], [answers[q] for q in tq], [rights[q] for q in tq],
+                        None if verified is None else [verified[q] for q in tq], weights) if tq else None)
     test_pairs = None
+    test_answer_pairs = None
     test_prefix: dict[str, float] = {}
     if idx["test"]:
         fw, fl = by_layer[bv.layer]
         with torch.no_grad():
             t = torch.tensor(idx["test"])
             test_pairs = float((best.head(fw[t]) > best.head(fl[t])).float().mean())
+    if al.idx["test"]:
+        afw, afl = al.tensors(bv.layer)
+        with torch.no_grad():
+            t = torch.tensor(al.idx["test"])
+            test_answer_pairs = float((best.head(afw[t]) > best.head(afl[t])).float().mean())
     for k in cfg.prefix_eval:
         fw, fl = by_layer[bv.layer]
         metrics_prefix = prefix_acc(best.head, fw, fl, "test", k)
         if metrics_prefix is not None:
             test_prefix[f"test_prefix_accuracy@{k}"] = metrics_prefix
-    selection = SelectionRule(**spec.rule(rule))
+    selection = SelectionRule(**spec.rule(rule, weights))
     metrics = {**{k: best.metrics.get(k) for k in ("train_accuracy", "dev_accuracy", "n_train", "n_dev")},
-               "test_pair_accuracy": test_pairs, "n_test_pairs": len(idx["test"]), "rule": rule,
+               "test_pair_accuracy": test_pairs, "n_test_pairs": len(idx["test"]),
+               "test_answer_pair_accuracy": test_answer_pairs, "n_test_answer_pairs": len(al.idx["test"]),
+               "level": rows[best_i]["level"], "rule": rule, "fallback": fallback,
                "dev_best_of_n": dev, "test_best_of_n": test, "parameters": num_parameters(best.head), **test_prefix}
     provenance = {
         "recipe": "verifier", "data": list(cfg.data), "limit": cfg.limit, "seed": cfg.seed,
         "answers": {"extractor": spec.extractor, "pattern": spec.pattern, "field": spec.field,
-                    "labels": list(spec.labels) if spec.labels else None, "finished_only": spec.finished_only},
+                    "labels": list(spec.labels) if spec.labels else None, "finished_only": spec.finished_only,
+                    "template": spec.template},
         "sampling": {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                      "engine": "hf", "dtype": backbone.dtype, "seed_rule": "verifier.question_seed(text, seed)"},
         "splits": {"by": "sha256 of the question text (verifier.split_of)", "dev_fraction": cfg.dev_fraction,
                    "test_fraction": cfg.test_fraction, "seed": cfg.split_seed,
                    "questions": {k: len(v) for k, v in qs_of.items()}},
         "layer": bv.layer, "pooler": bv.pooler, "loss": bv.loss, "eps": bv.eps, "lr": bv.lr,
-        "feature_dtype": backbone.dtype, "pairs": pair_stats, "labels": labels_stats,
+        "feature_dtype": backbone.dtype, "pairs": pair_stats, "answer_pairs": al.stats, "labels": labels_stats,
+        "level": rows[best_i]["level"],
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
         "test_best_of_n": test, "sweep": rows,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -356,6 +425,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     save_head(best.head, head_config, head_dir)
     metrics["head_dir"] = str(head_dir)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    metrics["answer_pairs"] = al.stats
     _write_report(out, cfg, best, rows, best_i, metrics, sampler, pair_stats, labels_stats, qs_of, rewards, rights)
     write_card(head_dir)  # again, now that the report and plots it links exist
     atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "sampler": sampler, "pairs": pair_stats,
@@ -364,6 +434,69 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     log.info("verifier head %r written to %s: rule %s, test %s", cfg.name, head_dir, rule,
              test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", rule, "oracle")})
     return metrics
+
+
+# The rules a head of each level is tried under on dev: a text-level head ranks candidates' texts; an answer-level
+# head only ever saw canonical answers, so it verifies; a head of both may do either.
+LEVEL_RULES = {"text": ("argmax", "weighted_vote", "majority_vote"), "answer": ("verify",),
+               "both": ("argmax", "weighted_vote", "majority_vote", "verify")}
+
+
+@dataclass
+class AnswerLevel:
+    """The answer-level pairs of a run (gold vs a sampled wrong answer, canonical form) and the features of every
+    rendered answer of every question (what the verify rule scores on dev and test)."""
+
+    pairs: list[Any]
+    idx: dict[str, list[int]]  # pair indices per split
+    features: list[dict[str, dict[int, Any]]]  # per question: answer -> layer -> [d]
+    stats: dict[str, Any]
+
+    def tensors(self, layer: int) -> tuple[Any, Any]:
+        import torch
+
+        return (torch.stack([self.features[p.question][p.chosen][layer] for p in self.pairs]),
+                torch.stack([self.features[p.question][p.rejected][layer] for p in self.pairs]))
+
+
+def _answer_level(cfg: VerifierConfig, backbone: Any, questions: list[Any], answers: list[list[str | None]],
+                  split: list[str], spec: Any, layers: list[int]) -> AnswerLevel:
+    """Render, pair and read the canonical answers (nothing when ``levels`` is text only)."""
+    from arbiter.training import verifier as V
+
+    if not set(cfg.levels) & {"answer", "both"}:
+        return AnswerLevel([], {"train": [], "dev": [], "test": []}, [{} for _ in questions], {})
+    canon, render_stats = V.canonical_answers(questions, answers, spec)
+    if render_stats["unrendered_gold"]:
+        log.warning("%d question(s) whose gold answer cannot be rendered as %r get no answer-level pair, e.g. %s",
+                    render_stats["unrendered_gold"], spec.template, "; ".join(render_stats["examples"][:3]))
+    pairs, pair_stats = V.make_answer_pairs(questions, answers, canon, per_question=cfg.answer_pairs_per_question)
+    idx = {k: [i for i, p in enumerate(pairs) if split[p.question] == k] for k in ("train", "dev", "test")}
+    if not idx["train"]:
+        log.warning("no answer-level training pairs (%s): training text-level heads only", pair_stats)
+        pairs, idx = [], {"train": [], "dev": [], "test": []}
+    feats = V.canonical_features(backbone, questions, canon, layers, progress=cfg.progress)
+    log.info("answer-level: %d rendered answers, %d pairs (train %d, dev %d, test %d)", render_stats["rendered"],
+             len(pairs), len(idx["train"]), len(idx["dev"]), len(idx["test"]))
+    return AnswerLevel(pairs, idx, feats, {"template": spec.template, **pair_stats,
+                                           **{k: v for k, v in render_stats.items() if k != "examples"}})
+
+
+def _fallback(cfg: VerifierConfig, rule: str, rewards: list[Any], answers: list[Any], rights: list[Any],
+              verified: list[Any] | None, weights: Any) -> dict[str, Any] | None:
+    """Why the head's rule falls back to the free majority vote, or None: with ``fallback``, when the chosen rule's
+    dev pick does not beat the majority vote on the same dev questions by more than one paired standard error."""
+    from arbiter.training import verifier as V
+
+    if not cfg.fallback or rule == "majority_vote" or not rewards:
+        return None
+    mine = V.picks(rewards, answers, rights, rule, verified if rule == "verify" else None, weights)
+    free = V.picks(rewards, answers, rights, "majority_vote")
+    gain, se = V.paired_gain(mine, free)
+    if gain > se:
+        return None
+    return {"rule": rule, "dev_accuracy": sum(mine) / len(mine), "dev_majority_vote": sum(free) / len(free),
+            "gain": gain, "se": se}
 
 
 def _all_rewards(head: Any, samples: list[Any], layer: int, head_rewards: Any) -> list[Any]:
@@ -421,21 +554,41 @@ def _write_report(out: Path, cfg: VerifierConfig, best: Any, rows: list[dict], b
                   + (" (the rule and variant were picked here, so optimistic)" if name == "dev" else " (held out)") + ":",
                   "", "| rule | accuracy | wins vs n=1 | losses vs n=1 |", "|---|---|---|---|"]
         for rname in ("n=1", *RULES, "oracle"):
-            cell = t[rname]
+            if rname not in t:
+                continue
+            e = t[rname]
             mark = " (the head's rule)" if rname == metrics["rule"] else ""
-            lines.append(f"| {rname}{mark} | {cell['accuracy']:.3f} +- {cell['se']:.3f} | {cell.get('wins', '')} | "
-                         f"{cell.get('losses', '')} |")
+            lines.append(f"| {rname}{mark} | {e['accuracy']:.3f} +- {e['se']:.3f} | {e.get('wins', '')} | "
+                         f"{e.get('losses', '')} |")
         lines.append("")
-    lines += ["Pairwise accuracy of the chosen head: train {:.3f}, dev {:.3f}, test {}.".format(
-        metrics.get("train_accuracy") or float("nan"), metrics.get("dev_accuracy") or float("nan"),
-        f"{metrics['test_pair_accuracy']:.3f}" if metrics.get("test_pair_accuracy") is not None else "-"), "",
-        "Variants (picked by the dev best-of-N pick under their best rule, then dev pair accuracy):", "",
-        "| variant | layer | pooler | loss | lr | dev pairs | dev argmax | dev weighted | dev majority | rule |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']}{' (chosen)' if r['variant'] == best_i else ''} | {r['layer']} | {r['pooler']} | "
-                     f"{r['loss']} | {r['lr']} | {(r['dev_pair_accuracy'] or 0):.3f} | {r['dev_argmax']:.3f} | "
-                     f"{r['dev_weighted_vote']:.3f} | {r['dev_majority_vote']:.3f} | {r['dev_rule']} |")
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    fb = metrics.get("fallback")
+    if fb:
+        lines += [f"**Fallback**: the chosen head's dev pick ({fb['rule']} {fb['dev_accuracy']:.3f}) does not beat the "
+                  f"free majority vote ({fb['dev_majority_vote']:.3f}) by more than one paired standard error (gain "
+                  f"{fb['gain']:+.3f} +- {fb['se']:.3f}), so the head's rule is majority_vote: the head does not help "
+                  "on this task.", ""]
+    if metrics.get("answer_pairs"):
+        a = metrics["answer_pairs"]
+        lines += [f"Answer-level pairs (gold vs a wrong answer the model sampled, rendered as `{a['template']}`): "
+                  f"{a['pairs']} from {a['with_pairs']} questions ({a['never_wrong']} never answered wrong, "
+                  f"{a['gold_unrendered']} whose gold answer cannot be rendered; {a['unrendered_samples']} sampled "
+                  "answers not renderable).", ""]
+    lines += ["Pairwise accuracy of the chosen head (level `{}`): text pairs train {}, dev {}, test {}; answer pairs "
+              "test {}.".format(metrics.get("level"), cell(metrics.get("train_accuracy")), cell(metrics.get("dev_accuracy")),
+                                cell(metrics.get("test_pair_accuracy")), cell(metrics.get("test_answer_pair_accuracy"))),
+              "", "Variants x levels (picked by the dev best-of-N pick under their best rule, then dev pair accuracy; "
+              "verify's weights are fitted on dev too):", "",
+              "| variant | level | layer | pooler | loss | lr | dev pairs | dev argmax | dev weighted | dev majority | "
+              "dev verify | rule |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        lines.append(f"| {r['variant']}{' (chosen)' if i == best_i else ''} | {r['level']} | {r['layer']} | "
+                     f"{r['pooler']} | {r['loss']} | {r['lr']} | {cell(r['dev_pair_accuracy'])} | {cell(r['dev_argmax'])} "
+                     f"| {cell(r['dev_weighted_vote'])} | {cell(r['dev_majority_vote'])} | {cell(r['dev_verify'])} | "
+                     f"{r['dev_rule']} |")
     split = "test" if qs_of["test"] else "dev"
     good = [float(rewards[q][i]) for q in qs_of[split] for i in range(len(rights[q])) if rights[q][i]]
     bad = [float(rewards[q][i]) for q in qs_of[split] for i in range(len(rights[q])) if not rights[q][i]]
