@@ -13,9 +13,15 @@ Questions that share no text with any head's training data:
          it sampled, whatever its split; for a pair head: its `limit` first rows); exact duplicates once;
   mc     the `mc` verifier head's test questions (split by a hash of the question text with exact-text
          de-duplication, re-derived from the head's provenance: never trained on, never used to pick);
-  svamp / gsm8k  the first 100 problems of each source's seeded order (head `math`; its pairs came from later ones).
+  svamp / gsm8k  the first 100 problems of each source's seeded order (head `math`; its pairs came from later ones);
+  user:<head>    a user's task: the test split of verifier head <head> (a user JSONL, re-derived from its
+                 provenance), served from --heads-dir.
+The free baselines, from the same N candidates (docs/methods.md "Confidence baselines"): each candidate's text is
+re-encoded and one teacher-forced forward of the same model (in this process) gives its token distributions:
+mean log-prob argmax, DeepConf token confidence argmax and confidence-weighted vote, self-certainty argmax.
+For `select: verify` the report also gives the extra forward's share of each request's wall time.
 Writes benchmarks/reports/<report>.md (and .json). Usage:
-    python benchmarks/bestofn_api.py [--questions 150] [--n 8] [--temperature 1.0] [--tasks sst2 mc]
+    python benchmarks/bestofn_api.py [--questions 150] [--n 8] [--temperature 1.0] [--tasks sst2 mc user:<head>]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import httpx
 import openai
 import torch  # noqa: E402
 
+from arbiter import confidence  # noqa: E402
 from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import load_choices, load_math, math_prompt  # noqa: E402
 from arbiter.training.stats import accuracy_se  # noqa: E402
@@ -41,6 +48,7 @@ from arbiter.training.verifier import (  # noqa: E402
     SST2_SPEC,
     AnswerSpec,
     normalise_text,
+    paired_gain,
 )
 
 import _serve  # benchmarks/ is on sys.path: the script's own directory
@@ -53,12 +61,18 @@ MATH_HELD = 100
 TASK_HEAD = {"sst2": "sst2", "mc": "mc", "svamp": "math", "gsm8k": "math"}
 TASK_SPEC = {"sst2": SST2_SPEC, "mc": CHOICE_SPEC, "svamp": MATH_SPEC, "gsm8k": MATH_SPEC}
 MAX_TOKENS = {"sst2": 16, "mc": 24, "svamp": 200, "gsm8k": 200}
-GOALS = {"sst2": 0.20, "mc": 0.10}  # the head rule must beat max(n=1, majority vote) by this much
+# The head rule must beat the best free baseline by this much (issue: answer-level verification), and reach MIN_ACC.
+GOALS = {"sst2": 0.25, "mc": 0.12}
+MIN_ACC = {"sst2": 0.80}
 RULES = ("argmax", "weighted_vote", "majority_vote")
+# The free baselines at the same N: (column, confidence score, argmax or vote)
+CONF_RULES = (("conf_logprob", "mean_logprob", "argmax"), ("conf_deepconf", "deepconf", "argmax"),
+              ("conf_deepconf_vote", "deepconf", "vote"), ("conf_self_certainty", "self_certainty", "argmax"))
+BASELINES = ("n1", "majority_vote", "weighted_vote", *(c for c, _, _ in CONF_RULES))
 
 
-def _provenance(head: str) -> dict[str, Any]:
-    return json.loads((HEADS / head / "head_config.json").read_text()).get("provenance", {})
+def _provenance(head: str, heads: Path = HEADS) -> dict[str, Any]:
+    return json.loads((heads / head / "head_config.json").read_text()).get("provenance", {})
 
 
 def sst2_training_texts() -> tuple[list[str], list[str]]:
@@ -107,7 +121,7 @@ def sst2_disjoint(limit: int) -> tuple[list[Any], dict[str, Any]]:
     return kept[:limit], stats
 
 
-def tasks(n: int, only: list[str] | None) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+def tasks(n: int, only: list[str] | None, heads_dir: Path = HEADS) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     from arbiter.training.recipes.verifier import held_out_questions
 
     out: dict[str, list[dict]] = {}
@@ -127,6 +141,18 @@ def tasks(n: int, only: list[str] | None) -> tuple[dict[str, list[dict]], dict[s
         if only and src in only:
             probs, _ = load_math(src, seed=0)
             out[src] = [{"messages": math_prompt(p), "gold": p.answer} for p in probs[: min(MATH_HELD, n)]]
+    for task in only or ():
+        if task.startswith("user:"):
+            head = task.split(":", 1)[1]
+            prov = _provenance(head, heads_dir)
+            held = held_out_questions(prov, "test")
+            info[task] = {"test_questions": len(held), "sources": prov["data"], "limit": prov["limit"],
+                          "split": prov["splits"]}
+            TASK_HEAD[task] = head
+            TASK_SPEC[task] = AnswerSpec(**{**prov["answers"], "labels": tuple(prov["answers"]["labels"])
+                                            if prov["answers"].get("labels") else None})
+            MAX_TOKENS[task] = prov["sampling"]["max_tokens"]
+            out[task] = [{"messages": q.messages, "gold": q.gold} for q in held[:n]]
     return out, info
 
 
@@ -149,12 +175,16 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", default=["sst2", "mc"], help="sst2, mc, svamp, gsm8k")
     ap.add_argument("--report", default="bestofn_api", help="report name under benchmarks/reports/")
     ap.add_argument("--concurrency", type=int, default=4, help="questions in flight at once (the server batches them)")
+    ap.add_argument("--heads-dir", default=str(HEADS), help="the heads the server loads (user:<head> tasks' heads)")
+    ap.add_argument("--merge", action="store_true", help="add these tasks to the report's existing ones (each task "
+                                                          "keeps the command, commit and date of its own run)")
     args = ap.parse_args()
     report = ROOT / "benchmarks" / "reports" / args.report
     commit = git_commit()
-    qsets, qinfo = tasks(args.questions, args.tasks)
+    heads_dir = Path(args.heads_dir).resolve()
+    qsets, qinfo = tasks(args.questions, args.tasks, heads_dir)
     log_path = ROOT / "runs" / f"{args.report}_server.log"  # runs/ is not committed
-    proc, url = _serve.start_server({"ARBITER_HEADS_DIR": str(HEADS), "ARBITER_THREADS": str(args.threads),
+    proc, url = _serve.start_server({"ARBITER_HEADS_DIR": str(heads_dir), "ARBITER_THREADS": str(args.threads),
                                      "ARBITER_LOG_LEVEL": "info", "ARBITER_MAX_CANDIDATES": "16",
                                      "ARBITER_REQUEST_TIMEOUT_S": "900"}, log_path)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
@@ -178,10 +208,12 @@ def main() -> None:
             def ask(i: int, q: dict, head: str = head, task: str = task, answer: Any = answer) -> dict:
                 g = client.chat.completions.create(model=model, messages=q["messages"], temperature=0,
                                                    max_tokens=MAX_TOKENS[task])
+                t_req = time.monotonic()
                 r = client.chat.completions.create(
                     model=model, messages=q["messages"], temperature=args.temperature, seed=1000 + i,
                     max_tokens=MAX_TOKENS[task],
                     extra_body={"rerank": {"candidates": args.n, "heads": [head], "return_candidates": True}})
+                wall = time.monotonic() - t_req
                 info = r.model_extra["rerank"]
                 rows = info["candidates"]
                 answers = [answer(c["text"], c["finish_reason"]) for c in rows]
@@ -190,7 +222,10 @@ def main() -> None:
                 out = {"gold": q["gold"], "greedy": answer(g.choices[0].message.content, g.choices[0].finish_reason) == q["gold"],
                        "n1": right[0], "head_rule": right[info["chosen"][0]], "rule": info["rule"],
                        "oracle": any(right), "tokens": sum(c["completion_tokens"] for c in rows),
-                       "answers": answers, "rewards": rew[:, 0].tolist()}
+                       "answers": answers, "rewards": rew[:, 0].tolist(), "right": right,
+                       "texts": [c["text"] for c in rows], "completion_tokens": [c["completion_tokens"] for c in rows],
+                       "messages": q["messages"], "wall_s": wall,
+                       "verify": info.get("verify"), "verify_tokens": (r.usage.model_extra or {}).get("verify_tokens")}
                 for rule in RULES:
                     out[rule] = right[select(rew, rule, answers).order[0]]
                 # Adaptive N replayed on the same candidates with the server's stopping rule (rerank.settled):
@@ -208,9 +243,12 @@ def main() -> None:
             t0 = time.monotonic()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 rows = list(pool.map(ask, range(len(qs)), qs))
+            seconds = round(time.monotonic() - t0, 1)
+            mismatched = free_baselines(rows)
             n = len(rows)
-            cols = ("greedy", "n1", "head_rule", *RULES, "oracle", "adaptive_argmax", "adaptive_majority_vote")
-            res: dict[str, Any] = {"head": head, "questions": n, "seconds": round(time.monotonic() - t0, 1),
+            cols = ("greedy", "n1", "head_rule", *RULES, *(c for c, _, _ in CONF_RULES), "oracle", "adaptive_argmax",
+                    "adaptive_majority_vote")
+            res: dict[str, Any] = {"head": head, "questions": n, "seconds": seconds, "retokenized_mismatch": mismatched,
                                    "rule": rows[0]["rule"] if rows else None, "tokens_fixed_n": sum(x["tokens"] for x in rows)}
             for k in cols:
                 acc = sum(x[k] for x in rows) / n
@@ -221,9 +259,22 @@ def main() -> None:
                               tokens=sum(x[f"{k}_tokens"] for x in rows))
             golds = [x["gold"] for x in rows]
             res["majority_class"] = max(golds.count(g) for g in set(golds)) / n if task == "sst2" else None
-            base = max(res["n1"]["acc"], res["majority_vote"]["acc"])
+            best = max(BASELINES, key=lambda k: res[k]["acc"])
+            gain, se = paired_gain([x["head_rule"] for x in rows], [x[best] for x in rows])
+            res["best_baseline"] = {"column": best, "acc": res[best]["acc"], "gain": gain, "gain_se": se,
+                                    "wins": sum(x["head_rule"] and not x[best] for x in rows),
+                                    "losses": sum(x[best] and not x["head_rule"] for x in rows)}
             if task in GOALS:
-                res["goal"] = {"bar": base + GOALS[task], "met": res["head_rule"]["acc"] >= base + GOALS[task]}
+                bar = max(res[best]["acc"] + GOALS[task], MIN_ACC.get(task, 0.0))
+                res["goal"] = {"bar": bar, "met": res["head_rule"]["acc"] >= bar}
+            shares = [x["verify"]["seconds"] / x["wall_s"] for x in rows if x.get("verify") and x["wall_s"] > 0]
+            if shares:
+                res["verify_cost"] = {"mean_share_of_wall": sum(shares) / len(shares),
+                                      "max_share_of_wall": max(shares),
+                                      "mean_answers_scored": sum(x["verify"]["answers_scored"] for x in rows if x.get("verify")) / len(shares),
+                                      "mean_tokens": sum(x["verify"]["tokens"] for x in rows if x.get("verify")) / len(shares)}
+            for x in rows:
+                del x["messages"]
             res["rows"] = rows
             results[task] = res
             print(task, n, {k: round(res[k]["acc"], 3) for k in cols}, flush=True)
@@ -234,9 +285,42 @@ def main() -> None:
             "n": args.n, "temperature": args.temperature, "threads": args.threads, "model": model,
             "server_dtype": dtype_line[-200:], "seconds": round(seconds, 1), "questions": qinfo,
             "cpu": _cpu(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for r in results.values():
+        r["run"] = {k: meta[k] for k in ("command", "commit", "date", "seconds", "cpu", "server_dtype")}
+    if args.merge and report.with_suffix(".json").is_file():
+        old = json.loads(report.with_suffix(".json").read_text())
+        results = {**{k: v for k, v in old["results"].items() if k not in results}, **results}
+        meta["questions"] = {**old["meta"].get("questions", {}), **meta["questions"]}
     report.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     report.with_suffix(".md").write_text(markdown(meta, results, args) + "\n")
     print(markdown(meta, results, args))
+
+
+_MODEL: Any = None
+
+
+def free_baselines(rows: list[dict]) -> int:
+    """Each row's confidence columns (CONF_RULES) from the same candidates: the candidate texts re-encoded as the
+    server encodes answers, one teacher-forced forward each (arbiter.confidence). Returns how many candidates
+    re-encoded to a different token count than the server generated (the approximation's size)."""
+    global _MODEL
+    from arbiter.backbone import load_backbone
+    from arbiter.chat import answer_ids, prompt_ids
+
+    if _MODEL is None:
+        _MODEL = load_backbone()  # dtype auto, as the server: the distributions the candidates were sampled from
+    bb, mismatched = _MODEL, 0
+    for x in rows:
+        p = prompt_ids(bb.tokenizer, x["messages"])
+        ids = [answer_ids(bb.tokenizer, t, bb.end_id, close=False) for t in x["texts"]]
+        mismatched += sum(len(a) != k for a, k in zip(ids, x["completion_tokens"]))
+        conf = confidence.candidate_confidence(bb.model, p, ids)
+        x["confidence"] = {name: [c.score(name) for c in conf] for name in confidence.SCORES}
+        for col, score, how in CONF_RULES:
+            sc = x["confidence"][score]
+            pick = confidence.argmax(sc) if how == "argmax" else confidence.vote(sc, x["answers"], shift=False)
+            x[col] = x["right"][pick]
+    return mismatched
 
 
 def _cpu() -> str:
@@ -251,15 +335,20 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
     n = args.n
     cols = [("greedy", "greedy"), ("n1", "n=1"), ("head_rule", "**head rule** (the server's pick)"),
             ("argmax", "argmax"), ("weighted_vote", "weighted vote"), ("majority_vote", f"majority of {n}"),
+            ("conf_logprob", "mean log-prob argmax"), ("conf_deepconf", "DeepConf argmax"),
+            ("conf_deepconf_vote", "DeepConf weighted vote"), ("conf_self_certainty", "self-certainty argmax"),
             ("oracle", f"oracle pass@{n}")]
     lines = ["# Best-of-N through the API, on questions no head trained on", "",
-             f"Command: `{meta['command']}` on commit `{meta['commit']}`, {meta['date']}, {meta['seconds'] / 60:.1f} min, "
-             f"{meta['cpu']}; `arbiter serve` on {meta['model']} with the committed heads, {meta['threads']} threads; "
-             f"server log: `{meta['server_dtype'][-140:]}`.", "",
+             *[f"{task}: `{r['run']['command']}` on commit `{r['run']['commit']}`, {r['run']['date']}, "
+               f"{r['run']['seconds'] / 60:.1f} min, {r['run']['cpu']}; server log: `{r['run']['server_dtype'][-140:]}`."
+               for task, r in results.items() if "run" in r],
+             "", f"`arbiter serve` on {meta['model']} with the heads of `--heads-dir`, {meta['threads']} threads.", "",
              f"Per question: one greedy request, and one rerank request (N={n}, temperature {meta['temperature']}, seed "
              "1000 + question index, `return_candidates`, no `select`: the server applies the head's own rule). "
              "n=1 (candidate 0), argmax, weighted vote, majority vote and oracle are read from the same candidates "
-             "and rewards with the server's selection code. Accuracy +- standard error; (wins / losses) are paired "
+             "and rewards with the server's selection code; the confidence columns (the model's own, free: "
+             "docs/methods.md \"Confidence baselines\") from the same candidates re-encoded and read by one "
+             "teacher-forced forward of the same model. Accuracy +- standard error; (wins / losses) are paired "
              "against n=1 on the same questions.", "",
              "| task | questions | " + " | ".join(c for _, c in cols) + " | tokens (fixed N) |",
              "|---|---|" + "---|" * len(cols) + "---|"]
@@ -270,13 +359,28 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
             cells.append(f"{c['acc']:.3f} +- {c['se']:.3f}" + (f" ({c['wins']} / {c['losses']})" if k not in ("greedy", "n1") else ""))
         lines.append(f"| {task} (head `{r['head']}`, rule `{(r['rule'] or {}).get('select')}`) | {r['questions']} | "
                      + " | ".join(cells) + f" | {r['tokens_fixed_n']} |")
-    lines += ["", "Goals (the head's rule must add knowledge beyond sampling and plain voting):", ""]
+    lines += ["", "The head's rule against the best free baseline (the best of n=1, majority vote, weighted vote and the "
+              "four confidence rules on these questions; paired over the same questions):", ""]
     for task, r in results.items():
+        b = r["best_baseline"]
+        line = (f"- {task}: head rule {r['head_rule']['acc']:.3f} vs {b['column']} {b['acc']:.3f}: gain {b['gain']:+.3f} "
+                f"+- {b['gain_se']:.3f} (wins / losses {b['wins']} / {b['losses']})")
         if "goal" in r:
-            base = max(r["n1"]["acc"], r["majority_vote"]["acc"])
-            lines.append(f"- {task}: head rule {r['head_rule']['acc']:.3f} vs the bar max(n=1, majority) + {GOALS[task]:.2f} "
-                         f"= {base:.3f} + {GOALS[task]:.2f} = {r['goal']['bar']:.3f}: **{'met' if r['goal']['met'] else 'not met'}**."
-                         + (f" Majority-class baseline: {r['majority_class']:.3f}." if r.get("majority_class") else ""))
+            line += (f"; goal >= {r['goal']['bar']:.3f} (best baseline + {GOALS[task]:.2f}"
+                     + (f", and >= {MIN_ACC[task]:.2f}" if task in MIN_ACC else "") + f"): **{'met' if r['goal']['met'] else 'not met'}**")
+        if r.get("majority_class"):
+            line += f". Majority-class baseline: {r['majority_class']:.3f}"
+        lines.append(line + ".")
+    costs = {t: r["verify_cost"] for t, r in results.items() if r.get("verify_cost")}
+    if costs:
+        lines += ["", "What verification cost (`rerank.verify`: the one extra score pass over the distinct answers in "
+                  "canonical form, measured by the server; its share of each request's wall time as the client saw it):", ""]
+        for t, c in costs.items():
+            lines.append(f"- {t}: {c['mean_answers_scored']:.2f} answers scored per request, {c['mean_tokens']:.0f} tokens; "
+                         f"{c['mean_share_of_wall']:.1%} of the request's wall time on average (max {c['max_share_of_wall']:.1%}).")
+    mism = {t: r.get("retokenized_mismatch") for t, r in results.items()}
+    lines += ["", "Re-encoded candidates whose token count differs from what the server generated (the confidence "
+              "columns read those re-encoded tokens): " + ", ".join(f"{t} {m}" for t, m in mism.items()) + "."]
     lines += ["", f"Adaptive N (rounds of 2 up to {n}, replayed on the same candidates with the server's stopping rule "
               f"`rerank.settled`: argmax stops when the best reward beats the runner-up by > {ADAPTIVE.margin}, majority "
               f"when one answer holds >= {ADAPTIVE.supermajority} of the answered votes):", "",
@@ -300,6 +404,12 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
         lines.append(f"- mc: the `mc` head's test split ({m['test_questions']} questions of {', '.join(m['sources'])}, "
                      f"limit {m['limit']} per source, split {m['split']['by']}, test fraction {m['split']['test_fraction']}); "
                      f"the first {results.get('mc', {}).get('questions', 0)} used.")
+    for t in results:
+        if t.startswith("user:"):
+            m = q[t]
+            lines.append(f"- {t}: head `{results[t]['head']}`'s test split ({m['test_questions']} questions of "
+                         f"{', '.join(m['sources'])}, limit {m['limit']}, split {m['split']['by']}); the first "
+                         f"{results[t]['questions']} used.")
     for t in ("svamp", "gsm8k"):
         if t in results:
             lines.append(f"- {t}: the first {MATH_HELD} problems of the seeded order (head `math`'s pairs came from later ones).")

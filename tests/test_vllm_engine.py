@@ -179,6 +179,24 @@ def test_score_endpoint_rewards_from_vllm(server, backbone, heads_dir, mid):
         assert all(_close(got, want, 1e-4)), (name, got, want)
 
 
+def test_verify_scores_each_distinct_answer_once_through_vllm(server, backbone, heads_dir, mid):
+    """select=verify on the vLLM engine: each distinct first word (a regex extractor) is scored once as a canonical
+    answer through the engine's score path; the canonical rewards equal the head on a standalone HF forward."""
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+        "model": mid, "messages": PROMPT, "max_tokens": 12, "seed": 5, "temperature": 1.2,
+        "rerank": {"candidates": 6, "heads": ["final"], "select": "verify", "extractor": "regex",
+                   "pattern": r"^\W*(\w+)", "canonical": "{answer}", "return_candidates": True}})
+    assert r.status_code == 200, r.text
+    info = r.json()["rerank"]
+    groups = [g for g in info["groups"] if "canonical_reward" in g]
+    assert info["policy"] == "verify" and groups and info["verify"]["answers_scored"] == len(groups)
+    want = reference_rewards(backbone, heads_dir / "final", [g["canonical"] for g in groups], -1)
+    assert all(_close([g["canonical_reward"] for g in groups], want, 1e-4)), (groups, want)
+    best = max(groups, key=lambda g: (g["canonical_reward"], -g["candidates"][0]))
+    assert info["chosen"][0] == best["candidates"][0]
+    assert r.json()["usage"]["verify_tokens"] == info["verify"]["tokens"] > 0
+
+
 def test_an_intermediate_head_is_refused_without_the_hf_copy(server, heads_dir):
     r = httpx.post(f"{server.url}/v1/admin/heads", headers=ADMIN, timeout=60,
                    json={"path": "spare/mid", "name": "mid"})

@@ -80,7 +80,11 @@ def render_card(config: HeadConfig, head_dir: str | os.PathLike[str] | None = No
               f"request: `\"rerank\": {{\"heads\": [\"{config.name}\"]}}`. Higher reward = better answer.", ""]
     sel = config.selection
     rule = "argmax (no rule of its own)" if sel is None else (
-        f"`{sel.select}`" + (f" with the `{sel.extractor}` answer extractor" if sel.extractor else ""))
+        f"`{sel.select}`" + (f" with the `{sel.extractor}` answer extractor" if sel.extractor else "")
+        + (f", each distinct answer scored as `{sel.canonical}`" + (
+            f" (+ {sel.vote_weight:g} x vote share)" if sel.vote_weight else "")
+            + (f" (+ {sel.text_weight:g} x best text reward)" if sel.text_weight else "")
+            if sel.select == "verify" and sel.canonical else ""))
     lines += ["| | |", "|---|---|",
               f"| backbone | {config.backbone.model_name} (hidden {config.backbone.hidden_size}, {config.backbone.num_layers} "
               f"layers, vocabulary hash `{config.backbone.vocab_hash}`) |",

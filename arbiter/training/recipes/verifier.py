@@ -374,6 +374,9 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     tq = qs_of["test"]
     test = (V.best_of_n([rewards[q] for q in tq], [answers[q] for q in tq], [rights[q] for q in tq],
                         None if verified is None else [verified[q] for q in tq], weights) if tq else None)
+    if test is not None:  # the free baselines from the same candidates (docs/methods.md "Confidence baselines")
+        test.update(_confidence_rules(backbone, [questions[q] for q in tq], [samples[q] for q in tq],
+                                      [answers[q] for q in tq], [rights[q] for q in tq]))
     test_pairs = None
     test_answer_pairs = None
     test_prefix: dict[str, float] = {}
@@ -499,6 +502,34 @@ def _fallback(cfg: VerifierConfig, rule: str, rewards: list[Any], answers: list[
             "gain": gain, "se": se}
 
 
+CONFIDENCE_RULES = (("mean log-prob argmax", "mean_logprob", "argmax"), ("DeepConf argmax", "deepconf", "argmax"),
+                    ("DeepConf weighted vote", "deepconf", "vote"), ("self-certainty argmax", "self_certainty", "argmax"))
+
+
+def _confidence_rules(backbone: Any, questions: list[Any], samples: list[Any], answers: list[Any],
+                      rights: list[Any]) -> dict[str, Any]:
+    """Best-of-N rows of the model's own confidence (arbiter.confidence) on the same candidates: one teacher-forced
+    forward over each candidate's sampled tokens gives exactly the distributions they were drawn from."""
+    from arbiter import confidence
+    from arbiter.chat import prompt_ids
+    from arbiter.training.stats import accuracy_se
+
+    right: dict[str, list[bool]] = {name: [] for name, _, _ in CONFIDENCE_RULES}
+    for q, s, aa, rr in zip(questions, samples, answers, rights):
+        conf = confidence.candidate_confidence(backbone.model, prompt_ids(backbone.tokenizer, q.messages), s.token_ids)
+        for name, score, how in CONFIDENCE_RULES:
+            sc = [c.score(score) for c in conf]
+            pick = confidence.argmax(sc) if how == "argmax" else confidence.vote(sc, aa, shift=False)
+            right[name].append(bool(rr[pick]))
+    n1 = [bool(r[0]) for r in rights]
+    out = {}
+    for name, r in right.items():
+        acc = sum(r) / len(r)
+        out[name] = {"accuracy": acc, "se": accuracy_se(acc, len(r)), "wins": sum(a and not b for a, b in zip(r, n1)),
+                     "losses": sum(b and not a for a, b in zip(r, n1)), "free": True}
+    return out
+
+
 def _all_rewards(head: Any, samples: list[Any], layer: int, head_rewards: Any) -> list[Any]:
     """Rewards of every candidate of every question ([N] each), as the server scores them."""
     import torch
@@ -553,7 +584,7 @@ def _write_report(out: Path, cfg: VerifierConfig, best: Any, rows: list[dict], b
         lines += [f"Best-of-{cfg.n} on the {name} questions ({t['questions']}), the server's selection code"
                   + (" (the rule and variant were picked here, so optimistic)" if name == "dev" else " (held out)") + ":",
                   "", "| rule | accuracy | wins vs n=1 | losses vs n=1 |", "|---|---|---|---|"]
-        for rname in ("n=1", *RULES, "oracle"):
+        for rname in ("n=1", *RULES, *(c for c, _, _ in CONFIDENCE_RULES), "oracle"):
             if rname not in t:
                 continue
             e = t[rname]
@@ -577,9 +608,10 @@ def _write_report(out: Path, cfg: VerifierConfig, best: Any, rows: list[dict], b
                   f"{a['pairs']} from {a['with_pairs']} questions ({a['never_wrong']} never answered wrong, "
                   f"{a['gold_unrendered']} whose gold answer cannot be rendered; {a['unrendered_samples']} sampled "
                   "answers not renderable).", ""]
-    lines += ["Pairwise accuracy of the chosen head (level `{}`): text pairs train {}, dev {}, test {}; answer pairs "
-              "test {}.".format(metrics.get("level"), cell(metrics.get("train_accuracy")), cell(metrics.get("dev_accuracy")),
-                                cell(metrics.get("test_pair_accuracy")), cell(metrics.get("test_answer_pair_accuracy"))),
+    lines += ["Pairwise accuracy of the chosen head (level `{}`): its own training pairs train {}, dev {}; held-out test "
+              "text pairs {}, answer pairs {}.".format(
+                  metrics.get("level"), cell(metrics.get("train_accuracy")), cell(metrics.get("dev_accuracy")),
+                  cell(metrics.get("test_pair_accuracy")), cell(metrics.get("test_answer_pair_accuracy"))),
               "", "Variants x levels (picked by the dev best-of-N pick under their best rule, then dev pair accuracy; "
               "verify's weights are fitted on dev too):", "",
               "| variant | level | layer | pooler | loss | lr | dev pairs | dev argmax | dev weighted | dev majority | "

@@ -1,0 +1,92 @@
+"""The model's own confidence in a candidate, from its token distributions: the free baselines a learned head must
+beat (docs/methods.md "Confidence baselines").
+
+Per generated token t with distribution p_t over the V vocabulary entries (temperature 1, the distribution the
+candidate was sampled from):
+  log-prob        log p_t(x_t) of the token that was generated;
+  DeepConf        token confidence C_t = -(1/k) sum_{j in top-k} log p_t(j), k = 20 (arXiv 2508.15260, eq. 2);
+  self-certainty  KL(U || p_t) = -(1/V) sum_j log(V p_t(j)) (arXiv 2502.18581, eq. 3).
+A candidate's score is the mean over its tokens (mean log-prob, DeepConf's average trace confidence, mean
+self-certainty); higher means more confident for all three. ``vote`` is the confidence-weighted majority vote
+(DeepConf's weighted voting without filtering; CISC-style weights are its softmax variant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+DEEPCONF_K = 20
+SCORES = ("mean_logprob", "deepconf", "self_certainty")
+
+
+@dataclass(frozen=True)
+class Confidence:
+    mean_logprob: float
+    deepconf: float
+    self_certainty: float
+    tokens: int
+
+    def score(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, k: int = DEEPCONF_K) -> dict[str, torch.Tensor]:
+    """Per-token scores of one candidate: ``logits`` [T, V] (the logits that sampled each of the T tokens),
+    ``tokens`` [T]; returns name -> [T] float64 (module docstring)."""
+    lp = torch.log_softmax(logits.double(), dim=-1)  # [T, V]
+    v = lp.shape[-1]
+    return {"logprob": lp.gather(-1, tokens[:, None].long())[:, 0],
+            "deepconf": -lp.topk(min(k, v), dim=-1).values.mean(-1),
+            "self_certainty": -math.log(v) - lp.mean(-1)}
+
+
+def summarise(per_token: dict[str, torch.Tensor]) -> Confidence:
+    t = int(per_token["logprob"].numel())
+    if t == 0:
+        return Confidence(float("-inf"), float("-inf"), float("-inf"), 0)
+    return Confidence(float(per_token["logprob"].mean()), float(per_token["deepconf"].mean()),
+                      float(per_token["self_certainty"].mean()), t)
+
+
+@torch.no_grad()
+def candidate_confidence(model: Any, prompt_ids: Sequence[int], answers: Sequence[Sequence[int]],
+                         k: int = DEEPCONF_K) -> list[Confidence]:
+    """Each answer's confidence from one teacher-forced forward over prompt + answer (the logits at the positions
+    that predicted each answer token: exactly the distributions a temperature-1 decode sampled them from)."""
+    out = []
+    p = list(prompt_ids)
+    for a in answers:
+        if not a:
+            out.append(summarise({"logprob": torch.zeros(0)}))
+            continue
+        seq = torch.tensor([p + list(a)])
+        logits = model(input_ids=seq).logits[0, len(p) - 1 : -1].float()  # [T, V]
+        out.append(summarise(token_confidence(logits, torch.tensor(list(a)), k)))
+    return out
+
+
+def vote(scores: Sequence[float], answers: Sequence[str | None], *, shift: bool = True) -> int:
+    """The confidence-weighted vote's pick: answers weighted by the sum of their candidates' scores (shifted so
+    the least confident answered candidate weighs just above 0 when ``shift``: mean log-probs are negative);
+    the heaviest answer wins, its most confident member is returned; ties to the lower index. No answer at all:
+    the most confident candidate."""
+    idx = [i for i, a in enumerate(answers) if a is not None and math.isfinite(scores[i])]
+    if not idx:
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+    low = min(scores[i] for i in idx) if shift else 0.0
+    weight: dict[str, float] = {}
+    for i in idx:
+        a = answers[i]
+        assert a is not None
+        weight[a] = weight.get(a, 0.0) + (scores[i] - low + 1e-6 if shift else scores[i])
+    best = max(weight, key=lambda a: (weight[a], max(scores[i] for i in idx if answers[i] == a),
+                                      -min(i for i in idx if answers[i] == a)))
+    return max((i for i in idx if answers[i] == best), key=lambda i: (scores[i], -i))
+
+
+def argmax(scores: Sequence[float]) -> int:
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))

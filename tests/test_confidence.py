@@ -1,0 +1,89 @@
+"""The confidence baselines (``arbiter.confidence``) against a plain numpy computation over the full vocabulary,
+and the confidence-weighted vote by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from arbiter.confidence import summarise, token_confidence, vote
+
+
+def _reference(logits: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Straight from the formulas: p = softmax(logits); log p(x_t); -(1/k) sum of the k largest log p;
+    KL(U || p) = sum_j (1/V) log((1/V) / p_j)."""
+    out = {"logprob": [], "deepconf": [], "self_certainty": []}
+    for row, tok in zip(logits.astype(np.float64), tokens):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        logp = np.log(p)
+        v = len(p)
+        out["logprob"].append(logp[tok])
+        out["deepconf"].append(-np.sort(logp)[::-1][:k].mean())
+        out["self_certainty"].append(np.sum((1.0 / v) * np.log((1.0 / v) / p)))
+    return {key: np.array(val) for key, val in out.items()}
+
+
+@pytest.mark.parametrize("v,k", [(50, 20), (7, 20), (49152, 20)])
+def test_token_scores_equal_the_full_vocabulary_formulas(v, k):
+    g = np.random.default_rng(v)
+    logits = (g.standard_normal((6, v)) * 3).astype(np.float32)
+    tokens = g.integers(0, v, 6)
+    got = token_confidence(torch.from_numpy(logits), torch.from_numpy(tokens), k)
+    want = _reference(logits, tokens, k)
+    for name in want:
+        np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-9, atol=1e-9, err_msg=name)
+    c = summarise(got)
+    assert c.tokens == 6 and c.mean_logprob == pytest.approx(want["logprob"].mean())
+    assert c.deepconf == pytest.approx(want["deepconf"].mean())
+    assert c.self_certainty == pytest.approx(want["self_certainty"].mean())
+    # A sharper distribution is more confident under all three.
+    sharp = summarise(token_confidence(torch.from_numpy(logits) * 4, torch.from_numpy(logits.argmax(-1))))
+    assert sharp.mean_logprob > c.mean_logprob and sharp.deepconf > c.deepconf and sharp.self_certainty > c.self_certainty
+
+
+def test_confidence_weighted_vote_by_hand():
+    # answers a, a, b, None, b with scores -1.0, -3.0, -0.5, 5.0, -0.6: shifted by the lowest answered (-3.0):
+    # a = 2.0 + 0 = 2.0, b = 2.5 + 2.4 = 4.9 -> b wins, its most confident member is candidate 2.
+    assert vote([-1.0, -3.0, -0.5, 5.0, -0.6], ["a", "a", "b", None, "b"]) == 2
+    # Unshifted (DeepConf's positive confidences): a = 3 + 3, b = 5 -> a, member 0 (tie to the lower index).
+    assert vote([3.0, 3.0, 5.0, 9.0], ["a", "a", "b", None], shift=False) == 0
+    assert vote([1.0, 2.0], [None, None]) == 1  # nobody answered: the most confident candidate
+    assert vote([-math.inf, 1.0], ["a", "b"]) == 1
+
+
+def _deepconf_utils():
+    """``deepconf/utils.py`` of the reference package, loaded by path: the package's ``__init__`` imports vLLM."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("deepconf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the deepconf package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils.py"
+    mod_spec = importlib.util.spec_from_file_location("deepconf_utils", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_deepconf_token_confidence_and_weighted_vote_equal_the_reference_package():
+    from types import SimpleNamespace
+
+    dc = _deepconf_utils()
+    g = np.random.default_rng(0)
+    logits = torch.from_numpy((g.standard_normal((5, 300)) * 2).astype(np.float32))
+    tokens = torch.from_numpy(g.integers(0, 300, 5))
+    lp = torch.log_softmax(logits.double(), -1)
+    # vLLM's logprobs=20 per position: the top 20 (token -> Logprob object), which deepconf reads
+    top = [{int(j): SimpleNamespace(logprob=float(row[j])) for j in row.topk(20).indices} for row in lp]
+    want = dc.compute_confidence(top)  # rounded to 3 decimals by the package
+    got = token_confidence(logits, tokens)["deepconf"].tolist()
+    assert got == pytest.approx(want, abs=5e-4)
+    answers = ["a", "b", "a", None, "b", "c"]
+    weights = [1.0, 2.5, 1.2, 9.0, 0.1, 2.4]
+    assert answers[vote(weights, answers, shift=False)] == dc.weighted_majority_vote(answers, weights)
