@@ -54,18 +54,35 @@ def summarise(per_token: dict[str, torch.Tensor]) -> Confidence:
 
 @torch.no_grad()
 def candidate_confidence(model: Any, prompt_ids: Sequence[int], answers: Sequence[Sequence[int]],
-                         k: int = DEEPCONF_K) -> list[Confidence]:
-    """Each answer's confidence from one teacher-forced forward over prompt + answer (the logits at the positions
-    that predicted each answer token: exactly the distributions a temperature-1 decode sampled them from)."""
-    out = []
-    p = list(prompt_ids)
-    for a in answers:
-        if not a:
-            out.append(summarise({"logprob": torch.zeros(0)}))
-            continue
-        seq = torch.tensor([p + list(a)])
-        logits = model(input_ids=seq).logits[0, len(p) - 1 : -1].float()  # [T, V]
-        out.append(summarise(token_confidence(logits, torch.tensor(list(a)), k)))
+                         k: int = DEEPCONF_K, pad_id: int = 0) -> list[Confidence]:
+    """Each answer's confidence from a teacher-forced forward over prompt + answer: the logits at the positions that
+    predicted each answer token, exactly the distributions a temperature-1 decode sampled them from. The prompt is
+    run once and its KV cache shared by the answers, which go in one right-padded batch (causal attention keeps
+    each row's real positions exact; tests/test_confidence.py checks it against one plain forward per answer)."""
+    from transformers import DynamicCache
+
+    rows = [i for i, a in enumerate(answers) if a]
+    out = [summarise({"logprob": torch.zeros(0)})] * len(answers)
+    if not rows:
+        return out
+    p = torch.tensor([list(prompt_ids)])  # [1, P]
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    cache = DynamicCache(config=model.config)
+    first = lm_head(decoder(input_ids=p, past_key_values=cache, use_cache=True).last_hidden_state[:, -1])  # [1, V]
+    width = max(len(answers[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.cat([torch.ones(len(rows), p.shape[1], dtype=torch.long), torch.zeros_like(ids)], dim=1)
+    for r, i in enumerate(rows):
+        ids[r, : len(answers[i])] = torch.tensor(list(answers[i]))
+        mask[r, p.shape[1] : p.shape[1] + len(answers[i])] = 1
+    cache.batch_select_indices(torch.zeros(len(rows), dtype=torch.long))
+    pos = (p.shape[1] + torch.arange(width)).expand(len(rows), width)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True).last_hidden_state  # [R, W, d]
+    for r, i in enumerate(rows):
+        a = list(answers[i])
+        logits = torch.cat([first, lm_head(hidden[r, : len(a) - 1])]).float()  # [T, V]: row t predicts token t
+        out[i] = summarise(token_confidence(logits, torch.tensor(a), k))
     return out
 
 

@@ -49,6 +49,7 @@ from arbiter.training.verifier import (  # noqa: E402
     AnswerSpec,
     normalise_text,
     paired_gain,
+    spec_of,
 )
 
 import _serve  # benchmarks/ is on sys.path: the script's own directory
@@ -77,7 +78,7 @@ def _provenance(head: str, heads: Path = HEADS) -> dict[str, Any]:
 
 def sst2_training_texts() -> tuple[list[str], list[str]]:
     """(normalised SST-2 texts any committed head trained on, which heads they came from)."""
-    from arbiter.training.recipes.verifier import held_out_questions
+    from arbiter.training.verifier import held_out_questions
 
     texts, used = [], []
     for cfg in sorted(HEADS.glob("*/head_config.json")):
@@ -122,7 +123,7 @@ def sst2_disjoint(limit: int) -> tuple[list[Any], dict[str, Any]]:
 
 
 def tasks(n: int, only: list[str] | None, heads_dir: Path = HEADS) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    from arbiter.training.recipes.verifier import held_out_questions
+    from arbiter.training.verifier import held_out_questions
 
     out: dict[str, list[dict]] = {}
     info: dict[str, Any] = {}
@@ -149,10 +150,11 @@ def tasks(n: int, only: list[str] | None, heads_dir: Path = HEADS) -> tuple[dict
             info[task] = {"test_questions": len(held), "sources": prov["data"], "limit": prov["limit"],
                           "split": prov["splits"]}
             TASK_HEAD[task] = head
-            TASK_SPEC[task] = AnswerSpec(**{**prov["answers"], "labels": tuple(prov["answers"]["labels"])
-                                            if prov["answers"].get("labels") else None})
+            TASK_SPEC[task] = spec_of(prov)
             MAX_TOKENS[task] = prov["sampling"]["max_tokens"]
-            out[task] = [{"messages": q.messages, "gold": q.gold} for q in held[:n]]
+            # a row's own options travel as rerank.choices (a user's options may span lines the prompt cannot list)
+            out[task] = [{"messages": q.messages, "gold": q.gold, **({"choices": q.meta["options"]}
+                                                                     if q.meta.get("options") else {})} for q in held[:n]]
     return out, info
 
 
@@ -212,7 +214,8 @@ def main() -> None:
                 r = client.chat.completions.create(
                     model=model, messages=q["messages"], temperature=args.temperature, seed=1000 + i,
                     max_tokens=MAX_TOKENS[task],
-                    extra_body={"rerank": {"candidates": args.n, "heads": [head], "return_candidates": True}})
+                    extra_body={"rerank": {"candidates": args.n, "heads": [head], "return_candidates": True,
+                                           **({"choices": q["choices"]} if "choices" in q else {})}})
                 wall = time.monotonic() - t_req
                 info = r.model_extra["rerank"]
                 rows = info["candidates"]

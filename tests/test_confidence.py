@@ -87,3 +87,23 @@ def test_deepconf_token_confidence_and_weighted_vote_equal_the_reference_package
     answers = ["a", "b", "a", None, "b", "c"]
     weights = [1.0, 2.5, 1.2, 9.0, 0.1, 2.4]
     assert answers[vote(weights, answers, shift=False)] == dc.weighted_majority_vote(answers, weights)
+
+
+def test_one_batch_of_answers_gives_each_answer_its_own_forwards_scores(backbone):
+    """The shared prompt cache and the right-padded batch of a prompt's answers give what one plain forward per answer
+    gives (the real model)."""
+    from arbiter.chat import answer_ids, prompt_ids
+    from arbiter.confidence import candidate_confidence
+
+    p = prompt_ids(backbone.tokenizer, [{"role": "user", "content": "Name a colour."}])
+    answers = [answer_ids(backbone.tokenizer, t, backbone.end_id, close=False)
+               for t in ("Blue.", "A deep shade of green, like moss in spring.", "Red")]
+    batched = candidate_confidence(backbone.model, p, answers + [[]])
+    with torch.no_grad():  # the reference: one plain full forward per answer, its logits at the answer's positions
+        alone = [summarise(token_confidence(backbone.model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1].float(),
+                                            torch.tensor(a))) for a in answers]
+    assert batched[3].tokens == 0
+    for b, a in zip(batched, alone):
+        assert b.tokens == a.tokens
+        for name in ("mean_logprob", "deepconf", "self_certainty"):
+            assert b.score(name) == pytest.approx(a.score(name), rel=2e-2, abs=2e-2), name

@@ -91,6 +91,36 @@ def test_best_of_n_by_hand():
     assert t["weighted_vote"]["accuracy"] == 0.5
 
 
+def test_answer_level_pairs_are_gold_vs_the_models_own_wrong_answers_in_canonical_form(tmp_path):
+    mc = V.Question([{"role": "user", "content": "Q?\n\nA. red\nB. blue\nC. green\n\nAnswer."}], "B", "x", 0, "q", "Q?")
+    row = V.Question([{"role": "user", "content": "Which?"}], "A", "x", 1, "r", "Which?", {"options": ["yes", "no"]})
+    bad = V.Question([{"role": "user", "content": "No listing."}], "A", "x", 2, "s", "No listing.")
+    answers = [["A", "C", "A", None, "B", "E", "C", "A"], ["B", "A"], ["B"]]
+    canon, stats = V.canonical_answers([mc, row, bad], answers, V.CHOICE_SPEC)
+    assert canon[0] == {"B": "B. blue", "A": "A. red", "C": "C. green"}  # E names no listed option: left out
+    assert canon[1] == {"A": "A. yes", "B": "B. no"}  # the row's own choices
+    assert canon[2] == {} and stats["unrendered_gold"] == 1 and stats["unrendered_samples"] == 2
+    assert "row 2" in stats["examples"][0]
+    pairs, pstats = V.make_answer_pairs([mc, row, bad], answers, canon, per_question=1)
+    # the most frequent wrong answer first (A three times, C twice); one pair per question here
+    assert [(p.question, p.chosen, p.rejected) for p in pairs] == [(0, "B", "A"), (1, "A", "B")]
+    assert pstats == {"questions": 3, "with_pairs": 2, "never_wrong": 0, "gold_unrendered": 1, "pairs": 2}
+    pairs, _ = V.make_answer_pairs([mc], answers[:1], canon[:1], per_question=5)
+    assert [p.rejected for p in pairs] == ["A", "C"]
+    # the verify rule with dev-fitted weights, and the paired gain behind the fallback
+    rewards = [torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 1.0])]
+    ans = [["x", "y", "y"], ["x", "y", "y"]]
+    rights = [[False, True, True], [True, False, False]]
+    verified = [{"x": 0.1, "y": 0.9}, {"x": 0.5, "y": 0.2}]
+    t = V.best_of_n(rewards, ans, rights, verified)
+    assert t["verify"]["accuracy"] == 1.0 and t["argmax"]["accuracy"] == 0.0 and t["majority_vote"]["accuracy"] == 0.5
+    assert V.pick_rule(t) == "verify"
+    w, acc = V.fit_verify_weights(rewards, ans, rights, verified)
+    assert (w.vote, w.text, acc) == (0.0, 0.0, 1.0)  # ties go to the smallest weights
+    # differences 0, 1, 0, 1: mean 0.5, sample variance 1/3, standard error sqrt(1/3 / 4)
+    assert V.paired_gain([True, True, False, True], [True, False, False, False]) == pytest.approx((0.5, (1 / 12) ** 0.5))
+
+
 def test_sample_cache_round_trip_and_a_torn_shard(tmp_path):
     c = V.SampleCache(tmp_path, {"x": 1})
     c.add([("e1", _sampled(["a", "b"])), ("e2", _sampled(["c"]))])
@@ -161,8 +191,8 @@ def test_recipe_trains_a_head_with_its_rule_and_resumes_sampling(tmp_path, backb
     load_head(head_dir, expected_backbone=backbone.fingerprint)
     assert (tmp_path / "run" / "report.md").read_text().startswith("# arbiter train verifier")
     # The held-out questions come back from the provenance alone, and none of them was trained on.
-    held = R.held_out_questions(prov, "test")
-    train = R.held_out_questions(prov, "train")
+    held = V.held_out_questions(prov, "test")
+    train = V.held_out_questions(prov, "train")
     assert held and not {q.key for q in held} & {q.key for q in train}
     assert len(held) == prov["splits"]["questions"]["test"]
 
@@ -177,7 +207,7 @@ def test_prefix_aware_verifier_trains_on_closed_prefixes_of_its_samples(tmp_path
 
     with pytest.raises(ConfigError, match="prefixes is 0"):
         _cfg(tmp_path, "bad", "sweep=[{pooler: identity, train_prefixes: true}]").validate()
-    cfg = _cfg(tmp_path, "pref", "prefixes=2", "prefix_min_tokens=1", "prefix_eval=[2]",
+    cfg = _cfg(tmp_path, "pref", "prefixes=2", "prefix_min_tokens=1", "prefix_eval=[2]", "levels=[text]",
                "sweep=[{pooler: identity, train_prefixes: false}, {pooler: identity}]")
     cfg.validate()
     R.run(cfg, backbone=backbone)

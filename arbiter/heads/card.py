@@ -53,13 +53,19 @@ def end_to_end_rows(report: dict[str, Any], name: str) -> list[tuple[str, str]]:
         n = r.get("questions")
         for key, label in (("n1", "a single sample (n=1)"), ("head_rule", "best-of-N, the head's rule"),
                            ("argmax", "best-of-N, argmax"), ("weighted_vote", "best-of-N, weighted vote"),
-                           ("majority_vote", "best-of-N, majority vote"), ("oracle", "oracle (any right)")):
+                           ("majority_vote", "best-of-N, majority vote"),
+                           ("conf_logprob", "best-of-N, mean log-prob argmax (free)"),
+                           ("conf_deepconf", "best-of-N, DeepConf confidence argmax (free)"),
+                           ("conf_deepconf_vote", "best-of-N, DeepConf weighted vote (free)"),
+                           ("conf_self_certainty", "best-of-N, self-certainty argmax (free)"),
+                           ("oracle", "oracle (any right)")):
             cell = r.get(key)
             if isinstance(cell, dict) and "acc" in cell:
                 rows.append((f"{task}: {label}", f"{cell['acc']:.3f} +- {cell.get('se', 0):.3f} ({n} questions)"))
-        if rows and meta:
-            rows.append((f"{task}: measured", f"N={meta.get('n')}, commit {str(meta.get('commit', '?'))[:10]}, "
-                                              f"`{meta.get('command', '?')}`"))
+        run = r.get("run") if isinstance(r.get("run"), dict) else meta
+        if rows and run:
+            rows.append((f"{task}: measured", f"N={meta.get('n')}, commit {str(run.get('commit', '?'))[:10]}, "
+                                              f"`{run.get('command', '?')}`"))
     return rows
 
 

@@ -222,7 +222,7 @@ class RerankOptions(BaseModel):
     canonical: str | None = Field(None, min_length=1, max_length=256,
                                   description="select=verify: the template an extracted answer is scored in ({answer}; "
                                               "{option}: the listed text of an option letter); default: the head's")
-    choices: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+    choices: list[Annotated[str, Field(min_length=1, max_length=8192)]] | None = Field(
         None, min_length=2, max_length=26, description="select=verify with {option}: the options' texts, A first "
                                                        "(default: the lettered lines of the last user message)")
     adaptive: bool | AdaptiveOptions | None = Field(

@@ -221,6 +221,21 @@ def load_sources(sources: Sequence[str], *, limit: int | None, seed: int,
     return out, reports
 
 
+def spec_of(provenance: dict[str, Any]) -> AnswerSpec:
+    """The answer spec a verifier head was made with, from its provenance (``answers``)."""
+    a = provenance["answers"]
+    return AnswerSpec(**{**a, "labels": tuple(a["labels"]) if a.get("labels") else None})
+
+
+def held_out_questions(provenance: dict[str, Any], split: str = "test") -> list[Question]:
+    """The questions of ``split`` of a verifier head, re-derived from its provenance (sources, limit, seed, split
+    rule): what a benchmark evaluates on without ever touching the training questions."""
+    s = provenance["splits"]
+    qs, _ = load_sources(provenance["data"], limit=provenance["limit"], seed=provenance["seed"], spec=spec_of(provenance))
+    return [q for q in qs if split_of(q.key, dev_fraction=s["dev_fraction"], test_fraction=s["test_fraction"],
+                                      seed=s["seed"]) == split]
+
+
 def split_of(key: str, *, dev_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """train / dev / test by a hash of the question text: the same text always lands in the same split, whatever
     else is in the data (a benchmark re-derives the held-out questions from the head's provenance)."""

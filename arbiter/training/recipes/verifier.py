@@ -219,43 +219,98 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--head-dir", dest="head_dir", metavar="DIR", help="where to write the head")
 
 
-def held_out_questions(provenance: dict[str, Any], split: str = "test") -> list[Any]:
-    """The questions of ``split`` of a verifier head, re-derived from its provenance (sources, limit, seed, split
-    rule): what a benchmark evaluates on without ever touching the training questions."""
-    from arbiter.training.verifier import AnswerSpec, load_sources, split_of
+@dataclass
+class RunData:
+    """What the setup phase makes: the run directory, the questions and their splits, the model's samples with
+    their labels, and the text-level pairs."""
 
-    s = provenance["splits"]
-    spec = AnswerSpec(**{**provenance["answers"], "labels": tuple(provenance["answers"]["labels"])
-                         if provenance["answers"].get("labels") else None})
-    qs, _ = load_sources(provenance["data"], limit=provenance["limit"], seed=provenance["seed"], spec=spec)
-    return [q for q in qs if split_of(q.key, dev_fraction=s["dev_fraction"], test_fraction=s["test_fraction"],
-                                      seed=s["seed"]) == split]
+    out: Path
+    spec: Any  # verifier.AnswerSpec
+    backbone: Any
+    questions: list[Any]
+    reports: dict[str, Any]
+    split: list[str]  # per question: train / dev / test
+    samples: list[Any]
+    sampler: dict[str, Any]
+    answers: list[list[str | None]]
+    rights: list[list[bool]]
+    pairs: list[Any]
+    pair_stats: dict[str, int]
+    idx: dict[str, list[int]]  # text-level pair indices per split
+    qs_of: dict[str, list[int]]  # question indices per split
+    labels_stats: dict[str, int]
+
+    def of(self, split: str, values: list[Any]) -> list[Any]:
+        """``values`` (one per question) of the questions of ``split``."""
+        return [values[q] for q in self.qs_of[split]]
+
+
+@dataclass
+class PrefixRows:
+    """Closed-prefix features of one layer (``feature_cache.prefix_accuracy`` reads these two fields)."""
+
+    prefix_chosen: Any
+    prefix_rejected: Any
+
+
+@dataclass
+class Features:
+    """Training features per layer: the text-level pairs (``by_layer``: chosen, rejected; closed-prefix copies
+    follow the whole pairs), and the answer level."""
+
+    sweep: list[Any]
+    by_layer: dict[int, tuple[Any, Any]]
+    prefix_rows: list[tuple[int, int, str]]
+    prefix_train: list[int]
+    answer: "AnswerLevel"
+
+    def prefix_accuracy(self, data: RunData, head: Any, layer: int, split: str, k: int) -> float | None:
+        from arbiter.training.feature_cache import prefix_accuracy
+
+        fw, fl = self.by_layer[layer]
+        n = len(data.pairs)
+        return prefix_accuracy(head, PrefixRows(fw[n:], fl[n:]), self.prefix_rows, data.idx[split], k)[0]
+
+
+@dataclass
+class Trial:
+    """One trained head (a sweep variant at one level) and what it does on the dev questions."""
+
+    row: dict[str, Any]  # the report's row
+    res: Any  # head_trainer.TrainResult
+    rewards: list[Any]  # every candidate's reward, per question
+    verified: list[dict[str, float | None]] | None  # every rendered answer's canonical reward, per question
+    weights: Any  # selection.VerifyWeights (verify) or None
+    dev: dict[str, Any]  # best_of_n on dev
 
 
 def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> dict:
-    """Sample (or resume sampling), train the variants, pick variant and rule on dev, report on test, save the head."""
-    import torch
-
-    from arbiter.backbone import default_cache_dir
-    from arbiter.generation.base import SamplingParams
-    from arbiter.heads import HeadConfig, SelectionRule, head_rewards, num_parameters, save_head
-    from arbiter.heads.card import write_card
-    from arbiter.training import verifier as V
-    from arbiter.training.artifacts import atomic_write_json, command_line
-    from arbiter.training.head_trainer import train_on_features, variants
-    from arbiter.training.rundir import RESULT_FILE, prepare_run_dir
-
+    """Sample (or resume sampling), train the variants, pick variant and rule on dev, report on test, save the head:
+    setup -> features -> train -> evaluate -> save."""
     t_start = time.perf_counter()
+    data = _setup(cfg, resume, backbone)
+    feats = _features(cfg, data)
+    trials = [_train(cfg, data, feats, i, level) for i in range(len(feats.sweep)) for level in cfg.levels
+              if level == "text" or feats.answer.pairs]
+    best_i = max(range(len(trials)), key=lambda i: (trials[i].row["dev_pick"], trials[i].row["dev_pair_accuracy"] or 0.0, -i))
+    metrics = _evaluate(cfg, data, feats, trials[best_i])
+    return _save(cfg, data, feats, trials, best_i, metrics, t_start)
+
+
+def _setup(cfg: VerifierConfig, resume: bool, backbone: Any) -> RunData:
+    """The run directory, questions and splits, the model's samples (sampled or from the cache), labels, text pairs."""
+    from arbiter.backbone import default_cache_dir, load_backbone
+    from arbiter.generation.base import SamplingParams
+    from arbiter.training import verifier as V
+    from arbiter.training.rundir import prepare_run_dir
+
     out = prepare_run_dir(cfg.out, resume=resume, overwrite=cfg.overwrite, artifacts=("sweep",))
     shutil.rmtree(out / "sweep", ignore_errors=True)  # the heads retrain in seconds; only sampling resumes
     spec = cfg.spec(cfg.data[0])
     questions, reports = V.load_sources(cfg.data, limit=cfg.limit, seed=cfg.seed, spec=spec)
     split = [V.split_of(q.key, dev_fraction=cfg.dev_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
              for q in questions]
-    if backbone is None:
-        from arbiter.backbone import load_backbone
-
-        backbone = load_backbone(cfg.model, threads=cfg.threads, dtype=cfg.dtype)
+    backbone = backbone or load_backbone(cfg.model, threads=cfg.threads, dtype=cfg.dtype)
     for l in cfg.layers:
         if l >= backbone.num_layers:
             raise ConfigError(f"layers: {l} is outside [-1, {backbone.num_layers - 1}] for {backbone.name}")
@@ -267,8 +322,7 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     sampler["plain_tokens_per_s"] = _plain_throughput(backbone, questions[: min(8, len(questions))], params)
     fn = spec.fn()
     labelled = [V.label(s, q.gold, spec, fn) for q, s in zip(questions, samples)]
-    answers = [a for a, _ in labelled]
-    rights = [r for _, r in labelled]
+    answers, rights = [a for a, _ in labelled], [r for _, r in labelled]
     pairs, pair_stats = V.make_pairs(questions, samples, rights, per_question=cfg.pairs_per_question, seed=cfg.seed)
     idx = {k: [i for i, p in enumerate(pairs) if split[p.question] == k] for k in ("train", "dev", "test")}
     if not idx["train"] or not idx["dev"]:
@@ -280,162 +334,182 @@ def run(cfg: VerifierConfig, *, resume: bool = False, backbone: Any = None) -> d
     log.info("questions %d (train %d, dev %d, test %d); candidates %d, right %d; pairs %d", len(questions),
              *(len(qs_of[k]) for k in ("train", "dev", "test")), labels_stats["candidates"], labels_stats["right"],
              len(pairs))
+    return RunData(out, spec, backbone, questions, reports, split, samples, sampler, answers, rights, pairs, pair_stats,
+                   idx, qs_of, labels_stats)
 
-    def feats(layer: int, which: str) -> torch.Tensor:  # [P, d]
-        return torch.stack([samples[p.question].features[layer][getattr(p, which)] for p in pairs])
 
+def _features(cfg: VerifierConfig, data: RunData) -> Features:
+    """The text pairs' features per sweep layer (from the sample cache), their closed-prefix copies (``prefixes``:
+    one packed forward over the sampled tokens) and the answer level (``_answer_level``)."""
+    import torch
+
+    from arbiter.chat import prompt_ids
+    from arbiter.training.data.records import TokenizedPair
+    from arbiter.training.feature_cache import pair_features, prefix_cuts
+    from arbiter.training.head_trainer import variants
+
+    samples, pairs, bb = data.samples, data.pairs, data.backbone
     sweep = variants(cfg.head_config())
-    by_layer = {l: (feats(l, "chosen"), feats(l, "rejected")) for l in dict.fromkeys(v.layer for v in sweep)}
+    by_layer = {l: (torch.stack([samples[p.question].features[l][p.chosen] for p in pairs]),
+                    torch.stack([samples[p.question].features[l][p.rejected] for p in pairs]))
+                for l in dict.fromkeys(v.layer for v in sweep)}
     prefix_rows: list[tuple[int, int, str]] = []
     prefix_train: list[int] = []
     if cfg.prefixes or cfg.prefix_eval:  # closed prefixes of the sampled answers (the head recipe's prefixes)
-        from arbiter.chat import prompt_ids
-        from arbiter.training.data.records import TokenizedPair
-        from arbiter.training.feature_cache import pair_features, prefix_cuts
-
         pids: dict[int, list[int]] = {}
-
-        def closed(q: int, c: int) -> list[int]:
-            return [*samples[q].token_ids[c], backbone.end_id]
-
-        tp = [TokenizedPair(pids.setdefault(p.question, prompt_ids(backbone.tokenizer, questions[p.question].messages)),
-                            closed(p.question, p.chosen), closed(p.question, p.rejected)) for p in pairs]
+        tp = [TokenizedPair(pids.setdefault(p.question, prompt_ids(bb.tokenizer, data.questions[p.question].messages)),
+                            [*samples[p.question].token_ids[p.chosen], bb.end_id],
+                            [*samples[p.question].token_ids[p.rejected], bb.end_id]) for p in pairs]
         cuts, prefix_rows = prefix_cuts(tp, cfg.prefixes, cfg.prefix_min_tokens, cfg.prefix_eval, cfg.seed)
-        train_set = set(idx["train"])
+        train_set = set(data.idx["train"])
         prefix_train = [len(pairs) + j for j, (i, _, kind) in enumerate(prefix_rows) if kind == "random" and i in train_set]
         for l in list(by_layer):
-            pf = pair_features(backbone, tp, layer=l, max_length=0, cuts=cuts, progress=cfg.progress)
+            pf = pair_features(bb, tp, layer=l, max_length=0, cuts=cuts, progress=cfg.progress)
             assert pf.prefix_chosen is not None and pf.prefix_rejected is not None
             by_layer[l] = (torch.cat([by_layer[l][0], pf.prefix_chosen]), torch.cat([by_layer[l][1], pf.prefix_rejected]))
         log.info("closed prefixes: %d training copies, %d eval cuts", len(prefix_train),
                  sum(kind == "eval" for _, _, kind in prefix_rows))
-    def prefix_acc(head: Any, fw: torch.Tensor, fl: torch.Tensor, split_name: str, k: int) -> float | None:
-        """feature_cache.prefix_accuracy on the prefix rows, which follow the whole pairs in ``fw`` / ``fl``."""
-        from types import SimpleNamespace
+    answer = _answer_level(cfg, bb, data.questions, data.answers, data.split, data.spec, sorted({v.layer for v in sweep}))
+    return Features(sweep, by_layer, prefix_rows, prefix_train, answer)
 
-        from arbiter.training.feature_cache import prefix_accuracy
 
-        feats = SimpleNamespace(prefix_chosen=fw[len(pairs):], prefix_rejected=fl[len(pairs):])
-        return prefix_accuracy(head, feats, prefix_rows, idx[split_name], k)[0]
+def _train(cfg: VerifierConfig, data: RunData, feats: Features, i: int, level: str) -> Trial:
+    """Sweep variant ``i`` at ``level`` (text pairs, answer pairs or both): train the head, then best-of-N on the dev
+    questions under the level's rules (verify with its weights fitted on dev)."""
+    import torch
 
-    al = _answer_level(cfg, backbone, questions, answers, split, spec, sorted({v.layer for v in sweep}))
-    rows, trained = [], []
-    for i, v in enumerate(sweep):
-        for level in cfg.levels:
-            if level != "text" and not al.pairs:
-                continue
-            fw, fl = by_layer[v.layer]
-            vidx = {**idx, "train": idx["train"] + prefix_train} if cfg.prefixes and v.train_prefixes else idx
-            if level != "text":
-                afw, afl = al.tensors(v.layer)
-                if level == "answer":
-                    fw, fl, vidx = afw, afl, al.idx
-                else:
-                    off = len(fw)
-                    fw, fl = torch.cat([fw, afw]), torch.cat([fl, afl])
-                    vidx = {k: vidx[k] + [off + j for j in al.idx[k]] for k in ("train", "dev", "test")}
-            tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}-{level}"
-            res = train_on_features(v, fw, fl, vidx, fingerprint=backbone.fingerprint, ffn_size=backbone.ffn_size,
-                                    run_dir=out / "sweep" / (tag + ("-prefixes" if cfg.prefixes and v.train_prefixes else "")),
-                                    feature_dtype=backbone.dtype)
-            rewards = _all_rewards(res.head, samples, v.layer, head_rewards)
-            verified = None if level == "text" else V.verified_rewards(res.head, al.features, v.layer, head_rewards)
-            dq = qs_of["dev"]
-            weights = None
-            if verified is not None:
-                weights, _ = V.fit_verify_weights([rewards[q] for q in dq], [answers[q] for q in dq],
-                                                  [rights[q] for q in dq], [verified[q] for q in dq])
-            dev = V.best_of_n([rewards[q] for q in dq], [answers[q] for q in dq], [rights[q] for q in dq],
-                              None if verified is None else [verified[q] for q in dq], weights,
-                              rules=LEVEL_RULES[level])
-            rule = V.pick_rule(dev)
-            rows.append({"variant": i, "level": level, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
-                         "dev_pair_accuracy": res.metrics.get("dev_accuracy"),
-                         "train_pair_accuracy": res.metrics.get("train_accuracy"),
-                         "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
-                         **{f"dev_{r}": dev[r]["accuracy"] if r in dev else None for r in V.RULES},
-                         **({"verify_weights": dataclasses.asdict(weights)} if weights is not None else {}),
-                         **({"train_prefixes": bool(cfg.prefixes and v.train_prefixes)} if cfg.prefixes else {}),
-                         **{f"dev_prefix_accuracy@{k}": prefix_acc(res.head, *by_layer[v.layer], "dev", k)
-                            for k in cfg.prefix_eval}})
-            trained.append((res, rewards, verified, weights, dev))
-            log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag,
-                     res.metrics.get("dev_accuracy", float("nan")), dev[rule]["accuracy"], rule)
-    best_i = max(range(len(rows)), key=lambda i: (rows[i]["dev_pick"], rows[i]["dev_pair_accuracy"] or 0.0, -i))
-    best, rewards, verified, weights, dev = trained[best_i]
-    bv, rule = sweep[rows[best_i]["variant"]], rows[best_i]["dev_rule"]
-    fallback = _fallback(cfg, rule, [rewards[q] for q in qs_of["dev"]], [answers[q] for q in qs_of["dev"]],
-                         [rights[q] for q in qs_of["dev"]],
-                         None if verified is None else [verified[q] for q in qs_of["dev"]], weights)
+    from arbiter.heads import head_rewards
+    from arbiter.training import verifier as V
+    from arbiter.training.head_trainer import train_on_features
+
+    v, al = feats.sweep[i], feats.answer
+    fw, fl = feats.by_layer[v.layer]
+    prefixed = bool(cfg.prefixes and v.train_prefixes)
+    vidx = {**data.idx, "train": data.idx["train"] + feats.prefix_train} if prefixed else data.idx
+    if level == "answer":
+        (fw, fl), vidx = al.tensors(v.layer), al.idx
+    elif level == "both":
+        afw, afl = al.tensors(v.layer)
+        vidx = {k: vidx[k] + [len(fw) + j for j in al.idx[k]] for k in ("train", "dev", "test")}
+        fw, fl = torch.cat([fw, afw]), torch.cat([fl, afl])
+    tag = f"{i:02d}-{v.pooler}-{v.loss}-layer{v.layer}-{level}" + ("-prefixes" if prefixed else "")
+    res = train_on_features(v, fw, fl, vidx, fingerprint=data.backbone.fingerprint, ffn_size=data.backbone.ffn_size,
+                            run_dir=data.out / "sweep" / tag, feature_dtype=data.backbone.dtype)
+    rewards = _all_rewards(res.head, data.samples, v.layer, head_rewards)
+    verified = None if level == "text" else V.verified_rewards(res.head, al.features, v.layer, head_rewards)
+    dev_in = (data.of("dev", rewards), data.of("dev", data.answers), data.of("dev", data.rights))
+    dev_verified = None if verified is None else data.of("dev", verified)
+    weights = None if dev_verified is None else V.fit_verify_weights(*dev_in, dev_verified)[0]
+    dev = V.best_of_n(*dev_in, dev_verified, weights, rules=LEVEL_RULES[level])
+    rule = V.pick_rule(dev)
+    row = {"variant": i, "level": level, "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "lr": v.lr,
+           "dev_pair_accuracy": res.metrics.get("dev_accuracy"), "train_pair_accuracy": res.metrics.get("train_accuracy"),
+           "dev_rule": rule, "dev_pick": dev[rule]["accuracy"],
+           **{f"dev_{r}": dev[r]["accuracy"] if r in dev else None for r in V.RULES},
+           **({"verify_weights": dataclasses.asdict(weights)} if weights is not None else {}),
+           **({"train_prefixes": prefixed} if cfg.prefixes else {}),
+           **{f"dev_prefix_accuracy@{k}": feats.prefix_accuracy(data, res.head, v.layer, "dev", k) for k in cfg.prefix_eval}}
+    log.info("variant %s: dev pair acc %.3f, dev pick %.3f (%s)", tag, res.metrics.get("dev_accuracy", float("nan")),
+             dev[rule]["accuracy"], rule)
+    return Trial(row, res, rewards, verified, weights, dev)
+
+
+def _pair_accuracy(head: Any, fw: Any, fl: Any, rows: list[int]) -> float | None:
+    import torch
+
+    if not rows:
+        return None
+    with torch.no_grad():
+        t = torch.tensor(rows)
+        return float((head(fw[t]) > head(fl[t])).float().mean())
+
+
+def _evaluate(cfg: VerifierConfig, data: RunData, feats: Features, best: Trial) -> dict[str, Any]:
+    """The chosen trial's rule (or the fallback), then the test questions: every rule, the free confidence rules,
+    oracle; pair accuracy on held-out text and answer pairs; prefix accuracy."""
+    from arbiter.heads import num_parameters
+    from arbiter.training import verifier as V
+
+    rule = best.row["dev_rule"]
+    dev_verified = None if best.verified is None else data.of("dev", best.verified)
+    fallback = _fallback(cfg, rule, data.of("dev", best.rewards), data.of("dev", data.answers), data.of("dev", data.rights),
+                         dev_verified, best.weights)
     if fallback is not None:
         log.info("the chosen head's dev pick (%s) does not beat majority vote beyond 1 SE: %s; its rule is majority_vote",
                  rule, fallback)
         rule = "majority_vote"
-    tq = qs_of["test"]
-    test = (V.best_of_n([rewards[q] for q in tq], [answers[q] for q in tq], [rights[q] for q in tq],
-                        None if verified is None else [verified[q] for q in tq], weights) if tq else None)
-    if test is not None:  # the free baselines from the same candidates (docs/methods.md "Confidence baselines")
-        test.update(_confidence_rules(backbone, [questions[q] for q in tq], [samples[q] for q in tq],
-                                      [answers[q] for q in tq], [rights[q] for q in tq]))
-    test_pairs = None
-    test_answer_pairs = None
-    test_prefix: dict[str, float] = {}
-    if idx["test"]:
-        fw, fl = by_layer[bv.layer]
-        with torch.no_grad():
-            t = torch.tensor(idx["test"])
-            test_pairs = float((best.head(fw[t]) > best.head(fl[t])).float().mean())
-    if al.idx["test"]:
-        afw, afl = al.tensors(bv.layer)
-        with torch.no_grad():
-            t = torch.tensor(al.idx["test"])
-            test_answer_pairs = float((best.head(afw[t]) > best.head(afl[t])).float().mean())
-    for k in cfg.prefix_eval:
-        fw, fl = by_layer[bv.layer]
-        metrics_prefix = prefix_acc(best.head, fw, fl, "test", k)
-        if metrics_prefix is not None:
-            test_prefix[f"test_prefix_accuracy@{k}"] = metrics_prefix
-    selection = SelectionRule(**spec.rule(rule, weights))
-    metrics = {**{k: best.metrics.get(k) for k in ("train_accuracy", "dev_accuracy", "n_train", "n_dev")},
-               "test_pair_accuracy": test_pairs, "n_test_pairs": len(idx["test"]),
-               "test_answer_pair_accuracy": test_answer_pairs, "n_test_answer_pairs": len(al.idx["test"]),
-               "level": rows[best_i]["level"], "rule": rule, "fallback": fallback,
-               "dev_best_of_n": dev, "test_best_of_n": test, "parameters": num_parameters(best.head), **test_prefix}
-    provenance = {
+    test = None
+    if data.qs_of["test"]:
+        test = V.best_of_n(data.of("test", best.rewards), data.of("test", data.answers), data.of("test", data.rights),
+                           None if best.verified is None else data.of("test", best.verified), best.weights)
+        # the free baselines from the same candidates (docs/methods.md "Confidence baselines")
+        test.update(_confidence_rules(data.backbone, data.of("test", data.questions), data.of("test", data.samples),
+                                      data.of("test", data.answers), data.of("test", data.rights)))
+    layer, head, al = best.row["layer"], best.res.head, feats.answer
+    prefix = {f"test_prefix_accuracy@{k}": feats.prefix_accuracy(data, head, layer, "test", k) for k in cfg.prefix_eval}
+    return {**{k: best.res.metrics.get(k) for k in ("train_accuracy", "dev_accuracy", "n_train", "n_dev")},
+            "test_pair_accuracy": _pair_accuracy(head, *feats.by_layer[layer], data.idx["test"]),
+            "n_test_pairs": len(data.idx["test"]),
+            "test_answer_pair_accuracy": _pair_accuracy(head, *al.tensors(layer), al.idx["test"]) if al.pairs else None,
+            "n_test_answer_pairs": len(al.idx["test"]), "level": best.row["level"], "rule": rule, "fallback": fallback,
+            "dev_best_of_n": best.dev, "test_best_of_n": test, "parameters": num_parameters(head),
+            **{k: v for k, v in prefix.items() if v is not None}}
+
+
+def _provenance(cfg: VerifierConfig, data: RunData, feats: Features, trials: list[Trial], best: Trial,
+                metrics: dict[str, Any]) -> dict[str, Any]:
+    """How the head was made, as its config records it (``held_out_questions`` re-derives its splits from this)."""
+    from arbiter.training.artifacts import command_line
+
+    spec, v, out = data.spec, feats.sweep[best.row["variant"]], data.out
+    return {
         "recipe": "verifier", "data": list(cfg.data), "limit": cfg.limit, "seed": cfg.seed,
         "answers": {"extractor": spec.extractor, "pattern": spec.pattern, "field": spec.field,
                     "labels": list(spec.labels) if spec.labels else None, "finished_only": spec.finished_only,
                     "template": spec.template},
         "sampling": {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                     "engine": "hf", "dtype": backbone.dtype, "seed_rule": "verifier.question_seed(text, seed)"},
+                     "engine": "hf", "dtype": data.backbone.dtype, "seed_rule": "verifier.question_seed(text, seed)"},
         "splits": {"by": "sha256 of the question text (verifier.split_of)", "dev_fraction": cfg.dev_fraction,
                    "test_fraction": cfg.test_fraction, "seed": cfg.split_seed,
-                   "questions": {k: len(v) for k, v in qs_of.items()}},
-        "layer": bv.layer, "pooler": bv.pooler, "loss": bv.loss, "eps": bv.eps, "lr": bv.lr,
-        "feature_dtype": backbone.dtype, "pairs": pair_stats, "answer_pairs": al.stats, "labels": labels_stats,
-        "level": rows[best_i]["level"],
-        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-        "test_best_of_n": test, "sweep": rows,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": command_line(),
+                   "questions": {k: len(q) for k, q in data.qs_of.items()}},
+        "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr,
+        "feature_dtype": data.backbone.dtype, "pairs": data.pair_stats, "answer_pairs": feats.answer.stats,
+        "labels": data.labels_stats, "level": best.row["level"],
+        "metrics": {k: x for k, x in metrics.items() if not isinstance(x, dict)},
+        "test_best_of_n": metrics["test_best_of_n"], "sweep": [t.row for t in trials],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line(),
         "report_md": str((out / "report.md").resolve()),
         "plots": {"training curves": str((out / "training_curves.png").resolve()),
                   "test candidate rewards": str((out / "test_rewards.png").resolve())},
     }
-    head_config = HeadConfig(**{**best.head_config.model_dump(), "selection": selection,
+
+
+def _save(cfg: VerifierConfig, data: RunData, feats: Features, trials: list[Trial], best_i: int,
+          metrics: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """The head (with its rule and provenance), its card, the report and result.json."""
+    from arbiter.heads import HeadConfig, SelectionRule, save_head
+    from arbiter.heads.card import write_card
+    from arbiter.training.artifacts import atomic_write_json
+    from arbiter.training.rundir import RESULT_FILE
+
+    best = trials[best_i]
+    selection = SelectionRule(**data.spec.rule(metrics["rule"], best.weights))
+    provenance = _provenance(cfg, data, feats, trials, best, metrics)
+    head_config = HeadConfig(**{**best.res.head_config.model_dump(), "selection": selection,
                                 "provenance": json.loads(json.dumps(provenance, default=str))})
-    head_dir = Path(cfg.head_dir) if cfg.head_dir else out / "head"
-    save_head(best.head, head_config, head_dir)
-    metrics["head_dir"] = str(head_dir)
-    metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    metrics["answer_pairs"] = al.stats
-    _write_report(out, cfg, best, rows, best_i, metrics, sampler, pair_stats, labels_stats, qs_of, rewards, rights)
+    head_dir = Path(cfg.head_dir) if cfg.head_dir else data.out / "head"
+    save_head(best.res.head, head_config, head_dir)
+    metrics.update(head_dir=str(head_dir), total_seconds=round(time.perf_counter() - t_start, 1),
+                   answer_pairs=feats.answer.stats)
+    rows = [t.row for t in trials]
+    _write_report(cfg, data, rows, best_i, best, metrics)
     write_card(head_dir)  # again, now that the report and plots it links exist
-    atomic_write_json(out / RESULT_FILE, {"metrics": metrics, "sampler": sampler, "pairs": pair_stats,
-                                           "labels": labels_stats, "data": reports, "variants": rows,
-                                           "chosen": rows[best_i], "config": dataclasses.asdict(cfg)})
-    log.info("verifier head %r written to %s: rule %s, test %s", cfg.name, head_dir, rule,
-             test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", rule, "oracle")})
+    atomic_write_json(data.out / RESULT_FILE, {"metrics": metrics, "sampler": data.sampler, "pairs": data.pair_stats,
+                                                "labels": data.labels_stats, "data": data.reports, "variants": rows,
+                                                "chosen": rows[best_i], "config": dataclasses.asdict(cfg)})
+    test = metrics["test_best_of_n"]
+    log.info("verifier head %r written to %s: rule %s, test %s", cfg.name, head_dir, metrics["rule"],
+             test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", metrics["rule"], "oracle")})
     return metrics
 
 
@@ -559,12 +633,13 @@ def _plain_throughput(backbone: Any, questions: list[Any], params: Any) -> float
     return round(sum(len(c.token_ids) for r in res for c in r.candidates) / dt, 1) if dt > 0 else None
 
 
-def _write_report(out: Path, cfg: VerifierConfig, best: Any, rows: list[dict], best_i: int, metrics: dict,
-                  sampler: dict, pair_stats: dict, labels_stats: dict, qs_of: dict, rewards: list, rights: list) -> None:
+def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: int, chosen: Trial, metrics: dict) -> None:
     from arbiter.training import plots
     from arbiter.training.artifacts import METRICS_FILE, atomic_write_text
     from arbiter.training.verifier import RULES
 
+    out, best, sampler, qs_of = data.out, chosen.res, data.sampler, data.qs_of
+    pair_stats, labels_stats, rewards, rights = data.pair_stats, data.labels_stats, chosen.rewards, data.rights
     lines = [f"# arbiter train verifier: `{cfg.name}`", "",
              f"Data: {', '.join(cfg.data)} (limit {cfg.limit} per source, seed {cfg.seed}); questions train "
              f"{len(qs_of['train'])} / dev {len(qs_of['dev'])} / test {len(qs_of['test'])} (split by question text).",
