@@ -168,6 +168,12 @@ def _spec_of(card: dict[str, Any], task: str) -> AnswerSpec:
     return TASK_SPEC[task]
 
 
+def rerender(report: Path) -> None:
+    """Rewrite ``report``.md from its .json (the markdown's wording changed, the measurements did not)."""
+    data = json.loads(report.with_suffix(".json").read_text())
+    report.with_suffix(".md").write_text(markdown(data["meta"], data["results"], argparse.Namespace(n=data["meta"]["n"])) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=150, help="questions per task")
@@ -362,8 +368,9 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
             cells.append(f"{c['acc']:.3f} +- {c['se']:.3f}" + (f" ({c['wins']} / {c['losses']})" if k not in ("greedy", "n1") else ""))
         lines.append(f"| {task} (head `{r['head']}`, rule `{(r['rule'] or {}).get('select')}`) | {r['questions']} | "
                      + " | ".join(cells) + f" | {r['tokens_fixed_n']} |")
-    lines += ["", "The head's rule against the best free baseline (the best of n=1, majority vote, weighted vote and the "
-              "four confidence rules on these questions; paired over the same questions):", ""]
+    lines += ["", "The head's rule against the best baseline a user gets at the same N (the best of n=1, the majority "
+              "vote and the four confidence rules, all free, and the weighted vote, which uses the head's text "
+              "rewards; paired over the same questions):", ""]
     for task, r in results.items():
         b = r["best_baseline"]
         line = (f"- {task}: head rule {r['head_rule']['acc']:.3f} vs {b['column']} {b['acc']:.3f}: gain {b['gain']:+.3f} "
