@@ -240,6 +240,15 @@ def listed_options(text: str) -> list[str]:
     return runs[-1] if runs else []
 
 
+def options_of(messages: Sequence[dict[str, Any]], choices: Sequence[str] | None = None) -> list[str]:
+    """The options' texts (A first) that ``{option}`` renders: ``choices`` when given, else the lettered lines of
+    the last user message (``listed_options``); [] when there are none. Serving and training both read them here."""
+    if choices:
+        return [c.strip() for c in choices]
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    return listed_options(str(last.get("content") or "")) if last else []
+
+
 def uses_option(template: str) -> bool:
     """Whether a canonical template renders ``{option}`` (then it needs the options' texts)."""
     return any(name == "option" for _, name, _, _ in string.Formatter().parse(template))

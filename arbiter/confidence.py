@@ -21,6 +21,11 @@ import torch
 
 DEEPCONF_K = 20
 SCORES = ("mean_logprob", "deepconf", "self_certainty")
+# The free selection rules the reports set a head against: (key, label, score, argmax or vote).
+RULES = (("conf_logprob", "mean log-prob argmax", "mean_logprob", "argmax"),
+         ("conf_deepconf", "DeepConf argmax", "deepconf", "argmax"),
+         ("conf_deepconf_vote", "DeepConf weighted vote", "deepconf", "vote"),
+         ("conf_self_certainty", "self-certainty argmax", "self_certainty", "argmax"))
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,12 @@ def vote(scores: Sequence[float], answers: Sequence[str | None], *, shift: bool 
 
 def argmax(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def picks(conf: Sequence[Confidence], answers: Sequence[str | None]) -> dict[str, int]:
+    """The candidate each rule of ``RULES`` picks (key -> index), given the candidates' confidences and answers."""
+    out = {}
+    for key, _, score, how in RULES:
+        sc = [c.score(score) for c in conf]
+        out[key] = argmax(sc) if how == "argmax" else vote(sc, answers, shift=False)
+    return out

@@ -24,9 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from arbiter.heads.config import POLICIES, VOTE_POLICIES
+from arbiter.heads.config import POLICIES
 
-__all__ = ["POLICIES", "VOTE_POLICIES", "AdaptiveRule", "Selection", "VerifyWeights", "select", "settled"]
+__all__ = ["POLICIES", "AdaptiveRule", "Selection", "VerifyWeights", "select", "settled"]
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,13 @@ import torch  # noqa: E402
 from arbiter import confidence  # noqa: E402
 from arbiter.selection import AdaptiveRule, select, settled  # noqa: E402
 from arbiter.training.data import load_choices, load_math, math_prompt  # noqa: E402
-from arbiter.training.stats import accuracy_se  # noqa: E402
+from arbiter.training.stats import accuracy_se, paired_gain  # noqa: E402
 from arbiter.training.verifier import (  # noqa: E402
     CHOICE_SPEC,
     MATH_SPEC,
     SST2_SPEC,
     AnswerSpec,
     normalise_text,
-    paired_gain,
     spec_of,
 )
 
@@ -66,10 +65,7 @@ MAX_TOKENS = {"sst2": 16, "mc": 24, "svamp": 200, "gsm8k": 200}
 GOALS = {"sst2": 0.25, "mc": 0.12}
 MIN_ACC = {"sst2": 0.80}
 RULES = ("argmax", "weighted_vote", "majority_vote")
-# The free baselines at the same N: (column, confidence score, argmax or vote)
-CONF_RULES = (("conf_logprob", "mean_logprob", "argmax"), ("conf_deepconf", "deepconf", "argmax"),
-              ("conf_deepconf_vote", "deepconf", "vote"), ("conf_self_certainty", "self_certainty", "argmax"))
-BASELINES = ("n1", "majority_vote", "weighted_vote", *(c for c, _, _ in CONF_RULES))
+BASELINES = ("n1", "majority_vote", "weighted_vote", *(key for key, _, _, _ in confidence.RULES))
 
 
 def _provenance(head: str, heads: Path = HEADS) -> dict[str, Any]:
@@ -255,7 +251,7 @@ def main() -> None:
             seconds = round(time.monotonic() - t0, 1)
             mismatched = free_baselines(rows)
             n = len(rows)
-            cols = ("greedy", "n1", "head_rule", *RULES, *(c for c, _, _ in CONF_RULES), "oracle", "adaptive_argmax",
+            cols = ("greedy", "n1", "head_rule", *RULES, *(key for key, _, _, _ in confidence.RULES), "oracle", "adaptive_argmax",
                     "adaptive_majority_vote")
             res: dict[str, Any] = {"head": head, "questions": n, "seconds": seconds, "retokenized_mismatch": mismatched,
                                    "rule": rows[0]["rule"] if rows else None, "tokens_fixed_n": sum(x["tokens"] for x in rows)}
@@ -309,7 +305,7 @@ _MODEL: Any = None
 
 
 def free_baselines(rows: list[dict]) -> int:
-    """Each row's confidence columns (CONF_RULES) from the same candidates: the candidate texts re-encoded as the
+    """Each row's confidence columns (arbiter.confidence.RULES) from the same candidates: the candidate texts re-encoded as the
     server encodes answers, one teacher-forced forward each (arbiter.confidence). Returns how many candidates
     re-encoded to a different token count than the server generated (the approximation's size)."""
     global _MODEL
@@ -325,9 +321,7 @@ def free_baselines(rows: list[dict]) -> int:
         mismatched += sum(len(a) != k for a, k in zip(ids, x["completion_tokens"]))
         conf = confidence.candidate_confidence(bb.model, p, ids)
         x["confidence"] = {name: [c.score(name) for c in conf] for name in confidence.SCORES}
-        for col, score, how in CONF_RULES:
-            sc = x["confidence"][score]
-            pick = confidence.argmax(sc) if how == "argmax" else confidence.vote(sc, x["answers"], shift=False)
+        for col, pick in confidence.picks(conf, x["answers"]).items():
             x[col] = x["right"][pick]
     return mismatched
 

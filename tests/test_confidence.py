@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from arbiter.confidence import summarise, token_confidence, vote
+from arbiter.confidence import RULES, Confidence, picks, summarise, token_confidence, vote
 
 
 def _reference(logits: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -53,6 +53,12 @@ def test_confidence_weighted_vote_by_hand():
     assert vote([3.0, 3.0, 5.0, 9.0], ["a", "a", "b", None], shift=False) == 0
     assert vote([1.0, 2.0], [None, None]) == 1  # nobody answered: the most confident candidate
     assert vote([-math.inf, 1.0], ["a", "b"]) == 1
+    # every rule's pick from the candidates' confidences: logprob / deepconf / self-certainty per candidate
+    conf = [Confidence(-0.5, 3.0, 1.0, 4), Confidence(-0.2, 2.0, 2.0, 4), Confidence(-0.9, 2.5, 0.5, 4)]
+    got = picks(conf, ["x", "y", "y"])
+    assert set(got) == {key for key, _, _, _ in RULES}
+    # deepconf vote: x 3.0 vs y 2.0 + 2.5 = 4.5 -> y, its most confident member (2.5) is candidate 2
+    assert got == {"conf_logprob": 1, "conf_deepconf": 0, "conf_deepconf_vote": 2, "conf_self_certainty": 1}
 
 
 def _deepconf_utils():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from arbiter.training import verifier as V
+from arbiter.training.stats import paired_gain
 
 
 def _sampled(texts, finish=None, d=3):
@@ -118,7 +119,7 @@ def test_answer_level_pairs_are_gold_vs_the_models_own_wrong_answers_in_canonica
     w, acc = V.fit_verify_weights(rewards, ans, rights, verified)
     assert (w.vote, w.text, acc) == (0.0, 0.0, 1.0)  # ties go to the smallest weights
     # differences 0, 1, 0, 1: mean 0.5, sample variance 1/3, standard error sqrt(1/3 / 4)
-    assert V.paired_gain([True, True, False, True], [True, False, False, False]) == pytest.approx((0.5, (1 / 12) ** 0.5))
+    assert paired_gain([True, True, False, True], [True, False, False, False]) == pytest.approx((0.5, (1 / 12) ** 0.5))
 
 
 def test_sample_cache_round_trip_and_a_torn_shard(tmp_path):

@@ -50,7 +50,6 @@ class BackboneFingerprint(BaseModel):
 # THE selection policy names (arbiter.selection implements them; the request schema and the recipes import these).
 PolicyName = Literal["argmax", "weighted_vote", "majority_vote", "verify"]
 POLICIES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]  # a Literal's values, in order
-VOTE_POLICIES = ("weighted_vote", "majority_vote", "verify")  # the policies that group candidates by answer
 ExtractorName = Literal["last_number", "choice_letter", "label_words", "regex", "json_field"]
 
 

@@ -488,13 +488,9 @@ class Rule:
 
 
 def _with_options(rule: Rule, rr: RerankOptions, messages: list[dict[str, Any]]) -> Rule:
-    """A verify rule whose template renders ``{option}``, with the options' texts: the request's ``choices``, else
-    the lettered lines of the last user message (answers.listed_options); a 400 when there are none."""
-    if rr.choices is not None:
-        opts = [c.strip() for c in rr.choices]
-    else:
-        last = next((m for m in reversed(messages) if m["role"] == "user"), None)
-        opts = answers.listed_options(str(last["content"]) if last else "")
+    """A verify rule whose template renders ``{option}``, with the options' texts (``answers.options_of``: the
+    request's ``choices``, else the lettered lines of the last user message); a 400 when there are none."""
+    opts = answers.options_of(messages, rr.choices)
     if not opts:
         raise InvalidRequest(f"rerank.select=verify renders answers as {rule.canonical!r}, which needs the options' "
                              "texts: list them as lettered lines (A. ..., B. ...) in the last user message or send "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from arbiter.answers import canonical_number, extractor, listed_options, render_canonical
+from arbiter.answers import canonical_number, extractor, options_of, render_canonical
 
 from .data import CHOICE_BUILTINS, LETTERS, MATH_BUILTINS, SST2_LABELS, DataError, DataReport, load_choices, load_math
 from .data.io import _iter_jsonl
@@ -95,12 +95,7 @@ DEFAULT_CANONICAL = {"choice_letter": "{answer}. {option}"}
 def question_options(q: "Question") -> list[str] | None:
     """The options' texts of a lettered question (A first): its row's (``meta["options"]``), else the lettered
     lines of its last user turn; None when it lists none."""
-    opts = q.meta.get("options")
-    if opts:
-        return list(opts)
-    last = next((m for m in reversed(q.messages) if m.get("role") == "user"), None)
-    listed = listed_options(str(last.get("content", ""))) if last else []
-    return listed or None
+    return options_of(q.messages, q.meta.get("options")) or None
 
 
 def default_spec(source: str) -> AnswerSpec | None:
@@ -562,15 +557,12 @@ def best_of_n(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str 
     rewards, exactly as the server picks; verify with ``verified[q]``, each answer's canonical reward, and the
     ``weights``), and oracle (any right), with paired wins / losses against n=1 and standard errors.
     ``rewards[q]``: [N] of question q's candidates."""
-    from arbiter.selection import select
 
     n = len(rewards)
     rules = [r for r in (rules or RULES) if r != "verify" or verified is not None]
     right: dict[str, list[bool]] = {"n=1": [bool(r[0]) for r in rights], "oracle": [any(r) for r in rights]}
     for rule in rules:
-        right[rule] = [bool(rights[q][select(rewards[q][:, None], rule, answers[q],
-                                             verified[q] if rule == "verify" and verified is not None else None,
-                                             weights).order[0]]) for q in range(n)]
+        right[rule] = rule_right(rewards, answers, rights, rule, verified if rule == "verify" else None, weights)
     # majority without any head: the same vote with equal rewards (ties -> the lower index)
     out: dict[str, Any] = {"questions": n}
     for name, r in right.items():
@@ -597,29 +589,17 @@ def fit_verify_weights(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequ
 
     best: tuple[float, int] | None = None
     for i, (v, t) in enumerate(VERIFY_GRID):
-        acc = best_of_n(rewards, answers, rights, verified, VerifyWeights(v, t), rules=("verify",))["verify"]["accuracy"]
+        r = rule_right(rewards, answers, rights, "verify", verified, VerifyWeights(v, t))
+        acc = sum(r) / len(r) if r else float("nan")
         if best is None or acc > best[0]:
             best = (acc, i)
     assert best is not None
     return VerifyWeights(*VERIFY_GRID[best[1]]), best[0]
 
 
-def paired_gain(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
-    """(mean of a - b, its standard error) over paired per-question outcomes: is rule a better than rule b beyond
-    noise on the same questions?"""
-    import math
-
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(d)
-    if n < 2:
-        return (d[0] if d else 0.0), float("inf")
-    m = sum(d) / n
-    var = sum((x - m) ** 2 for x in d) / (n - 1)
-    return m, math.sqrt(var / n)
-
-
-def picks(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]], rights: Sequence[Sequence[bool]],
-          rule: str, verified: Sequence[dict[str, float | None]] | None = None, weights: Any = None) -> list[bool]:
+def rule_right(rewards: Sequence["torch.Tensor"], answers: Sequence[Sequence[str | None]],
+               rights: Sequence[Sequence[bool]], rule: str, verified: Sequence[dict[str, float | None]] | None = None,
+               weights: Any = None) -> list[bool]:
     """Per question: is the candidate ``rule`` picks right (the server's selection code)?"""
     from arbiter.selection import select
 

@@ -552,7 +552,14 @@ def _answer_level(cfg: VerifierConfig, backbone: Any, questions: list[Any], answ
     if not idx["train"]:
         log.warning("no answer-level training pairs (%s): training text-level heads only", pair_stats)
         pairs, idx = [], {"train": [], "dev": [], "test": []}
-    feats = V.canonical_features(backbone, questions, canon, layers, progress=cfg.progress)
+    # Read what is used: every answer of a dev / test question (verify ranks them there), only the paired answers of
+    # a training question (the feature pass is the recipe's slowest step).
+    paired: dict[int, set[str]] = {}
+    for p in pairs:
+        paired.setdefault(p.question, set()).update((p.chosen, p.rejected))
+    used = [c if split[qi] != "train" else {a: t for a, t in c.items() if a in paired.get(qi, ())}
+            for qi, c in enumerate(canon)]
+    feats = V.canonical_features(backbone, questions, used, layers, progress=cfg.progress)
     log.info("answer-level: %d rendered answers, %d pairs (train %d, dev %d, test %d)", render_stats["rendered"],
              len(pairs), len(idx["train"]), len(idx["dev"]), len(idx["test"]))
     return AnswerLevel(pairs, idx, feats, {"template": spec.template, **pair_stats,
@@ -564,20 +571,17 @@ def _fallback(cfg: VerifierConfig, rule: str, rewards: list[Any], answers: list[
     """Why the head's rule falls back to the free majority vote, or None: with ``fallback``, when the chosen rule's
     dev pick does not beat the majority vote on the same dev questions by more than one paired standard error."""
     from arbiter.training import verifier as V
+    from arbiter.training.stats import paired_gain
 
     if not cfg.fallback or rule == "majority_vote" or not rewards:
         return None
-    mine = V.picks(rewards, answers, rights, rule, verified if rule == "verify" else None, weights)
-    free = V.picks(rewards, answers, rights, "majority_vote")
-    gain, se = V.paired_gain(mine, free)
+    mine = V.rule_right(rewards, answers, rights, rule, verified if rule == "verify" else None, weights)
+    free = V.rule_right(rewards, answers, rights, "majority_vote")
+    gain, se = paired_gain(mine, free)
     if gain > se:
         return None
     return {"rule": rule, "dev_accuracy": sum(mine) / len(mine), "dev_majority_vote": sum(free) / len(free),
             "gain": gain, "se": se}
-
-
-CONFIDENCE_RULES = (("mean log-prob argmax", "mean_logprob", "argmax"), ("DeepConf argmax", "deepconf", "argmax"),
-                    ("DeepConf weighted vote", "deepconf", "vote"), ("self-certainty argmax", "self_certainty", "argmax"))
 
 
 def _confidence_rules(backbone: Any, questions: list[Any], samples: list[Any], answers: list[Any],
@@ -588,13 +592,12 @@ def _confidence_rules(backbone: Any, questions: list[Any], samples: list[Any], a
     from arbiter.chat import prompt_ids
     from arbiter.training.stats import accuracy_se
 
-    right: dict[str, list[bool]] = {name: [] for name, _, _ in CONFIDENCE_RULES}
+    label = {key: name for key, name, _, _ in confidence.RULES}
+    right: dict[str, list[bool]] = {name: [] for name in label.values()}
     for q, s, aa, rr in zip(questions, samples, answers, rights):
         conf = confidence.candidate_confidence(backbone.model, prompt_ids(backbone.tokenizer, q.messages), s.token_ids)
-        for name, score, how in CONFIDENCE_RULES:
-            sc = [c.score(score) for c in conf]
-            pick = confidence.argmax(sc) if how == "argmax" else confidence.vote(sc, aa, shift=False)
-            right[name].append(bool(rr[pick]))
+        for key, pick in confidence.picks(conf, aa).items():
+            right[label[key]].append(bool(rr[pick]))
     n1 = [bool(r[0]) for r in rights]
     out = {}
     for name, r in right.items():
@@ -634,6 +637,7 @@ def _plain_throughput(backbone: Any, questions: list[Any], params: Any) -> float
 
 
 def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: int, chosen: Trial, metrics: dict) -> None:
+    from arbiter import confidence
     from arbiter.training import plots
     from arbiter.training.artifacts import METRICS_FILE, atomic_write_text
     from arbiter.training.verifier import RULES
@@ -659,7 +663,7 @@ def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: 
         lines += [f"Best-of-{cfg.n} on the {name} questions ({t['questions']}), the server's selection code"
                   + (" (the rule and variant were picked here, so optimistic)" if name == "dev" else " (held out)") + ":",
                   "", "| rule | accuracy | wins vs n=1 | losses vs n=1 |", "|---|---|---|---|"]
-        for rname in ("n=1", *RULES, *(c for c, _, _ in CONFIDENCE_RULES), "oracle"):
+        for rname in ("n=1", *RULES, *(name for _, name, _, _ in confidence.RULES), "oracle"):
             if rname not in t:
                 continue
             e = t[rname]
