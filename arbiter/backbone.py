@@ -524,6 +524,132 @@ def batched_end_features(
     return out
 
 
+def shared_prefix_end_features(
+    model: Any,
+    prefixes: Sequence[Sequence[int]],
+    suffixes: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    *,
+    batch_tokens: int,
+    pad_id: int,
+    max_batch: int = 32,
+    cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, "torch.Tensor"]:
+    """:func:`batched_end_features` of ``prefix[i] + suffix[i]``, with each distinct prefix run once.
+
+    The answers of one prompt (the verify rule's canonical answers, ``/v1/score``'s candidates, the verifier
+    recipe's rendered options) share the prompt: its keys and values are computed once per batch and every suffix
+    attends to them, so a prompt of P tokens with k answers of S costs P + k*S tokens instead of k*(P + S).
+    Per batch: the batch's distinct prefixes go through one right-padded forward that fills a KV cache; the cache
+    rows are repeated to the suffixes' rows; the suffixes go through one right-padded forward whose attention mask
+    hides each prefix's padding and whose positions continue each prefix. Causal attention keeps every real
+    position what a plain forward of prefix + suffix computes (tests/test_feature_extraction.py checks it against
+    one unpadded forward per sequence); only the rounding differs, as between any two batch shapes. Features are
+    read at each suffix's last token (the closing token). A prefix with more suffixes than ``max_batch`` is run
+    once per chunk of them.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from arbiter.heads import end_features
+
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(suffixes)} suffixes")
+    want = sorted(set(int(x) for x in layers))
+    if not want:
+        raise ValueError("shared_prefix_end_features needs at least one layer")
+    if any(len(p) < 1 for p in prefixes) or any(len(s) < 1 for s in suffixes):
+        raise ValueError("cannot compute features with an empty prefix or suffix")
+    dec = base_model(model)
+    device = next(model.parameters()).device
+    d = int(model.config.hidden_size)
+    out = {l: torch.empty(len(suffixes), d, dtype=torch.float32) for l in want}
+    if not suffixes:
+        return out
+    # groups: one per distinct prefix, split into chunks of at most max_batch suffixes
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prefixes):
+        by_prefix.setdefault(tuple(p), []).append(i)
+    groups = [(p, rows[k : k + max_batch]) for p, rows in by_prefix.items() for k in range(0, len(rows), max_batch)]
+    groups.sort(key=lambda g: -len(g[0]))  # longest prefix first: little padding among a batch's prefixes
+    # batches of groups under the token budget: the prefix pass (groups x longest prefix) and the suffix pass
+    # (rows x (longest prefix + longest suffix), what its attention spans) each within batch_tokens
+    batches: list[list[int]] = []  # indices into groups
+    rows_in = s_in = 0
+    for g, (_, rows) in enumerate(groups):
+        s_max = max(len(suffixes[i]) for i in rows)
+        if batches:
+            p_max = len(groups[batches[-1][0]][0])  # sorted: the batch's first prefix is its longest
+            r, s = rows_in + len(rows), max(s_in, s_max)
+            if r <= max_batch and (len(batches[-1]) + 1) * p_max <= batch_tokens and r * (p_max + s) <= batch_tokens:
+                batches[-1].append(g)
+                rows_in, s_in = r, s
+                continue
+        batches.append([g])
+        rows_in, s_in = len(rows), s_max
+    hook_layers = [l for l in want if l != FINAL_LAYER]
+    final = FINAL_LAYER in want
+    deepest = max(hook_layers) if hook_layers else None
+    captures = {l: LayerCapture(model, l, stop=not final and l == deepest) for l in hook_layers}
+    handles: list[Any] = []
+    if cancelled is not None:
+        def _poll(module: Any, args: Any) -> None:
+            if cancelled():
+                raise Cancelled("the feature pass was cancelled")
+        handles = [b.register_forward_pre_hook(_poll) for b in decoder_layers(model)]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                pre = [groups[g][0] for g in batch]
+                p_len = [len(p) for p in pre]
+                p_max = max(p_len)
+                p_ids = torch.full((len(pre), p_max), pad_id, dtype=torch.long)  # [G, P] right-padded
+                p_mask = torch.zeros((len(pre), p_max), dtype=torch.long)
+                for r, p in enumerate(pre):
+                    p_ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+                    p_mask[r, : len(p)] = 1
+                cache = DynamicCache(config=model.config)
+                try:
+                    dec(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), past_key_values=cache, use_cache=True)
+                except StopForward:
+                    pass  # the cache holds every block up to the deepest asked for: all the suffix pass runs
+                rows = [i for g in batch for i in groups[g][1]]
+                owner = torch.tensor([k for k, g in enumerate(batch) for _ in groups[g][1]])  # [R] -> its prefix
+                cache.batch_select_indices(owner.to(device))
+                s_len = [len(suffixes[i]) for i in rows]
+                s_max = max(s_len)
+                s_ids = torch.full((len(rows), s_max), pad_id, dtype=torch.long)  # [R, S] right-padded
+                s_mask = torch.zeros((len(rows), s_max), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    s_ids[r, : s_len[r]] = torch.tensor(list(suffixes[i]), dtype=torch.long)
+                    s_mask[r, : s_len[r]] = 1
+                mask = torch.cat([p_mask[owner], s_mask], dim=1)  # [R, P + S]: a prefix's padding stays hidden
+                pos = torch.tensor(p_len)[owner][:, None] + torch.arange(s_max)[None, :]  # [R, S] continue the prefix
+                try:
+                    o = dec(input_ids=s_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                            past_key_values=cache, use_cache=True)
+                except StopForward:
+                    o = None
+                at = torch.tensor(s_len) - 1  # [R] each suffix's closing token
+                idx = torch.tensor(rows)
+                if final:
+                    assert o is not None
+                    out[FINAL_LAYER][idx] = end_features(o.last_hidden_state, at).cpu()
+                for l, cap in captures.items():
+                    out[l][idx] = end_features(cap.output, at).cpu()
+                    cap.output = None
+                del cache
+                if progress is not None:
+                    progress(sum(p_len) + sum(s_len))
+    finally:
+        for c in captures.values():
+            c.remove()
+        for h in handles:
+            h.remove()
+    return out
+
+
 def forward_features(
     model: Any,
     input_ids: "torch.Tensor",

@@ -98,6 +98,41 @@ def test_the_one_feature_pass_equals_each_sequence_alone(backbone, pairs, layers
         assert err.max() < 1e-4, (layer, err.max().item())
 
 
+
+@pytest.mark.parametrize("layers", [[-1, 12], [3, 20]])  # with the final norm; blocks only (the passes stop early)
+@pytest.mark.parametrize("budget, max_batch", [(4096, 32), (160, 2)])  # one batch; many, a prompt's answers split
+def test_the_shared_prefix_pass_equals_each_sequence_alone(backbone, pairs, layers, budget, max_batch):
+    """``shared_prefix_end_features`` (the HF engine's score pass, the verify rule's answers): prompts repeated over
+    several answers (3 per prompt, one prompt given once), prompts of different lengths in one batch (the padding of
+    a short prompt hidden from its answers), rows back in input order; each equals that sequence's own unpadded
+    forward."""
+    from arbiter.backbone import shared_prefix_end_features
+
+    pre, suf = [], []
+    for p in pairs:
+        for a in (p.chosen_ids, p.rejected_ids, list(p.chosen_ids)[:1] + [backbone.end_id]):
+            pre.append(list(p.prompt_ids))
+            suf.append(list(a))
+    pre, suf = pre[:-2], suf[:-2]  # the last prompt has one answer
+    order = torch.randperm(len(pre), generator=torch.Generator().manual_seed(0)).tolist()  # prompts interleaved
+    pre, suf = [pre[i] for i in order], [suf[i] for i in order]
+    seen: list[int] = []
+    got = shared_prefix_end_features(backbone.model, pre, suf, layers, batch_tokens=budget, pad_id=backbone.end_id,
+                                     max_batch=max_batch, progress=seen.append)
+    assert sorted(got) == sorted(layers) and all(got[l].shape == (len(suf), backbone.hidden_size) for l in layers)
+    distinct = {tuple(p) for p in pre}
+    assert sum(seen) >= sum(len(p) for p in distinct) + sum(len(s) for s in suf)
+    if max_batch == 32:  # every prompt ran once
+        assert sum(seen) == sum(len(p) for p in distinct) + sum(len(s) for s in suf)
+    for layer in layers:
+        ref = torch.stack([_alone(backbone, p + s, layer) for p, s in zip(pre, suf)])
+        err = (got[layer] - ref).norm(dim=1) / ref.norm(dim=1)
+        assert err.max() < 1e-4, (layer, err.max().item())
+    with pytest.raises(ValueError, match="prefixes for"):
+        shared_prefix_end_features(backbone.model, pre[:1], suf, layers, batch_tokens=budget, pad_id=0)
+    with pytest.raises(ValueError, match="empty"):
+        shared_prefix_end_features(backbone.model, [pre[0]], [[]], layers, batch_tokens=budget, pad_id=0)
+
 def test_a_block_only_pass_runs_no_deeper_block_and_a_cancelled_pass_stops(backbone, pairs):
     from arbiter.backbone import Cancelled, batched_end_features, decoder_layers
 

@@ -105,9 +105,25 @@ def test_answer_level_pairs_are_gold_vs_the_models_own_wrong_answers_in_canonica
     pairs, pstats = V.make_answer_pairs([mc, row, bad], answers, canon, per_question=1)
     # the most frequent wrong answer first (A three times, C twice); one pair per question here
     assert [(p.question, p.chosen, p.rejected) for p in pairs] == [(0, "B", "A"), (1, "A", "B")]
-    assert pstats == {"questions": 3, "with_pairs": 2, "never_wrong": 0, "gold_unrendered": 1, "pairs": 2}
+    assert pstats == {"questions": 3, "with_pairs": 2, "never_wrong": 0, "gold_unrendered": 1, "pairs": 2,
+                      "sampled_pairs": 2, "listed_pairs": 0}
     pairs, _ = V.make_answer_pairs([mc], answers[:1], canon[:1], per_question=5)
     assert [p.rejected for p in pairs] == ["A", "C"]
+    # listed negatives: the model's own mistakes first, then the other listed answers; a question never sampled
+    # (answer_limit's extra questions) still pairs its gold answer with every other option / label
+    more = [["A", "A"], [], []]
+    canon, _ = V.canonical_answers([mc, row, bad], more, V.CHOICE_SPEC, listed=True)
+    assert canon[0] == {"B": "B. blue", "A": "A. red", "C": "C. green"} and canon[1] == {"A": "A. yes", "B": "B. no"}
+    pairs, pstats = V.make_answer_pairs([mc, row, bad], more, canon, per_question=5, spec=V.CHOICE_SPEC)
+    assert [(p.question, p.chosen, p.rejected) for p in pairs] == [(0, "B", "A"), (0, "B", "C"), (1, "A", "B")]
+    assert (pstats["sampled_pairs"], pstats["listed_pairs"], pstats["gold_unrendered"]) == (1, 2, 1)
+    sst = V.Question([{"role": "user", "content": "It was fine."}], "positive", "sst2", 3, "t", "It was fine.")
+    canon, _ = V.canonical_answers([sst], [[]], V.SST2_SPEC, listed=True)
+    assert canon == [{"positive": "positive", "negative": "negative"}]
+    pairs, _ = V.make_answer_pairs([sst], [[]], canon, per_question=3, spec=V.SST2_SPEC)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("positive", "negative")]
+    num = V.Question([{"role": "user", "content": "2+2?"}], "4", "math", 4, "u", "2+2?")
+    assert V.listed_answers(num, V.MATH_SPEC) is None  # an open answer: only the model's own mistakes pair
     # the verify rule with dev-fitted weights, and the paired gain behind the fallback
     rewards = [torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 1.0])]
     ans = [["x", "y", "y"], ["x", "y", "y"]]
@@ -243,17 +259,25 @@ def test_a_user_jsonl_trains_an_answer_level_verifier_that_the_server_applies(tm
     from arbiter.training.recipes import verifier as R
 
     data = tmp_path / "reviews.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Is this review positive? Answer yes or no.\n\nReview: {t}",
-                                        "answer": a}) + "\n" for t, a in _REVIEWS))
-    cfg = _cfg(tmp_path, "user", f"data=[{data}]", "limit=16", "extractor=label_words", "labels=[no,yes]",
-               "levels=[answer, text]", "fallback=false", "temperature=1.5")
+    asks = ("Is this review positive? Answer yes or no.", "Did the reviewer like the film? Answer yes or no.")
+    data.write_text("".join(json.dumps({"question": f"{ask}\n\nReview: {t}", "answer": a}) + "\n"
+                            for ask in asks for t, a in _REVIEWS))
+    cfg = _cfg(tmp_path, "user", f"data=[{data}]", "limit=24", "answer_limit=32", "extractor=label_words",
+               "labels=[no,yes]", "levels=[answer, text]", "fallback=false", "temperature=1.5")
     assert cfg.labels == ["no", "yes"]
     m = R.run(cfg, backbone=backbone)
     result = json.loads((tmp_path / "user" / "result.json").read_text())
     assert {v["level"] for v in result["variants"]} == {"answer", "text"}
-    assert result["metrics"]["answer_pairs"]["pairs"] > 0 and result["metrics"]["answer_pairs"]["template"] == "{answer}"
+    ap = result["metrics"]["answer_pairs"]
+    assert ap["pairs"] > 0 and ap["template"] == "{answer}"
     head_dir = tmp_path / "user" / "head"
     hc = read_config(head_dir)
+    # answer_limit: the 8 rows beyond limit that land in the training split join the answer level unsampled,
+    # each gold label paired with the other listed label; every question pairs (a closed set of two labels)
+    rows, _ = V.load_questions(str(data), spec=cfg.spec(str(data)))
+    extra = [q for q in rows[24:] if V.split_of(q.key, dev_fraction=0.3, test_fraction=0.3) == "train"]
+    assert hc.provenance["answer_level"] == {"negatives": "listed", "answer_limit": 32, "extra_train_questions": len(extra)}
+    assert len(extra) > 0 and ap["with_pairs"] == 24 + len(extra) and ap["listed_pairs"] > 0
     assert hc.selection is not None and hc.selection.select == m["rule"]
     if m["rule"] != "verify":  # make the head verify, whatever won on these 16 questions: the serving check below
         hc = hc.model_copy(update={"selection": hc.selection.model_copy(
@@ -280,4 +304,5 @@ def test_a_user_jsonl_trains_an_answer_level_verifier_that_the_server_applies(tm
         assert g["canonical_reward"] == pytest.approx(want, rel=1e-3, abs=1e-3), g
     best = max(groups, key=lambda g: g["canonical_reward"])
     assert info["chosen"][0] == best["candidates"][0]
-    assert r["usage"]["verify_tokens"] == sum(len(prompt) + len(engine.encode_answer(g["canonical"])) + 1 for g in groups)
+    # one score pass: the prompt once, then each canonical answer and its closing token
+    assert r["usage"]["verify_tokens"] == len(prompt) + sum(len(engine.encode_answer(g["canonical"])) + 1 for g in groups)

@@ -231,6 +231,15 @@ def held_out_questions(provenance: dict[str, Any], split: str = "test") -> list[
                                       seed=s["seed"]) == split]
 
 
+def seen_questions(provenance: dict[str, Any]) -> list[Question]:
+    """Every question a verifier head was made from: its sampled questions (all splits) and, with ``answer_limit``,
+    the unsampled training questions its answer level read (what a text-disjoint benchmark must exclude)."""
+    more = (provenance.get("answer_level") or {}).get("answer_limit")
+    limit = provenance["limit"] if more is None or provenance["limit"] is None else max(more, provenance["limit"])
+    qs, _ = load_sources(provenance["data"], limit=limit, seed=provenance["seed"], spec=spec_of(provenance))
+    return qs
+
+
 def split_of(key: str, *, dev_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """train / dev / test by a hash of the question text: the same text always lands in the same split, whatever
     else is in the data (a benchmark re-derives the held-out questions from the head's provenance)."""
@@ -449,19 +458,33 @@ def make_pairs(questions: Sequence[Question], samples: Sequence[Sampled], rights
 class AnswerPair:
     question: int  # index into the question list
     chosen: str  # the gold answer (canonical, as the extractor returns it)
-    rejected: str  # a wrong answer the model sampled for this question
+    rejected: str  # a wrong answer: one the model sampled, or another answer of a closed set
+
+
+def listed_answers(q: Question, spec: AnswerSpec) -> list[str] | None:
+    """The closed set of answers a question allows, in the extractor's canonical form: the label words
+    (label_words with labels), the letters of its listed options (choice_letter); None for an open answer
+    (numbers, a regex, a JSON field), where only the model's own wrong answers can be paired."""
+    if spec.extractor == "label_words" and spec.labels:
+        return list(spec.labels)
+    if spec.extractor == "choice_letter":
+        opts = question_options(q)
+        return list(LETTERS[: len(opts)]) if opts else None
+    return None
 
 
 def canonical_answers(questions: Sequence[Question], answers: Sequence[Sequence[str | None]],
-                      spec: AnswerSpec) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Per question, every answer worth verifying rendered in ``spec``'s canonical form: the gold answer and each
-    distinct answer the model sampled. Answers that cannot be rendered (a letter naming no listed option) are
-    left out and counted; a question whose GOLD answer cannot be rendered gets no answer-level pair."""
+                      spec: AnswerSpec, *, listed: bool = False) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Per question, every answer worth verifying rendered in ``spec``'s canonical form: the gold answer, each
+    distinct answer the model sampled, and with ``listed`` every answer of a closed set (``listed_answers``).
+    Answers that cannot be rendered (a letter naming no listed option) are left out and counted; a question
+    whose GOLD answer cannot be rendered gets no answer-level pair."""
     out: list[dict[str, str]] = []
     stats: dict[str, Any] = {"rendered": 0, "unrendered_samples": 0, "unrendered_gold": 0, "examples": []}
     for q, aa in zip(questions, answers):
         got: dict[str, str] = {}
-        for a in dict.fromkeys([q.gold, *(x for x in aa if x is not None)]):
+        extra = (listed_answers(q, spec) or []) if listed else []
+        for a in dict.fromkeys([q.gold, *(x for x in aa if x is not None), *extra]):
             text = spec.render(q, a)
             if text is None:
                 stats["unrendered_gold" if a == q.gold else "unrendered_samples"] += 1
@@ -476,10 +499,14 @@ def canonical_answers(questions: Sequence[Question], answers: Sequence[Sequence[
 
 
 def make_answer_pairs(questions: Sequence[Question], answers: Sequence[Sequence[str | None]],
-                      canon: Sequence[dict[str, str]], *, per_question: int) -> tuple[list[AnswerPair], dict[str, int]]:
-    """(gold answer, a wrong answer the model actually sampled) per question, in canonical form: the wrong
-    answers the model gave most often first (its real mistakes), at most ``per_question``."""
-    stats = {"questions": len(questions), "with_pairs": 0, "never_wrong": 0, "gold_unrendered": 0, "pairs": 0}
+                      canon: Sequence[dict[str, str]], *, per_question: int,
+                      spec: AnswerSpec | None = None) -> tuple[list[AnswerPair], dict[str, int]]:
+    """(gold answer, a wrong answer) per question, in canonical form: first the wrong answers the model actually
+    sampled, most frequent first (its real mistakes); then, given ``spec``, the other answers of a closed set
+    (``listed_answers``: the other label, the other options), so a question the model never got wrong, or was
+    never sampled, still teaches the head; at most ``per_question``."""
+    stats = {"questions": len(questions), "with_pairs": 0, "never_wrong": 0, "gold_unrendered": 0, "pairs": 0,
+             "sampled_pairs": 0, "listed_pairs": 0}
     out: list[AnswerPair] = []
     for qi, (q, aa, c) in enumerate(zip(questions, answers, canon)):
         if q.gold not in c:
@@ -489,38 +516,42 @@ def make_answer_pairs(questions: Sequence[Question], answers: Sequence[Sequence[
         for a in aa:
             if a is not None and a != q.gold and a in c:
                 counts[a] = counts.get(a, 0) + 1
-        wrong = sorted(counts, key=lambda a: (-counts[a], a))[:per_question]
+        sampled = sorted(counts, key=lambda a: (-counts[a], a))
+        listed = [a for a in (listed_answers(q, spec) or []) if a != q.gold and a in c and a not in counts] if spec else []
+        wrong = (sampled + listed)[:per_question]
         if not wrong:
             stats["never_wrong"] += 1
             continue
         out += [AnswerPair(qi, q.gold, w) for w in wrong]
         stats["with_pairs"] += 1
+        stats["sampled_pairs"] += sum(w in counts for w in wrong)
+        stats["listed_pairs"] += sum(w not in counts for w in wrong)
     stats["pairs"] = len(out)
     return out, stats
 
 
 def canonical_features(backbone: Any, questions: Sequence[Question], canon: Sequence[dict[str, str]],
                        layers: Sequence[int], *, progress: bool = True) -> list[dict[str, dict[int, "torch.Tensor"]]]:
-    """The head features of every rendered answer (prompt + canonical answer + closing token, THE feature pass
-    ``arbiter.backbone.batched_end_features``, as ``/v1/score`` and the verify rule compute them): per question,
-    answer -> layer -> [d]."""
+    """The head features of every rendered answer (prompt + canonical answer + closing token, read as the HF
+    engine reads ``/v1/score`` and the verify rule's answers: ``arbiter.backbone.shared_prefix_end_features``, the
+    prompt run once for all its answers): per question, answer -> layer -> [d]."""
     from tqdm.auto import tqdm
 
-    from arbiter.backbone import batched_end_features
+    from arbiter.backbone import shared_prefix_end_features
     from arbiter.chat import answer_ids, prompt_ids
     from arbiter.training.feature_cache import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH, _pad_id
 
     keys = [(qi, a) for qi, c in enumerate(canon) for a in c]
     pids: dict[int, list[int]] = {}
-    seqs = [pids.setdefault(qi, prompt_ids(backbone.tokenizer, questions[qi].messages))
-            + answer_ids(backbone.tokenizer, canon[qi][a], backbone.end_id) for qi, a in keys]
+    pre = [pids.setdefault(qi, prompt_ids(backbone.tokenizer, questions[qi].messages)) for qi, _ in keys]
+    suf = [answer_ids(backbone.tokenizer, canon[qi][a], backbone.end_id) for qi, a in keys]
     out: list[dict[str, dict[int, torch.Tensor]]] = [{} for _ in questions]
-    if not seqs:
+    if not keys:
         return out
-    with tqdm(total=sum(len(x) for x in seqs), desc="canonical answers", unit="tok", unit_scale=True,
-              disable=not progress) as bar:
-        feats = batched_end_features(backbone.model, seqs, sorted(set(layers)), batch_tokens=DEFAULT_BATCH_TOKENS,
-                                     pad_id=_pad_id(backbone), max_batch=DEFAULT_MAX_BATCH, progress=bar.update)
+    with tqdm(total=sum(len(p) for p in pids.values()) + sum(len(x) for x in suf), desc="canonical answers",
+              unit="tok", unit_scale=True, disable=not progress) as bar:
+        feats = shared_prefix_end_features(backbone.model, pre, suf, sorted(set(layers)), batch_tokens=DEFAULT_BATCH_TOKENS,
+                                           pad_id=_pad_id(backbone), max_batch=DEFAULT_MAX_BATCH, progress=bar.update)
     for k, (qi, a) in enumerate(keys):
         out[qi][a] = {l: f[k] for l, f in feats.items()}
     return out

@@ -47,6 +47,7 @@ log = logging.getLogger("arbiter.training.recipes.verifier")
 _NAME = re.compile(NAME_PATTERN)  # a head name (HeadConfig.name)
 
 LEVELS = ("text", "answer", "both")  # the pair sets a verifier head can train on (module docstring, step 5)
+ANSWER_NEGATIVES = ("sampled", "listed")  # the wrong answers an answer-level pair may take (VerifierConfig)
 DESCRIPTION = "train a verifier head on the model's own samples (right vs wrong answers), with its selection rule"
 
 
@@ -75,7 +76,15 @@ class VerifierConfig:
     # ("{answer}. {option}" for choice_letter, else "{answer}").
     canonical: str | None = None
     levels: list[str] = field(default_factory=lambda: ["text", "answer", "both"])  # which pair sets to train on
-    answer_pairs_per_question: int = 3  # gold vs the most frequent wrong answers the model sampled
+    answer_pairs_per_question: int = 3  # gold vs this many wrong answers: the model's own first, most frequent first
+    # Which wrong answers pair with the gold one: "sampled" (only those the model gave) or "listed" (those first,
+    # then the other answers of a closed set: the other labels, the other listed options; open answers such as
+    # numbers have none, so they stay "sampled").
+    answer_negatives: str = "listed"
+    # More questions per source for the answer level only (>= limit; null: none): the training-split questions
+    # beyond ``limit`` are not sampled, each pairs its gold answer with the other listed answers. Cheap (one
+    # prompt-shared forward per question) where sampling is not; needs answer_negatives=listed and a closed set.
+    answer_limit: int | None = None
     fallback: bool = True  # no dev gain beyond 1 SE over majority vote: the head's rule is majority vote
     model: str | None = None  # backbone (None: the embedded SmolLM2-135M-Instruct)
     dtype: str = "auto"  # as the server: bfloat16 only where this CPU multiplies it natively and faster
@@ -155,6 +164,18 @@ class VerifierConfig:
             raise ConfigError(f"levels: a non-empty list of distinct {list(LEVELS)}, got {self.levels}")
         if self.answer_pairs_per_question < 1:
             raise ConfigError(f"answer_pairs_per_question: must be >= 1, got {self.answer_pairs_per_question}")
+        if self.answer_negatives not in ANSWER_NEGATIVES:
+            raise ConfigError(f"answer_negatives: {self.answer_negatives!r} is not one of {list(ANSWER_NEGATIVES)}")
+        if self.answer_limit is not None:
+            spec = self.spec(self.data[0])
+            if self.answer_negatives != "listed" or not set(self.levels) & {"answer", "both"}:
+                raise ConfigError("answer_limit: the extra questions only give answer-level pairs against the listed "
+                                  "answers: needs answer_negatives=listed and levels with answer or both")
+            if not (spec.extractor == "choice_letter" or (spec.extractor == "label_words" and spec.labels)):
+                raise ConfigError(f"answer_limit: {spec.extractor} answers are open (no listed set to pair the gold "
+                                  "answer with); unsampled questions cannot be paired, drop answer_limit")
+            if self.limit is None or self.answer_limit < self.limit:
+                raise ConfigError(f"answer_limit: must be >= limit ({self.limit}), got {self.answer_limit}")
         if set(self.levels) & {"answer", "both"}:
             from arbiter.answers import check_canonical
 
@@ -239,6 +260,7 @@ class RunData:
     idx: dict[str, list[int]]  # text-level pair indices per split
     qs_of: dict[str, list[int]]  # question indices per split
     labels_stats: dict[str, int]
+    extra: list[Any] = field(default_factory=list)  # answer_limit: unsampled training questions (answer level only)
 
     def of(self, split: str, values: list[Any]) -> list[Any]:
         """``values`` (one per question) of the questions of ``split``."""
@@ -334,8 +356,16 @@ def _setup(cfg: VerifierConfig, resume: bool, backbone: Any) -> RunData:
     log.info("questions %d (train %d, dev %d, test %d); candidates %d, right %d; pairs %d", len(questions),
              *(len(qs_of[k]) for k in ("train", "dev", "test")), labels_stats["candidates"], labels_stats["right"],
              len(pairs))
+    extra: list[Any] = []
+    if cfg.answer_limit is not None and cfg.answer_limit > (cfg.limit or 0):
+        more, _ = V.load_sources(cfg.data, limit=cfg.answer_limit, seed=cfg.seed, spec=spec)
+        known = {q.key for q in questions}
+        extra = [q for q in more if q.key not in known and V.split_of(
+            q.key, dev_fraction=cfg.dev_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed) == "train"]
+        log.info("answer_limit %d: %d more training questions for the answer level (not sampled)", cfg.answer_limit,
+                 len(extra))
     return RunData(out, spec, backbone, questions, reports, split, samples, sampler, answers, rights, pairs, pair_stats,
-                   idx, qs_of, labels_stats)
+                   idx, qs_of, labels_stats, extra)
 
 
 def _features(cfg: VerifierConfig, data: RunData) -> Features:
@@ -369,7 +399,8 @@ def _features(cfg: VerifierConfig, data: RunData) -> Features:
             by_layer[l] = (torch.cat([by_layer[l][0], pf.prefix_chosen]), torch.cat([by_layer[l][1], pf.prefix_rejected]))
         log.info("closed prefixes: %d training copies, %d eval cuts", len(prefix_train),
                  sum(kind == "eval" for _, _, kind in prefix_rows))
-    answer = _answer_level(cfg, bb, data.questions, data.answers, data.split, data.spec, sorted({v.layer for v in sweep}))
+    answer = _answer_level(cfg, bb, data.questions + data.extra, data.answers + [[] for _ in data.extra],
+                           data.split + ["train"] * len(data.extra), data.spec, sorted({v.layer for v in sweep}))
     return Features(sweep, by_layer, prefix_rows, prefix_train, answer)
 
 
@@ -396,7 +427,8 @@ def _train(cfg: VerifierConfig, data: RunData, feats: Features, i: int, level: s
     res = train_on_features(v, fw, fl, vidx, fingerprint=data.backbone.fingerprint, ffn_size=data.backbone.ffn_size,
                             run_dir=data.out / "sweep" / tag, feature_dtype=data.backbone.dtype)
     rewards = _all_rewards(res.head, data.samples, v.layer, head_rewards)
-    verified = None if level == "text" else V.verified_rewards(res.head, al.features, v.layer, head_rewards)
+    verified = None if level == "text" else V.verified_rewards(res.head, al.features[: len(data.questions)], v.layer,
+                                                                head_rewards)
     dev_in = (data.of("dev", rewards), data.of("dev", data.answers), data.of("dev", data.rights))
     dev_verified = None if verified is None else data.of("dev", verified)
     weights = None if dev_verified is None else V.fit_verify_weights(*dev_in, dev_verified)[0]
@@ -464,6 +496,8 @@ def _provenance(cfg: VerifierConfig, data: RunData, feats: Features, trials: lis
     spec, v, out = data.spec, feats.sweep[best.row["variant"]], data.out
     return {
         "recipe": "verifier", "data": list(cfg.data), "limit": cfg.limit, "seed": cfg.seed,
+        "answer_level": {"negatives": cfg.answer_negatives, "answer_limit": cfg.answer_limit,
+                         "extra_train_questions": len(data.extra)},
         "answers": {"extractor": spec.extractor, "pattern": spec.pattern, "field": spec.field,
                     "labels": list(spec.labels) if spec.labels else None, "finished_only": spec.finished_only,
                     "template": spec.template},
@@ -543,11 +577,13 @@ def _answer_level(cfg: VerifierConfig, backbone: Any, questions: list[Any], answ
 
     if not set(cfg.levels) & {"answer", "both"}:
         return AnswerLevel([], {"train": [], "dev": [], "test": []}, [{} for _ in questions], {})
-    canon, render_stats = V.canonical_answers(questions, answers, spec)
+    listed = cfg.answer_negatives == "listed"
+    canon, render_stats = V.canonical_answers(questions, answers, spec, listed=listed)
     if render_stats["unrendered_gold"]:
         log.warning("%d question(s) whose gold answer cannot be rendered as %r get no answer-level pair, e.g. %s",
                     render_stats["unrendered_gold"], spec.template, "; ".join(render_stats["examples"][:3]))
-    pairs, pair_stats = V.make_answer_pairs(questions, answers, canon, per_question=cfg.answer_pairs_per_question)
+    pairs, pair_stats = V.make_answer_pairs(questions, answers, canon, per_question=cfg.answer_pairs_per_question,
+                                            spec=spec if listed else None)
     idx = {k: [i for i, p in enumerate(pairs) if split[p.question] == k] for k in ("train", "dev", "test")}
     if not idx["train"]:
         log.warning("no answer-level training pairs (%s): training text-level heads only", pair_stats)
