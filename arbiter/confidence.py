@@ -9,6 +9,13 @@ candidate was sampled from):
 A candidate's score is the mean over its tokens (mean log-prob, DeepConf's average trace confidence, mean
 self-certainty); higher means more confident for all three. ``vote`` is the confidence-weighted majority vote
 (DeepConf's weighted voting without filtering; CISC-style weights are its softmax variant).
+
+DeepConf's group confidences (the reference code's ``compute_least_grouped`` / ``calculate_bottom_window_confidence``
+/ ``calculate_tail_confidence``) over the token confidences C_t with a window of w tokens (``GROUP_WINDOW``): the
+means of every full sliding window (one window, the whole trace, when it is shorter than w); lowest_group = their
+minimum, bottom10_group = the mean of their lowest 10 % (at least one), tail = the mean of the last w tokens. The
+serving engines compute all of these per candidate while decoding (``Trace``); the selection rules over them live
+in ``arbiter.selection`` (confidence, deepconf_vote, borda, cisc).
 """
 
 from __future__ import annotations
@@ -20,12 +27,22 @@ from typing import Any, Sequence
 import torch
 
 DEEPCONF_K = 20
+GROUP_WINDOW = 2048  # DeepConf's group size and tail length (arXiv 2508.15260; deepconf 0.1's defaults)
+BOTTOM_SHARE = 0.1  # bottom10_group: the lowest 10 % of the window means
 SCORES = ("mean_logprob", "deepconf", "self_certainty")
-# The free selection rules the reports set a head against: (key, label, score, argmax or vote).
-RULES = (("conf_logprob", "mean log-prob argmax", "mean_logprob", "argmax"),
-         ("conf_deepconf", "DeepConf argmax", "deepconf", "argmax"),
-         ("conf_deepconf_vote", "DeepConf weighted vote", "deepconf", "vote"),
-         ("conf_self_certainty", "self-certainty argmax", "self_certainty", "argmax"))
+# Every per-candidate score a selection rule may rank by (Confidence's fields; higher = more confident)
+SCORE_NAMES = ("mean_logprob", "deepconf", "self_certainty", "lowest_group", "bottom10_group", "tail")
+# The free selection rules the reports set a head against: (key, label, score, the serving policy of
+# arbiter.selection that applies it); KEEP: DeepConf's kept share for its votes (1.0: no filter).
+RULES = (("conf_logprob", "mean log-prob argmax", "mean_logprob", "confidence"),
+         ("conf_deepconf", "DeepConf argmax", "deepconf", "confidence"),
+         ("conf_deepconf_vote", "DeepConf weighted vote", "deepconf", "deepconf_vote"),
+         ("conf_deepconf_high", "DeepConf-high vote (top 90 %)", "bottom10_group", "deepconf_vote"),
+         ("conf_deepconf_low", "DeepConf-low vote (top 10 %)", "bottom10_group", "deepconf_vote"),
+         ("conf_self_certainty", "self-certainty argmax", "self_certainty", "confidence"),
+         ("conf_borda", "self-certainty Borda vote", "self_certainty", "borda"),
+         ("conf_cisc", "CISC vote (mean log-prob, T 0.1)", "mean_logprob", "cisc"))
+KEEP = {"conf_deepconf_vote": 1.0, "conf_deepconf_high": 0.9, "conf_deepconf_low": 0.1}
 
 
 @dataclass(frozen=True)
@@ -34,9 +51,75 @@ class Confidence:
     deepconf: float
     self_certainty: float
     tokens: int
+    lowest_group: float = float("-inf")  # DeepConf's group confidences (module docstring)
+    bottom10_group: float = float("-inf")
+    tail: float = float("-inf")
 
     def score(self, name: str) -> float:
         return float(getattr(self, name))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in (*SCORE_NAMES, "tokens")}
+
+
+def window_means(conf: Sequence[float], window: int = GROUP_WINDOW) -> list[float]:
+    """The mean token confidence of every full sliding window of ``window`` tokens; the whole trace's mean as one
+    window when it is shorter (DeepConf's ``compute_least_grouped``)."""
+    c = [float(x) for x in conf]
+    if not c:
+        return []
+    if len(c) < window:
+        return [sum(c) / len(c)]
+    out, total = [], sum(c[:window])
+    out.append(total / window)
+    for i in range(window, len(c)):
+        total += c[i] - c[i - window]
+        out.append(total / window)
+    return out
+
+
+def group_scores(conf: Sequence[float], window: int = GROUP_WINDOW) -> tuple[float, float, float]:
+    """(lowest_group, bottom10_group, tail) of one trace's token confidences (module docstring)."""
+    means = window_means(conf, window)
+    if not means:
+        return float("-inf"), float("-inf"), float("-inf")
+    low = sorted(means)[: max(1, int(len(means) * BOTTOM_SHARE))]
+    tail = [float(x) for x in conf[-window:]]
+    return min(means), sum(low) / len(low), sum(tail) / len(tail)
+
+
+class Trace:
+    """One candidate's confidence, accumulated token by token while it is decoded (the HF engine's decode loop; the
+    vLLM engine from its top-k log-probs). ``group`` is the mean confidence of the last full window, what DeepConf's
+    online mode compares with its threshold (None until ``window`` tokens exist)."""
+
+    def __init__(self, window: int = GROUP_WINDOW):
+        self.window = window
+        self.logprob: list[float] = []
+        self.conf: list[float] = []
+        self.certainty: list[float] = []
+        self._sum = 0.0  # the last window's confidence sum
+
+    def add(self, logprob: float, conf: float, certainty: float) -> None:
+        self.logprob.append(logprob)
+        self.conf.append(conf)
+        self.certainty.append(certainty)
+        self._sum += conf
+        if len(self.conf) > self.window:
+            self._sum -= self.conf[-self.window - 1]
+
+    def cut(self, tokens: int) -> None:
+        """Keep the first ``tokens`` entries (a stop string cut the answer)."""
+        del self.logprob[tokens:], self.conf[tokens:], self.certainty[tokens:]
+        self._sum = sum(self.conf[-self.window :])
+
+    def group(self) -> float | None:
+        return self._sum / self.window if len(self.conf) >= self.window else None
+
+    def summary(self) -> Confidence:
+        return summarise({"logprob": torch.tensor(self.logprob, dtype=torch.float64),
+                          "deepconf": torch.tensor(self.conf, dtype=torch.float64),
+                          "self_certainty": torch.tensor(self.certainty, dtype=torch.float64)}, self.window)
 
 
 def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, k: int = DEEPCONF_K) -> dict[str, torch.Tensor]:
@@ -49,12 +132,33 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, k: int = DEEPCO
             "self_certainty": -math.log(v) - lp.mean(-1)}
 
 
-def summarise(per_token: dict[str, torch.Tensor]) -> Confidence:
+def summarise(per_token: dict[str, torch.Tensor], window: int = GROUP_WINDOW) -> Confidence:
     t = int(per_token["logprob"].numel())
     if t == 0:
         return Confidence(float("-inf"), float("-inf"), float("-inf"), 0)
+    low, bottom, tail = group_scores(per_token["deepconf"].tolist(), window)
     return Confidence(float(per_token["logprob"].mean()), float(per_token["deepconf"].mean()),
-                      float(per_token["self_certainty"].mean()), t)
+                      float(per_token["self_certainty"].mean()), t, low, bottom, tail)
+
+
+def topk_token_confidence(chosen: float, top: Sequence[float], vocab: int, k: int = DEEPCONF_K) -> tuple[float, float, float]:
+    """(log-prob, DeepConf confidence, self-certainty) of one token from what an engine returns: the sampled token's
+    log-prob and the top-k log-probs (the vLLM engine). The log-prob is exact, the DeepConf confidence is exact when
+    ``top`` holds at least k entries (it reads only the top k). Self-certainty needs every entry of the distribution:
+    the approximation spreads the mass outside the top k evenly over the other V - k tokens: exact when that mass
+    is flat, otherwise a lower bound (the log of an average exceeds the average of the logs), far below the exact
+    value on a long-tailed distribution, so the vLLM engine's self-certainty ranks but does not equal the HF one."""
+    top = sorted((float(x) for x in top), reverse=True)
+    kk = min(k, len(top))
+    conf = -sum(top[:kk]) / kk if kk else 0.0
+    inside = sum(math.exp(x) for x in top)
+    rest = max(vocab - len(top), 0)
+    log_v = math.log(vocab)
+    total = sum(x for x in top)
+    if rest:
+        other = max(1.0 - inside, 1e-30) / rest
+        total += rest * math.log(other)
+    return float(chosen), conf, -log_v - total / vocab
 
 
 @torch.no_grad()
@@ -115,9 +219,12 @@ def argmax(scores: Sequence[float]) -> int:
 
 
 def picks(conf: Sequence[Confidence], answers: Sequence[str | None]) -> dict[str, int]:
-    """The candidate each rule of ``RULES`` picks (key -> index), given the candidates' confidences and answers."""
-    out = {}
-    for key, _, score, how in RULES:
-        sc = [c.score(score) for c in conf]
-        out[key] = argmax(sc) if how == "argmax" else vote(sc, answers, shift=False)
-    return out
+    """The candidate each rule of ``RULES`` picks (key -> index), given the candidates' confidences and answers: the
+    server's own selection code (``arbiter.selection.select`` under the rule's policy), so a report's column is
+    what a request with that ``select`` returns."""
+    from arbiter.selection import ConfidenceRule, select
+
+    none = torch.zeros(len(conf), 0)
+    return {key: select(none, policy, answers, confidence=conf,
+                        rule=ConfidenceRule(score, keep=KEEP.get(key, 0.9))).order[0]
+            for key, _, score, policy in RULES}

@@ -16,9 +16,10 @@ Questions that share no text with any head's training data:
   svamp / gsm8k  the first 100 problems of each source's seeded order (head `math`; its pairs came from later ones);
   user:<head>    a user's task: the test split of verifier head <head> (a user JSONL, re-derived from its
                  provenance), served from --heads-dir.
-The free baselines, from the same N candidates (docs/methods.md "Confidence baselines"): each candidate's text is
-re-encoded and one teacher-forced forward of the same model (in this process) gives its token distributions:
-mean log-prob argmax, DeepConf token confidence argmax and confidence-weighted vote, self-certainty argmax.
+The free baselines, from the same N candidates (docs/methods.md "Confidence baselines"): the confidences the server
+computed for each candidate while decoding it (returned with `return_candidates`), under the server's training-free
+policies: mean log-prob, DeepConf and self-certainty argmax, DeepConf's weighted vote (all candidates, top 90 %,
+top 10 %), self-certainty's Borda vote and CISC (`arbiter.confidence.RULES`).
 For `select: verify` the report also gives the extra forward's share of each request's wall time.
 Writes benchmarks/reports/<report>.md (and .json). Usage:
     python benchmarks/bestofn_api.py [--questions 150] [--n 8] [--temperature 1.0] [--tasks sst2 mc user:<head>]
@@ -74,7 +75,7 @@ def _provenance(head: str, heads: Path = HEADS) -> dict[str, Any]:
 
 def sst2_training_texts() -> tuple[list[str], list[str]]:
     """(normalised SST-2 texts any committed head trained on, which heads they came from)."""
-    from arbiter.training.verifier import held_out_questions
+    from arbiter.training.verifier import seen_questions
 
     texts, used = [], []
     for cfg in sorted(HEADS.glob("*/head_config.json")):
@@ -84,7 +85,7 @@ def sst2_training_texts() -> tuple[list[str], list[str]]:
             continue
         used.append(cfg.parent.name)
         if prov.get("recipe") == "verifier":
-            texts += [normalise_text(q.text) for split in ("train", "dev", "test") for q in held_out_questions(prov, split)]
+            texts += [normalise_text(q.text) for q in seen_questions(prov)]  # answer_limit's extra questions too
         else:  # a pair head: its first `limit` rows of the seeded order per source
             for src in data:
                 if str(src).startswith("sst2"):
@@ -229,7 +230,7 @@ def main() -> None:
                        "oracle": any(right), "tokens": sum(c["completion_tokens"] for c in rows),
                        "answers": answers, "rewards": rew[:, 0].tolist(), "right": right,
                        "texts": [c["text"] for c in rows], "completion_tokens": [c["completion_tokens"] for c in rows],
-                       "messages": q["messages"], "wall_s": wall,
+                       "messages": q["messages"], "wall_s": wall, "confidences": [c.get("confidence") for c in rows],
                        "verify": info.get("verify"), "verify_tokens": (r.usage.model_extra or {}).get("verify_tokens")}
                 for rule in RULES:
                     out[rule] = right[select(rew, rule, answers).order[0]]
@@ -251,9 +252,9 @@ def main() -> None:
             seconds = round(time.monotonic() - t0, 1)
             mismatched = free_baselines(rows)
             n = len(rows)
-            cols = ("greedy", "n1", "head_rule", *RULES, *(key for key, _, _, _ in confidence.RULES), "oracle", "adaptive_argmax",
-                    "adaptive_majority_vote")
-            res: dict[str, Any] = {"head": head, "questions": n, "seconds": seconds, "retokenized_mismatch": mismatched,
+            cols = ("greedy", "n1", "head_rule", *RULES, *(key for key, _, _, _ in confidence.RULES), "oracle",
+                    "adaptive_argmax", "adaptive_majority_vote")
+            res: dict[str, Any] = {"head": head, "questions": n, "seconds": seconds, "confidence_missing": mismatched,
                                    "rule": rows[0]["rule"] if rows else None, "tokens_fixed_n": sum(x["tokens"] for x in rows)}
             for k in cols:
                 acc = sum(x[k] for x in rows) / n
@@ -301,29 +302,18 @@ def main() -> None:
     print(markdown(meta, results, args))
 
 
-_MODEL: Any = None
-
-
 def free_baselines(rows: list[dict]) -> int:
-    """Each row's confidence columns (arbiter.confidence.RULES) from the same candidates: the candidate texts re-encoded as the
-    server encodes answers, one teacher-forced forward each (arbiter.confidence). Returns how many candidates
-    re-encoded to a different token count than the server generated (the approximation's size)."""
-    global _MODEL
-    from arbiter.backbone import load_backbone
-    from arbiter.chat import answer_ids, prompt_ids
-
-    if _MODEL is None:
-        _MODEL = load_backbone()  # dtype auto, as the server: the distributions the candidates were sampled from
-    bb, mismatched = _MODEL, 0
+    """Each row's confidence columns (arbiter.confidence.RULES) from the same candidates: the confidences the server
+    computed while decoding them (``rerank.candidates[].confidence``: the decode step's full distribution, exact)
+    under the server's selection code (``confidence.picks``). Returns how many candidates came back without one."""
+    missing = 0
     for x in rows:
-        p = prompt_ids(bb.tokenizer, x["messages"])
-        ids = [answer_ids(bb.tokenizer, t, bb.end_id, close=False) for t in x["texts"]]
-        mismatched += sum(len(a) != k for a, k in zip(ids, x["completion_tokens"]))
-        conf = confidence.candidate_confidence(bb.model, p, ids)
-        x["confidence"] = {name: [c.score(name) for c in conf] for name in confidence.SCORES}
+        conf = [confidence.Confidence(**c) if c else None for c in x["confidences"]]
+        missing += sum(c is None for c in conf)
+        x["confidence"] = {name: [c.score(name) if c else None for c in conf] for name in confidence.SCORE_NAMES}
         for col, pick in confidence.picks(conf, x["answers"]).items():
             x[col] = x["right"][pick]
-    return mismatched
+    return missing
 
 
 def _cpu() -> str:
@@ -338,9 +328,8 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
     n = args.n
     cols = [("greedy", "greedy"), ("n1", "n=1"), ("head_rule", "**head rule** (the server's pick)"),
             ("argmax", "argmax"), ("weighted_vote", "weighted vote"), ("majority_vote", f"majority of {n}"),
-            ("conf_logprob", "mean log-prob argmax"), ("conf_deepconf", "DeepConf argmax"),
-            ("conf_deepconf_vote", "DeepConf weighted vote"), ("conf_self_certainty", "self-certainty argmax"),
             ("oracle", f"oracle pass@{n}")]
+    free = [(key, label) for key, label, _, _ in confidence.RULES]
     lines = ["# Best-of-N through the API, on questions no head trained on", "",
              *[f"{task}: `{r['run']['command']}` on commit `{r['run']['commit']}`, {r['run']['date']}, "
                f"{r['run']['seconds'] / 60:.1f} min, {r['run']['cpu']}; server log: `{r['run']['server_dtype'][-140:]}`."
@@ -349,21 +338,29 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
              f"Per question: one greedy request, and one rerank request (N={n}, temperature {meta['temperature']}, seed "
              "1000 + question index, `return_candidates`, no `select`: the server applies the head's own rule). "
              "n=1 (candidate 0), argmax, weighted vote, majority vote and oracle are read from the same candidates "
-             "and rewards with the server's selection code; the confidence columns (the model's own, free: "
-             "docs/methods.md \"Confidence baselines\") from the same candidates re-encoded and read by one "
-             "teacher-forced forward of the same model. Accuracy +- standard error; (wins / losses) are paired "
-             "against n=1 on the same questions.", "",
+             "and rewards with the server's selection code; the training-free columns (the model's own confidence, "
+             "free: docs/methods.md \"Confidence baselines\") from the confidences the server computed for the same "
+             "candidates while decoding them, under the server's training-free policies. Accuracy +- standard error; "
+             "(wins / losses) are paired against n=1 on the same questions.", "",
              "| task | questions | " + " | ".join(c for _, c in cols) + " | tokens (fixed N) |",
              "|---|---|" + "---|" * len(cols) + "---|"]
+    def cell(r: dict, k: str) -> str:
+        c = r.get(k)
+        if c is None:
+            return "-"
+        return f"{c['acc']:.3f} +- {c['se']:.3f}" + (f" ({c['wins']} / {c['losses']})" if k not in ("greedy", "n1") else "")
+
     for task, r in results.items():
-        cells = []
-        for k, _ in cols:
-            c = r[k]
-            cells.append(f"{c['acc']:.3f} +- {c['se']:.3f}" + (f" ({c['wins']} / {c['losses']})" if k not in ("greedy", "n1") else ""))
         lines.append(f"| {task} (head `{r['head']}`, rule `{(r['rule'] or {}).get('select')}`) | {r['questions']} | "
-                     + " | ".join(cells) + f" | {r['tokens_fixed_n']} |")
+                     + " | ".join(cell(r, k) for k, _ in cols) + f" | {r['tokens_fixed_n']} |")
+    lines += ["", "Training-free rules on the same candidates (no head; `select` = confidence, deepconf_vote, borda, "
+              "cisc with the score named; DeepConf's group confidences over 2048-token windows equal the trace mean "
+              "on answers this short):", "",
+              "| task | " + " | ".join(c for _, c in free) + " |", "|---|" + "---|" * len(free)]
+    for task, r in results.items():
+        lines.append(f"| {task} | " + " | ".join(cell(r, k) for k, _ in free) + " |")
     lines += ["", "The head's rule against the best baseline a user gets at the same N (the best of n=1, the majority "
-              "vote and the four confidence rules, all free, and the weighted vote, which uses the head's text "
+              "vote and every training-free rule above, all free, and the weighted vote, which uses the head's text "
               "rewards; paired over the same questions):", ""]
     for task, r in results.items():
         b = r["best_baseline"]
@@ -382,9 +379,10 @@ def markdown(meta: dict, results: dict, args: Any) -> str:
         for t, c in costs.items():
             lines.append(f"- {t}: {c['mean_answers_scored']:.2f} answers scored per request, {c['mean_tokens']:.0f} tokens; "
                          f"{c['mean_share_of_wall']:.1%} of the request's wall time on average (max {c['max_share_of_wall']:.1%}).")
-    mism = {t: r.get("retokenized_mismatch") for t, r in results.items()}
-    lines += ["", "Re-encoded candidates whose token count differs from what the server generated (the confidence "
-              "columns read those re-encoded tokens): " + ", ".join(f"{t} {m}" for t, m in mism.items()) + "."]
+    missing = {t: r["confidence_missing"] for t, r in results.items() if "confidence_missing" in r}
+    if missing:
+        lines += ["", "Candidates the server returned without a confidence: "
+                  + ", ".join(f"{t} {m}" for t, m in missing.items()) + "."]
     lines += ["", f"Adaptive N (rounds of 2 up to {n}, replayed on the same candidates with the server's stopping rule "
               f"`rerank.settled`: argmax stops when the best reward beats the runner-up by > {ADAPTIVE.margin}, majority "
               f"when one answer holds >= {ADAPTIVE.supermajority} of the answered votes):", "",

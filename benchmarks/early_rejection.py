@@ -43,7 +43,6 @@ from typing import Any
 import httpx
 import openai
 import torch
-from bestofn_api import MAX_TOKENS, TASK_HEAD, _spec_of, tasks  # benchmarks/ is on sys.path
 from engines import PROMPTS as ENGINE_PROMPTS
 
 from arbiter.generation.base import PruneSpec
@@ -52,6 +51,7 @@ from arbiter.training.stats import accuracy_se
 
 import _serve  # benchmarks/ is on sys.path: the script's own directory
 from _provenance import Run
+from bestofn_api import MAX_TOKENS, TASK_HEAD, _spec_of, tasks  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "reports" / "early_rejection"

@@ -60,3 +60,21 @@ def pytest_collection_modifyitems(config, items):
         if (module in INTEGRATION_MODULES or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or any(item.get_closest_marker(m) for m in ("slow", "gpu", "vllm"))):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def deepconf_utils():
+    """``deepconf/utils.py`` of the reference package (PyPI ``deepconf``), loaded by path: the package's
+    ``__init__`` imports vLLM. Skips where the package is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("deepconf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the deepconf package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils.py"
+    mod_spec = importlib.util.spec_from_file_location("deepconf_utils", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod

@@ -53,34 +53,22 @@ def test_confidence_weighted_vote_by_hand():
     assert vote([3.0, 3.0, 5.0, 9.0], ["a", "a", "b", None], shift=False) == 0
     assert vote([1.0, 2.0], [None, None]) == 1  # nobody answered: the most confident candidate
     assert vote([-math.inf, 1.0], ["a", "b"]) == 1
-    # every rule's pick from the candidates' confidences: logprob / deepconf / self-certainty per candidate
-    conf = [Confidence(-0.5, 3.0, 1.0, 4), Confidence(-0.2, 2.0, 2.0, 4), Confidence(-0.9, 2.5, 0.5, 4)]
+    # every rule's pick from the candidates' confidences: logprob / deepconf / self-certainty / group per candidate
+    conf = [Confidence(-0.5, 3.0, 1.0, 4, 3.0, 3.0, 3.0), Confidence(-0.2, 2.0, 2.0, 4, 2.0, 2.0, 2.0),
+            Confidence(-0.9, 2.5, 0.5, 4, 2.5, 2.5, 2.5)]
     got = picks(conf, ["x", "y", "y"])
     assert set(got) == {key for key, _, _, _ in RULES}
-    # deepconf vote: x 3.0 vs y 2.0 + 2.5 = 4.5 -> y, its most confident member (2.5) is candidate 2
-    assert got == {"conf_logprob": 1, "conf_deepconf": 0, "conf_deepconf_vote": 2, "conf_self_certainty": 1}
+    # deepconf vote: x 3.0 vs y 2.0 + 2.5 = 4.5 -> y, its most confident member (2.5) is candidate 2; the top 90 %
+    # (ceil 2.7 = all 3) the same; the top 10 % (1: candidate 0) -> x. Borda on self-certainty: ranks 1, 0, 2 ->
+    # y 3 + 1 = 4 vs x 2 -> y, member 1. CISC on the log-prob, T 0.1: e^-2 + e^-9 (y) > e^-5 (x) -> y, member 1.
+    assert got == {"conf_logprob": 1, "conf_deepconf": 0, "conf_deepconf_vote": 2, "conf_deepconf_high": 2,
+                   "conf_deepconf_low": 0, "conf_self_certainty": 1, "conf_borda": 1, "conf_cisc": 1}
 
 
-def _deepconf_utils():
-    """``deepconf/utils.py`` of the reference package, loaded by path: the package's ``__init__`` imports vLLM."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("deepconf")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the deepconf package is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "utils.py"
-    mod_spec = importlib.util.spec_from_file_location("deepconf_utils", path)
-    assert mod_spec is not None and mod_spec.loader is not None
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
-
-
-def test_deepconf_token_confidence_and_weighted_vote_equal_the_reference_package():
+def test_deepconf_token_confidence_and_weighted_vote_equal_the_reference_package(deepconf_utils):
     from types import SimpleNamespace
 
-    dc = _deepconf_utils()
+    dc = deepconf_utils
     g = np.random.default_rng(0)
     logits = torch.from_numpy((g.standard_normal((5, 300)) * 2).astype(np.float32))
     tokens = torch.from_numpy(g.integers(0, 300, 5))

@@ -170,3 +170,26 @@ def test_pruned_candidates_are_shown_as_pruned_with_the_checkpoint(browser):
         assert sorted(p.get_attribute("data-index") for p in pruned) == ["0", "1"]
         assert page.locator("[data-chosen=true]").get_attribute("data-index") == "2"
         assert not outside and not errors, (outside, errors)
+
+
+def test_the_model_s_own_confidence_with_no_head_and_deepconf_s_online_stop(browser):
+    """No head loaded: the confidence rule picks the candidate the model is surest of, every card shows its
+    confidences (the fake engine's per-character DeepConf confidences 2, 1, 3, 0.5), and DeepConf's online stop
+    (warm-up 2, window 8: threshold 1.1 from lowest groups 2.0 and 1.0) stops candidate 3 after 8 tokens."""
+    conf = {s.text: [c] * len(s.text) for s, c in zip(SCRIPT, (2.0, 1.0, 3.0, 0.5))}
+    with served_fake.served(FakeEngine(SCRIPT, token_confidence=conf), registry_with()) as srv:
+        page, outside, errors = open_page(browser, srv.url)
+        page.fill("[data-testid=prompt]", "Which?")
+        page.select_option("[data-testid=select]", "confidence")
+        page.uncheck("[data-testid=stream]")
+        page.check("[data-testid=online]")
+        page.click("[data-testid=send]")
+        page.wait_for_selector("[data-testid=confidence-info]")
+        info = page.locator("[data-testid=confidence-info]").inner_text()
+        assert "ranked by deepconf" in info and "threshold 1.1000 from 2 warm-up candidates, 1 stopped after 8 tokens" in info, info
+        assert page.locator("[data-chosen=true]").get_attribute("data-index") == "2"
+        shown = {c.get_attribute("data-index"): c.locator("[data-testid=candidate-confidence]").inner_text()
+                 for c in page.locator("[data-testid=candidate]").all()}
+        assert "DeepConf 3.0000" in shown["2"] and "DeepConf 2.0000" in shown["0"], shown
+        assert page.locator(".card.pruned").get_attribute("data-index") == "3"
+        assert not outside and not errors, (outside, errors)

@@ -149,9 +149,9 @@ def test_api_verify_picks_the_best_verified_answer_and_reports_each_group(srv):
         ("negative", "negative", 2, [2, 3]), ("positive", "positive", 2, [0, 1])]
     assert [g["canonical_reward"] for g in info["groups"]] == pytest.approx([0.9, 0.2])
     assert [g["score"] for g in info["groups"]] == pytest.approx([0.9, 0.2])
-    # The extra forward: two distinct answers, prompt + answer + closing token each, in usage and in rerank.verify.
+    # The extra forward: two distinct answers after the prompt they share (run once), each with its closing token.
     p = r["usage"]["prompt_tokens"]
-    want = (p + len("negative") + 1) + (p + len("positive") + 1)
+    want = p + (len("negative") + 1) + (len("positive") + 1)
     assert info["verify"]["answers_scored"] == 2 and info["verify"]["tokens"] == want
     assert r["usage"]["verify_tokens"] == want
     assert r["usage"]["total_tokens"] == p + r["usage"]["completion_tokens"]

@@ -197,6 +197,46 @@ def test_verify_scores_each_distinct_answer_once_through_vllm(server, backbone, 
     assert r.json()["usage"]["verify_tokens"] == info["verify"]["tokens"] > 0
 
 
+def test_confidence_from_vllm_top_k_and_the_online_stop(server, backbone, mid):
+    """The training-free policies on vLLM: each candidate's mean log-prob and DeepConf confidence (from vLLM's top-20
+    raw log-probs) equal a teacher-forced float32 HF forward over the same answer (one candidate may re-encode
+    differently); self-certainty, approximated from the top 20, is at most the exact value; the policy picks the
+    most confident; online, one warm-up candidate sets the threshold (keep 1.0: its lowest group confidence) and any
+    later candidate it stops (aborted in vLLM) is reported as pruned, after at least one full window."""
+    from arbiter.backbone import encode_chat
+    from arbiter.confidence import candidate_confidence
+
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+        "model": mid, "messages": PROMPT, "max_tokens": 16, "seed": 9,
+        "rerank": {"candidates": 4, "select": "confidence", "return_candidates": True}})
+    assert r.status_code == 200, r.text
+    info = r.json()["rerank"]
+    cands = info["candidates"]
+    assert info["heads"] == [] and info["confidence"]["score"] == "deepconf"
+    close = 0
+    for c in cands:
+        p, a = encode_chat(backbone.tokenizer, PROMPT, c["text"], backbone.end_id)
+        (want,) = candidate_confidence(backbone.model, p, [a[:-1]])
+        got = c["confidence"]
+        if got["tokens"] == want.tokens:
+            close += (abs(got["mean_logprob"] - want.mean_logprob) <= 1e-3 * max(1, abs(want.mean_logprob))
+                      and abs(got["deepconf"] - want.deepconf) <= 1e-3 * max(1, want.deepconf))
+        assert got["self_certainty"] <= want.self_certainty + 1e-3
+    assert close >= 3, cands
+    assert info["chosen"][0] == max(range(4), key=lambda i: (cands[i]["confidence"]["deepconf"], -i))
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+        "model": mid, "messages": PROMPT, "max_tokens": 16, "seed": 9,
+        "rerank": {"candidates": 4, "select": "confidence", "return_candidates": True,
+                   "confidence": {"window": 3, "online": {"warmup": 1, "keep": 1.0}}}})
+    assert r.status_code == 200, r.text
+    info = r.json()["rerank"]
+    # keep 1.0: the threshold is the warm-up's lowest group confidence; candidates whose window falls below it stop
+    assert info["confidence"]["warmup"] == 1 and info["confidence"]["threshold"] is not None
+    stopped = [c for c in info["candidates"][1:] if c["finish_reason"] == "pruned"]
+    assert info["confidence"]["stopped"] == len(stopped)
+    assert all(c["completion_tokens"] >= 3 for c in stopped)
+
+
 def test_an_intermediate_head_is_refused_without_the_hf_copy(server, heads_dir):
     r = httpx.post(f"{server.url}/v1/admin/heads", headers=ADMIN, timeout=60,
                    json={"path": "spare/mid", "name": "mid"})

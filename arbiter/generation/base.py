@@ -108,6 +108,19 @@ class GenerationJob:
     # the one this job reads). An engine that computes rewards itself (the vLLM engine) fills Candidate.rewards.
     heads: tuple[Any, ...] = ()
     prune: PruneSpec | None = None  # early rejection by the first head's partial rewards (engines with ``prunes``)
+    confidence: ConfidenceSpec | None = None  # each candidate's confidence (Candidate.confidence), DeepConf's stop
+
+
+@dataclass(frozen=True)
+class ConfidenceSpec:
+    """A job's per-candidate confidence (``arbiter.confidence``: mean log-prob, DeepConf token and group confidences,
+    self-certainty), computed while decoding. ``stop_below``: DeepConf's online stop (arXiv 2508.15260): a candidate
+    whose last full window of ``window`` tokens has a mean token confidence below it stops there (finish_reason
+    "pruned", ``pruned_at`` its token count: no answer, no vote), never leaving fewer than ``min_keep`` candidates."""
+
+    window: int = 2048  # arbiter.confidence.GROUP_WINDOW
+    stop_below: float | None = None
+    min_keep: int = 1
 
 
 @dataclass
@@ -124,6 +137,7 @@ class Candidate:
     # reached alive, as (tokens, reward); ``pruned_at`` is the checkpoint that dropped it (finish_reason "pruned").
     partial_rewards: list[tuple[int, float]] | None = None
     pruned_at: int | None = None
+    confidence: Any = None  # arbiter.confidence.Confidence of the answer tokens (GenerationJob.confidence)
 
     @property
     def pruned(self) -> bool:

@@ -30,8 +30,9 @@ from arbiter.backbone import (
     Cancelled,
     LayerCapture,
     base_model,
-    batched_end_features,
+    shared_prefix_end_features,
 )
+from arbiter.confidence import Trace, token_confidence
 from arbiter.heads import head_rewards
 
 from .base import (
@@ -72,6 +73,7 @@ class _Row:
     features: dict[int, torch.Tensor] | None = None
     partials: list[tuple[int, float]] = field(default_factory=list)  # (tokens, the picking head's prefix reward)
     pruned_at: int | None = None
+    trace: Trace | None = None  # GenerationJob.confidence: the answer tokens' confidences so far
 
 
 
@@ -175,7 +177,8 @@ class _Batch:
             base_seed = sp.seed if sp.seed is not None else secrets.randbits(62)
             for i in range(job.n):
                 g = torch.Generator(device=dev).manual_seed(candidate_seed(base_seed, job.first_index + i))
-                rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None))
+                rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None,
+                                 trace=Trace(job.confidence.window) if job.confidence is not None else None))
                 src.append(p)
         sel = torch.tensor(src, device=dev)
         cache.batch_select_indices(sel)
@@ -205,6 +208,7 @@ class _Batch:
         # --- choose each row's next input token ------------------------------------------------------
         want = [k for k, r in enumerate(batch_rows) if r.state == "active"]
         sampled, sampled_lps = e._sample(self.logits[want], [batch_rows[k] for k in want]) if want else ([], [])
+        confs = self._confidences(want, sampled)
         feed: list[int] = [e.end_id] * len(batch_rows)
         for k, t, lp in zip(want, sampled, sampled_lps):
             r = batch_rows[k]
@@ -220,6 +224,10 @@ class _Batch:
             r.tokens.append(t)
             if lp is not None:
                 r.lps.append(lp)
+            if r.trace is not None:
+                r.trace.add(*confs[k])
+                if self._confidence_stop(r, job):
+                    continue
             if r.params.stop or r.stream:
                 r.text = e._decode(r.tokens)
             if e._check_stop(r):
@@ -280,6 +288,35 @@ class _Batch:
                 r.state = "closing"  # fed its last token; the closing token goes in next step
         self._prune(batch_rows, h)
         self.logits = e.lm_head(h)  # [K, V]
+
+    def _confidences(self, want: list[int], sampled: list[int]) -> dict[int, tuple[float, float, float]]:
+        """Row position -> (log-prob, DeepConf confidence, self-certainty) of the token just sampled, from the full
+        distribution of the model's logits (temperature 1, before any bias or penalty: arbiter.confidence's
+        definitions, which tests/test_confidence.py checks against a teacher-forced forward), for the rows of jobs
+        that asked (GenerationJob.confidence). One vectorised pass over those rows."""
+        ks = [(n, k) for n, k in enumerate(want) if self.rows[k].trace is not None]
+        if not ks:
+            return {}
+        assert self.logits is not None
+        idx = torch.tensor([k for _, k in ks], device=self.logits.device)
+        toks = torch.tensor([sampled[n] for n, _ in ks], device=self.logits.device)
+        got = token_confidence(self.logits[idx], toks)
+        cols = [got["logprob"].tolist(), got["deepconf"].tolist(), got["self_certainty"].tolist()]
+        return {k: (cols[0][m], cols[1][m], cols[2][m]) for m, (_, k) in enumerate(ks)}
+
+    def _confidence_stop(self, r: _Row, job: GenerationJob) -> bool:
+        """DeepConf's online stop (GenerationJob.confidence.stop_below): the row's last full window fell below the
+        threshold, and stopping it leaves at least ``min_keep`` of the job's candidates."""
+        spec = job.confidence
+        assert spec is not None and r.trace is not None
+        if spec.stop_below is None:
+            return False
+        g = r.trace.group()
+        if g is None or g >= spec.stop_below or job.n - self.pruned.get(id(job), 0) - 1 < spec.min_keep:
+            return False
+        r.state, r.finish, r.pruned_at = "done", "pruned", len(r.tokens)
+        self.pruned[id(job)] = self.pruned.get(id(job), 0) + 1
+        return True
 
     def _prune(self, rows: list[_Row], h: torch.Tensor) -> None:
         """Early rejection (GenerationJob.prune, docs/features.md "Pruning"). This step fed each live row's latest
@@ -440,11 +477,13 @@ class HFEngine(Engine):
         if not hits:
             return False
         r.text = r.text[: min(hits)]
-        if r.lps:
-            # Keep the log-probs of the tokens that make up the kept text (the first k whose decoded text
-            # covers it), not of the tokens past the stop string.
+        if r.lps or r.trace is not None:
+            # Keep the log-probs and confidences of the tokens that make up the kept text (the first k whose decoded
+            # text covers it), not of the tokens past the stop string.
             k = next((k for k in range(len(r.tokens) + 1) if len(self._decode(r.tokens[:k])) >= len(r.text)), len(r.tokens))
             del r.lps[k:]
+            if r.trace is not None:
+                r.trace.cut(k)
         return True
 
     def _emit(self, r: _Row, job: GenerationJob, final: bool) -> None:
@@ -518,7 +557,7 @@ class HFEngine(Engine):
             lps = list(r.lps) if job.params.logprobs is not None else None
             cands.append(Candidate(r.tokens, r.text, r.finish or "length", r.features, lps,
                                    partial_rewards=list(r.partials) if job.prune is not None else None,
-                                   pruned_at=r.pruned_at))
+                                   pruned_at=r.pruned_at, confidence=r.trace.summary() if r.trace is not None else None))
         return GenerationResult(cands, len(job.prompt_ids))
 
     def _rescore_stop_cut(self, jobs: Sequence[GenerationJob], rows: list[_Row]) -> None:
@@ -550,9 +589,10 @@ class HFEngine(Engine):
     def _features(self, prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], layers_in: Sequence[int], *,
                   batch_size: int, cancelled: Callable[[], bool] | None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers_in) | {FINAL})
-        seqs = [list(p) + list(a) + [self.end_id] for p, a in zip(prompt_ids, answers)]
+        # the answers of one prompt share its KV cache (the verify rule's canonical answers, /v1/score's candidates)
         try:
-            return batched_end_features(self.model, seqs, layers, batch_tokens=FEATURE_BATCH_TOKENS, pad_id=self.pad_id,
-                                        max_batch=batch_size, cancelled=cancelled)
+            return shared_prefix_end_features(self.model, prompt_ids, [list(a) + [self.end_id] for a in answers], layers,
+                                              batch_tokens=FEATURE_BATCH_TOKENS, pad_id=self.pad_id, max_batch=batch_size,
+                                              cancelled=cancelled)
         except Cancelled:
             raise Abandoned("the feature pass was abandoned: nobody waits for it any more") from None

@@ -48,8 +48,11 @@ class BackboneFingerprint(BaseModel):
 
 
 # THE selection policy names (arbiter.selection implements them; the request schema and the recipes import these).
-PolicyName = Literal["argmax", "weighted_vote", "majority_vote", "verify"]
+PolicyName = Literal["argmax", "weighted_vote", "majority_vote", "verify", "confidence", "deepconf_vote", "borda", "cisc"]
 POLICIES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]  # a Literal's values, in order
+# The training-free policies: they rank by the model's own confidence in each candidate (arbiter.confidence), not
+# by a head's reward; of these, all but ``confidence`` (argmax) vote over extracted answers.
+CONFIDENCE_POLICIES = ("confidence", "deepconf_vote", "borda", "cisc")
 ExtractorName = Literal["last_number", "choice_letter", "label_words", "regex", "json_field"]
 
 
@@ -76,7 +79,7 @@ class SelectionRule(BaseModel):
     def _usable(self) -> "SelectionRule":
         from arbiter.answers import check_canonical, extractor
 
-        if self.select != "argmax" and self.extractor is None:
+        if self.select not in ("argmax", "confidence") and self.extractor is None:
             raise ValueError(f"select {self.select} needs an extractor")
         if self.labels is not None and any(len(x) > 64 for x in self.labels):
             raise ValueError("labels must be at most 64 characters each")

@@ -156,6 +156,35 @@ class AdaptiveOptions(BaseModel):
                                  description="Vote policies: stop once the leading answer holds this share of the weight")
 
 
+ConfidenceScore = Literal["mean_logprob", "deepconf", "self_certainty", "lowest_group", "bottom10_group", "tail"]
+
+
+class OnlineStopOptions(BaseModel):
+    """DeepConf's online stop (arXiv 2508.15260): ``warmup`` candidates are sampled in full first; the threshold is
+    the (1 - ``keep``) quantile of their lowest group confidences; every later candidate stops (as pruned: no
+    answer, no vote) once the mean confidence of its last full window falls below it."""
+
+    model_config = ConfigDict(extra="forbid")
+    warmup: int = Field(4, ge=1, description="Candidates sampled in full to set the threshold (DeepConf: 16)")
+    keep: float = Field(0.9, gt=0.0, le=1.0, description="Share of warm-up-like candidates the threshold lets "
+                                                         "through (DeepConf-high 0.9, DeepConf-low 0.1)")
+
+
+class ConfidenceOptions(BaseModel):
+    """The model's own confidence in each candidate (README "Training-free selection"): the score the
+    training-free policies rank by and their knobs, the window of the group confidences, DeepConf's online stop."""
+
+    model_config = ConfigDict(extra="forbid")
+    score: ConfidenceScore | None = Field(
+        None, description="What the policy ranks by (default: deepconf for confidence, bottom10_group for "
+                          "deepconf_vote, self_certainty for borda, mean_logprob for cisc)")
+    keep: float = Field(0.9, gt=0.0, le=1.0, description="deepconf_vote: the share of answered candidates kept, by score")
+    borda_p: float = Field(1.0, ge=0.0, le=10.0, description="borda: rank r of N votes (N - r + 1)^p")
+    temperature: float = Field(0.1, gt=0.0, le=100.0, description="cisc: each candidate votes softmax(score / T)")
+    window: int = Field(2048, ge=1, le=65536, description="Tokens per window of the group confidences (DeepConf: 2048)")
+    online: OnlineStopOptions | None = Field(None, description="DeepConf's online stop (HF and vLLM engines)")
+
+
 class BudgetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     candidates: int | None = Field(None, ge=1, description="Most candidates to sample")
@@ -232,6 +261,8 @@ class RerankOptions(BaseModel):
     prune: bool | PruneOptions | None = Field(
         None, description="Drop weak candidates mid-generation by the picking head's partial rewards; true: the "
                           "server's schedule; false: no pruning even where the server prunes by default")
+    confidence: ConfidenceOptions | None = Field(
+        None, description="The training-free policies' score and knobs, and DeepConf's online stop")
 
 
 # Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
@@ -401,7 +432,8 @@ class Usage(_Response):
     completion_tokens: int
     total_tokens: int
     # Arbiter's extension: tokens of the extra forward that scored the distinct answers in canonical form (select
-    # verify; prompt + answer + closing token per answer), not part of prompt / completion tokens.
+    # verify; the prompt once, whose KV cache its answers share, then answer + closing token per answer), not part of
+    # prompt / completion tokens.
     verify_tokens: int | None = None
 
     _omit_if_none = ("verify_tokens",)
@@ -416,8 +448,12 @@ class RerankCandidate(_Response):
     partial_rewards: list[PartialReward] | None = Field(
         None, description="Pruning: the picking head's reward of this candidate's prefix at each checkpoint it reached")
     pruned_at: int | None = Field(None, description="Pruning: the checkpoint (tokens) that dropped this candidate")
+    confidence: dict[str, float | int] | None = Field(
+        None, description="The model's own confidence in the answer tokens: mean_logprob, deepconf, self_certainty, "
+                          "lowest_group, bottom10_group, tail (higher = more confident), tokens")
+    logprobs: "ChoiceLogprobs | None" = Field(None, description="The candidate's token log-probs, when `logprobs` is asked")
 
-    _omit_if_none = ("partial_rewards", "pruned_at")
+    _omit_if_none = ("partial_rewards", "pruned_at", "confidence", "logprobs")
 
 
 class PartialReward(BaseModel):
@@ -506,9 +542,20 @@ class RerankInfo(_Response):
                                                   "sampled, the maximum allowed")
     prune: PruneInfo | None = Field(None, description="Pruning: the checkpoints reached, what each dropped, tokens saved")
     verify: VerifyInfo | None = Field(None, description="select=verify: the extra forward over the canonical answers")
+    confidence: ConfidenceInfo | None = Field(None, description="The training-free policies: the score ranked by, "
+                                                                "DeepConf's online threshold and what it stopped")
     candidates: list[RerankCandidate] | None = None
 
-    _omit_if_none = ("rule", "groups", "adaptive", "prune", "verify", "candidates")
+    _omit_if_none = ("rule", "groups", "adaptive", "prune", "verify", "confidence", "candidates")
+
+
+class ConfidenceInfo(BaseModel):
+    score: str = Field(description="The confidence score the policy ranked by")
+    chosen: list[float] = Field(description="That score of each returned choice")
+    threshold: float | None = Field(None, description="DeepConf's online stop: the threshold its warm-up set")
+    warmup: int | None = Field(None, description="DeepConf's online stop: candidates sampled in full first")
+    stopped: int | None = Field(None, description="DeepConf's online stop: candidates it stopped")
+    stopped_tokens: int | None = Field(None, description="DeepConf's online stop: tokens those had generated")
 
 
 class TopLogprob(BaseModel):
@@ -719,3 +766,8 @@ class ErrorResponse(BaseModel):
 
 # Models only the OpenAPI document references (no route returns them as a body): app.py adds their schemas.
 DOC_ONLY_MODELS = (ChatCompletionChunk,)
+
+
+# Models that name a class defined after them
+RerankCandidate.model_rebuild()
+RerankInfo.model_rebuild()

@@ -20,6 +20,7 @@ from arbiter import answers
 from arbiter.generation.base import (
     AdapterGone,
     Candidate,
+    ConfidenceSpec,
     GenerationJob,
     JobError,
     PruneSpec,
@@ -27,7 +28,8 @@ from arbiter.generation.base import (
     TokenLogprob,
 )
 from arbiter.heads import LoadedHead
-from arbiter.selection import AdaptiveRule, VerifyWeights, select, settled
+from arbiter.heads.config import CONFIDENCE_POLICIES
+from arbiter.selection import AdaptiveRule, ConfidenceRule, VerifyWeights, select, settled
 
 from .errors import APIError, InvalidRequest, NotFound, Overloaded, ServerError, Timeout, Unavailable
 from .protocol import (
@@ -40,6 +42,7 @@ from .protocol import (
     Choice,
     ChunkChoice,
     ChunkDelta,
+    ConfidenceInfo,
     PartialReward,
     PruneCheckpoint,
     PruneInfo,
@@ -243,6 +246,18 @@ class ChatPlan:
     log_fields: dict[str, Any]
     answers: "Answers"  # the request's extracted answers (filled as candidates arrive)
     prune: PruneSpec | None = None  # early rejection (rerank.prune / ARBITER_PRUNE_AT), resolved
+    conf: ConfidenceSpec | None = None  # each candidate's confidence, computed while decoding
+
+    @property
+    def reranking(self) -> bool:
+        """A rerank request (with or without a head: the training-free policies need none)."""
+        return self.body.rerank is not None
+
+    @property
+    def online(self) -> Any:
+        """DeepConf's online stop (``rerank.confidence.online``), or None."""
+        rr = self.body.rerank
+        return rr.confidence.online if rr is not None and rr.confidence is not None else None
 
     @property
     def return_candidates(self) -> bool:
@@ -286,9 +301,11 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
     n_sample = body.n
     cap_tokens: int | None = None
     prune: PruneSpec | None = None
+    conf: ConfidenceSpec | None = None
     if rr is not None:
         names = rr.heads or ([rr.head] if rr.head else None)
-        heads = _resolve_heads(st, names, "rerank.heads")
+        # The training-free policies need no head: one is used only where the request names it.
+        heads = [] if rr.select in CONFIDENCE_POLICIES and not names else _resolve_heads(st, names, "rerank.heads")
         _check_head_adapters(st, heads, adapter, "rerank.heads")
         n_sample = rr.candidates if rr.candidates is not None else max(min(s.default_candidates, s.max_candidates), body.n)
         if n_sample > s.max_candidates:
@@ -302,7 +319,15 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
             n_sample = min(n_sample, max(1, cap_tokens // max_tokens))  # N x max_tokens within the token budget
         if n_sample < body.n:
             raise InvalidRequest(f"the budget leaves {n_sample} candidate(s), fewer than n ({body.n})", param="rerank.budget")
-        prune = _prune_spec(st, rr, body.n, max_tokens)
+        prune = _prune_spec(st, rr, body.n, max_tokens) if heads or rr.prune else None
+        if prune is not None and not heads:
+            raise InvalidRequest("rerank.prune ranks prefixes by a head's partial rewards and this request scores with "
+                                 "no head; DeepConf's confidence stop is rerank.confidence.online", param="rerank.prune",
+                                 code="unsupported_parameter")
+        conf = _confidence_spec(rr, rule, body.n, n_sample, prune)
+        if body.stream and rr.confidence is not None and rr.confidence.online is not None:
+            raise InvalidRequest("rerank.confidence.online samples in two rounds, which a stream does not: send "
+                                 "stream: false", param="rerank.confidence.online", code="unsupported_parameter")
         if rule.policy == "verify" and prune is not None:
             raise InvalidRequest("rerank.select=verify cannot prune: a pruned candidate's answer is never read, and "
                                  "verification ranks answers, not prefixes (send prune: false)", param="rerank.prune",
@@ -322,7 +347,29 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
     if prune is not None:
         log_fields["prune"] = {"at": list(prune.at), "keep": prune.keep, "close": prune.close}
     return ChatPlan(body, adapter, heads, rule, n_sample, cap_tokens, ids, params, rid, int(time.time()), t0,
-                    log_fields, Answers(rule, s.extract_budget_s), prune)
+                    log_fields, Answers(rule, s.extract_budget_s), prune, conf)
+
+
+def _confidence_spec(rr: RerankOptions, rule: "Rule", n: int, n_sample: int,
+                     prune: PruneSpec | None) -> ConfidenceSpec | None:
+    """Whether the engine computes each candidate's confidence while decoding (a training-free policy, the
+    request's ``confidence`` options or ``return_candidates``), with its window; DeepConf's online stop checked."""
+    co = rr.confidence
+    if rule.policy not in CONFIDENCE_POLICIES and co is None and not rr.return_candidates:
+        return None
+    if co is not None and co.online is not None:
+        if rr.adaptive:
+            raise InvalidRequest("rerank.confidence.online and rerank.adaptive both sample in rounds; send one (adaptive "
+                                 "N with a confidence vote stops on consensus)", param="rerank.confidence.online",
+                                 code="unsupported_parameter")
+        if prune is not None:
+            raise InvalidRequest("rerank.confidence.online stops candidates by confidence; rerank.prune by a head: send "
+                                 "one (prune: false)", param="rerank.prune", code="unsupported_parameter")
+        if co.online.warmup >= n_sample:
+            raise InvalidRequest(f"rerank.confidence.online.warmup ({co.online.warmup}) must be below the candidates "
+                                 f"({n_sample}): the warm-up sets the threshold the others are stopped by",
+                                 param="rerank.confidence.online.warmup")
+    return ConfidenceSpec(window=co.window if co is not None else ConfidenceSpec().window, min_keep=n)
 
 
 DEFAULT_PRUNE_AT = (16, 32, 64)  # `prune: true` on a server without ARBITER_PRUNE_AT
@@ -364,7 +411,7 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
                                  request: Request) -> ChatCompletionResponse | StreamingResponse:
     """``POST /v1/chat/completions``: resolve the request once (``plan_chat``), run it, shape the answer."""
     plan = await plan_chat(st, body, request)
-    if body.stream and not plan.heads:
+    if body.stream and not plan.reranking:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[tuple[int, str, Any] | None] = asyncio.Queue()
         # Deltas cross from the worker thread in order; the result future's callback ends them.
@@ -382,14 +429,21 @@ async def create_chat_completion(st: ServiceState, body: ChatCompletionRequest,
         plan.log_fields["adaptive"] = adaptive_info
         _account(st, "chat", outcome, plan.log_fields, plan.t0)
         return resp
+    if plan.online is not None and not body.stream:
+        outcome, online_info = await _online(request, st, plan)
+        await _read_answers(request, st, plan, outcome)
+        resp = _completion(st, plan, outcome, online=online_info)
+        plan.log_fields["online"] = online_info
+        _account(st, "chat", outcome, plan.log_fields, plan.t0)
+        return resp
 
     job = GenerationJob(plan.ids, plan.n_sample, plan.params, feature_layers=feature_layers(plan.heads),
-                        adapter=plan.adapter, prune=plan.prune)
+                        adapter=plan.adapter, prune=plan.prune, confidence=plan.conf)
     fut = _submit(st, st.require_worker().submit_generate, job, plan.heads)
     if body.stream:
         return _stream(request, st, plan, job, fut)
     done: GenerateOutcome = await _outcome(request, st, fut, job.cancelled)
-    if plan.heads:
+    if plan.reranking:
         await _read_answers(request, st, plan, done)
     resp = _completion(st, plan, done)
     _account(st, "chat", done, plan.log_fields, plan.t0)
@@ -445,19 +499,20 @@ async def _adaptive(request: Request, st: ServiceState, plan: ChatPlan) -> tuple
     while len(cands) < n_max:
         k = min(max(stop_rule.round, body.n - len(cands)), n_max - len(cands))
         job = GenerationJob(plan.ids, k, params, feature_layers=feature_layers(heads), first_index=len(cands),
-                            adapter=plan.adapter)
+                            adapter=plan.adapter, confidence=plan.conf)
         fut = _submit(st, st.require_worker().submit_generate, job, heads)
         out: GenerateOutcome = await _outcome(request, st, fut, job.cancelled)
         rounds += 1
         cands += out.result.candidates
-        rewards.append(out.rewards)
+        rewards.append(_rewards(out))
         queue_s += out.queue_s
         run_s += out.run_s
         r = torch.cat(rewards)
         spent = sum(len(c.token_ids) for c in cands)
         found = await ans.update(cands)  # each candidate extracted once, off the event loop
         verified = await ans.verify(request, st, plan, found) if rule.policy == "verify" else None
-        if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule, verified, rule.weights):
+        if len(cands) >= body.n and settled(r, rule.policy, found, stop_rule, verified, rule.weights,
+                                            [c.confidence for c in cands], rule.conf):
             stopped = "settled"
             break
         if cap_tokens is not None and spent >= cap_tokens:
@@ -468,6 +523,52 @@ async def _adaptive(request: Request, st: ServiceState, plan: ChatPlan) -> tuple
     merged = GenerateOutcome(GenerationResult(cands, len(plan.ids)), torch.cat(rewards), queue_s, run_s, found=ans.found,
                              verified=ans.verified if rule.policy == "verify" else None)
     return merged, {"rounds": rounds, "stopped": stopped, "candidates": len(cands), "max_candidates": n_max}
+
+
+def _rewards(out: GenerateOutcome) -> Any:
+    """The heads' rewards [N, H] of a generation outcome; [N, 0] when the request scores with no head."""
+    import torch
+
+    return out.rewards if out.rewards is not None else torch.zeros(len(out.result.candidates), 0)
+
+
+async def _online(request: Request, st: ServiceState, plan: ChatPlan) -> tuple[GenerateOutcome, dict[str, Any]]:
+    """DeepConf's online stop (``rerank.confidence.online``, arXiv 2508.15260): ``warmup`` candidates in full, the
+    threshold at the (1 - keep) quantile of their lowest group confidences (linear interpolation, as DeepConf's
+    numpy percentile), then the other candidates of the same seeded sequence under that threshold: the engine stops
+    one whose last full window falls below it (Candidate.pruned)."""
+    import dataclasses
+    import secrets
+
+    import torch
+
+    from arbiter.generation.base import GenerationResult
+
+    online, conf = plan.online, plan.conf
+    assert online is not None and conf is not None
+    params = dataclasses.replace(plan.params, seed=plan.params.seed if plan.params.seed is not None else secrets.randbits(62))
+    outs: list[GenerateOutcome] = []
+    threshold: float | None = None
+    for first, k in ((0, online.warmup), (online.warmup, plan.n_sample - online.warmup)):
+        spec = conf if first == 0 else dataclasses.replace(conf, stop_below=threshold,
+                                                           min_keep=max(plan.body.n - online.warmup, 0))
+        job = GenerationJob(plan.ids, k, params, feature_layers=feature_layers(plan.heads), first_index=first,
+                            adapter=plan.adapter, confidence=spec)
+        fut = _submit(st, st.require_worker().submit_generate, job, plan.heads)
+        outs.append(await _outcome(request, st, fut, job.cancelled))
+        if first == 0:
+            lows = [c.confidence.lowest_group for c in outs[0].result.candidates
+                    if c.confidence is not None and c.confidence.tokens]
+            threshold = float(torch.quantile(torch.tensor(lows, dtype=torch.float64), 1 - online.keep)) if lows else None
+    cands = [c for o in outs for c in o.result.candidates]
+    merged = GenerateOutcome(GenerationResult(cands, len(plan.ids)), torch.cat([_rewards(o) for o in outs]),
+                             sum(o.queue_s for o in outs), sum(o.run_s for o in outs))
+    stopped = [c for c in outs[1].result.candidates if c.pruned]
+    kept = [len(c.token_ids) for c in cands if not c.pruned]
+    if stopped and kept:  # estimated as for pruning: what a stopped candidate would have spent, on average
+        st.metrics.tokens_saved.inc(sum(max(0.0, sum(kept) / len(kept) - len(c.token_ids)) for c in stopped))
+    return merged, {"threshold": threshold, "warmup": online.warmup, "stopped": len(stopped),
+                    "stopped_tokens": sum(len(c.token_ids) for c in stopped)}
 
 
 @dataclass(frozen=True)
@@ -481,6 +582,7 @@ class Rule:
     canonical: str | None = None  # verify: the template an answer is scored in
     weights: VerifyWeights | None = None  # verify: the group score's weights
     options: tuple[str, ...] | None = None  # verify with {option}: the options' texts, A first
+    conf: ConfidenceRule | None = None  # the training-free policies: the score and knobs
 
     @property
     def uses_option(self) -> bool:
@@ -567,7 +669,7 @@ class Answers:
                           plan.adapter)
             rewards = await _outcome(request, st, fut)
             self.verify_s += time.monotonic() - t0
-            self.verify_tokens += sum(len(plan.ids) + len(t) + 1 for _, t in fits)
+            self.verify_tokens += len(plan.ids) + sum(len(t) + 1 for _, t in fits)  # the prompt once: its answers share it
             self.verified.update({a: float(rewards[k, 0]) for k, (a, _) in enumerate(fits)})
         self.scored += len(fits)
         return self.verified
@@ -589,8 +691,13 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
     elif own is not None and own.extractor is not None:
         spec = (own.extractor, own.pattern, own.field, own.labels)
     name, pattern, field, labels = spec
-    if policy == "argmax":
-        return Rule(policy, None, RerankRule(select=policy, source=source))
+    conf = None
+    if policy in CONFIDENCE_POLICIES:
+        co = rr.confidence
+        conf = ConfidenceRule(score=(co.score if co and co.score else ConfidenceRule.default_score(policy)),
+                              **({"keep": co.keep, "borda_p": co.borda_p, "temperature": co.temperature} if co else {}))
+    if policy in ("argmax", "confidence"):
+        return Rule(policy, None, RerankRule(select=policy, source=source), conf=conf)
     canonical, weights = None, None
     if policy == "verify":
         canonical = rr.canonical or (own.canonical if own else None)
@@ -611,22 +718,26 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
         raise InvalidRequest(f"rerank.select={policy} needs rerank.extractor ({', '.join(answers.EXTRACTORS)})",
                              param="rerank.extractor")
     try:
-        return Rule(policy, answers.extractor(name, pattern=pattern, field=field, labels=labels), info, canonical, weights)
+        return Rule(policy, answers.extractor(name, pattern=pattern, field=field, labels=labels), info, canonical, weights,
+                    conf=conf)
     except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field / labels
         param = {"json_field": "rerank.field", "label_words": "rerank.labels"}.get(name, "rerank.pattern")
         raise InvalidRequest(f"rerank.extractor={name}: {e}", param=param) from None
 
 
-def _choices(plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate], RerankInfo | None]:
+def _choices(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate], RerankInfo | None]:
     """(the candidates to return, the ``rerank`` info or None): all candidates without heads, else the selection's."""
     body, heads, rule, prune, answers_ = plan.body, plan.heads, plan.rule, plan.prune, plan.answers
     return_candidates = plan.return_candidates
+    token_text = st.require_token_text()
     cands = outcome.result.candidates
-    if not heads:
+    if not plan.reranking:
         return list(cands), None
     found = outcome.found if rule.extract is not None else None
     assert rule.extract is None or found is not None, "answers are extracted off the event loop before selection"
-    sel = select(outcome.rewards, rule.policy, found, outcome.verified, rule.weights)
+    rewards = _rewards(outcome)
+    confs = [c.confidence for c in cands]
+    sel = select(rewards, rule.policy, found, outcome.verified, rule.weights, confs, rule.conf)
     chosen = sel.top(body.n)
     names = [h.name for h in heads]
     scored = sum(1 for c in cands if not c.pruned)
@@ -635,7 +746,10 @@ def _choices(plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate],
         groups = [{**g, "canonical": answers_.canonical.get(g["answer"]),
                    "score": g["score"] if g["canonical_reward"] is not None else None} for g in groups]
     info = RerankInfo(heads=names, candidates_scored=scored, policy=sel.policy, rule=rule.info, chosen=chosen,
-                      rewards=[float(outcome.rewards[i, 0]) for i in chosen], groups=groups)
+                      rewards=[float(rewards[i, 0]) for i in chosen] if heads else [], groups=groups)
+    if rule.conf is not None:
+        info.confidence = ConfidenceInfo(score=rule.conf.score, chosen=[
+            confs[i].score(rule.conf.score) if confs[i] is not None else float("-inf") for i in chosen])
     if rule.policy == "verify":
         info.verify = VerifyInfo(answers_scored=answers_.scored, tokens=answers_.verify_tokens,
                                  seconds=round(answers_.verify_s, 4))
@@ -645,11 +759,13 @@ def _choices(plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate],
         info.candidates = [
             RerankCandidate(index=i, text=c.text, finish_reason=c.finish_reason,
                             rewards={} if c.pruned else
-                            {n: float(outcome.rewards[i, k]) for k, n in enumerate(names)},
+                            {n: float(rewards[i, k]) for k, n in enumerate(names)},
                             completion_tokens=len(c.token_ids),
                             partial_rewards=None if c.partial_rewards is None else
                             [PartialReward(tokens=t, reward=r) for t, r in c.partial_rewards],
-                            pruned_at=c.pruned_at)
+                            pruned_at=c.pruned_at,
+                            confidence=c.confidence.as_dict() if c.confidence is not None else None,
+                            logprobs=token_text.logprobs(c.logprobs) if c.logprobs is not None else None)
             for i, c in enumerate(cands)
         ]
     return [cands[i] for i in chosen], info
@@ -680,11 +796,15 @@ def _usage(outcome: GenerateOutcome, plan: ChatPlan | None = None) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, verify_tokens=verify)
 
 
-def _completion(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome,
-                adaptive: dict[str, Any] | None = None) -> ChatCompletionResponse:
-    picked, info = _choices(plan, outcome)
+def _completion(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome, adaptive: dict[str, Any] | None = None,
+                online: dict[str, Any] | None = None) -> ChatCompletionResponse:
+    picked, info = _choices(st, plan, outcome)
     if info is not None and adaptive is not None:
         info.adaptive = AdaptiveInfo(**adaptive)
+    if info is not None and online is not None:
+        if info.confidence is None:
+            info.confidence = ConfidenceInfo(score="lowest_group", chosen=[])
+        info.confidence = info.confidence.model_copy(update=online)
     return ChatCompletionResponse(
         id=plan.rid, created=plan.created, model=_served_id(st, plan.body.model), system_fingerprint=st.system_fingerprint,
         choices=[Choice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
@@ -755,15 +875,15 @@ def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJ
                 yield _error_event(e)
                 yield "data: [DONE]\n\n"
                 return
-            if plan.heads:
+            if plan.reranking:
                 try:
                     await _read_answers(request, st, plan, outcome)
                 except APIError as e:
                     yield _error_event(e)
                     yield "data: [DONE]\n\n"
                     return
-            picked, info = _choices(plan, outcome)
-            if plan.heads:
+            picked, info = _choices(st, plan, outcome)
+            if plan.reranking:
                 for i, c in enumerate(picked):
                     yield chunk([content(i, c.text, c.logprobs)])
             yield chunk([ChunkChoice(index=i, delta=ChunkDelta(), finish_reason=c.finish_reason)

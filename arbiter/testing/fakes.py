@@ -81,7 +81,10 @@ DEFAULT_SCRIPT = (
 class FakeEngine(Engine):
     """Scripted engine: job row ``i`` gets ``script[i % len(script)]`` (or, with ``echo``, the text
     ``"<last user message>#<i>"``); its features are known (``feature(text, layer)``), those of answer prefixes
-    too where ``prefixes`` gives them (pruning: ``GenerationJob.prune``, one character per token).
+    too where ``prefixes`` gives them (pruning: ``GenerationJob.prune``, one character per token). With
+    ``GenerationJob.confidence``, character t of a candidate's text has DeepConf confidence c_t (``token_confidence``
+    per text, else 1.0), log-prob -1 / c_t and self-certainty c_t / 2, accumulated as the HF engine's decode loop
+    does (``arbiter.confidence.Trace``, with its online stop), so every confidence a test sees is worked by hand.
 
     Records every generation batch (``batches``: one list of jobs per ``generate`` call) and every feature
     pass (``feature_calls``). With ``gate`` set, ``generate`` emits the first half of each streaming row's
@@ -93,7 +96,8 @@ class FakeEngine(Engine):
     def __init__(self, script: Sequence[Scripted] = DEFAULT_SCRIPT, *, fingerprint: BackboneFingerprint = FAKE_FINGERPRINT,
                  model_name: str = "fake-backbone", context_length: int = 4096, echo: bool = False,
                  gate: threading.Event | None = None, die: bool = False, fail: bool = False,
-                 prefixes: dict[str, Sequence[float]] | None = None):
+                 prefixes: dict[str, Sequence[float]] | None = None,
+                 token_confidence: dict[str, Sequence[float]] | None = None):
         self.script = list(script)
         self.fingerprint = fingerprint
         self.model_name = model_name
@@ -114,6 +118,7 @@ class FakeEngine(Engine):
         self._by_text = {s.text: torch.tensor(s.features, dtype=torch.float32) for s in self.script}
         # Known features of answer prefixes (what pruning scores at a checkpoint); others hash like any text.
         self._by_text.update({t: torch.tensor(list(v), dtype=torch.float32) for t, v in (prefixes or {}).items()})
+        self.token_confidence = {t: list(v) for t, v in (token_confidence or {}).items()}
 
     # -- known features ------------------------------------------------------------------------------
     def feature(self, text: str, layer: int = -1) -> torch.Tensor:
@@ -179,8 +184,36 @@ class FakeEngine(Engine):
                 cands.append(Candidate(self.tokenizer(text)["input_ids"], text, finish, feats))
             if job.prune is not None:
                 self._prune(job, cands)
+            if job.confidence is not None:
+                self._confidence(job, cands)
             results.append(GenerationResult(cands, len(job.prompt_ids)))
         return results
+
+    def _confidence(self, job: GenerationJob, cands: list[Candidate]) -> None:
+        """Each candidate's confidence, character by character (class docstring), and DeepConf's online stop as the
+        HF engine applies it: candidates decode in step, so at token t every live one adds its t-th confidence and
+        one whose last full window falls below ``stop_below`` stops there, unless that leaves fewer than
+        ``min_keep``."""
+        from arbiter.confidence import Trace
+
+        spec = job.confidence
+        assert spec is not None
+        traces = [Trace(spec.window) for _ in cands]
+        stopped = 0
+        for t in range(max((len(c.text) for c in cands), default=0)):
+            for c, tr in zip(cands, traces):
+                if t >= len(c.text) or c.pruned:
+                    continue
+                ct = self.token_confidence.get(c.text, [1.0] * len(c.text))[t]
+                tr.add(-1.0 / ct, ct, ct / 2)
+                g = tr.group()
+                if (spec.stop_below is not None and g is not None and g < spec.stop_below
+                        and len(cands) - stopped - 1 >= spec.min_keep):
+                    c.text, c.token_ids = c.text[: t + 1], c.token_ids[: t + 1]
+                    c.finish_reason, c.pruned_at, c.features = "pruned", t + 1, None
+                    stopped += 1
+        for c, tr in zip(cands, traces):
+            c.confidence = tr.summary()
 
     prunes = True
 

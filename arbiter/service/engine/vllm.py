@@ -41,6 +41,7 @@ from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
+from arbiter.confidence import DEEPCONF_K, Trace, topk_token_confidence
 from arbiter.generation.base import (
     Abandoned,
     Admit,
@@ -105,6 +106,7 @@ class VLLMEngine(Engine):
         self.end_id = backbone.end_id
         self.stop_ids = sorted(set(backbone.stop_ids or (backbone.end_id,)))
         self.vocab_size = int(backbone.model.get_output_embeddings().out_features)
+        self._stopped: dict[int, int] = {}  # job id -> candidates DeepConf's online stop ended (ConfidenceSpec)
         self.adapter_name: str | None = backbone.adapter["name"] if backbone.adapter else None
         self.dtype = backbone.dtype
         self.model_name = self.adapter_name or backbone.name
@@ -466,7 +468,8 @@ class VLLMEngine(Engine):
             # OpenAI's top_p is in [0, 1]; vLLM's in (0, 1]: 0 keeps only the top token, as a tiny top_p does.
             return VSP(n=1, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else max(sp.top_p, 1e-9),
                        max_tokens=sp.max_tokens, stop=list(sp.stop) or None, stop_token_ids=self.stop_ids,
-                       seed=None if greedy else seed, logprobs=sp.logprobs,
+                       seed=None if greedy else seed,
+                       logprobs=max(sp.logprobs or 0, DEEPCONF_K) if job.confidence is not None else sp.logprobs,
                        logit_bias=dict(sp.logit_bias) or None, frequency_penalty=sp.frequency_penalty,
                        presence_penalty=sp.presence_penalty, output_kind=RequestOutputKind.DELTA,
                        skip_special_tokens=True)
@@ -496,6 +499,7 @@ class VLLMEngine(Engine):
         try:
             return await self._sample_job(job, params, rids, replicas, greedy, k, cols)
         finally:
+            self._stopped.pop(id(job), None)
             if cols:
                 self.columns.unpin(cols)  # type: ignore[union-attr]
 
@@ -537,7 +541,8 @@ class VLLMEngine(Engine):
         out = [c for c in cands if isinstance(c, Candidate)]
         if greedy:
             out = [Candidate(list(out[0].token_ids), out[0].text, out[0].finish_reason, None,
-                             list(out[0].logprobs) if out[0].logprobs is not None else None, out[0].rewards)
+                             list(out[0].logprobs) if out[0].logprobs is not None else None, out[0].rewards,
+                             confidence=out[0].confidence)
                    for _ in range(job.n)]
         return GenerationResult(out, len(job.prompt_ids))
 
@@ -547,6 +552,8 @@ class VLLMEngine(Engine):
         ids: list[int] = []
         text, finish, stop_reason = "", None, None
         lps: list[TokenLogprob] | None = [] if job.params.logprobs is not None else None
+        trace = Trace(job.confidence.window) if job.confidence is not None else None
+        stopped = False
         async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(job.prompt_ids)), params, rid,
                                            lora_request=self._lora):
             c = out.outputs[0]
@@ -555,6 +562,12 @@ class VLLMEngine(Engine):
             new = self._logprobs(c, job.params.logprobs) if lps is not None else None
             if new and lps is not None:
                 lps.extend(new)
+            if trace is not None and not stopped and self._trace(trace, c, job):
+                stopped = True  # DeepConf's online stop: abort it in vLLM; it ends as a pruned candidate
+                await self.llm.abort(rid)
+        if stopped:
+            assert trace is not None
+            return Candidate(ids, text, "pruned", None, lps, pruned_at=len(ids), confidence=trace.summary())
             if job.on_delta is not None and (c.text or new):
                 for r in range(replicas):
                     job.on_delta(index + r, c.text, new)
@@ -573,7 +586,28 @@ class VLLMEngine(Engine):
             from arbiter.backbone import answer_ids
 
             ids = answer_ids(self.tokenizer, text, self.end_id, close=False)
-        return Candidate(ids, text, "length" if finish == "length" else "stop", None, lps)
+        if trace is not None:
+            trace.cut(len(ids))  # the answer's tokens: not the closing token, nor what a stop string cut
+        return Candidate(ids, text, "length" if finish == "length" else "stop", None, lps,
+                         confidence=trace.summary() if trace is not None else None)
+
+    def _trace(self, trace: Trace, c: Any, job: GenerationJob) -> bool:
+        """Add the new tokens' confidences (``confidence.topk_token_confidence``: from vLLM's top-k raw log-probs,
+        exact for the log-prob and DeepConf's confidence, self-certainty approximated); True when DeepConf's online
+        stop ends the candidate (its last full window below ``stop_below``; it never stops below ``min_keep``)."""
+        spec = job.confidence
+        assert spec is not None
+        for tid, d in zip(c.token_ids, c.logprobs or []):
+            if tid in self.stop_ids:
+                continue
+            top = [lp.logprob for t, lp in d.items() if lp.rank is not None and lp.rank <= DEEPCONF_K]
+            trace.add(*topk_token_confidence(d[tid].logprob, top, self.vocab_size))
+            g = trace.group()
+            if spec.stop_below is not None and g is not None and g < spec.stop_below:
+                if self._stopped.get(id(job), 0) + spec.min_keep < job.n:
+                    self._stopped[id(job)] = self._stopped.get(id(job), 0) + 1
+                    return True
+        return False
 
     @staticmethod
     def _logprobs(c: Any, k: int | None) -> list[TokenLogprob]:
