@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -30,8 +30,10 @@ DEEPCONF_K = 20
 GROUP_WINDOW = 2048  # DeepConf's group size and tail length (arXiv 2508.15260; deepconf 0.1's defaults)
 BOTTOM_SHARE = 0.1  # bottom10_group: the lowest 10 % of the window means
 SCORES = ("mean_logprob", "deepconf", "self_certainty")
-# Every per-candidate score a selection rule may rank by (Confidence's fields; higher = more confident)
-SCORE_NAMES = ("mean_logprob", "deepconf", "self_certainty", "lowest_group", "bottom10_group", "tail")
+# Every per-candidate score a selection rule may rank by (Confidence's fields; higher = more confident): THE list,
+# which the request schema (rerank.confidence.score) reads too
+ScoreName = Literal["mean_logprob", "deepconf", "self_certainty", "lowest_group", "bottom10_group", "tail"]
+SCORE_NAMES: tuple[str, ...] = ScoreName.__args__  # type: ignore[attr-defined]  # a Literal's values, in order
 # The free selection rules the reports set a head against: (key, label, score, the serving policy of
 # arbiter.selection that applies it); KEEP: DeepConf's kept share for its votes (1.0: no filter).
 RULES = (("conf_logprob", "mean log-prob argmax", "mean_logprob", "confidence"),

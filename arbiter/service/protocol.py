@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from arbiter.confidence import ScoreName
 from arbiter.generation.base import SamplingParams, checkpoints_valid
 from arbiter.heads.config import NAME_PATTERN, PolicyName
 
@@ -156,9 +157,6 @@ class AdaptiveOptions(BaseModel):
                                  description="Vote policies: stop once the leading answer holds this share of the weight")
 
 
-ConfidenceScore = Literal["mean_logprob", "deepconf", "self_certainty", "lowest_group", "bottom10_group", "tail"]
-
-
 class OnlineStopOptions(BaseModel):
     """DeepConf's online stop (arXiv 2508.15260): ``warmup`` candidates are sampled in full first; the threshold is
     the (1 - ``keep``) quantile of their lowest group confidences; every later candidate stops (as pruned: no
@@ -175,7 +173,7 @@ class ConfidenceOptions(BaseModel):
     training-free policies rank by and their knobs, the window of the group confidences, DeepConf's online stop."""
 
     model_config = ConfigDict(extra="forbid")
-    score: ConfidenceScore | None = Field(
+    score: ScoreName | None = Field(
         None, description="What the policy ranks by (default: deepconf for confidence, bottom10_group for "
                           "deepconf_vote, self_certainty for borda, mean_logprob for cisc)")
     keep: float = Field(0.9, gt=0.0, le=1.0, description="deepconf_vote: the share of answered candidates kept, by score")
