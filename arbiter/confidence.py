@@ -165,7 +165,7 @@ def topk_token_confidence(chosen: float, top: Sequence[float], vocab: int, k: in
 
 @torch.no_grad()
 def candidate_confidence(model: Any, prompt_ids: Sequence[int], answers: Sequence[Sequence[int]],
-                         k: int = DEEPCONF_K, pad_id: int = 0) -> list[Confidence]:
+                         k: int = DEEPCONF_K, pad_id: int = 0, window: int = GROUP_WINDOW) -> list[Confidence]:
     """Each answer's confidence from a teacher-forced forward over prompt + answer: the logits at the positions that
     predicted each answer token, exactly the distributions a temperature-1 decode sampled them from. The prompt is
     run once and its KV cache shared by the answers, which go in one right-padded batch (causal attention keeps
@@ -193,7 +193,7 @@ def candidate_confidence(model: Any, prompt_ids: Sequence[int], answers: Sequenc
     for r, i in enumerate(rows):
         a = list(answers[i])
         logits = torch.cat([first, lm_head(hidden[r, : len(a) - 1])]).float()  # [T, V]: row t predicts token t
-        out[i] = summarise(token_confidence(logits, torch.tensor(a), k))
+        out[i] = summarise(token_confidence(logits, torch.tensor(a), k), window)
     return out
 
 

@@ -225,7 +225,7 @@ def test_hf_decode_loop_confidence_equals_a_teacher_forced_forward_and_stops_onl
     p = prompt_ids(eng.tokenizer, [{"role": "user", "content": "Name a colour and say why you like it."}])
     job = GenerationJob(p, 4, SamplingParams(max_tokens=12, temperature=1.0, seed=5), confidence=ConfidenceSpec(window=4))
     (res,) = eng.generate([job])
-    ref = candidate_confidence(eng.model, p, [c.token_ids for c in res.candidates])
+    ref = candidate_confidence(eng.model, p, [c.token_ids for c in res.candidates], window=4)
     for c, want in zip(res.candidates, ref):
         assert c.confidence.tokens == len(c.token_ids) == want.tokens
         for name in SCORE_NAMES:
