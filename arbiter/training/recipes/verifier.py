@@ -719,8 +719,12 @@ def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: 
                   "on this task.", ""]
     if metrics.get("answer_pairs"):
         a = metrics["answer_pairs"]
-        lines += [f"Answer-level pairs (gold vs a wrong answer the model sampled, rendered as `{a['template']}`): "
-                  f"{a['pairs']} from {a['with_pairs']} questions ({a['never_wrong']} never answered wrong, "
+        lines += [f"Answer-level pairs (the gold answer vs a wrong one, rendered as `{a['template']}`; wrong answers "
+                  f"the model sampled first, then with `answer_negatives: {cfg.answer_negatives}` the other listed "
+                  f"answers): {a['pairs']} from {a['with_pairs']} questions ({a.get('sampled_pairs', a['pairs'])} "
+                  f"against a sampled mistake, {a.get('listed_pairs', 0)} against another listed answer; "
+                  f"{len(data.extra)} training questions beyond `limit` read unsampled for this level "
+                  f"(`answer_limit: {cfg.answer_limit}`); {a['never_wrong']} without a wrong answer to pair, "
                   f"{a['gold_unrendered']} whose gold answer cannot be rendered; {a['unrendered_samples']} sampled "
                   "answers not renderable).", ""]
     lines += ["Pairwise accuracy of the chosen head (level `{}`): its own training pairs train {}, dev {}; held-out test "
