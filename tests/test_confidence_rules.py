@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from arbiter.confidence import Confidence, Trace, group_scores, topk_token_confidence, window_means
+from arbiter.confidence import RULES, Confidence, Trace, group_scores, topk_token_confidence, window_means
 from arbiter.selection import AdaptiveRule, ConfidenceRule, select, settled
 from arbiter.service.app import create_app
 from arbiter.service.settings import Settings
@@ -237,3 +237,56 @@ def test_hf_decode_loop_confidence_equals_a_teacher_forced_forward_and_stops_onl
     pruned = [c for c in res.candidates if c.pruned]
     assert len(pruned) == 3 and all(c.pruned_at == 3 == len(c.token_ids) for c in pruned)
     assert sum(not c.pruned for c in res.candidates) == 1
+
+
+def test_a_head_rule_may_be_a_training_free_policy_with_its_knobs():
+    """What the verifier recipe writes when its head does not beat the best free rule: the policy with its score
+    and kept share, validated at load, applied by the server when the request names the head (the request's own
+    ``confidence`` fields win)."""
+    from arbiter.heads import SelectionRule
+    from arbiter.testing.fakes import linear_head
+
+    with pytest.raises(ValueError, match="training-free"):
+        SelectionRule(select="majority_vote", extractor="last_number", score="deepconf")
+    with pytest.raises(ValueError):
+        SelectionRule(select="confidence", score="loudness")
+    module, cfg = linear_head("H", [1, 0, 0, 0])
+    rule = SelectionRule(select="deepconf_vote", extractor="label_words", labels=["negative", "positive"],
+                         score="deepconf", keep=0.4)
+    engine = FakeEngine(SCRIPT, token_confidence=TOKEN_CONF)
+    app = create_app(Settings(), engine=engine, heads=registry_with((module, cfg.model_copy(update={"selection": rule}))),
+                     exit_on_engine_death=False)
+    with ServerThread(app) as s:
+        info = _post(s, {"heads": ["H"]}).json()["rerank"]
+        # keep 0.4 of the head's rule: the two most confident vote (3.0 negative > 2.0 positive)
+        assert info["rule"] == {"select": "deepconf_vote", "extractor": "label_words", "labels": ["negative", "positive"],
+                                "score": "deepconf", "keep": 0.4, "source": "head"}
+        assert info["chosen"] == [2] and info["heads"] == ["H"]
+        info = _post(s, {"heads": ["H"], "confidence": {"keep": 1.0}}).json()["rerank"]
+        assert info["rule"]["keep"] == 1.0 and info["chosen"] == [0]  # all five: positive 4.5 > negative 3.5
+
+
+def test_the_recipe_falls_back_to_the_best_free_rule_on_dev(monkeypatch):
+    """``fallback``: the head's dev pick must beat the best free rule (majority or a training-free rule, ties to the
+    majority) by more than one paired SE, else the head's rule is that free rule (worked by hand on 8 dev questions)."""
+    from types import SimpleNamespace
+
+    from arbiter.training.recipes import verifier as R
+
+    dev = list(range(8))
+    rights = [[True, False]] * 4 + [[False, True]] * 4
+    answers = [["a", "b"]] * 8
+    rewards = [torch.tensor([1.0, 0.0])] * 8  # argmax picks candidate 0: right on the first 4
+    data = SimpleNamespace(of=lambda split, v: [v[i] for i in dev], answers=answers, rights=rights,
+                           questions=[None] * 8, samples=[None] * 8, backbone=None)
+    free = {"conf_logprob": [True] * 6 + [False] * 2, "conf_cisc": [True] * 6 + [False] * 2}
+    monkeypatch.setattr(R, "_confidence_right", lambda *a: {k: free.get(k, [False] * 8) for k, *_ in RULES})
+    cfg = R.VerifierConfig()
+    fb = R._fallback(cfg, data, "argmax", rewards, None, None)
+    # argmax 4/8 against mean log-prob 6/8 (the first of the two best free rules): gain -0.25, no gain at all
+    assert fb["free_rule"] == "conf_logprob" and fb["dev_free"] == 0.75 and fb["dev_accuracy"] == 0.5
+    assert fb["gain"] == pytest.approx(-0.25)
+    free.clear()
+    rights[:] = [[True, False]] * 8  # argmax right everywhere; majority (a 1-1 tie to the better reward: a) too
+    assert R._fallback(cfg, data, "argmax", rewards, None, None)["free_rule"] == "majority_vote"
+    assert R._fallback(R.VerifierConfig(fallback=False), data, "argmax", rewards, None, None) is None

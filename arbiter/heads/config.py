@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from arbiter.confidence import ScoreName
+
 FORMAT_VERSION = 1
 POOLERS = ("identity", "affine_tanh", "swiglu_tanh")
 PoolerName = Literal["identity", "affine_tanh", "swiglu_tanh"]
@@ -74,6 +76,11 @@ class SelectionRule(BaseModel):
     canonical: str | None = Field(None, min_length=1, max_length=256)
     vote_weight: float = Field(0.0, ge=0.0, le=100.0)
     text_weight: float = Field(0.0, ge=0.0, le=100.0)
+    # The training-free policies (confidence, deepconf_vote, borda, cisc): the confidence score ranked by and, for
+    # DeepConf's vote, the share kept (None: the policy's defaults, arbiter.selection.ConfidenceRule). The verifier
+    # recipe writes one when its head does not beat the best free rule on dev.
+    score: ScoreName | None = None
+    keep: float | None = Field(None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _usable(self) -> "SelectionRule":
@@ -89,6 +96,8 @@ class SelectionRule(BaseModel):
             raise ValueError("select verify needs canonical (the template an extracted answer is scored in)")
         if self.canonical is not None:
             check_canonical(self.canonical, self.extractor)
+        if (self.score is not None or self.keep is not None) and self.select not in CONFIDENCE_POLICIES:
+            raise ValueError(f"score / keep belong to the training-free policies {CONFIDENCE_POLICIES}, not {self.select}")
         return self
 
     def describe(self) -> dict[str, Any]:

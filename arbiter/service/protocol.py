@@ -511,10 +511,12 @@ class RerankRule(_Response):
     canonical: str | None = None
     vote_weight: float | None = None
     text_weight: float | None = None
+    score: str | None = Field(None, description="The training-free policies: the confidence score ranked by")
+    keep: float | None = Field(None, description="deepconf_vote: the share of answered candidates kept")
     source: Literal["request", "head", "default"] = Field(
         description="request: the request's `select`; head: the picking head's own rule; default: argmax")
 
-    _omit_if_none = ("extractor", "pattern", "field", "labels", "canonical", "vote_weight", "text_weight")
+    _omit_if_none = ("extractor", "pattern", "field", "labels", "canonical", "vote_weight", "text_weight", "score", "keep")
 
 
 class AdaptiveInfo(BaseModel):

@@ -691,13 +691,9 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
     elif own is not None and own.extractor is not None:
         spec = (own.extractor, own.pattern, own.field, own.labels)
     name, pattern, field, labels = spec
-    conf = None
-    if policy in CONFIDENCE_POLICIES:
-        co = rr.confidence
-        conf = ConfidenceRule(score=(co.score if co and co.score else ConfidenceRule.default_score(policy)),
-                              **({"keep": co.keep, "borda_p": co.borda_p, "temperature": co.temperature} if co else {}))
+    conf = _confidence_rule(policy, rr, own)
     if policy in ("argmax", "confidence"):
-        return Rule(policy, None, RerankRule(select=policy, source=source), conf=conf)
+        return Rule(policy, None, RerankRule(select=policy, source=source, score=conf.score if conf else None), conf=conf)
     canonical, weights = None, None
     if policy == "verify":
         canonical = rr.canonical or (own.canonical if own else None)
@@ -713,7 +709,8 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
         weights = VerifyWeights(own.vote_weight, own.text_weight) if own and own.select == "verify" else VerifyWeights()
     info = RerankRule(select=policy, source=source, extractor=name, pattern=pattern, field=field, labels=labels,
                       canonical=canonical, vote_weight=weights.vote if weights else None,
-                      text_weight=weights.text if weights else None)
+                      text_weight=weights.text if weights else None, score=conf.score if conf else None,
+                      keep=conf.keep if conf and policy == "deepconf_vote" else None)
     if name is None:
         raise InvalidRequest(f"rerank.select={policy} needs rerank.extractor ({', '.join(answers.EXTRACTORS)})",
                              param="rerank.extractor")
@@ -723,6 +720,22 @@ def _rule(rr: RerankOptions, heads: list[LoadedHead]) -> Rule:
     except Exception as e:  # a bad pattern (regex.error) or a missing pattern / field / labels
         param = {"json_field": "rerank.field", "label_words": "rerank.labels"}.get(name, "rerank.pattern")
         raise InvalidRequest(f"rerank.extractor={name}: {e}", param=param) from None
+
+
+def _confidence_rule(policy: str, rr: RerankOptions, own: Any) -> ConfidenceRule | None:
+    """The training-free policies' knobs: what the request's ``confidence`` sets, else what the picking head's own
+    rule of that policy carries (``selection.score`` / ``keep``, written by the verifier recipe), else the defaults."""
+    if policy not in CONFIDENCE_POLICIES:
+        return None
+    co = rr.confidence
+    given = co.model_fields_set if co is not None else set()
+    head = own if own is not None and own.select == policy else None
+    score = (co.score if co is not None and co.score else None) or (head.score if head else None)
+    keep = co.keep if co is not None and "keep" in given else (head.keep if head and head.keep is not None else None)
+    base = ConfidenceRule()
+    return ConfidenceRule(score=score or ConfidenceRule.default_score(policy), keep=base.keep if keep is None else keep,
+                          borda_p=co.borda_p if co is not None else base.borda_p,
+                          temperature=co.temperature if co is not None else base.temperature)
 
 
 def _choices(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome) -> tuple[list[Candidate], RerankInfo | None]:

@@ -52,11 +52,12 @@ class AnswerSpec:
         return extractor(self.extractor, pattern=self.pattern, field=self.field,
                          labels=list(self.labels) if self.labels else None)
 
-    def rule(self, select: str, weights: Any = None) -> dict[str, Any]:
+    def rule(self, select: str, weights: Any = None, free: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``selection`` entry of a head config (``arbiter.heads.SelectionRule``) for policy ``select``
-        (verify: with this spec's canonical template and the fitted ``weights``, a ``selection.VerifyWeights``)."""
-        out: dict[str, Any] = {"select": select}
-        if select != "argmax":
+        (verify: with this spec's canonical template and the fitted ``weights``, a ``selection.VerifyWeights``; a
+        training-free policy: with ``free``'s score and kept share)."""
+        out: dict[str, Any] = {"select": select, **{k: v for k, v in (free or {}).items() if v is not None}}
+        if select not in ("argmax", "confidence"):
             out.update({"extractor": self.extractor, "pattern": self.pattern, "field": self.field,
                         "labels": list(self.labels) if self.labels else None})
         if select == "verify":

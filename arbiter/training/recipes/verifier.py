@@ -20,8 +20,9 @@ questions -> samples -> labels -> pairs -> heads -> rule -> report:
 6. For every variant and level, best-of-N on the dev questions under the server's selection code (argmax,
    weighted vote, majority over all N candidates as the server sees them; verify for heads that saw answer
    pairs, with its weights fitted on dev); the variant and rule with the best dev pick win. When that pick
-   does not beat the free majority vote on dev by more than one paired standard error (``fallback``), the
-   head's rule IS the majority vote, and the report says so. The rule is written into the head
+   does not beat the best FREE rule on dev (the majority vote, or a training-free confidence rule of
+   ``arbiter.confidence.RULES`` on the same candidates) by more than one paired standard error (``fallback``),
+   the head's rule IS that free rule, and the report says so. The rule is written into the head
    (``selection``), so the server applies it by default.
 7. The test questions (never trained on, never used to pick): n=1, each rule, oracle, wins / losses vs n=1,
    standard errors, in ``<out>/report.md`` (+ plots) and ``result.json``.
@@ -85,7 +86,7 @@ class VerifierConfig:
     # beyond ``limit`` are not sampled, each pairs its gold answer with the other listed answers. Cheap (one
     # prompt-shared forward per question) where sampling is not; needs answer_negatives=listed and a closed set.
     answer_limit: int | None = None
-    fallback: bool = True  # no dev gain beyond 1 SE over majority vote: the head's rule is majority vote
+    fallback: bool = True  # no dev gain beyond 1 SE over the best free rule: the head's rule is that free rule
     model: str | None = None  # backbone (None: the embedded SmolLM2-135M-Instruct)
     dtype: str = "auto"  # as the server: bfloat16 only where this CPU multiplies it natively and faster
     threads: int | None = None
@@ -459,17 +460,23 @@ def _pair_accuracy(head: Any, fw: Any, fl: Any, rows: list[int]) -> float | None
 def _evaluate(cfg: VerifierConfig, data: RunData, feats: Features, best: Trial) -> dict[str, Any]:
     """The chosen trial's rule (or the fallback), then the test questions: every rule, the free confidence rules,
     oracle; pair accuracy on held-out text and answer pairs; prefix accuracy."""
+    from arbiter import confidence
     from arbiter.heads import num_parameters
     from arbiter.training import verifier as V
 
     rule = best.row["dev_rule"]
+    column = rule  # the rule's row in the report's tables
     dev_verified = None if best.verified is None else data.of("dev", best.verified)
-    fallback = _fallback(cfg, rule, data.of("dev", best.rewards), data.of("dev", data.answers), data.of("dev", data.rights),
-                         dev_verified, best.weights)
+    fallback = _fallback(cfg, data, rule, best.rewards, dev_verified, best.weights)
+    free_rule: dict[str, Any] | None = None
     if fallback is not None:
-        log.info("the chosen head's dev pick (%s) does not beat majority vote beyond 1 SE: %s; its rule is majority_vote",
-                 rule, fallback)
-        rule = "majority_vote"
+        log.info("the chosen head's dev pick (%s) does not beat the best free rule beyond 1 SE: %s", rule, fallback)
+        key = fallback["free_rule"]
+        if key == "majority_vote":
+            rule = column = "majority_vote"
+        else:
+            _, column, score, rule = next(r for r in confidence.RULES if r[0] == key)
+            free_rule = {"score": score, "keep": confidence.KEEP.get(key) if rule == "deepconf_vote" else None}
     test = None
     if data.qs_of["test"]:
         test = V.best_of_n(data.of("test", best.rewards), data.of("test", data.answers), data.of("test", data.rights),
@@ -484,6 +491,7 @@ def _evaluate(cfg: VerifierConfig, data: RunData, feats: Features, best: Trial) 
             "n_test_pairs": len(data.idx["test"]),
             "test_answer_pair_accuracy": _pair_accuracy(head, *al.tensors(layer), al.idx["test"]) if al.pairs else None,
             "n_test_answer_pairs": len(al.idx["test"]), "level": best.row["level"], "rule": rule, "fallback": fallback,
+            "rule_column": column, "free_rule": free_rule,
             "dev_best_of_n": best.dev, "test_best_of_n": test, "parameters": num_parameters(head),
             **{k: v for k, v in prefix.items() if v is not None}}
 
@@ -527,7 +535,7 @@ def _save(cfg: VerifierConfig, data: RunData, feats: Features, trials: list[Tria
     from arbiter.training.rundir import RESULT_FILE
 
     best = trials[best_i]
-    selection = SelectionRule(**data.spec.rule(metrics["rule"], best.weights))
+    selection = SelectionRule(**data.spec.rule(metrics["rule"], best.weights, metrics.get("free_rule")))
     provenance = _provenance(cfg, data, feats, trials, best, metrics)
     head_config = HeadConfig(**{**best.res.head_config.model_dump(), "selection": selection,
                                 "provenance": json.loads(json.dumps(provenance, default=str))})
@@ -543,7 +551,7 @@ def _save(cfg: VerifierConfig, data: RunData, feats: Features, trials: list[Tria
                                                 "chosen": rows[best_i], "config": dataclasses.asdict(cfg)})
     test = metrics["test_best_of_n"]
     log.info("verifier head %r written to %s: rule %s, test %s", cfg.name, head_dir, metrics["rule"],
-             test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", metrics["rule"], "oracle")})
+             test and {k: round(test[k]["accuracy"], 3) for k in ("n=1", metrics["rule_column"], "oracle")})
     return metrics
 
 
@@ -602,38 +610,41 @@ def _answer_level(cfg: VerifierConfig, backbone: Any, questions: list[Any], answ
                                            **{k: v for k, v in render_stats.items() if k != "examples"}})
 
 
-def _fallback(cfg: VerifierConfig, rule: str, rewards: list[Any], answers: list[Any], rights: list[Any],
-              verified: list[Any] | None, weights: Any) -> dict[str, Any] | None:
-    """Why the head's rule falls back to the free majority vote, or None: with ``fallback``, when the chosen rule's
-    dev pick does not beat the majority vote on the same dev questions by more than one paired standard error."""
+def _fallback(cfg: VerifierConfig, data: RunData, rule: str, all_rewards: list[Any], verified: list[Any] | None,
+              weights: Any) -> dict[str, Any] | None:
+    """Why the head's rule falls back to a free rule, or None: with ``fallback``, when the chosen rule's dev pick
+    does not beat the best free rule on the same dev questions (the majority vote and every training-free rule of
+    ``arbiter.confidence.RULES``; ties to the majority vote, then that order) by more than one paired standard
+    error. The free rules' confidences come from one teacher-forced forward per dev candidate."""
+    from arbiter import confidence
     from arbiter.training import verifier as V
     from arbiter.training.stats import paired_gain
 
+    rewards, answers, rights = data.of("dev", all_rewards), data.of("dev", data.answers), data.of("dev", data.rights)
     if not cfg.fallback or rule == "majority_vote" or not rewards:
         return None
     mine = V.rule_right(rewards, answers, rights, rule, verified if rule == "verify" else None, weights)
-    free = V.rule_right(rewards, answers, rights, "majority_vote")
-    gain, se = paired_gain(mine, free)
+    free = {"majority_vote": V.rule_right(rewards, answers, rights, "majority_vote"),
+            **_confidence_right(data.backbone, data.of("dev", data.questions), data.of("dev", data.samples), answers,
+                                rights)}
+    best = max(free, key=lambda k: sum(free[k]))  # dicts keep order: ties to the majority vote, then RULES' order
+    gain, se = paired_gain(mine, free[best])
     if gain > se:
         return None
-    return {"rule": rule, "dev_accuracy": sum(mine) / len(mine), "dev_majority_vote": sum(free) / len(free),
-            "gain": gain, "se": se}
+    label = {key: name for key, name, _, _ in confidence.RULES}.get(best, best)
+    return {"rule": rule, "dev_accuracy": sum(mine) / len(mine), "free_rule": best, "free_label": label,
+            "dev_free": sum(free[best]) / len(free[best]),
+            "dev_majority_vote": sum(free["majority_vote"]) / len(mine), "gain": gain, "se": se}
 
 
 def _confidence_rules(backbone: Any, questions: list[Any], samples: list[Any], answers: list[Any],
                       rights: list[Any]) -> dict[str, Any]:
-    """Best-of-N rows of the model's own confidence (arbiter.confidence) on the same candidates: one teacher-forced
-    forward over each candidate's sampled tokens gives exactly the distributions they were drawn from."""
+    """Best-of-N rows of the model's own confidence (arbiter.confidence) on the same candidates, by label."""
     from arbiter import confidence
-    from arbiter.chat import prompt_ids
     from arbiter.training.stats import accuracy_se
 
     label = {key: name for key, name, _, _ in confidence.RULES}
-    right: dict[str, list[bool]] = {name: [] for name in label.values()}
-    for q, s, aa, rr in zip(questions, samples, answers, rights):
-        conf = confidence.candidate_confidence(backbone.model, prompt_ids(backbone.tokenizer, q.messages), s.token_ids)
-        for key, pick in confidence.picks(conf, aa).items():
-            right[label[key]].append(bool(rr[pick]))
+    right = {label[k]: r for k, r in _confidence_right(backbone, questions, samples, answers, rights).items()}
     n1 = [bool(r[0]) for r in rights]
     out = {}
     for name, r in right.items():
@@ -641,6 +652,21 @@ def _confidence_rules(backbone: Any, questions: list[Any], samples: list[Any], a
         out[name] = {"accuracy": acc, "se": accuracy_se(acc, len(r)), "wins": sum(a and not b for a, b in zip(r, n1)),
                      "losses": sum(b and not a for a, b in zip(r, n1)), "free": True}
     return out
+
+
+def _confidence_right(backbone: Any, questions: list[Any], samples: list[Any], answers: list[Any],
+                      rights: list[Any]) -> dict[str, list[bool]]:
+    """Per training-free rule (``confidence.RULES`` key): is its pick right, per question? One teacher-forced forward
+    over each candidate's sampled tokens gives exactly the distributions they were drawn from."""
+    from arbiter import confidence
+    from arbiter.chat import prompt_ids
+
+    right: dict[str, list[bool]] = {key: [] for key, _, _, _ in confidence.RULES}
+    for q, s, aa, rr in zip(questions, samples, answers, rights):
+        conf = confidence.candidate_confidence(backbone.model, prompt_ids(backbone.tokenizer, q.messages), s.token_ids)
+        for key, pick in confidence.picks(conf, aa).items():
+            right[key].append(bool(rr[pick]))
+    return right
 
 
 def _all_rewards(head: Any, samples: list[Any], layer: int, head_rewards: Any) -> list[Any]:
@@ -703,7 +729,7 @@ def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: 
             if rname not in t:
                 continue
             e = t[rname]
-            mark = " (the head's rule)" if rname == metrics["rule"] else ""
+            mark = " (the head's rule)" if rname == metrics["rule_column"] else ""
             lines.append(f"| {rname}{mark} | {e['accuracy']:.3f} +- {e['se']:.3f} | {e.get('wins', '')} | "
                          f"{e.get('losses', '')} |")
         lines.append("")
@@ -714,9 +740,9 @@ def _write_report(cfg: VerifierConfig, data: RunData, rows: list[dict], best_i: 
     fb = metrics.get("fallback")
     if fb:
         lines += [f"**Fallback**: the chosen head's dev pick ({fb['rule']} {fb['dev_accuracy']:.3f}) does not beat the "
-                  f"free majority vote ({fb['dev_majority_vote']:.3f}) by more than one paired standard error (gain "
-                  f"{fb['gain']:+.3f} +- {fb['se']:.3f}), so the head's rule is majority_vote: the head does not help "
-                  "on this task.", ""]
+                  f"best free rule on dev, {fb['free_label']} ({fb['dev_free']:.3f}; majority vote "
+                  f"{fb['dev_majority_vote']:.3f}), by more than one paired standard error (gain {fb['gain']:+.3f} +- "
+                  f"{fb['se']:.3f}), so the head's rule is that free rule: the head does not help on this task.", ""]
     if metrics.get("answer_pairs"):
         a = metrics["answer_pairs"]
         lines += [f"Answer-level pairs (the gold answer vs a wrong one, rendered as `{a['template']}`; wrong answers "
