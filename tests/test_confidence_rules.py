@@ -203,8 +203,13 @@ def test_api_adaptive_confidence_vote_stops_on_consensus(srv):
 def test_api_every_candidates_logprobs_when_asked(srv):
     r = _post(srv, {"select": "confidence"}, logprobs=True).json()
     cands = r["rerank"]["candidates"]
-    # the fake engine returns no token log-probs: the field is absent, never invented
-    assert all("logprobs" not in c for c in cands) and all("confidence" in c for c in cands)
+    # every candidate, not only the returned choice: one entry per token, -1 / c_t here (the fake's log-probs)
+    for c, text in zip(cands, TOKEN_CONF):
+        got = [e["logprob"] for e in c["logprobs"]["content"]]
+        assert got == pytest.approx([-1 / x for x in TOKEN_CONF[text]]) and "".join(e["token"] for e in c["logprobs"]["content"]) == text
+    assert r["choices"][0]["logprobs"]["content"] == cands[r["rerank"]["chosen"][0]]["logprobs"]["content"]
+    r = _post(srv, {"select": "confidence"}).json()
+    assert all("logprobs" not in c for c in r["rerank"]["candidates"])  # not asked: not sent
 
 
 # --- the real model ---------------------------------------------------------------------------------------------

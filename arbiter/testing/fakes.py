@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from arbiter.generation.base import Candidate, Engine, GenerationJob, GenerationResult
+from arbiter.generation.base import Candidate, Engine, GenerationJob, GenerationResult, TokenLogprob
 from arbiter.heads import BackboneFingerprint, HeadConfig, HeadRegistry, build_head, save_head
 
 LOOPBACK = "127.0.0.1"
@@ -214,6 +214,8 @@ class FakeEngine(Engine):
                     stopped += 1
         for c, tr in zip(cands, traces):
             c.confidence = tr.summary()
+            if job.params.logprobs is not None:  # each token's log-prob as the trace saw it (no alternatives listed)
+                c.logprobs = [TokenLogprob(t, lp) for t, lp in zip(c.token_ids, tr.logprob)]
 
     prunes = True
 
