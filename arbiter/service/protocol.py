@@ -263,6 +263,21 @@ class RerankOptions(BaseModel):
         None, description="The training-free policies' score and knobs, and DeepConf's online stop")
 
 
+# Extras other OpenAI-compatible servers (vLLM) accept that change what the answer is: a request may send one only
+# with the value that changes nothing (listed), else it is refused by name; it is never silently ignored. Unknown
+# extras that change nothing here (`extra_body: {}` sent literally, `priority`) are logged and ignored.
+ANSWER_CHANGING_EXTRAS: dict[str, tuple[Any, ...]] = {
+    "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0),
+    "length_penalty": (None, 1, 1.0), "use_beam_search": (None, False), "ignore_eos": (None, False),
+    "stop_token_ids": (None, []), "bad_words": (None, []), "allowed_token_ids": (None,),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "echo": (None, False), "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,), "structured_outputs": (None,),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None,), "logits_processors": (None,),
+    "best_of": (None, 1), "vllm_xargs": (None, {}),
+}
+
 # Fields OpenAI marks nullable whose null means "the default" (the spec's `nullable: true`).
 _NULL_IS_DEFAULT = ("n", "temperature", "top_p", "stream", "logprobs", "frequency_penalty", "presence_penalty")
 
@@ -297,6 +312,9 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
     user: str | None = None
+    # vLLM's chat extras with vLLM's meaning: continue the last (assistant) message instead of starting a new turn
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     rerank: RerankOptions | None = None
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before")
@@ -344,6 +362,19 @@ class ChatCompletionRequest(BaseModel):
             raise _unsupported("web_search_options", "web search")
         if (self.model_extra or {}).get("moderation") is not None:
             raise _unsupported("moderation", "output moderation")
+        for name, value in (self.model_extra or {}).items():  # other servers' extras that would change the answer
+            if name in ANSWER_CHANGING_EXTRAS and value not in ANSWER_CHANGING_EXTRAS[name]:
+                raise _unsupported(name, f"{name}={str(value)[:40]!r} (another server's sampling or output option)")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise refusal("continue_final_message", "continue_final_message continues the last assistant message; "
+                                                        "it cannot be combined with add_generation_prompt=true (send false)")
+            if not self.messages or self.messages[-1].role != "assistant":
+                raise refusal("continue_final_message", "continue_final_message needs the last message to be the "
+                                                        "assistant's (the text to continue)")
+        elif not self.add_generation_prompt:
+            raise _unsupported("add_generation_prompt", "false without continue_final_message (an answer always "
+                                                        "starts a new assistant turn here)")
         if self.top_logprobs and not self.logprobs:
             raise refusal("top_logprobs", "top_logprobs needs logprobs=true")
         rr = self.rerank

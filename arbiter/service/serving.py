@@ -155,6 +155,14 @@ def _encode_prompt(st: ServiceState, messages: list[dict[str, Any]], budget: int
     return ids
 
 
+def _encode_continuation(st: ServiceState, messages: list[dict[str, Any]], budget: int) -> list[int]:
+    """``continue_final_message``: the conversation before the last message as a prompt (ending with the assistant
+    header), then the last (assistant) message's text, not closed: generation continues it, and a head reads the
+    whole answer (that text and the continuation) at the closing token, as for any answer."""
+    prefix = st.require_engine().encode_answer(str(messages[-1]["content"]))
+    return _encode_prompt(st, messages[:-1], budget + len(prefix)) + prefix
+
+
 def _resolve_heads(st: ServiceState, names: list[str] | None, param: str) -> list[LoadedHead]:
     snapshot = st.require_registry().snapshot()
     if not snapshot:
@@ -337,7 +345,10 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
         rule = _with_options(rule, rr, messages)
     # Off the event loop: a prompt near the body limit takes seconds to tokenize (the tokenizer releases
     # the GIL), and every other request, health probes included, would wait for it.
-    ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
+    if body.continue_final_message:  # the candidates continue the last assistant message (vLLM's meaning)
+        ids = await asyncio.to_thread(_encode_continuation, st, messages, max_tokens + 1)
+    else:
+        ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
     params = body.to_sampling_params(max_tokens=max_tokens, logit_bias=_logit_bias(st, body.logit_bias))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     log_fields: dict[str, Any] = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids),
