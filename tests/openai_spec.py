@@ -1,4 +1,4 @@
-"""OpenAI's published chat-completions schemas (tests/data/openai/chat_schemas.json, extracted verbatim from
+"""OpenAI's published chat-completions (and legacy completions) schemas (tests/data/openai/chat_schemas.json, extracted verbatim from
 OpenAI's OpenAPI document) as JSON Schema validators.
 
 The document is OpenAPI 3.1 but marks optional-but-nullable fields OpenAPI-3.0 style (``nullable: true``);

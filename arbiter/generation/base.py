@@ -207,6 +207,12 @@ class Engine(Protocol):
         ``Abandoned`` (the requests it served are gone: a deadline passed or the clients left)."""
         raise NotImplementedError
 
+    def prompt_logprobs(self, ids: Sequence[int], top_k: int, *, adapter: str | None = None) -> list[TokenLogprob | None]:
+        """Per position of ``ids``, the log-prob of its token given the ones before, with the ``top_k`` most likely
+        tokens there (None for the first position: nothing predicts it); the model's own distribution (temperature
+        1, no bias). One teacher-forced forward."""
+        raise NotImplementedError
+
     def score(self, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], heads: Sequence[Any], *,
               cancelled: Callable[[], bool] | None = None, adapter: str | None = None) -> torch.Tensor:
         """Rewards [N, H] (float32, CPU) of complete answers under ``heads`` (LoadedHead objects): by default the

@@ -586,6 +586,21 @@ class HFEngine(Engine):
                 self._activate(adapter)
             return self._features(prompt_ids, answers, layers, batch_size=batch_size, cancelled=cancelled)
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: Sequence[int], top_k: int, *, adapter: str | None = None) -> list[TokenLogprob | None]:
+        with self.adapters.lock:
+            if adapter is not None or self.adapters.active is not None:
+                self._activate(adapter)
+            x = torch.tensor([list(ids)], device=self.device)
+            logp = torch.log_softmax(self.lm_head(self.decoder(input_ids=x, use_cache=False).last_hidden_state[0, :-1]).float(),
+                                     dim=-1)  # [T-1, V]: row t predicts token t + 1
+        chosen = logp.gather(1, x[0, 1:, None])[:, 0].tolist()
+        tv, ti = logp.topk(top_k, dim=-1) if top_k else (logp[:, :0], logp[:, :0].long())
+        out: list[TokenLogprob | None] = [None]
+        for t, (c, vs, is_) in enumerate(zip(chosen, tv.tolist(), ti.tolist())):
+            out.append(TokenLogprob(int(ids[t + 1]), c, tuple(zip(is_, vs))))
+        return out
+
     def _features(self, prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], layers_in: Sequence[int], *,
                   batch_size: int, cancelled: Callable[[], bool] | None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers_in) | {FINAL})

@@ -409,6 +409,69 @@ class ChatCompletionRequest(BaseModel):
         return sorted([*(self.model_extra or {}).keys(), *sent])
 
 
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` (OpenAI's legacy completions): raw prompts, no chat template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids")
+    max_tokens: int = Field(16, ge=0, description="0 with echo: the prompt's log-probs only (log-likelihood evaluation)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1, description="Candidates sampled per prompt, of which the n with the highest "
+                                                        "mean log-prob per token come back (OpenAI's meaning)")
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token in the legacy logprobs object")
+    echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs when asked)")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("n", "temperature", "top_p", "max_tokens", "echo", "stream", "frequency_penalty", "presence_penalty",
+                     mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[str(info.field_name)].default if v is None else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        v = [] if v is None else [v] if isinstance(v, str) else v
+        if any(x == "" for x in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> CompletionRequest:
+        if self.stream:
+            raise _unsupported("stream", "streaming legacy completions (use /v1/chat/completions to stream)")
+        if self.suffix:
+            raise _unsupported("suffix", "a suffix (insertion)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise refusal("best_of", f"best_of ({self.best_of}) must be at least n ({self.n})")
+        for name, value in (self.model_extra or {}).items():
+            if name == "rerank" or (name in ANSWER_CHANGING_EXTRAS and value not in ANSWER_CHANGING_EXTRAS[name]):
+                raise _unsupported(name, f"{name} on /v1/completions (rerank through /v1/chat/completions; best_of "
+                                         "picks by mean log-prob here)" if name == "rerank" else f"{name}={str(value)[:40]!r}")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]  # a list of ints is one tokenised prompt
+        return list(p)  # type: ignore[arg-type]  # strings or token lists
+
+
 class ScoreRequest(BaseModel):
     """``POST /v1/score``: rewards for given answers to one conversation (no generation)."""
 
@@ -632,6 +695,32 @@ class ChatCompletionResponse(_Response):
     rerank: RerankInfo | None = None
 
     _omit_if_none = ("rerank",)
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy ``logprobs`` object: per token its text, log-prob, top alternatives and character offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str
 
 
 class ChunkDelta(_Response):

@@ -25,6 +25,8 @@ from .protocol import (
     AdapterList,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
     ErrorResponse,
     HeadCard,
     HeadDeleted,
@@ -153,6 +155,12 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
                         **_errors(*_INFERENCE)})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamingResponse:
     return await serving.create_chat_completion(ready_state(request), body, request)
+
+
+@router.post("/v1/completions", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
+             responses={**_ok(CompletionResponse), **_errors(*_INFERENCE)})
+async def completions(body: CompletionRequest, request: Request) -> CompletionResponse:
+    return await serving.create_completion(ready_state(request), body, request)
 
 
 @router.post("/v1/score", response_model=None, tags=["arbiter"], dependencies=[Depends(require_api_key)],

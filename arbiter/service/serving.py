@@ -42,6 +42,10 @@ from .protocol import (
     Choice,
     ChunkChoice,
     ChunkDelta,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
     ConfidenceInfo,
     PartialReward,
     PruneCheckpoint,
@@ -926,6 +930,111 @@ def _stream(request: Request, st: ServiceState, plan: ChatPlan, job: GenerationJ
                 fut.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# --- legacy completions -------------------------------------------------------------------------------------
+
+
+async def create_completion(st: ServiceState, body: CompletionRequest, request: Request) -> CompletionResponse:
+    """``POST /v1/completions`` (README "Legacy completions"): each prompt as raw text or token ids (no chat
+    template), ``n`` choices per prompt (choice index = prompt x n + j, as OpenAI orders them); ``best_of`` samples
+    that many and returns the ``n`` with the highest mean log-prob per token (OpenAI's definition, from the
+    confidences the engine computes while decoding); ``echo`` puts the prompt (and its log-probs, from one
+    teacher-forced forward) before the completion; ``max_tokens: 0`` with ``echo`` only scores the prompt."""
+    import torch
+
+    s = st.settings
+    t0 = time.monotonic()
+    adapter = _check_model(st, body.model)
+    eng = st.require_engine()
+    if body.n > s.max_n:
+        raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
+    n_sample = body.best_of or body.n
+    if n_sample > s.max_candidates:
+        raise InvalidRequest(f"best_of must be at most {s.max_candidates}", param="best_of")
+    if body.max_tokens > s.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens")
+    if len(body.stop or []) > s.max_stop or any(len(x) > s.max_stop_length for x in body.stop or []):
+        raise InvalidRequest(f"at most {s.max_stop} stop strings of at most {s.max_stop_length} characters", param="stop")
+    raw = body.prompts()
+    if not raw or len(raw) > s.max_messages:
+        raise InvalidRequest(f"prompt: give 1 to {s.max_messages} prompts", param="prompt")
+
+    def tokenize() -> list[list[int]]:
+        out = []
+        for i, p in enumerate(raw):
+            ids = list(eng.tokenizer(p, add_special_tokens=True)["input_ids"]) if isinstance(p, str) else list(p)
+            if not ids or any(not 0 <= t < st.vocab_size for t in ids):
+                raise InvalidRequest(f"prompt {i}: empty, or a token id outside [0, {st.vocab_size})", param="prompt")
+            if len(ids) + body.max_tokens + 1 > eng.context_length:
+                raise InvalidRequest(f"prompt {i}: this model's context is {eng.context_length} tokens; the prompt takes "
+                                     f"{len(ids)} and max_tokens asks {body.max_tokens} more", param="prompt",
+                                     code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    prompts = await asyncio.to_thread(tokenize)
+    params = SamplingParams(max_tokens=max(body.max_tokens, 1), temperature=body.temperature, top_p=body.top_p,
+                            stop=tuple(body.stop or ()), seed=body.seed, logit_bias=_logit_bias(st, body.logit_bias),
+                            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                            logprobs=body.logprobs)
+    picking = n_sample > body.n
+    worker = st.require_worker()
+    choices: list[CompletionChoice] = []
+    completion_tokens = 0
+    text = st.require_token_text()
+    for pi, ids in enumerate(prompts):
+        if body.max_tokens > 0:
+            job = GenerationJob(ids, n_sample, params, adapter=adapter,
+                                confidence=ConfidenceSpec(min_keep=body.n) if picking else None)
+            done: GenerateOutcome = await _outcome(request, st, _submit(st, worker.submit_generate, job, ()), job.cancelled)
+            cands = done.result.candidates
+            completion_tokens += done.result.completion_tokens
+            if picking:  # OpenAI's best_of: the highest mean log-prob per token
+                order = select(torch.zeros(len(cands), 0), "confidence", confidence=[c.confidence for c in cands],
+                               rule=ConfidenceRule("mean_logprob")).order
+                cands = [cands[i] for i in order[: body.n]]
+        else:
+            cands = [Candidate([], "", "length") for _ in range(body.n)]
+        echo: list[Any] = []
+        if body.echo and body.logprobs is not None:
+            echo = await _outcome(request, st, _submit(st, worker.submit_prompt_logprobs, ids, body.logprobs, adapter))
+        prompt_text = eng.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
+        for j, c in enumerate(cands):
+            lp = None
+            if body.logprobs is not None:
+                entries = [(tid, e) for tid, e in zip(ids, echo)] if body.echo else []
+                entries += [(e.token_id, e) for e in (c.logprobs or [])]
+                lp = _legacy_logprobs(text, entries)
+            finish = "length" if c.finish_reason == "length" else "stop"
+            choices.append(CompletionChoice(text=prompt_text + c.text, index=pi * body.n + j, logprobs=lp,
+                                            finish_reason=finish))
+    p_tokens = sum(len(x) for x in prompts)
+    resp = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()),
+                              model=_served_id(st, body.model), choices=choices, system_fingerprint=st.system_fingerprint,
+                              usage=Usage(prompt_tokens=p_tokens, completion_tokens=completion_tokens,
+                                          total_tokens=p_tokens + completion_tokens))
+    st.metrics.tokens_generated.inc(completion_tokens)
+    st.metrics.prompt_tokens.inc(p_tokens)
+    _account(st, "completions", None, {"id": resp.id, "prompts": len(prompts), "n": body.n, "best_of": n_sample,
+                                       "echo": body.echo, "prompt_tokens": p_tokens,
+                                       "completion_tokens": completion_tokens}, t0)
+    return resp
+
+
+def _legacy_logprobs(text: Any, entries: list[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs:
+    """OpenAI's legacy ``logprobs`` object: each token's text, log-prob (None for the prompt's first token: nothing
+    predicts it), its top alternatives as token -> log-prob, and its character offset in the returned text."""
+    tokens, lps, tops, offsets = [], [], [], []
+    at = 0
+    for tid, e in entries:
+        piece = text.piece(tid)[0]
+        tokens.append(piece)
+        offsets.append(at)
+        at += len(piece)
+        lps.append(None if e is None else e.logprob)
+        tops.append(None if e is None else {text.piece(t)[0]: v for t, v in e.top})
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 
 # --- score ----------------------------------------------------------------------------------------------

@@ -68,13 +68,14 @@ def is_fatal(e: BaseException) -> bool:
 
 @dataclass
 class _Item:
-    kind: str  # "generate" | "score"
+    kind: str  # "generate" | "score" | "prompt_logprobs"
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     job: GenerationJob | None = None
     heads: Sequence[LoadedHead] = ()
     score_args: tuple[list[int], list[list[int]]] | None = None
     score_adapter: str | None = None
+    top_k: int = 0  # prompt_logprobs: alternatives per position
     enqueued: float = field(default_factory=time.monotonic)
     streamed: bool = False  # text already went to the client: a failed batch cannot re-run this job unseen
 
@@ -217,6 +218,13 @@ class Worker:
         job.heads = tuple(heads)  # the engine may compute these heads' rewards itself (Candidate.rewards)
         return self._submit(_Item("generate", loop.create_future(), loop, job=job, heads=tuple(heads)))
 
+    def submit_prompt_logprobs(self, ids: list[int], top_k: int, adapter: str | None = None) -> asyncio.Future[Any]:
+        """Each position's log-prob of its token given the ones before (``Engine.prompt_logprobs``: what the legacy
+        completions' ``echo`` with ``logprobs`` returns, and log-likelihood evaluation reads)."""
+        loop = asyncio.get_running_loop()
+        return self._submit(_Item("prompt_logprobs", loop.create_future(), loop, score_args=(ids, [[]]),
+                                  score_adapter=adapter, top_k=top_k))
+
     def submit_score(self, prompt_ids: list[int], answers: list[list[int]], heads: Sequence[LoadedHead],
                      adapter: str | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -292,6 +300,8 @@ class Worker:
                 try:
                     if live[0].kind == "generate":
                         self._run_generate(live)
+                    elif live[0].kind == "prompt_logprobs":
+                        self._run_prompt_logprobs(live)
                     else:
                         self._run_score(live)
                 except Exception as e:  # isolated by _run_generate; a failed score batch fails its requests
@@ -445,6 +455,16 @@ class Worker:
             self._resolve(it, exc=e)
             return
         self._resolve(it, GenerateOutcome(res, rewards, started - it.enqueued, time.monotonic() - started))
+
+    def _run_prompt_logprobs(self, items: list[_Item]) -> None:
+        for it in items:  # one forward per prompt; a failure fails its own request only
+            assert it.score_args is not None
+            try:
+                self._resolve(it, self.engine.prompt_logprobs(it.score_args[0], it.top_k, adapter=it.adapter))
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                self._resolve(it, exc=e)
 
     def _run_score(self, items: list[_Item]) -> None:
         # All score requests of the batch go through one engine pass (Engine.score: the feature pass and the

@@ -186,6 +186,10 @@ class FakeEngine(Engine):
                 self._prune(job, cands)
             if job.confidence is not None:
                 self._confidence(job, cands)
+            elif job.params.logprobs is not None:  # the same per-token log-probs, -1 / c_t (class docstring)
+                for c in cands:
+                    conf = self.token_confidence.get(c.text, [1.0] * len(c.text))
+                    c.logprobs = [TokenLogprob(t, -1.0 / x) for t, x in zip(c.token_ids, conf)]
             results.append(GenerationResult(cands, len(job.prompt_ids)))
         return results
 
@@ -242,6 +246,11 @@ class FakeEngine(Engine):
                 c = cands[live[k]]
                 c.text, c.token_ids = c.text[:t], c.token_ids[:t]
                 c.finish_reason, c.pruned_at, c.features = "pruned", t, None
+
+    def prompt_logprobs(self, ids, top_k, *, adapter=None) -> list:
+        """Known prompt log-probs: position t (> 0) has -0.1 x (1 + token id mod 5), itself its only alternative."""
+        return [None] + [TokenLogprob(int(t), -0.1 * (1 + int(t) % 5), ((int(t), -0.1 * (1 + int(t) % 5)),)[:top_k])
+                         for t in list(ids)[1:]]
 
     def features(self, prompt_ids, answer_ids, layers, *, cancelled=None, adapter=None) -> dict[int, torch.Tensor]:
         layers = sorted(set(layers) | {-1})

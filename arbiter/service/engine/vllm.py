@@ -226,6 +226,31 @@ class VLLMEngine(Engine):
         lps = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]  # [T - 1]
         return {"prompt": p, "answer": a[:-1], "ids": ids, "feature": feature, "logprobs": lps}
 
+    def prompt_logprobs(self, ids: Sequence[int], top_k: int, *, adapter: str | None = None) -> list[TokenLogprob | None]:
+        """vLLM's own prompt log-probs (``prompt_logprobs=top_k``, raw: before bias and temperature)."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        async def run() -> Any:
+            out = None
+            gen = self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)),
+                                    VSP(max_tokens=1, temperature=0.0, prompt_logprobs=top_k),
+                                    f"arb-plp-{uuid.uuid4().hex[:12]}", lora_request=self._lora)
+            async for out in gen:  # noqa: B007 - the last output is the one returned
+                pass
+            return out
+
+        out = self._call(run(), timeout=600)
+        res: list[TokenLogprob | None] = []
+        for t, d in enumerate(out.prompt_logprobs):
+            if t == 0 or not d:
+                res.append(None)
+                continue
+            top = sorted(((int(k), lp.logprob) for k, lp in d.items() if lp.rank is not None and lp.rank <= top_k),
+                         key=lambda x: -x[1])[:top_k]
+            res.append(TokenLogprob(int(ids[t]), float(d[ids[t]].logprob), tuple(top)))
+        return res
+
     def probe(self) -> dict[str, float]:
         """Refuse to serve unless vLLM's log-probs of the probe equal the HF forward's and the rewards vLLM computes
         for two probe heads equal those heads on the HF forward's feature (tolerances: ``_PROBE_TOL``)."""
