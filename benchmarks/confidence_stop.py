@@ -12,6 +12,10 @@ majority vote over the candidates that finished (the server's selection code), c
 candidate generated, stopped ones up to where they stopped) and the client's wall time per request; paired
 differences (online - full) with standard errors. Requests go one at a time (`--concurrency 1`) so wall times
 compare; the machine is shared and noisy, so both modes of a question run back to back.
+Part 2, where votes do not apply: the helpfulness prompts of `early_rejection.py` (N=8, 96 tokens, one request per
+prompt naming head `helpful`, `select: confidence`), judged as that report judges them: the `helpful` head's reward
+of each rule's pick from the same candidates: n=1, the head's own argmax (its judge: the ceiling here), and the argmax
+of every confidence score.
 Writes benchmarks/reports/confidence_stop.md (and .json). Usage:
     python benchmarks/confidence_stop.py [--questions 60] [--n 8] [--warmup 4] [--window 8] [--tasks sst2 mc]
 """
@@ -48,11 +52,13 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tasks", nargs="*", default=["sst2", "mc"])
+    ap.add_argument("--helpful", type=int, default=16, help="helpfulness prompts (part 2; 0 skips it)")
     args = ap.parse_args()
     report = ROOT / "benchmarks" / "reports" / "confidence_stop"
     qsets, qinfo = B.tasks(args.questions, args.tasks)
     log_path = ROOT / "runs" / "confidence_stop_server.log"
-    proc, url = _serve.start_server({"ARBITER_THREADS": str(args.threads), "ARBITER_LOG_LEVEL": "info",
+    proc, url = _serve.start_server({"ARBITER_HEADS_DIR": str(ROOT / "heads"), "ARBITER_THREADS": str(args.threads),
+                                     "ARBITER_LOG_LEVEL": "info",
                                      "ARBITER_MAX_CANDIDATES": "16", "ARBITER_REQUEST_TIMEOUT_S": "900"}, log_path)
     dtype_line = next((ln for ln in log_path.read_text().splitlines() if "backbone dtype" in ln), "")
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -87,7 +93,7 @@ def main() -> None:
                     maj = select(live, "majority_vote", answers).order[0]
                     row[mode] = {"pick": right[info["chosen"][0]], "majority": right[maj], "oracle": any(right),
                                  "tokens": out["usage"]["completion_tokens"], "wall_s": wall,
-                                 "stopped": (info.get("confidence") or {}).get("stopped", 0),
+                                 "stopped": (info.get("confidence") or {}).get("stopped") or 0,
                                  "threshold": (info.get("confidence") or {}).get("threshold")}
                 rows.append(row)
             res: dict[str, Any] = {"questions": len(rows)}
@@ -109,6 +115,8 @@ def main() -> None:
             res["rows"] = rows
             results[task] = res
             print(task, {m: res[m] for m in ("full", "online")}, flush=True)
+        if args.helpful:
+            results["helpful"] = helpful(url, model, args)
     finally:
         _serve.stop_server(proc)
     meta = {"command": "python " + " ".join(["benchmarks/confidence_stop.py", *sys.argv[1:]]), "commit": git_commit(),
@@ -118,6 +126,39 @@ def main() -> None:
     report.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     report.with_suffix(".md").write_text(markdown(meta, results) + "\n")
     print(markdown(meta, results))
+
+
+def helpful(url: str, model: str, args: Any) -> dict[str, Any]:
+    """Part 2 (module docstring): each rule's pick judged by the `helpful` head's reward, from the same candidates."""
+    from early_rejection import HELPFUL_MAX_TOKENS, HELPFUL_PROMPTS
+
+    from arbiter.confidence import SCORE_NAMES
+
+    picks: dict[str, list[float]] = {"n=1": [], "helpful head argmax": [], **{f"{s} argmax": [] for s in SCORE_NAMES}}
+    for i, prompt in enumerate(HELPFUL_PROMPTS[: args.helpful]):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": args.temperature,
+                "seed": 2000 + i, "max_tokens": HELPFUL_MAX_TOKENS,
+                "rerank": {"candidates": args.n, "heads": ["helpful"], "select": "confidence", "return_candidates": True}}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=900)
+        r.raise_for_status()
+        cands = r.json()["rerank"]["candidates"]
+        reward = [c["rewards"]["helpful"] for c in cands]
+        picks["n=1"].append(reward[0])
+        picks["helpful head argmax"].append(max(reward))
+        for sname in SCORE_NAMES:
+            best = max(range(len(cands)), key=lambda k: (cands[k]["confidence"][sname], -k))
+            picks[f"{sname} argmax"].append(reward[best])
+    out: dict[str, Any] = {"prompts": len(picks["n=1"]), "rows": {}}
+    base = picks["n=1"]
+    for name, v in picks.items():
+        m = sum(v) / len(v)
+        sd = (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+        d = [a - b for a, b in zip(v, base)]
+        dm = sum(d) / len(d)
+        dsd = (sum((x - dm) ** 2 for x in d) / max(len(d) - 1, 1)) ** 0.5
+        out["rows"][name] = {"mean": m, "se": sd / len(v) ** 0.5, "vs_n1": dm, "vs_n1_se": dsd / len(d) ** 0.5}
+    print("helpful", {k: round(r["mean"], 3) for k, r in out["rows"].items()}, flush=True)
+    return out
 
 
 def markdown(meta: dict, results: dict) -> str:
@@ -133,14 +174,15 @@ def markdown(meta: dict, results: dict) -> str:
              "differences paired per question (online - full).", "",
              "| task | questions | mode | pick (DeepConf vote) | majority vote | oracle | stopped / request | tokens / request | wall s / request |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for task, r in results.items():
+    tasks = {t: r for t, r in results.items() if t != "helpful"}
+    for task, r in tasks.items():
         for mode in ("full", "online"):
             m = r[mode]
             lines.append(f"| {task} | {r['questions']} | {mode} | {m['pick']:.3f} +- {m['pick_se']:.3f} | "
                          f"{m['majority']:.3f} +- {m['majority_se']:.3f} | {m['oracle']:.3f} | {m['stopped']:.2f} | "
                          f"{m['tokens']:.1f} | {m['wall_s']:.2f} |")
     lines += ["", "Paired differences, online - full:", ""]
-    for task, r in results.items():
+    for task, r in tasks.items():
         lines.append(f"- {task}: pick {r['pick_diff']['gain']:+.3f} +- {r['pick_diff']['se']:.3f}, majority "
                      f"{r['majority_diff']['gain']:+.3f} +- {r['majority_diff']['se']:.3f}; tokens "
                      f"{r['tokens_diff']['mean']:+.1f} +- {r['tokens_diff']['se']:.1f} per request "
@@ -149,6 +191,15 @@ def markdown(meta: dict, results: dict) -> str:
     lines += ["", "The online mode runs the warm-up and the rest as two batches one after the other, so on a server "
               "with spare batch rows its latency can exceed the one-batch full mode even when it generates fewer tokens; "
               "the tokens it does not generate are rows freed for other requests (throughput, not latency)."]
+    h = results.get("helpful")
+    if h:
+        lines += ["", f"## Where votes do not apply: {h['prompts']} helpfulness prompts", "",
+                  "The `helpful` head's reward of each rule's pick from the same N candidates (one request per prompt: "
+                  "`early_rejection.py`'s prompts, 96 tokens); the head's own argmax is the ceiling of this judge, "
+                  "not a fair competitor. Mean +- SE; difference against n=1 paired per prompt.", "",
+                  "| rule | mean helpful reward of the pick | vs n=1 |", "|---|---|---|"]
+        for name, r in h["rows"].items():
+            lines.append(f"| {name} | {r['mean']:+.3f} +- {r['se']:.3f} | {r['vs_n1']:+.3f} +- {r['vs_n1_se']:.3f} |")
     return "\n".join(lines)
 
 
