@@ -16,6 +16,9 @@ from pathlib import Path
 import jsonschema
 
 PATH = Path(__file__).resolve().parent / "data" / "openai" / "chat_schemas.json"
+# The Responses API's schemas (Response, CreateResponse, ResponseStreamEvent and every schema they reference), from
+# the same document
+RESPONSES_PATH = PATH.with_name("responses_schemas.json")
 
 
 def _nullable(node):
@@ -32,8 +35,10 @@ def _nullable(node):
 
 @lru_cache(maxsize=1)
 def components() -> dict:
-    doc = json.loads(PATH.read_text())
-    return {"schemas": {k: _nullable(v) for k, v in doc["components"]["schemas"].items()}}
+    schemas: dict = {}
+    for path in (PATH, RESPONSES_PATH):  # the chat (and legacy) schemas, then the Responses API's
+        schemas.update(json.loads(path.read_text())["components"]["schemas"])
+    return {"schemas": {k: _nullable(v) for k, v in schemas.items()}}
 
 
 @lru_cache(maxsize=None)

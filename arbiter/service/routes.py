@@ -42,6 +42,7 @@ from .protocol import (
     ScoreResponse,
     SwapHeadRequest,
 )
+from .responses import ResponsesRequest, create_response
 from .security import require_admin, require_api_key
 from .state import ServiceState
 
@@ -155,6 +156,13 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
                         **_errors(*_INFERENCE)})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamingResponse:
     return await serving.create_chat_completion(ready_state(request), body, request)
+
+
+@router.post("/v1/responses", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
+             responses={200: {"description": "A Response object; with stream=true, server-sent typed events",
+                              "content": {"text/event-stream": {}}}, **_errors(*_INFERENCE)})
+async def responses(body: ResponsesRequest, request: Request) -> Any:
+    return await create_response(ready_state(request), body, request)
 
 
 @router.post("/v1/completions", response_model=None, tags=["openai"], dependencies=[Depends(require_api_key)],
