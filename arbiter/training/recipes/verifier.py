@@ -516,7 +516,7 @@ def _provenance(cfg: VerifierConfig, data: RunData, feats: Features, trials: lis
                    "questions": {k: len(q) for k, q in data.qs_of.items()}},
         "layer": v.layer, "pooler": v.pooler, "loss": v.loss, "eps": v.eps, "lr": v.lr,
         "feature_dtype": data.backbone.dtype, "pairs": data.pair_stats, "answer_pairs": feats.answer.stats,
-        "labels": data.labels_stats, "level": best.row["level"],
+        "labels": data.labels_stats, "level": best.row["level"], "fallback": metrics.get("fallback"),
         "metrics": {k: x for k, x in metrics.items() if not isinstance(x, dict)},
         "test_best_of_n": metrics["test_best_of_n"], "sweep": [t.row for t in trials],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line(),
