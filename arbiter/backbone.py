@@ -8,6 +8,7 @@ from a model hub: ``HF_HUB_OFFLINE`` is set before transformers is imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 # The one chat encoding (re-exported: callers use arbiter.backbone.prompt_ids / answer_ids / encode_chat).
 from arbiter.chat import ChatTemplateError, answer_ids, encode_chat, prompt_ids, template_messages
@@ -443,6 +444,30 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) ->
     return out
 
 
+@contextlib.contextmanager
+def _feature_hooks(model: Any, layers: Sequence[int],
+                   cancelled: Callable[[], bool] | None) -> Iterator[dict[int, LayerCapture]]:
+    """The feature passes' hooks: a :class:`LayerCapture` per block layer asked for (the deepest stops the forward
+    when the final layer is not asked for) and, with ``cancelled``, a poll before every block that raises
+    :class:`Cancelled`; all removed on the way out."""
+    blocks = [l for l in layers if l != FINAL_LAYER]
+    deepest = max(blocks) if blocks else None
+    captures = {l: LayerCapture(model, l, stop=FINAL_LAYER not in layers and l == deepest) for l in blocks}
+    handles: list[Any] = []
+    if cancelled is not None:
+        def _poll(module: Any, args: Any) -> None:
+            if cancelled():
+                raise Cancelled("the feature pass was cancelled")
+        handles = [b.register_forward_pre_hook(_poll) for b in decoder_layers(model)]
+    try:
+        yield captures
+    finally:
+        for c in captures.values():
+            c.remove()
+        for h in handles:
+            h.remove()
+
+
 def batched_end_features(
     model: Any,
     sequences: Sequence[Sequence[int]],
@@ -483,17 +508,8 @@ def batched_end_features(
     out = {l: torch.empty(len(sequences), d, dtype=torch.float32) for l in want}  # layer -> [N, d]
     if not sequences:
         return out
-    hook_layers = [l for l in want if l != FINAL_LAYER]
     final = FINAL_LAYER in want
-    deepest = max(hook_layers) if hook_layers else None
-    captures = {l: LayerCapture(model, l, stop=not final and l == deepest) for l in hook_layers}
-    handles: list[Any] = []
-    if cancelled is not None:
-        def _poll(module: Any, args: Any) -> None:
-            if cancelled():
-                raise Cancelled("the feature pass was cancelled")
-        handles = [b.register_forward_pre_hook(_poll) for b in decoder_layers(model)]
-    try:
+    with _feature_hooks(model, want, cancelled) as captures:
         with torch.inference_mode():
             for idx in length_batches(lengths, batch_tokens, max_batch):
                 t = max(lengths[i] for i in idx)
@@ -516,11 +532,6 @@ def batched_end_features(
                     cap.output = None
                 if progress is not None:
                     progress(sum(lengths[i] for i in idx))
-    finally:
-        for c in captures.values():
-            c.remove()
-        for h in handles:
-            h.remove()
     return out
 
 
@@ -588,17 +599,8 @@ def shared_prefix_end_features(
                 continue
         batches.append([g])
         rows_in, s_in = len(rows), s_max
-    hook_layers = [l for l in want if l != FINAL_LAYER]
     final = FINAL_LAYER in want
-    deepest = max(hook_layers) if hook_layers else None
-    captures = {l: LayerCapture(model, l, stop=not final and l == deepest) for l in hook_layers}
-    handles: list[Any] = []
-    if cancelled is not None:
-        def _poll(module: Any, args: Any) -> None:
-            if cancelled():
-                raise Cancelled("the feature pass was cancelled")
-        handles = [b.register_forward_pre_hook(_poll) for b in decoder_layers(model)]
-    try:
+    with _feature_hooks(model, want, cancelled) as captures:
         with torch.inference_mode():
             for batch in batches:
                 pre = [groups[g][0] for g in batch]
@@ -642,11 +644,6 @@ def shared_prefix_end_features(
                 del cache
                 if progress is not None:
                     progress(sum(p_len) + sum(s_len))
-    finally:
-        for c in captures.values():
-            c.remove()
-        for h in handles:
-            h.remove()
     return out
 
 
