@@ -13,17 +13,14 @@ import openai
 import openai_spec
 import pytest
 
-from arbiter.service.app import create_app
-from arbiter.service.settings import Settings
-from arbiter.testing.fakes import FakeEngine, FakeTokenizer, ServerThread, linear_head, registry_with
+from arbiter.testing.fakes import FakeEngine, FakeTokenizer, linear_head, registry_with
+from arbiter.testing.served import served
 
 
 @pytest.fixture(scope="module")
 def srv():
     engine = FakeEngine()
-    app = create_app(Settings(), engine=engine, heads=registry_with(linear_head("A", [1, 0, 0, 0])),
-                     exit_on_engine_death=False)
-    with ServerThread(app) as s:
+    with served(engine, registry_with(linear_head("A", [1, 0, 0, 0]))) as s:
         s.engine = engine
         yield s
 
