@@ -308,9 +308,11 @@ def free_baselines(rows: list[dict]) -> int:
     under the server's selection code (``confidence.picks``). Returns how many candidates came back without one."""
     missing = 0
     for x in rows:
-        conf = [confidence.Confidence(**c) if c else None for c in x["confidences"]]
+        # a candidate with no answer tokens has no confidence: the API sends its scores as null (JSON has no -inf)
+        conf = [confidence.Confidence(**{k: float("-inf") if v is None else v for k, v in c.items()}) if c else None
+                for c in x["confidences"]]
         missing += sum(c is None for c in conf)
-        x["confidence"] = {name: [c.score(name) if c else None for c in conf] for name in confidence.SCORE_NAMES}
+        x["confidence"] = {name: [c.score(name) if c and c.tokens else None for c in conf] for name in confidence.SCORE_NAMES}
         for col, pick in confidence.picks(conf, x["answers"]).items():
             x[col] = x["right"][pick]
     return missing

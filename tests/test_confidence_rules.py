@@ -295,3 +295,17 @@ def test_the_recipe_falls_back_to_the_best_free_rule_on_dev(monkeypatch):
     rights[:] = [[True, False]] * 8  # argmax right everywhere; majority (a 1-1 tie to the better reward: a) too
     assert R._fallback(cfg, data, "argmax", rewards, None, None)["free_rule"] == "majority_vote"
     assert R._fallback(R.VerifierConfig(fallback=False), data, "argmax", rewards, None, None) is None
+
+
+def test_an_empty_answer_has_no_confidence_and_is_never_the_most_confident():
+    """A candidate that closes at once has no answer tokens: its scores are null in the API (JSON has no -inf) and
+    the confidence argmax never picks it."""
+    from arbiter.testing.served import served
+
+    engine = FakeEngine([Scripted("", (0.0, 0, 0, 0)), Scripted("positive", (0.0, 0, 0, 0))],
+                        token_confidence={"positive": [0.1] * 8})
+    with served(engine, registry_with()) as s:
+        info = _post(s, {"select": "confidence", "candidates": 2}).json()["rerank"]
+    empty = info["candidates"][0]["confidence"]
+    assert empty["tokens"] == 0 and all(empty[k] is None for k in empty if k != "tokens")
+    assert info["chosen"] == [1]

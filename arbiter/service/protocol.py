@@ -540,9 +540,10 @@ class RerankCandidate(_Response):
     partial_rewards: list[PartialReward] | None = Field(
         None, description="Pruning: the picking head's reward of this candidate's prefix at each checkpoint it reached")
     pruned_at: int | None = Field(None, description="Pruning: the checkpoint (tokens) that dropped this candidate")
-    confidence: dict[str, float | int] | None = Field(
+    confidence: dict[str, float | int | None] | None = Field(
         None, description="The model's own confidence in the answer tokens: mean_logprob, deepconf, self_certainty, "
-                          "lowest_group, bottom10_group, tail (higher = more confident), tokens")
+                          "lowest_group, bottom10_group, tail (higher = more confident; null for an answer of no "
+                          "tokens), tokens")
     logprobs: "ChoiceLogprobs | None" = Field(None, description="The candidate's token log-probs, when `logprobs` is asked")
 
     _omit_if_none = ("partial_rewards", "pruned_at", "confidence", "logprobs")

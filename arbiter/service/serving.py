@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -792,11 +793,18 @@ def _choices(st: ServiceState, plan: ChatPlan, outcome: GenerateOutcome) -> tupl
                             partial_rewards=None if c.partial_rewards is None else
                             [PartialReward(tokens=t, reward=r) for t, r in c.partial_rewards],
                             pruned_at=c.pruned_at,
-                            confidence=c.confidence.as_dict() if c.confidence is not None else None,
+                            confidence=_confidence_dict(c.confidence),
                             logprobs=token_text.logprobs(c.logprobs) if c.logprobs is not None else None)
             for i, c in enumerate(cands)
         ]
     return [cands[i] for i in chosen], info
+
+
+def _confidence_dict(conf: Any) -> dict[str, float | int | None] | None:
+    """A candidate's confidence as the API returns it: a score that is not a number (an answer of no tokens) is null."""
+    if conf is None:
+        return None
+    return {k: v if isinstance(v, int) or math.isfinite(v) else None for k, v in conf.as_dict().items()}
 
 
 def _prune_info(cands: Sequence[Candidate], prune: PruneSpec) -> PruneInfo:
