@@ -427,6 +427,12 @@ class Worker:
                 if it.cancelled():
                     self._resolve(it, exc=asyncio.CancelledError())
                     continue
+                if it.kind != "generate" and it.adapter == adapter:
+                    # A score pass (verify's canonical answers, /v1/score, echoed prompt log-probs) is a few small
+                    # forwards: served here, between two decode steps, instead of waiting for the running batch
+                    # to drain (which under continuous batching may be long): verify then costs its compute.
+                    self._run_inline(it)
+                    continue
                 if it.kind != "generate" or it.adapter != adapter or not self._fits(rows, span, it):
                     self._pending.appendleft(it)  # first in line once the batch has room / for the next batch
                     break
@@ -455,6 +461,18 @@ class Worker:
             self._resolve(it, exc=e)
             return
         self._resolve(it, GenerateOutcome(res, rewards, started - it.enqueued, time.monotonic() - started))
+
+    def _run_inline(self, it: _Item) -> None:
+        """One score or prompt-log-prob request between decode steps; its failure is its own (never the batch's)."""
+        try:
+            if it.kind == "prompt_logprobs":
+                self._run_prompt_logprobs([it])
+            else:
+                self._run_score([it])
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            self._resolve(it, exc=e)
 
     def _run_prompt_logprobs(self, items: list[_Item]) -> None:
         for it in items:  # one forward per prompt; a failure fails its own request only
