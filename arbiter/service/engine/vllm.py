@@ -587,17 +587,17 @@ class VLLMEngine(Engine):
             new = self._logprobs(c, job.params.logprobs) if lps is not None else None
             if new and lps is not None:
                 lps.extend(new)
+            if job.on_delta is not None and (c.text or new):
+                for r in range(replicas):
+                    job.on_delta(index + r, c.text, new)
+            if c.finish_reason is not None:
+                finish, stop_reason = c.finish_reason, c.stop_reason
             if trace is not None and not stopped and self._trace(trace, c, job):
                 stopped = True  # DeepConf's online stop: abort it in vLLM; it ends as a pruned candidate
                 await self.llm.abort(rid)
         if stopped:
             assert trace is not None
             return Candidate(ids, text, "pruned", None, lps, pruned_at=len(ids), confidence=trace.summary())
-            if job.on_delta is not None and (c.text or new):
-                for r in range(replicas):
-                    job.on_delta(index + r, c.text, new)
-            if c.finish_reason is not None:
-                finish, stop_reason = c.finish_reason, c.stop_reason
         if finish == "error":
             raise RuntimeError(f"vLLM reported an error for request {rid}")
         if finish == "abort" or (finish is None and job.cancelled.is_set()):
