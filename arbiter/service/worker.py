@@ -462,27 +462,25 @@ class Worker:
             return
         self._resolve(it, GenerateOutcome(res, rewards, started - it.enqueued, time.monotonic() - started))
 
-    def _run_inline(self, it: _Item) -> None:
-        """One score or prompt-log-prob request between decode steps; its failure is its own (never the batch's)."""
+    def _alone(self, it: _Item, run: Callable[[], None]) -> None:
+        """Run one request's work; its failure fails that request only (a lost device still stops the worker)."""
         try:
-            if it.kind == "prompt_logprobs":
-                self._run_prompt_logprobs([it])
-            else:
-                self._run_score([it])
+            run()
         except Exception as e:
             if is_fatal(e):
                 raise
             self._resolve(it, exc=e)
 
+    def _run_inline(self, it: _Item) -> None:
+        """One score or prompt-log-prob request between decode steps; its failure is its own (never the batch's)."""
+        self._alone(it, lambda: (self._run_prompt_logprobs if it.kind == "prompt_logprobs" else self._run_score)([it]))
+
     def _run_prompt_logprobs(self, items: list[_Item]) -> None:
         for it in items:  # one forward per prompt; a failure fails its own request only
             assert it.score_args is not None
-            try:
-                self._resolve(it, self.engine.prompt_logprobs(it.score_args[0], it.top_k, adapter=it.adapter))
-            except Exception as e:
-                if is_fatal(e):
-                    raise
-                self._resolve(it, exc=e)
+            ids = it.score_args[0]
+            self._alone(it, lambda it=it, ids=ids: self._resolve(  # type: ignore[misc]
+                it, self.engine.prompt_logprobs(ids, it.top_k, adapter=it.adapter)))
 
     def _run_score(self, items: list[_Item]) -> None:
         # All score requests of the batch go through one engine pass (Engine.score: the feature pass and the
