@@ -89,7 +89,8 @@ def test_streamed_events_conform_and_carry_the_text(srv, rerank):
 
 @pytest.mark.parametrize("extra, param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "json_object"}}}, "text.format"),  # the fake engine does not constrain decoding
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "strin"}}}}, "text.format.schema"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x.invalid/a.png"}]}]},
      "input.0.content.0"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0"),

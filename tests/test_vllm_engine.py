@@ -398,3 +398,33 @@ def test_a_head_on_block_12_keeps_the_hf_copy_and_costs_its_memory(server, backb
         two, one = process_rss(srv.proc.pid), process_rss(server.proc.pid)
     weights = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
     assert two - one > 0.6 * weights, (two, one, weights)
+
+
+def test_structured_outputs_through_vllm_validate(client, mid):
+    """response_format json_schema on the vLLM engine (vLLM's structured outputs, guidance backend: the grammar the
+    HF engine builds, arbiter/structured.py): every finished candidate of a reranked request validates under the
+    ``jsonschema`` package, and the `openai` client's ``parse`` helper reads its pydantic model back."""
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    schema = {"type": "object", "properties": {"tip": {"type": "string", "maxLength": 80},
+                                               "minutes": {"type": "integer"}},
+              "required": ["tip", "minutes"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=mid, messages=PROMPT, max_tokens=80, seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "tip", "schema": schema, "strict": True}},
+        extra_body={"rerank": {"candidates": 4, "heads": ["final"], "return_candidates": True}})
+    cands = r.model_extra["rerank"]["candidates"]
+    assert len(cands) == 4 and any(c["finish_reason"] == "stop" for c in cands)
+    for c in cands:
+        if c["finish_reason"] == "stop":
+            answer = json.loads(c["text"])
+            jsonschema.validate(answer, schema)
+            assert list(answer) == ["tip", "minutes"]
+
+    class Tip(BaseModel):
+        tip: str = Field(max_length=60)
+        minutes: int
+
+    got = client.chat.completions.parse(model=mid, messages=PROMPT, response_format=Tip, max_tokens=120, seed=2)
+    assert isinstance(got.choices[0].message.parsed, Tip)  # a cut answer would raise LengthFinishReasonError

@@ -19,6 +19,7 @@ from arbiter.heads import BackboneFingerprint
 
 if TYPE_CHECKING:
     from arbiter.generation.adapters import AdapterSet
+    from arbiter.structured import StructuredOutput
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class SamplingParams:
     # None: no log-probs. k >= 0: each generated token's log-prob and the k most likely alternatives,
     # under the adjusted logits (bias and penalties applied, before temperature and top-p).
     logprobs: int | None = None
+    # OpenAI's response_format json_object / json_schema: every candidate constrained to it (engines with
+    # ``structured``; arbiter.structured). None: free text.
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ class Engine(Protocol):
     adapters: AdapterSet | None  # switchable LoRA adapters (ARBITER_ADAPTERS, HF engine); None: none supported
     continuous: bool = False  # generate() takes admit / deliver: queued jobs join the running batch
     prunes: bool = False  # honours GenerationJob.prune (partial rewards from the decode loop: the HF engine)
+    structured: bool = False  # honours SamplingParams.structured (constrained decoding: the HF and vLLM engines)
     dtype: str | None = None  # the dtype the model runs in ("float32", "bfloat16", ...); None: not known
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:

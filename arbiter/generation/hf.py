@@ -74,6 +74,7 @@ class _Row:
     partials: list[tuple[int, float]] = field(default_factory=list)  # (tokens, the picking head's prefix reward)
     pruned_at: int | None = None
     trace: Trace | None = None  # GenerationJob.confidence: the answer tokens' confidences so far
+    matcher: Any = None  # SamplingParams.structured: this candidate's llguidance matcher (arbiter.structured)
 
 
 
@@ -178,7 +179,8 @@ class _Batch:
             for i in range(job.n):
                 g = torch.Generator(device=dev).manual_seed(candidate_seed(base_seed, job.first_index + i))
                 rows.append(_Row(j, i, g, sp, bool(job.feature_layers), job.on_delta is not None,
-                                 trace=Trace(job.confidence.window) if job.confidence is not None else None))
+                                 trace=Trace(job.confidence.window) if job.confidence is not None else None,
+                                 matcher=e.constrainer.matcher(sp.structured) if sp.structured is not None else None))
                 src.append(p)
         sel = torch.tensor(src, device=dev)
         cache.batch_select_indices(sel)
@@ -222,6 +224,8 @@ class _Batch:
                 e._emit(r, job, final=True)
                 continue
             r.tokens.append(t)
+            if r.matcher is not None:
+                r.matcher.consume_token(t)  # the mask allowed it: the matcher moves on (never into an error)
             if lp is not None:
                 r.lps.append(lp)
             if r.trace is not None:
@@ -386,6 +390,7 @@ class _Batch:
 class HFEngine(Engine):
     continuous = True  # generate() takes admit / deliver: requests join the running decode batch
     prunes = True  # GenerationJob.prune: partial rewards from the state the decode loop holds (_Batch._prune)
+    structured = True  # SamplingParams.structured: each row's logits masked by its grammar (_sample)
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
@@ -407,6 +412,16 @@ class HFEngine(Engine):
         from arbiter.generation.adapters import AdapterSet
 
         self.adapters = AdapterSet(self.model)  # switchable LoRA adapters (ARBITER_ADAPTERS), one per batch
+        self._constrainer: Any = None
+
+    @property
+    def constrainer(self) -> Any:
+        """Structured outputs' matchers over this engine's tokenizer (arbiter.structured), built on first use."""
+        if self._constrainer is None:
+            from arbiter.structured import Constrainer
+
+            self._constrainer = Constrainer(self.tokenizer, self.vocab_size, self.end_id)
+        return self._constrainer
 
     def kv_bytes_per_token(self) -> int:
         """Keys + values of every layer for one position: 2 x layers x KV heads x head dim x element size."""
@@ -439,6 +454,11 @@ class HFEngine(Engine):
         logits = logits.float()  # [R, V]
         if any(r.params.logit_bias or r.params.frequency_penalty or r.params.presence_penalty for r in rows):
             logits = self._adjust(logits.clone(), rows)  # a copy only when some row adjusts its logits
+        constrained = [k for k, r in enumerate(rows) if r.matcher is not None]
+        if constrained:  # structured outputs: only the tokens each row's grammar allows next (arbiter.structured)
+            idx = torch.tensor(constrained, device=logits.device)
+            allowed = self.constrainer.allowed([rows[k].matcher for k in constrained]).to(logits.device)
+            logits = logits.index_put((idx,), logits[idx].masked_fill(~allowed, float("-inf")))
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)  # [R, V]
         top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
@@ -26,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from arbiter.confidence import ScoreName
 from arbiter.generation.base import SamplingParams, checkpoints_valid
 from arbiter.heads.config import NAME_PATTERN, PolicyName
+from arbiter.structured import FormatError, StructuredOutput
 
 REFUSAL = "arbiter_refusal"  # the pydantic error type of a cross-field rule; app.py answers it with its param and code
 
@@ -316,6 +318,7 @@ class ChatCompletionRequest(BaseModel):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     rerank: RerankOptions | None = None
+    _structured: StructuredOutput | None = PrivateAttr(default=None)  # response_format, compiled once
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before")
     @classmethod
@@ -344,9 +347,10 @@ class ChatCompletionRequest(BaseModel):
     def _cross_field_rules(self) -> ChatCompletionRequest:
         """The rules between fields that hold whatever the settings. Output options that change what the answer
         must be are honoured or refused by name, never silently ignored."""
-        rf = self.response_format
-        if rf is not None and rf.get("type", "text") != "text":
-            raise _unsupported("response_format", f"type {str(rf.get('type'))[:40]!r} (only 'text')")
+        try:  # json_object / json_schema: constrained decoding (arbiter.structured); a bad schema is a 400 here
+            self._structured = StructuredOutput.of(self.response_format)
+        except FormatError as e:
+            raise refusal(e.param, str(e)) from None
         tc = self.tool_choice
         if tc is not None and not (isinstance(tc, str) and tc in ("none", "auto")):
             shown = repr(tc[:40]) if isinstance(tc, str) else f"a {str(tc.get('type', 'named'))[:40]!r} choice"
@@ -401,7 +405,13 @@ class ChatCompletionRequest(BaseModel):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               stop=tuple(self.stop or ()), seed=self.seed, logit_bias=logit_bias,
                               frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-                              logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+                              logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                              structured=self._structured)
+
+    @property
+    def structured(self) -> StructuredOutput | None:
+        """The output format ``response_format`` asks for (None: free text)."""
+        return self._structured
 
     def extra_fields(self) -> list[str]:
         """Fields accepted but not acted on: unknown ones, and declared no-ops that were sent (tools, user)."""

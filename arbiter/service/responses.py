@@ -15,6 +15,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from arbiter.structured import FormatError, StructuredOutput
+
+from .errors import InvalidRequest
 from .protocol import ANSWER_CHANGING_EXTRAS, ChatCompletionRequest, RerankOptions, _unsupported, refusal
 from .state import ServiceState
 
@@ -56,9 +59,10 @@ class ResponsesRequest(BaseModel):
                                                   "`input` message items instead of previous_response_id")
         if self.conversation is not None:
             raise refusal("conversation", "this server stores no conversations: send the messages as `input`")
-        fmt = (self.text or {}).get("format") or {"type": "text"}
-        if fmt.get("type") != "text":
-            raise _unsupported("text.format", f"type {str(fmt.get('type'))[:40]!r} (only 'text')")
+        try:  # json_object / json_schema: constrained decoding, as response_format on chat (arbiter.structured)
+            StructuredOutput.of(self.format, param="text.format")
+        except FormatError as e:
+            raise refusal(e.param, str(e)) from None
         tc = self.tool_choice
         if tc is not None and not (isinstance(tc, str) and tc in ("none", "auto")):
             raise _unsupported("tool_choice", "forcing a tool call (this model never emits tool calls)")
@@ -70,6 +74,20 @@ class ResponsesRequest(BaseModel):
         if not self.messages() or all(m["role"] == "system" for m in self.messages()):
             raise refusal("input", "input must hold at least one message")
         return self
+
+    @property
+    def format(self) -> dict[str, Any]:
+        """``text.format`` (default ``{"type": "text"}``)."""
+        fmt = (self.text or {}).get("format")
+        return fmt if isinstance(fmt, dict) else {"type": "text"}
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` in chat completions' ``response_format`` shape (the schema nested under json_schema)."""
+        fmt = self.format
+        if fmt.get("type") != "json_schema":
+            return None if fmt.get("type") == "text" else {"type": fmt["type"]}
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict", "description")
+                                                       if k in fmt}}
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as chat messages: ``instructions`` first (a system message), then the input."""
@@ -99,7 +117,7 @@ class ResponsesRequest(BaseModel):
 def _chat_body(body: ResponsesRequest, stream: bool) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({
         "model": body.model, "messages": body.messages(), "temperature": body.temperature, "top_p": body.top_p,
-        "max_completion_tokens": body.max_output_tokens, "stream": stream,
+        "max_completion_tokens": body.max_output_tokens, "stream": stream, "response_format": body.response_format(),
         **({"stream_options": {"include_usage": True}} if stream else {}),
         **({"rerank": body.rerank.model_dump(exclude_none=True)} if body.rerank is not None else {})})
 
@@ -119,7 +137,7 @@ def _response(body: ResponsesRequest, rid: str, created: int, model: str, text: 
                                                       "logprobs": []}]}] if done else [],
         "parallel_tool_calls": True, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
         "service_tier": "default", "store": False, "temperature": body.temperature, "top_p": body.top_p,
-        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "truncation": "disabled",
+        "text": {"format": body.format}, "tool_choice": "auto", "tools": [], "truncation": "disabled",
         "metadata": (body.model_extra or {}).get("metadata") or {},
         "usage": None if usage is None else {
             "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
@@ -138,6 +156,10 @@ async def create_response(st: ServiceState, body: ResponsesRequest, request: Req
 
     rid = f"resp_{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    if body.format.get("type", "text") != "text" and not st.require_engine().structured:
+        raise InvalidRequest(f"text.format {body.format['type']} needs constrained decoding, which the "
+                             f"{type(st.engine).__name__} does not do (the HF and vLLM engines do)",
+                             param="text.format", code="unsupported_parameter")
     chat = _chat_body(body, body.stream)
     got = await serving.create_chat_completion(st, chat, request)
     if not body.stream:

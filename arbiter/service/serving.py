@@ -354,6 +354,10 @@ async def plan_chat(st: ServiceState, body: ChatCompletionRequest, request: Requ
         ids = await asyncio.to_thread(_encode_continuation, st, messages, max_tokens + 1)
     else:
         ids = await asyncio.to_thread(_encode_prompt, st, messages, max_tokens + 1)
+    if body.structured is not None and not st.require_engine().structured:
+        raise InvalidRequest(f"response_format {body.structured.kind} needs constrained decoding, which the "
+                             f"{type(st.engine).__name__} does not do (the HF and vLLM engines do)",
+                             param="response_format", code="unsupported_parameter")
     params = body.to_sampling_params(max_tokens=max_tokens, logit_bias=_logit_bias(st, body.logit_bias))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     log_fields: dict[str, Any] = {"id": rid, "n": body.n, "candidates": n_sample, "prompt_tokens": len(ids),

@@ -51,6 +51,7 @@ from arbiter.generation.base import (
     GenerationJob,
     GenerationResult,
     JobError,
+    SamplingParams,
     TokenLogprob,
     candidate_seed,
 )
@@ -141,8 +142,9 @@ class VLLMEngine(Engine):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="arbiter-vllm-loop", daemon=True)
         self._thread.start()
+        # Structured outputs through llguidance (vLLM's guidance backend), the HF engine's grammar library too.
         kw: dict[str, Any] = dict(model=str(backbone.path), dtype=self.dtype, max_model_len=self.context_length + 1,
-                                  enable_prefix_caching=True, seed=0)
+                                  enable_prefix_caching=True, seed=0, structured_outputs_config={"backend": "guidance"})
         if self.columns is not None:
             kw.update(hf_overrides={"architectures": [reward_arch]},
                       worker_extension_cls="arbiter.service.engine.vllm_model.ArbiterWorkerExtension")
@@ -388,6 +390,7 @@ class VLLMEngine(Engine):
         return None if self.hf is not None else frozenset({FINAL})
 
     continuous = True  # generate() takes admit / deliver (the worker's continuous batching)
+    structured = True  # SamplingParams.structured: vLLM's structured outputs, guidance backend (_structured)
 
     def generate(self, jobs: Sequence[GenerationJob], *, admit: Admit | None = None,
                  deliver: Deliver | None = None) -> list[GenerationResult | BaseException]:
@@ -483,6 +486,18 @@ class VLLMEngine(Engine):
         return out
 
     # -- sampling ------------------------------------------------------------------------------------
+    @staticmethod
+    def _structured(sp: SamplingParams) -> Any:
+        """SamplingParams.structured as vLLM's structured outputs (served by its guidance backend, the grammar
+        library of the HF engine: arbiter.structured)."""
+        if sp.structured is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if sp.structured.schema is None:
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=sp.structured.schema_dict)
+
     def _params(self, job: GenerationJob, seed: int) -> Any:
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
@@ -497,7 +512,7 @@ class VLLMEngine(Engine):
                        logprobs=max(sp.logprobs or 0, DEEPCONF_K) if job.confidence is not None else sp.logprobs,
                        logit_bias=dict(sp.logit_bias) or None, frequency_penalty=sp.frequency_penalty,
                        presence_penalty=sp.presence_penalty, output_kind=RequestOutputKind.DELTA,
-                       skip_special_tokens=True)
+                       skip_special_tokens=True, structured_outputs=self._structured(sp))
         except Exception as e:  # vLLM's own validation: this request's fault, not the batch's
             raise JobError(f"vLLM refused the sampling parameters: {e}") from e
 
