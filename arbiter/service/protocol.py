@@ -492,6 +492,38 @@ class ScoreRequest(BaseModel):
     heads: list[str] | None = Field(None, min_length=1)
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's): a raw ``prompt`` (the tokenizer's own special tokens added unless
+    ``add_special_tokens`` is false) or ``messages`` (the chat encoding the chat route uses, ending with the assistant
+    header unless ``add_generation_prompt`` is false or ``continue_final_message`` continues the last message)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM's defaults)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise refusal("prompt", "send exactly one of prompt and messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise refusal("continue_final_message", "continue_final_message cannot be combined with "
+                                                    "add_generation_prompt=true (send false)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's): token ids back to text."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 class LoadHeadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=512, description="Directory relative to ARBITER_HEADS_DIR")
@@ -762,6 +794,17 @@ class ChatCompletionChunk(_Response):
     rerank: RerankInfo | None = None
 
     _omit_if_none = ("rerank",)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ScoreItem(BaseModel):

@@ -27,6 +27,8 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HeadCard,
     HeadDeleted,
@@ -41,6 +43,8 @@ from .protocol import (
     ScoreRequest,
     ScoreResponse,
     SwapHeadRequest,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from .responses import ResponsesRequest, create_response
 from .security import require_admin, require_api_key
@@ -175,6 +179,28 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
              responses={**_ok(ScoreResponse), **_errors(*_INFERENCE)})
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     return await serving.score_candidates(ready_state(request), body, request)
+
+
+# --- vLLM's tokenizer endpoints (eval harnesses: lm-eval's remote tokenizer) -----------------------------------
+
+
+@router.post("/tokenize", response_model=None, tags=["vllm"], dependencies=[Depends(require_api_key)],
+             responses={**_ok(TokenizeResponse), **_errors(400, 401, 404, 503)})
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    return await serving.tokenize(ready_state(request), body)
+
+
+@router.post("/detokenize", response_model=None, tags=["vllm"], dependencies=[Depends(require_api_key)],
+             responses={**_ok(DetokenizeResponse), **_errors(400, 401, 404, 503)})
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await serving.detokenize(ready_state(request), body)
+
+
+@router.get("/tokenizer_info", response_model=None, tags=["vllm"], dependencies=[Depends(require_api_key)],
+            responses={200: {"description": "The tokenizer's class, special tokens, context length and chat template"},
+                       **_errors(401, 503)})
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    return serving.tokenizer_info(ready_state(request))
 
 
 # --- heads ----------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     ConfidenceInfo,
+    DetokenizeRequest,
+    DetokenizeResponse,
     PartialReward,
     PruneCheckpoint,
     PruneInfo,
@@ -60,6 +62,8 @@ from .protocol import (
     ScoreRequest,
     ScoreResponse,
     ScoreUsage,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     VerifyInfo,
 )
@@ -1078,3 +1082,63 @@ async def score_candidates(st: ServiceState, body: ScoreRequest, request: Reques
         model=_served_id(st, body.model), heads=names,
         data=[ScoreItem(index=i, rewards={n: float(rewards[i, k]) for k, n in enumerate(names)}) for i in range(len(answers))],
         best=best, usage=ScoreUsage(prompt_tokens=total, total_tokens=total))
+
+
+# --- vLLM's tokenizer endpoints (/tokenize, /detokenize, /tokenizer_info) ------------------------------------------
+
+
+async def tokenize(st: ServiceState, body: TokenizeRequest) -> TokenizeResponse:
+    """vLLM's ``POST /tokenize``: what eval harnesses (lm-eval's remote tokenizer) use to count and split tokens
+    exactly as this server does. A prompt: the tokenizer's own encoding (special tokens added by default, as the
+    completions route adds them); messages: the chat route's encoding (``arbiter.chat``)."""
+    eng = st.require_engine()
+    if body.model is not None:
+        _check_model(st, body.model)
+
+    def run() -> list[int]:
+        if body.prompt is not None:
+            add = True if body.add_special_tokens is None else body.add_special_tokens
+            return list(eng.tokenizer(body.prompt, add_special_tokens=add)["input_ids"])
+        assert body.messages is not None
+        messages = _messages(st, body.messages)
+        if body.continue_final_message:
+            if messages[-1]["role"] != "assistant":
+                raise InvalidRequest("continue_final_message needs the last message to be the assistant's",
+                                     param="continue_final_message")
+            return _encode_continuation(st, messages, 0)
+        if not body.add_generation_prompt:
+            from arbiter.chat import prompt_ids
+
+            return prompt_ids(eng.tokenizer, messages, add_generation_prompt=False)
+        return _encode_prompt(st, messages, 0)
+
+    ids = await asyncio.to_thread(run)
+    strs = [str(t) for t in eng.tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=eng.context_length, tokens=ids, token_strs=strs)
+
+
+async def detokenize(st: ServiceState, body: DetokenizeRequest) -> DetokenizeResponse:
+    """vLLM's ``POST /detokenize``: token ids to text (special tokens kept, as vLLM decodes them)."""
+    eng = st.require_engine()
+    if body.model is not None:
+        _check_model(st, body.model)
+    bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < st.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"tokens.{bad}: {body.tokens[bad]} is outside this model's vocabulary [0, {st.vocab_size})",
+                             param=f"tokens.{bad}")
+    text = await asyncio.to_thread(eng.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=str(text))
+
+
+def tokenizer_info(st: ServiceState) -> dict[str, Any]:
+    """vLLM's ``GET /tokenizer_info``: the tokenizer's class, special tokens, context length and chat template
+    (lm-eval's remote tokenizer reads ``eos_token`` and the template from it)."""
+    tok = st.require_engine().tokenizer
+
+    def text(v: Any) -> str | None:
+        return None if v is None else str(getattr(v, "content", v))
+
+    return {"tokenizer_class": type(tok).__name__, "eos_token": text(getattr(tok, "eos_token", None)),
+            "bos_token": text(getattr(tok, "bos_token", None)), "pad_token": text(getattr(tok, "pad_token", None)),
+            "unk_token": text(getattr(tok, "unk_token", None)), "chat_template": getattr(tok, "chat_template", None),
+            "model_max_length": st.require_engine().context_length, "model": st.model_id}
