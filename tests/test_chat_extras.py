@@ -65,3 +65,17 @@ def test_neutral_values_of_those_extras_and_a_literal_extra_body_are_harmless(sr
     r = _post(srv, messages=CONVO[:1], top_k=-1, repetition_penalty=1.0, min_p=0.0, skip_special_tokens=True,
               ignore_eos=False, extra_body={}, priority=0)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_include_stop_str_in_output_keeps_the_stop_string(srv, route):
+    """vLLM's include_stop_str_in_output (its_hub's step search sends it): the scripted "alpha" stopped at "ph" is
+    "al" without it and "alph" with it; the earliest stop string wins, the longest of those starting there."""
+    body = {"model": "fake-backbone", "max_tokens": 8, "stop": ["ph", "p", "a!"],
+            **({"messages": CONVO[:1]} if "chat" in route else {"prompt": "Name a colour."})}
+    def text(r):
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return c["message"]["content"] if "chat" in route else c["text"]
+    assert text(httpx.post(srv.url + route, json=body, timeout=20)) == "al"
+    assert text(httpx.post(srv.url + route, json={**body, "include_stop_str_in_output": True}, timeout=20)) == "alph"

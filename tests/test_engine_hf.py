@@ -9,6 +9,8 @@ final norm and on block 12) is shared by most tests to keep the file fast on two
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,19 @@ def test_stop_string_cut_features_equal_forward_over_the_truncated_text(engine, 
                                 f"stop-string candidate {c.text!r} layer {layer}")
         # Streaming never leaks the stop string: the deltas add up to the final text exactly.
         assert "".join(deltas[3].get(i, [])) == c.text
+
+
+def test_include_stop_keeps_the_stop_string_and_its_features_read_it(engine, mixed):
+    """vLLM's include_stop_str_in_output: the same seeded candidates as the stop-string job above, each ending with
+    the "e" that stopped it, and the feature read over that kept text (a standalone forward)."""
+    jobs, results, _ = mixed
+    job = jobs[3]
+    kept = engine.generate([GenerationJob(job.prompt_ids, 2, replace(job.params, include_stop=True),
+                                          feature_layers=(-1,))])[0]
+    for c, plain in zip(kept.candidates, results[3].candidates):
+        assert c.finish_reason == "stop" and c.text == plain.text + "e"
+        answer = engine.tokenizer(c.text, add_special_tokens=False)["input_ids"]
+        assert_same_feature(c.features[-1], standalone(engine, job.prompt_ids, answer, -1), f"kept {c.text!r}")
 
 
 def test_engine_features_pass_equals_standalone_forward(engine, mixed):

@@ -149,6 +149,11 @@ def test_stop_string_cuts_the_text(client, mid):
     c = r.choices[0]
     assert "e" not in c.message.content
     assert c.finish_reason == "stop" or len(c.message.content) > 0
+    # vLLM's include_stop_str_in_output keeps the stop string: the same sample, "e" and all
+    kept = client.chat.completions.create(model=mid, messages=PROMPT, max_tokens=32, seed=3, stop=["e"],
+                                          extra_body={"include_stop_str_in_output": True}).choices[0]
+    if c.finish_reason == "stop":
+        assert kept.message.content == c.message.content + "e"
 
 
 def test_rerank_rewards_from_vllm_equal_the_standalone_hf_forward(client, mid, backbone, heads_dir):

@@ -41,6 +41,8 @@ class SamplingParams:
     # OpenAI's response_format json_object / json_schema: every candidate constrained to it (engines with
     # ``structured``; arbiter.structured). None: free text.
     structured: StructuredOutput | None = None
+    # vLLM's include_stop_str_in_output: the stop string that ends a candidate stays at the end of its text.
+    include_stop: bool = False
 
 
 @dataclass(frozen=True)

@@ -493,10 +493,11 @@ class HFEngine(Engine):
         """Cut the text at the first stop string; True when one was found."""
         if not r.params.stop:
             return False
-        hits = [i for i in (r.text.find(s) for s in r.params.stop) if i >= 0]
+        hits = [(i, -len(s)) for i, s in ((r.text.find(s), s) for s in r.params.stop) if i >= 0]
         if not hits:
             return False
-        r.text = r.text[: min(hits)]
+        at, neg_len = min(hits)  # the earliest stop string (the longest of those starting there)
+        r.text = r.text[: at - neg_len if r.params.include_stop else at]
         if r.lps or r.trace is not None:
             # Keep the log-probs and confidences of the tokens that make up the kept text (the first k whose decoded
             # text covers it), not of the tokens past the stop string.

@@ -272,7 +272,7 @@ ANSWER_CHANGING_EXTRAS: dict[str, tuple[Any, ...]] = {
     "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0),
     "length_penalty": (None, 1, 1.0), "use_beam_search": (None, False), "ignore_eos": (None, False),
     "stop_token_ids": (None, []), "bad_words": (None, []), "allowed_token_ids": (None,),
-    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True), "echo": (None, False), "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "guided_decoding_backend": (None,), "structured_outputs": (None,),
@@ -317,6 +317,7 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's chat extras with vLLM's meaning: continue the last (assistant) message instead of starting a new turn
     continue_final_message: bool = False
     add_generation_prompt: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended an answer stays in its text
     rerank: RerankOptions | None = None
     _structured: StructuredOutput | None = PrivateAttr(default=None)  # response_format, compiled once
 
@@ -406,7 +407,7 @@ class ChatCompletionRequest(BaseModel):
                               stop=tuple(self.stop or ()), seed=self.seed, logit_bias=logit_bias,
                               frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                               logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-                              structured=self._structured)
+                              structured=self._structured, include_stop=self.include_stop_str_in_output)
 
     @property
     def structured(self) -> StructuredOutput | None:
@@ -437,6 +438,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token in the legacy logprobs object")
     echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs when asked)")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: the stop string that ended a completion stays in it")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None

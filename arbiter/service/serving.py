@@ -993,7 +993,7 @@ async def create_completion(st: ServiceState, body: CompletionRequest, request: 
     params = SamplingParams(max_tokens=max(body.max_tokens, 1), temperature=body.temperature, top_p=body.top_p,
                             stop=tuple(body.stop or ()), seed=body.seed, logit_bias=_logit_bias(st, body.logit_bias),
                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                            logprobs=body.logprobs)
+                            logprobs=body.logprobs, include_stop=body.include_stop_str_in_output)
     picking = n_sample > body.n
     worker = st.require_worker()
     choices: list[CompletionChoice] = []

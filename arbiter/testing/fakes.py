@@ -140,9 +140,10 @@ class FakeEngine(Engine):
         else:
             text = self.script[i % len(self.script)].text
         finish = "stop"
-        cuts = [text.find(s) for s in job.params.stop if s in text]
+        cuts = [(text.find(s), -len(s)) for s in job.params.stop if s in text]
         if cuts:
-            text = text[: min(cuts)]
+            at, neg_len = min(cuts)
+            text = text[: at - neg_len if job.params.include_stop else at]
         elif len(text) > job.params.max_tokens:
             text, finish = text[: job.params.max_tokens], "length"
         return text, finish

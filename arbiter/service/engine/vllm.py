@@ -512,7 +512,8 @@ class VLLMEngine(Engine):
                        logprobs=max(sp.logprobs or 0, DEEPCONF_K) if job.confidence is not None else sp.logprobs,
                        logit_bias=dict(sp.logit_bias) or None, frequency_penalty=sp.frequency_penalty,
                        presence_penalty=sp.presence_penalty, output_kind=RequestOutputKind.DELTA,
-                       skip_special_tokens=True, structured_outputs=self._structured(sp))
+                       skip_special_tokens=True, structured_outputs=self._structured(sp),
+                       include_stop_str_in_output=sp.include_stop)
         except Exception as e:  # vLLM's own validation: this request's fault, not the batch's
             raise JobError(f"vLLM refused the sampling parameters: {e}") from e
 
