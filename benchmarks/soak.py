@@ -48,8 +48,23 @@ SHORT = ["Say hi.", "What is 2+2?", "Name a colour.", "Give me a word that rhyme
 LONG = ("Read this passage and summarise it in one sentence. " + " ".join(
     f"Paragraph {k}: the committee met on day {k} to discuss the budget, the roads, the schools and the harbour, "
     f"and after a long debate it voted {k % 3} times on the same motion before adjourning." for k in range(12)))
-# kind -> share of the traffic
-MIX = {"plain": 0.25, "rerank": 0.2, "stream": 0.15, "stream_rerank": 0.1, "score": 0.2, "disconnect": 0.1}
+# kind -> share of the traffic. adaptive: rerank in rounds of 2 up to 8 candidates until the leader is settled;
+# pruned: 8 candidates, half dropped at 4 and at 8 tokens (the HF engine's decode loop; on the vLLM engine, which does
+# not prune, its share goes to rerank).
+MIX = {"plain": 0.2, "rerank": 0.15, "adaptive": 0.1, "pruned": 0.1, "stream": 0.15, "stream_rerank": 0.05,
+       "score": 0.15, "disconnect": 0.1}
+# The goals (issue: reliability round 3): after the first window, RSS grows at most this much per hour; the last
+# window's p50 and p99 latency within this factor of the first's.
+RSS_SLOPE_GOAL_MIB_H = 50.0
+LATENCY_RATIO_GOAL = 1.2
+
+
+def mix_for(engine: str) -> dict[str, float]:
+    if engine == "hf":
+        return dict(MIX)
+    out = {k: v for k, v in MIX.items() if k != "pruned"}
+    out["rerank"] += MIX["pruned"]
+    return out
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -96,7 +111,11 @@ class Traffic:
                 return r.status_code, None if ok else "score: wrong number of rewards"
             if kind in ("rerank", "stream_rerank"):
                 body["rerank"] = {"candidates": 4, "heads": ["h1", "h2"]}
-            if kind in ("plain", "rerank"):
+            elif kind == "adaptive":
+                body["rerank"] = {"candidates": 8, "heads": ["h1"], "adaptive": {"round": 2, "margin": 0.5}}
+            elif kind == "pruned":
+                body["rerank"] = {"candidates": 8, "heads": ["h1"], "prune": {"at": [4, 8], "keep": 0.5}}
+            if kind in ("plain", "rerank", "adaptive", "pruned"):
                 r = c.post(f"{self.url}/v1/chat/completions", json=body)
                 if r.status_code == 200:
                     b = r.json()
@@ -133,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ARBITER_THREADS of the server")
     p.add_argument("--swap-every-s", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-min", type=float, default=10.0, help="the first / last windows compared (minutes)")
     p.add_argument("--out", default=None, help="report path (default: benchmarks/reports/soak_<engine>.md)")
     args = p.parse_args(argv)
     args.out = args.out or str(ROOT / "benchmarks" / "reports" / f"soak_{args.engine}.md")
@@ -151,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.mkstemp(prefix="arbiter-soak-", suffix=".log")[1])
     proc, url = start_server(settings, log_path, python=args.python, timeout_s=900)
     rng = random.Random(args.seed)
-    kinds, weights = list(MIX), list(MIX.values())
+    mix = mix_for(args.engine)
+    kinds, weights = list(mix), list(mix.values())
     records: list[dict] = []
     samples: list[dict] = []
     swaps: list[tuple[float, int]] = []
@@ -248,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report(summary, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot(samples, records, summary, out.with_suffix(".png"))
     out.write_text(md)
     out.with_suffix(".json").write_text(json.dumps(summary | {"samples": samples, "records": records}) + "\n")
     print(md)
@@ -260,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exit_code) -> dict:
     duration = args.minutes * 60
-    window = min(300.0, duration / 3)
+    window = min(args.window_min * 60, duration / 3)
+    mix = mix_for(args.engine)
 
     def lat(rs, kind=None):
         xs = [r["latency_s"] for r in rs if r["status"] == 200 and (kind is None or r["kind"] == kind)]
@@ -268,7 +291,7 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
 
     first = [r for r in records if r["t_s"] < window]
     last = [r for r in records if r["t_s"] >= duration - window]
-    by_kind = {k: {"first": lat(first, k), "last": lat(last, k)} for k in MIX}
+    by_kind = {k: {"first": lat(first, k), "last": lat(last, k)} for k in mix}
     fivexx = [r for r in records if r["status"] is not None and r["status"] >= 500]
     transport = [r for r in records if r["status"] is None]
     other_errors = [r for r in records if r.get("error") and r["status"] is not None and r["status"] < 500]
@@ -284,7 +307,21 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
     rss_v = [s["rss_mib"] for s in samples if s["rss_mib"] > 0]
     health = [s["health_s"] for s in samples]
     swap_failed = [s for s in swaps if s[1] != 200]
+    slope = slope_per_hour(pts)
+    la, lb = lat(first), lat(last)
+
+    def ratio(q: str) -> float | None:
+        return round(lb[q] / la[q], 3) if la[q] and lb[q] is not None else None
+
+    goals = {
+        "no 5xx or transport error": not fivexx and not transport,
+        f"RSS slope after the first window <= {RSS_SLOPE_GOAL_MIB_H:g} MiB/h": slope is not None and slope <= RSS_SLOPE_GOAL_MIB_H,
+        f"last-window p50 within {LATENCY_RATIO_GOAL:g}x of the first's": (r50 := ratio("p50")) is not None and r50 <= LATENCY_RATIO_GOAL,
+        f"last-window p99 within {LATENCY_RATIO_GOAL:g}x of the first's": (r99 := ratio("p99")) is not None and r99 <= LATENCY_RATIO_GOAL,
+        "queue depth bounded (never at ARBITER_MAX_QUEUE=64)": max(depths, default=0) < 64,
+    }
     return {
+        "goals": goals, "latency_ratio_last_first": {"p50": r50, "p99": r99}, "mix": mix,
         "engine": args.engine, "minutes": args.minutes, "capacity_req_s": round(capacity, 3),
         "arrival_rate_req_s": round(rate, 3), "load": args.load, "max_tokens": args.max_tokens,
         "requests": len(records), "status_counts": {str(k): sum(1 for r in records if r["status"] == k)
@@ -293,7 +330,7 @@ def summarise(records, samples, swaps, capacity, rate, args, after, metrics, exi
         "window_s": window, "latency_all": {"first": lat(first), "last": lat(last)}, "latency_by_kind": by_kind,
         "rss_mib": {"first_sample": rss_v[0] if rss_v else None, "last_sample": rss_v[-1] if rss_v else None,
                     "max": max(rss_v, default=None), "slope_mib_per_h_after_first_window": (
-                        round(s, 1) if (s := slope_per_hour(pts)) is not None else None),
+                        round(slope, 1) if slope is not None else None),
                     "slope_mib_per_h_second_half": round(h, 1) if (h := slope_per_hour(half)) is not None else None,
                     "largest_step_mib": big[1], "largest_step_at_s": big[0],
                     "floor_first_window": floor_first, "floor_last_window": floor_last},
@@ -328,12 +365,19 @@ def report(s: dict, args) -> str:
         "",
         f"Traffic: Poisson arrivals at {s['arrival_rate_req_s']} req/s = {args.load:g} x the capacity measured first "
         f"({s['capacity_req_s']} completed req/s with {args.clients} closed-loop clients over {args.capacity_s:g} s), "
-        f"mix {', '.join(f'{k} {v:.0%}' for k, v in MIX.items())}; a fifth of the prompts are long (~{len(LONG)} "
+        f"mix {', '.join(f'{k} {v:.0%}' for k, v in s['mix'].items())}; a fifth of the prompts are long (~{len(LONG)} "
         f"characters); max_tokens {args.max_tokens}; rerank over 4 candidates with heads h1, h2; `/v1/score` of 4 "
-        f"candidates; `disconnect` is a stream closed after its first chunk; h1 swapped every {args.swap_every_s:g} s. "
+        f"candidates; adaptive: rounds of 2 up to 8 candidates (margin 0.5); pruned: 8 candidates, half kept at 4 and "
+        f"8 tokens; `disconnect` is a stream closed after its first chunk; h1 swapped every {args.swap_every_s:g} s. "
         "Latency counts from the scheduled arrival.",
         "",
         "## Result: " + ("PASS (no 5xx, no transport error, no failed stream or swap)" if s["passed"] else "FAIL"),
+        "",
+        "| goal | met |",
+        "|---|---|",
+        *[f"| {g} | {'yes' if ok else '**no**'} |" for g, ok in s["goals"].items()],
+        f"| (last / first window latency, all kinds: p50 {s['latency_ratio_last_first']['p50']}x, "
+        f"p99 {s['latency_ratio_last_first']['p99']}x) | |",
         "",
         "| measure | value |",
         "|---|---|",
@@ -358,12 +402,40 @@ def report(s: dict, args) -> str:
         row("all", s["latency_all"]),
         *[row(k, d) for k, d in s["latency_by_kind"].items()],
         "",
-        "RSS over time (every 5 s) is in the .json beside this report (`samples`).",
+        f"![RSS and latency over time]({Path(args.out).with_suffix('.png').name})",
+        "",
+        "RSS over time (every 5 s) is in the .json beside this report (`samples`), every request in `records`.",
         "",
     ]
     if s["failures"]:
         lines += ["## Failures (first 10)", ""] + [f"- `{json.dumps(f)}`" for f in s["failures"]] + [""]
     return "\n".join(lines)
+
+
+def plot(samples: list[dict], records: list[dict], s: dict, path: Path) -> None:
+    """RSS (5 s samples) and completed requests' latency (per-minute p50 and p99) over the soak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    a.plot([x["t_s"] / 60 for x in samples], [x["rss_mib"] for x in samples], lw=1)
+    a.set_ylabel("server RSS (MiB)")
+    a.axvline(s["window_s"] / 60, color="grey", ls=":", lw=1)
+    a.set_title(f"{s['engine']} engine, {s['minutes']:g} min at {s['arrival_rate_req_s']} req/s; RSS slope after the "
+                f"first window {s['rss_mib']['slope_mib_per_h_after_first_window']} MiB/h", fontsize=9)
+    minutes = int(s["minutes"]) + 1
+    per = [[r["latency_s"] for r in records if r["status"] == 200 and m <= r["t_s"] / 60 < m + 1] for m in range(minutes)]
+    ms = [m + 0.5 for m, xs in enumerate(per) if xs]
+    b.plot(ms, [pct(xs, 0.5) for xs in per if xs], label="p50")
+    b.plot(ms, [pct(xs, 0.99) for xs in per if xs], label="p99")
+    b.set_ylabel("latency (s), per minute")
+    b.set_xlabel("minutes")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
