@@ -383,15 +383,12 @@ def trim_heap() -> None:
     live memory only: without it the blocks an earlier run freed stay resident, lower the next run's measured rise
     and turn a comparison between runs into one of heap histories (a CI run saw three unbudgeted requests rise less
     than three budgeted ones measured before them)."""
-    import ctypes
-    import ctypes.util
     import gc
 
+    from arbiter.service.worker import release_free_memory
+
     gc.collect()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    release_free_memory()
 
 
 class PeakRss(threading.Thread):

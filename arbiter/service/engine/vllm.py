@@ -55,6 +55,7 @@ from arbiter.generation.base import (
     TokenLogprob,
     candidate_seed,
 )
+from arbiter.service.worker import release_free_memory
 
 from . import reward_columns
 from .vllm_plugin import REWARD_ARCHITECTURES
@@ -133,7 +134,7 @@ class VLLMEngine(Engine):
         else:
             backbone.model = None  # one copy of the weights: vLLM's
             gc.collect()
-            _trim_heap()
+            release_free_memory()  # give the freed weights' heap pages back, so one copy shows in the RSS
         self._lora = None
         self._features_lock = threading.Lock()
         self._push_lock: asyncio.Lock | None = None
@@ -680,16 +681,6 @@ def _reward_scale(module: torch.nn.Module, feature: torch.Tensor, reward: float)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(module(h).sum(), h)
     return max(abs(reward), float(g.norm()) * float(h.norm()), 1e-12)
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so dropping the HF copy shows in the RSS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _head_bytes(head: Any) -> bytes:
