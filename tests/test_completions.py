@@ -14,7 +14,7 @@ import pytest
 
 from arbiter.service.app import create_app
 from arbiter.service.settings import Settings
-from arbiter.testing.fakes import FakeEngine, ServerThread, registry_with
+from arbiter.testing.fakes import DEFAULT_SCRIPT, FakeEngine, ServerThread, linear_head, registry_with
 
 # best_of: per-character confidence c gives log-prob -1 / c, so the mean log-prob ranks charlie (4) > alpha (2) > ...
 CONF = {"alpha": 2.0, "bravo": 0.5, "charlie": 4.0, "delta": 1.0}
@@ -23,7 +23,8 @@ CONF = {"alpha": 2.0, "bravo": 0.5, "charlie": 4.0, "delta": 1.0}
 @pytest.fixture(scope="module")
 def srv():
     engine = FakeEngine(token_confidence={t: [c] * len(t) for t, c in CONF.items()})
-    app = create_app(Settings(), engine=engine, heads=registry_with(), exit_on_engine_death=False)
+    app = create_app(Settings(), engine=engine, heads=registry_with(linear_head("B", [0.0, 1.0, 0.0, 0.0])),
+                     exit_on_engine_death=False)
     with ServerThread(app) as s:
         s.engine = engine
         yield s
@@ -94,8 +95,28 @@ def test_what_cannot_be_served_is_refused_by_name(srv, extra, param):
     r = _post(srv, **{"prompt": "x", **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
-    r = httpx.post(f"{srv.url}/v1/completions", json={"model": "fake-backbone", "prompt": "x", "rerank": {}}, timeout=20)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "rerank"
+    for rr, param in (({"select": "majority_vote"}, "rerank.select"), ({"adaptive": True}, "rerank.adaptive"),
+                      ({"heads": ["nope"]}, "rerank.heads"), ({"candidates": 3}, "rerank.candidates")):
+        body = {"model": "fake-backbone", "prompt": "x", "rerank": rr, **({"best_of": 4} if "candidates" in rr else {})}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=20)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
+def test_rerank_and_best_of_pick_by_the_heads_reward(srv):
+    """Arbiter's extension on legacy completions: best_of's candidates ranked by a head (argmax of its reward)
+    instead of mean log-prob. Head B reads feature 1 of the scripted candidates: charlie 0.9 > bravo 0.2 >
+    alpha 0.0 > delta -0.4 (mean log-prob would give charlie, alpha)."""
+    want = {s.text: s.features[1] for s in DEFAULT_SCRIPT}
+    for extra in ({"best_of": 4, "rerank": {"head": "B"}}, {"rerank": {"head": "B", "candidates": 4}}):
+        r = _post(srv, prompt="Pick", n=2, max_tokens=16, **extra).json()
+        assert [c["text"] for c in r["choices"]] == ["charlie", "bravo"]
+        info = r["rerank"][0]
+        assert info["heads"] == ["B"] and info["candidates_scored"] == 4 and info["chosen"] == [2, 1]
+        assert [x["B"] for x in info["rewards"]] == pytest.approx([want[t] for t in ("alpha", "bravo", "charlie", "delta")])
+    r = _post(srv, prompt=["One", "Two"], max_tokens=16, rerank={"head": "B", "candidates": 3,
+                                                                 "return_candidates": True}).json()
+    assert [c["text"] for c in r["choices"]] == ["charlie", "charlie"] and len(r["rerank"]) == 2
+    assert r["rerank"][1]["prompt_index"] == 1 and r["rerank"][1]["texts"] == ["alpha", "bravo", "charlie"]
 
 
 def test_the_official_client(srv):

@@ -439,6 +439,8 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token in the legacy logprobs object")
     echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs when asked)")
     include_stop_str_in_output: bool = Field(False, description="vLLM's: the stop string that ended a completion stays in it")
+    rerank: RerankOptions | None = Field(None, description="Arbiter's extension: best_of's candidates (or rerank.candidates) "
+                                                          "ranked by a head's reward (argmax) instead of mean log-prob")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -469,9 +471,21 @@ class CompletionRequest(BaseModel):
         if self.best_of is not None and self.best_of < self.n:
             raise refusal("best_of", f"best_of ({self.best_of}) must be at least n ({self.n})")
         for name, value in (self.model_extra or {}).items():
-            if name == "rerank" or (name in ANSWER_CHANGING_EXTRAS and value not in ANSWER_CHANGING_EXTRAS[name]):
-                raise _unsupported(name, f"{name} on /v1/completions (rerank through /v1/chat/completions; best_of "
-                                         "picks by mean log-prob here)" if name == "rerank" else f"{name}={str(value)[:40]!r}")
+            if name in ANSWER_CHANGING_EXTRAS and value not in ANSWER_CHANGING_EXTRAS[name]:
+                raise _unsupported(name, f"{name}={str(value)[:40]!r}")
+        rr = self.rerank
+        if rr is not None:
+            if rr.select not in (None, "argmax"):
+                raise _unsupported("rerank.select", f"{rr.select!r} on /v1/completions (a raw prompt has no answer to "
+                                                    "extract: the head's argmax only; vote and verify rules through "
+                                                    "/v1/chat/completions)")
+            for name in ("adaptive", "prune", "confidence", "budget", "extractor"):
+                if getattr(rr, name) not in (None, False):
+                    raise _unsupported(f"rerank.{name}", f"rerank.{name} on /v1/completions (through /v1/chat/completions)")
+            if rr.candidates is not None and self.best_of is not None and rr.candidates != self.best_of:
+                raise refusal("rerank.candidates", "rerank.candidates and best_of both set the candidates: send one")
+            if rr.candidates is not None and rr.candidates < self.n:
+                raise refusal("rerank.candidates", f"rerank.candidates ({rr.candidates}) must be at least n ({self.n})")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -766,6 +780,22 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str
+    rerank: list[CompletionRerank] | None = Field(None, description="With `rerank`: per prompt, the head's pick")
+
+    _omit_if_none = ("rerank",)
+
+
+class CompletionRerank(BaseModel):
+    """Per prompt of a reranked legacy completion: the candidates' rewards under each head (the first picks,
+    argmax) and the candidates returned, best first."""
+
+    prompt_index: int
+    heads: list[str]
+    policy: Literal["argmax"] = "argmax"
+    candidates_scored: int
+    chosen: list[int] = Field(description="Candidate indices of the returned choices, best first")
+    rewards: list[dict[str, float]] = Field(description="Each candidate's reward per head, in candidate order")
+    texts: list[str] | None = Field(None, description="Every candidate's text, with return_candidates")
 
 
 class ChunkDelta(_Response):

@@ -46,6 +46,7 @@ from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionRerank,
     CompletionResponse,
     ConfidenceInfo,
     DetokenizeRequest,
@@ -965,9 +966,16 @@ async def create_completion(st: ServiceState, body: CompletionRequest, request: 
     eng = st.require_engine()
     if body.n > s.max_n:
         raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
-    n_sample = body.best_of or body.n
+    rr = body.rerank
+    heads: list[LoadedHead] = []
+    if rr is not None:  # Arbiter's extension: a head ranks the candidates (argmax) instead of mean log-prob
+        heads = _resolve_heads(st, rr.heads or ([rr.head] if rr.head else None), "rerank.heads")
+        _check_head_adapters(st, heads, adapter, "rerank.heads")
+        n_sample = rr.candidates or body.best_of or max(min(s.default_candidates, s.max_candidates), body.n)
+    else:
+        n_sample = body.best_of or body.n
     if n_sample > s.max_candidates:
-        raise InvalidRequest(f"best_of must be at most {s.max_candidates}", param="best_of")
+        raise InvalidRequest(f"best_of must be at most {s.max_candidates}", param="best_of" if rr is None else "rerank.candidates")
     if body.max_tokens > s.max_tokens_limit:
         raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens")
     if len(body.stop or []) > s.max_stop or any(len(x) > s.max_stop_length for x in body.stop or []):
@@ -994,19 +1002,30 @@ async def create_completion(st: ServiceState, body: CompletionRequest, request: 
                             stop=tuple(body.stop or ()), seed=body.seed, logit_bias=_logit_bias(st, body.logit_bias),
                             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                             logprobs=body.logprobs, include_stop=body.include_stop_str_in_output)
-    picking = n_sample > body.n
+    picking = n_sample > body.n and rr is None
     worker = st.require_worker()
+    reranked: list[CompletionRerank] = []
     choices: list[CompletionChoice] = []
     completion_tokens = 0
     text = st.require_token_text()
     for pi, ids in enumerate(prompts):
         if body.max_tokens > 0:
-            job = GenerationJob(ids, n_sample, params, adapter=adapter,
-                                confidence=ConfidenceSpec(min_keep=body.n) if picking else None)
-            done: GenerateOutcome = await _outcome(request, st, _submit(st, worker.submit_generate, job, ()), job.cancelled)
+            job = GenerationJob(ids, n_sample, params, adapter=adapter, feature_layers=feature_layers(heads),
+                                heads=tuple(heads), confidence=ConfidenceSpec(min_keep=body.n) if picking else None)
+            done: GenerateOutcome = await _outcome(request, st, _submit(st, worker.submit_generate, job, tuple(heads)),
+                                                   job.cancelled)
             cands = done.result.candidates
             completion_tokens += done.result.completion_tokens
-            if picking:  # OpenAI's best_of: the highest mean log-prob per token
+            if rr is not None:  # the first head's reward, highest first (ties: the lower index)
+                scores = _rewards(done)  # [N, H], scored by the worker as for a chat rerank
+                order = sorted(range(len(cands)), key=lambda i: (-float(scores[i, 0]), i))[: body.n]
+                reranked.append(CompletionRerank(
+                    prompt_index=pi, heads=[h.name for h in heads], candidates_scored=len(cands), chosen=order,
+                    rewards=[{h.name: float(scores[i, k]) for k, h in enumerate(heads)} for i in range(len(cands))],
+                    texts=[c.text for c in cands] if rr.return_candidates else None))
+                st.metrics.candidates_scored.inc(len(cands))
+                cands = [cands[i] for i in order]
+            elif picking:  # OpenAI's best_of: the highest mean log-prob per token
                 order = select(torch.zeros(len(cands), 0), "confidence", confidence=[c.confidence for c in cands],
                                rule=ConfidenceRule("mean_logprob")).order
                 cands = [cands[i] for i in order[: body.n]]
@@ -1029,7 +1048,8 @@ async def create_completion(st: ServiceState, body: CompletionRequest, request: 
     resp = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()),
                               model=_served_id(st, body.model), choices=choices, system_fingerprint=st.system_fingerprint,
                               usage=Usage(prompt_tokens=p_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=p_tokens + completion_tokens))
+                                          total_tokens=p_tokens + completion_tokens),
+                              rerank=reranked if rr is not None else None)
     st.metrics.tokens_generated.inc(completion_tokens)
     st.metrics.prompt_tokens.inc(p_tokens)
     _account(st, "completions", None, {"id": resp.id, "prompts": len(prompts), "n": body.n, "best_of": n_sample,
