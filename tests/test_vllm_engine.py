@@ -433,3 +433,37 @@ def test_structured_outputs_through_vllm_validate(client, mid):
 
     got = client.chat.completions.parse(model=mid, messages=PROMPT, response_format=Tip, max_tokens=120, seed=2)
     assert isinstance(got.choices[0].message.parsed, Tip)  # a cut answer would raise LengthFinishReasonError
+
+
+def test_the_other_routes_on_vllm_completions_responses_continuation_tokenizer(server, client, backbone, mid):
+    """The routes real clients use besides chat, on the vLLM engine: legacy completions with the echoed prompt's
+    log-probs (lm-eval's log-likelihood; vLLM's own prompt log-probs) equal to a standalone float32 HF forward, the
+    Responses API (plain and streamed), chat continuation (continue_final_message: the answer continues the
+    assistant's text) and vLLM's tokenizer endpoints (the tokens the chat route encodes)."""
+    from arbiter.chat import prompt_ids
+
+    text = "The capital of France is Paris. The capital of Italy is"
+    ids = backbone.tokenizer(text, add_special_tokens=True)["input_ids"]
+    with torch.inference_mode():
+        logits = backbone.model(input_ids=torch.tensor([ids])).logits[0].float()
+    want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    r = httpx.post(f"{server.url}/v1/completions", timeout=300,
+                   json={"model": mid, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+    got = r["choices"][0]["logprobs"]["token_logprobs"]
+    assert got[0] is None and len(got) == len(ids)
+    assert sum(abs(a - b) for a, b in zip(got[1:], want)) / len(want) <= 1e-3  # the start-up probe's bound
+    resp = client.responses.create(model=mid, input="Name a colour.", instructions="Be brief.", max_output_tokens=16)
+    assert resp.status == "completed" or resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.output_text
+    with client.responses.stream(model=mid, input="Name a colour.", max_output_tokens=8) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text
+    convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
+    c = client.chat.completions.create(model=mid, messages=convo, max_tokens=8, seed=1,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert c.choices[0].message.content is not None
+    tok = httpx.post(f"{server.url}/tokenize", json={"model": mid, "messages": convo[:1]}, timeout=60).json()
+    assert tok["tokens"] == prompt_ids(backbone.tokenizer, convo[:1]) and tok["count"] == len(tok["tokens"])
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]}, timeout=60).json()["prompt"]
+    assert "Name a colour." in back
