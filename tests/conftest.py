@@ -78,3 +78,16 @@ def deepconf_utils():
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def fake_srv():
+    """The live app on the scripted fake engine (``arbiter.testing.fakes.DEFAULT_SCRIPT``) with head ``A`` (reward =
+    feature 0), one per test module; ``.engine`` is the engine, whose ``batches`` record every job."""
+    from arbiter.testing.fakes import FakeEngine, linear_head, registry_with
+    from arbiter.testing.served import served
+
+    engine = FakeEngine()
+    with served(engine, registry_with(linear_head("A", [1, 0, 0, 0]))) as s:
+        s.engine = engine
+        yield s

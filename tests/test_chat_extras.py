@@ -9,18 +9,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from arbiter.testing.fakes import FakeEngine, FakeTokenizer, linear_head, registry_with
-from arbiter.testing.served import served
+from arbiter.testing.fakes import FakeTokenizer
 
 CONVO = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
 
 
 @pytest.fixture(scope="module")
-def srv():
-    engine = FakeEngine()
-    with served(engine, registry_with(linear_head("A", [1, 0, 0, 0]))) as s:
-        s.engine = engine
-        yield s
+def srv(fake_srv):
+    return fake_srv
 
 
 def _post(srv, **body):

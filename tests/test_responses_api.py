@@ -13,16 +13,12 @@ import openai
 import openai_spec
 import pytest
 
-from arbiter.testing.fakes import FakeEngine, FakeTokenizer, linear_head, registry_with
-from arbiter.testing.served import served
+from arbiter.testing.fakes import FakeTokenizer
 
 
 @pytest.fixture(scope="module")
-def srv():
-    engine = FakeEngine()
-    with served(engine, registry_with(linear_head("A", [1, 0, 0, 0]))) as s:
-        s.engine = engine
-        yield s
+def srv(fake_srv):
+    return fake_srv
 
 
 def _post(srv, **body):

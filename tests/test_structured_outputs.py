@@ -16,7 +16,7 @@ import jsonschema
 import openai_spec
 import pytest
 
-from arbiter.testing.fakes import FakeEngine, linear_head, registry_with
+from arbiter.testing.fakes import registry_with
 from arbiter.testing.served import served
 
 SCHEMA = {
@@ -34,11 +34,8 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SC
 
 
 @pytest.fixture(scope="module")
-def fake():
-    engine = FakeEngine()
-    with served(engine, registry_with(linear_head("A", [1, 0, 0, 0]))) as s:
-        s.engine = engine
-        yield s
+def fake(fake_srv):
+    return fake_srv
 
 
 @pytest.mark.parametrize("fmt, param, says", [
