@@ -131,6 +131,7 @@ class Constrainer:
         except ValueError as e:  # a slow (Python) tokenizer: llguidance reads fast ones only
             raise RuntimeError(f"structured outputs need a fast tokenizer ({e})") from e
         self.vocab_size = vocab_size
+        self.end_id = end_id
         self._words = (vocab_size + 31) // 32
         self._matchers: dict[StructuredOutput, Any] = {}
 
@@ -153,4 +154,8 @@ class Constrainer:
         for i, m in enumerate(matchers):
             llg.torch.fill_next_token_bitmask(m, bits, i)
         flat = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size]
-        return torch.from_numpy(flat.astype(bool))
+        out = torch.from_numpy(flat.astype(bool))
+        # A matcher in an error state allows nothing; end that candidate (its closing token) rather than sample
+        # from an empty distribution. Never seen: each sampled token was one its mask allowed.
+        out[~out.any(dim=1), self.end_id] = True
+        return out
