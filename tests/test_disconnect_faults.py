@@ -109,8 +109,11 @@ def test_clients_leaving_verified_pruned_and_adaptive_reranks_leak_nothing(backb
         assert len(jobs) == rounds * len(kinds), len(jobs)  # one job each: no adaptive round after the client left
         for _job, res in jobs:
             assert not isinstance(res, BaseException), res
-            assert all(c.finish_reason == "cancelled" and len(c.token_ids) < MAX_TOKENS for c in res.candidates), \
-                [(c.finish_reason, len(c.token_ids)) for c in res.candidates]
+            # A candidate may have ended on its own (sampled its closing token) before the client left; the rest stop
+            # where the cancel found them, far short of max_tokens.
+            assert any(c.finish_reason == "cancelled" for c in res.candidates), res.candidates
+            assert all(c.finish_reason in ("cancelled", "stop") and len(c.token_ids) < MAX_TOKENS
+                       for c in res.candidates), [(c.finish_reason, len(c.token_ids)) for c in res.candidates]
         gc.collect()
         release_free_memory()
         after = process_rss(os.getpid())

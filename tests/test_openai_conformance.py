@@ -89,6 +89,10 @@ def accepted_bodies(srv) -> list[dict]:
              stop=None, seed=None, stream_options=None, modalities=None, audio=None, store=None, prediction=None,
              moderation=None, metadata=None, service_tier=None, verbosity=None, reasoning_effort=None,
              safety_identifier=None, prompt_cache_key=None, prompt_cache_retention=None),
+        # Structured outputs, honoured by constrained decoding (tests/test_structured_outputs.py validates the JSON).
+        body(srv, response_format={"type": "json_object"}, max_completion_tokens=4),
+        body(srv, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+             max_completion_tokens=4),
         # Sampler fields, honoured.
         body(srv, n=2, temperature=0.7, top_p=0.9, stop=["\n\n", "###"], logprobs=True, top_logprobs=2,
              logit_bias={"28": 2}, frequency_penalty=0.5, presence_penalty=0.25, max_completion_tokens=4),
@@ -112,9 +116,6 @@ def refused_bodies(srv) -> list[tuple[dict, str]]:
     audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
     file = {"type": "file", "file": {"file_id": "file-1"}}
     return [
-        (body(srv, response_format={"type": "json_object"}), "response_format"),
-        (body(srv, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-         "response_format"),
         (body(srv, tools=[TOOL], tool_choice="required"), "tool_choice"),
         (body(srv, tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice"),
         (body(srv, functions=[{"name": "f"}], function_call={"name": "f"}), "function_call"),

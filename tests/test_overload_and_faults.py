@@ -422,6 +422,9 @@ class PeakRss(threading.Thread):
         return self.peak - self.base
 
 
+MT = 32  # tokens per candidate in the KV-budget test: long enough that unbudgeted requests overlap
+
+
 def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
     """Long prompts with 16 candidates each: one request needs its prompt's KV cache copied to 16 rows (~1.4 GB
     in float32 here). Three of them at once under a budget that fits one run one after the other, and the peak RSS
@@ -434,13 +437,15 @@ def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
     eng = HFEngine(backbone)
     words = " ".join(f"item{k}" for k in range(500))  # ~1900 tokens
     bodies = [{"model": backbone.name, "messages": [{"role": "user", "content": f"{tag}: {words}"}], "n": 16,
-               "max_tokens": 4, "temperature": 1.0} for tag in ("first", "second", "third")]
-    span = len(eng.encode_prompt(bodies[0]["messages"])) + 4 + 1  # the worker's span: prompt + max_tokens + 1
+               "max_tokens": MT, "temperature": 1.0} for tag in ("first", "second", "third")]
+    span = len(eng.encode_prompt(bodies[0]["messages"])) + MT + 1  # the worker's span: prompt + max_tokens + 1
     kv = eng.kv_bytes_per_token() * 16 * span
 
-    def peak(budget: int | None, parallel: int) -> int:
+    def peak(budget: int | None, parallel: int) -> tuple[int, bool]:
+        """(the RSS rise, whether two requests' rows were ever in one batch: a batch of more than 16 rows, or rows
+        admitted into a running batch; the worker's own metrics)."""
         gc.collect()
-        with served(eng, start_timeout_s=60, max_batch_tokens=budget, max_tokens_limit=4, max_batch_rows=64, max_n=16) as srv, \
+        with served(eng, start_timeout_s=60, max_batch_tokens=budget, max_tokens_limit=MT, max_batch_rows=64, max_n=16) as srv, \
                 cf.ThreadPoolExecutor(parallel) as pool:
             httpx.post(srv.url + CHAT, json={**bodies[0], "n": 1}, timeout=300)  # warm-up
             gc.collect()
@@ -448,12 +453,22 @@ def test_the_token_budget_bounds_the_kv_memory_of_long_prompts(backbone):
                 replies = list(pool.map(lambda b: httpx.post(srv.url + CHAT, json=b, timeout=600), bodies[:parallel]))
             for r in replies:
                 assert r.status_code == 200 and len(r.json()["choices"]) == 16, r.text[:300]
-            return rss.delta
+            m = srv.state.metrics
+            samples = {(x.name, x.labels.get("le")): x.value for x in next(iter(m.batch_rows.collect())).samples}
+            started = samples[("arbiter_batch_rows_count", None)]
+            at_most_16 = max(v for (name, le), v in samples.items() if name.endswith("_bucket") and le is not None
+                             and float(le) <= 16)
+            admitted = next(iter(m.admitted_rows.collect())).samples[0].value
+            return rss.delta, admitted > 0 or at_most_16 < started
 
-    one = peak(None, 1)
+    one, _ = peak(None, 1)
     assert one > 0.5 * kv, (one, kv)  # the probe sees the cache: one request's peak is of the KV cache's size
-    bounded = peak(16 * span + 10, 3)  # fits one request, not two
-    unbounded = peak(None, 3)
+    bounded, bounded_shared = peak(16 * span + 10, 3)  # fits one request, not two
+    unbounded, unbounded_shared = peak(None, 3)
+    # The mechanism: the budget kept the three requests' rows apart; without it they shared a batch (max_tokens MT
+    # keeps each request decoding long enough for the others to join: a CI run with 4 tokens saw them run one after
+    # another unbudgeted too, and the control below then compared three equal peaks).
+    assert not bounded_shared and unbounded_shared
     mib = 2**20
     # Within about twice one request's: the heap's freed blocks and the page cache move a peak by a few percent
     # (a CI run measured 2.0006x, 3117 / 1558 MiB, under this bound at 2.0), so the margin is 2.25x; the control

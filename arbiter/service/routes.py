@@ -185,13 +185,13 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 
 
 @router.post("/tokenize", response_model=None, tags=["vllm"], dependencies=[Depends(require_api_key)],
-             responses={**_ok(TokenizeResponse), **_errors(400, 401, 404, 503)})
+             responses={**_ok(TokenizeResponse), **_errors(400, 401, 404, 413, 503)})
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return await serving.tokenize(ready_state(request), body)
 
 
 @router.post("/detokenize", response_model=None, tags=["vllm"], dependencies=[Depends(require_api_key)],
-             responses={**_ok(DetokenizeResponse), **_errors(400, 401, 404, 503)})
+             responses={**_ok(DetokenizeResponse), **_errors(400, 401, 404, 413, 503)})
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     return await serving.detokenize(ready_state(request), body)
 
