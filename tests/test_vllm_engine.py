@@ -455,10 +455,14 @@ def test_the_other_routes_on_vllm_completions_responses_continuation_tokenizer(s
     resp = client.responses.create(model=mid, input="Name a colour.", instructions="Be brief.", max_output_tokens=16)
     assert resp.status == "completed" or resp.incomplete_details.reason == "max_output_tokens"
     assert resp.output_text
+    deltas, final = [], None
     with client.responses.stream(model=mid, input="Name a colour.", max_output_tokens=8) as stream:
-        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
-        final = stream.get_final_response()
-    assert "".join(deltas) == final.output_text
+        for e in stream:  # a cut answer ends with response.incomplete (the client's get_final_response wants completed)
+            if e.type == "response.output_text.delta":
+                deltas.append(e.delta)
+            elif e.type in ("response.completed", "response.incomplete"):
+                final = e.response
+    assert final is not None and "".join(deltas) == final.output_text
     convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
     c = client.chat.completions.create(model=mid, messages=convo, max_tokens=8, seed=1,
                                        extra_body={"continue_final_message": True, "add_generation_prompt": False})
