@@ -107,12 +107,18 @@ class StructuredOutput:
 
     def problem(self) -> str:
         """Why this format's grammar does not compile ('' when it does): llguidance's own message."""
-        llg = _llguidance()
-        try:
-            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(self.grammar())
-        except (ValueError, TypeError) as e:
-            return str(e)
-        return "; ".join(messages)[:500] if is_error else ""
+        return _problem(self.grammar())
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(grammar: str) -> str:
+    """Validated once per grammar: a Responses request is read twice (as itself, then as its chat request), and
+    clients send the same schema request after request."""
+    try:
+        is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return "; ".join(messages)[:500] if is_error else ""
 
 
 @functools.lru_cache(maxsize=256)

@@ -1011,7 +1011,7 @@ async def create_completion(st: ServiceState, body: CompletionRequest, request: 
     for pi, ids in enumerate(prompts):
         if body.max_tokens > 0:
             job = GenerationJob(ids, n_sample, params, adapter=adapter, feature_layers=feature_layers(heads),
-                                heads=tuple(heads), confidence=ConfidenceSpec(min_keep=body.n) if picking else None)
+                                confidence=ConfidenceSpec(min_keep=body.n) if picking else None)
             done: GenerateOutcome = await _outcome(request, st, _submit(st, worker.submit_generate, job, tuple(heads)),
                                                    job.cancelled)
             cands = done.result.candidates
